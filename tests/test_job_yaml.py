@@ -1,0 +1,112 @@
+"""Offline checks of job.yaml, the Anyscale Jobs config of this template.
+
+The config is loaded through the anyscale SDK's own model (JobConfig.from_yaml), which runs
+its field validators and rejects unknown keys. Nothing here logs in or contacts Anyscale.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anyscale.job.models import JobConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+JOB_YAML = REPO_ROOT / "job.yaml"
+MAIN_PY = REPO_ROOT / "main.py"
+
+# Parts of an env var name that mark it as a credential (TOKENIZERS_PARALLELISM is fine:
+# names are split on "_" and compared part by part).
+SECRET_NAME_PARTS = {
+    "TOKEN",
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "KEY",
+    "APIKEY",
+    "CREDENTIAL",
+    "CREDENTIALS",
+}
+# Value prefixes of well-known credentials: Hugging Face, OpenAI-style, AWS access key ids.
+SECRET_VALUE_PREFIXES = ("hf_", "sk-", "AKIA", "ASIA")
+
+
+@pytest.fixture(scope="module")
+def config() -> JobConfig:
+    return JobConfig.from_yaml(str(JOB_YAML))
+
+
+def _entrypoint_flags(entrypoint: str) -> list:
+    return [tok.split("=", 1)[0] for tok in shlex.split(entrypoint) if tok.startswith("--")]
+
+
+def test_job_yaml_loads(config):
+    assert isinstance(config, JobConfig)
+
+
+def test_name(config):
+    assert config.name == "batch-llm-inference"
+
+
+def test_entrypoint_runs_main_py(config):
+    assert config.entrypoint.startswith("python main.py")
+
+
+def test_entrypoint_input_file_exists(config):
+    args = shlex.split(config.entrypoint)
+    input_path = args[args.index("--input-path") + 1]
+    assert (REPO_ROOT / input_path).is_file(), f"{input_path} is missing from the repository"
+
+
+def test_working_dir(config):
+    assert config.working_dir == "."
+
+
+def test_requirements_file_exists(config):
+    assert isinstance(config.requirements, str), "requirements should be a path to a file"
+    assert (REPO_ROOT / config.requirements).is_file(), (
+        f"{config.requirements} is missing from the repository"
+    )
+
+
+def test_max_retries(config):
+    assert config.max_retries is not None and config.max_retries >= 1
+
+
+def test_env_vars_hold_no_secrets(config):
+    env_vars = config.env_vars or {}
+    for key, value in env_vars.items():
+        assert key != "HF_TOKEN", "HF_TOKEN must be passed at submit time, not committed"
+        parts = set(key.upper().split("_"))
+        assert not parts & SECRET_NAME_PARTS, f"env var {key!r} looks like a secret"
+        assert not value.startswith(SECRET_VALUE_PREFIXES), (
+            f"value of env var {key!r} looks like a credential"
+        )
+
+
+@pytest.mark.skipif(not MAIN_PY.exists(), reason="main.py is not in the repository yet")
+def test_entrypoint_flags_are_accepted_by_main_py(config):
+    flags = _entrypoint_flags(config.entrypoint)
+    assert flags, "expected the entrypoint to pass flags to main.py"
+
+    venv_python = REPO_ROOT / ".venv" / "bin" / "python"
+    python = str(venv_python) if venv_python.exists() else sys.executable
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(
+        [python, "main.py", "--help"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"main.py --help failed:\n{result.stderr}"
+    help_text = result.stdout
+    for flag in flags:
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text), (
+            f"{flag} is used in job.yaml's entrypoint but not listed by `python main.py --help`"
+        )

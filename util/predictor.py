@@ -1,0 +1,122 @@
+"""The vLLM stage: a Ray Data callable class that turns formatted prompts into generated text.
+
+    from util.predictor import LLMPredictor
+    ds = ds.map_batches(LLMPredictor, fn_constructor_kwargs={"model": ..., "engine_kwargs": {...},
+                        "sampling": {"temperature": 0, "max_tokens": 256}}, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1, batch_size=64)
+
+`LLMPredictor` (the default) holds one vLLM AsyncLLM engine per replica. Ray Data hands each replica
+several batches at once, and every row of every batch becomes its own engine request, so the engine's
+scheduler always has work queued: a short row frees its slot for a new one instead of waiting for the
+longest row of its batch. `SyncLLMPredictor` is the simpler, blocking `LLM.generate` form, kept for
+teaching and for comparison; each of its batches waits for its slowest row.
+
+Needs the columns id, prompt, prompt_token_ids, error (from util/prompt_format.py) and, optionally,
+`sampling_params` (a dict or JSON object per row, overriding the job's sampling). Adds
+generated_text, finish_reason, num_generated_tokens, model; drops prompt_token_ids.
+"""
+
+import asyncio
+import json
+import uuid
+
+import pyarrow as pa
+
+from util.prompt_format import set_columns
+
+def row_sampling(job_sampling: dict, row_override) -> dict:
+    """The job's sampling parameters with one row's overrides on top (None values ignored)."""
+    if row_override is None or (isinstance(row_override, str) and not row_override.strip()):
+        return dict(job_sampling)
+    override = json.loads(row_override) if isinstance(row_override, str) else dict(row_override)
+    return {**job_sampling, **{k: v for k, v in override.items() if v is not None}}
+
+
+def _finish(batch: pa.Table, results: list[dict], model: str) -> pa.Table:
+    return set_columns(batch.drop_columns(["prompt_token_ids"]), {
+        "generated_text": pa.array([r.get("generated_text") for r in results], pa.string()),
+        "finish_reason": pa.array([r.get("finish_reason") for r in results], pa.string()),
+        "num_generated_tokens": pa.array([r.get("num_generated_tokens", 0) for r in results], pa.int64()),
+        "error": pa.array([r.get("error") for r in results], pa.string()),
+        "model": pa.array([model] * len(results), pa.string()),
+    })
+
+
+class LLMPredictor:
+    """One AsyncLLM engine per replica; all rows of all in-flight batches run concurrently."""
+
+    def __init__(self, model: str, engine_kwargs: dict | None = None, sampling: dict | None = None,
+                 model_name: str | None = None):
+        from vllm import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model_name = model_name or model
+        self.sampling = dict(sampling or {})
+        # LLM_CLASS selects vLLM's offline defaults (on an H100: 1024 sequences, 16k batched tokens);
+        # the engine's own default context is sized for online serving and halves throughput here.
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **(engine_kwargs or {})),
+                                                usage_context=UsageContext.LLM_CLASS)
+
+    async def _generate(self, row_id: str, token_ids, sampling: dict) -> dict:
+        from vllm import SamplingParams
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            params = SamplingParams(**sampling)
+            final = None
+            request = {"prompt_token_ids": token_ids}
+            # A fresh request id per attempt: a retried batch must not collide with its first try.
+            async for output in self.engine.generate(request, params, f"{row_id}-{uuid.uuid4().hex[:8]}"):
+                final = output
+            completion = final.outputs[0]
+            return {"generated_text": completion.text, "finish_reason": completion.finish_reason,
+                    "num_generated_tokens": len(completion.token_ids)}
+        except EngineDeadError:
+            raise  # not a row's fault: fail the job loudly
+        except Exception as error:  # a request the engine refuses (bad sampling values, ...) fails one row
+            if getattr(self.engine, "errored", False):
+                raise
+            return {"error": f"{type(error).__name__}: {error}"}
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        ids, errors = batch["id"].to_pylist(), batch["error"].to_pylist()
+        token_ids = batch["prompt_token_ids"].to_pylist()
+        overrides = batch["sampling_params"].to_pylist() if "sampling_params" in batch.column_names else None
+        tasks = []
+        for i, row_id in enumerate(ids):
+            if errors[i] is not None:  # refused before the engine (empty, too long, ...)
+                tasks.append(asyncio.sleep(0, {"error": errors[i]}))
+                continue
+            try:
+                sampling = row_sampling(self.sampling, None if overrides is None else overrides[i])
+            except (ValueError, TypeError) as error:
+                tasks.append(asyncio.sleep(0, {"error": f"invalid sampling_params: {error}"}))
+                continue
+            tasks.append(self._generate(row_id, token_ids[i], sampling))
+        return _finish(batch, await asyncio.gather(*tasks), self.model_name)
+
+
+class SyncLLMPredictor:
+    """The blocking form: one `LLM.generate` call per batch. Simple, but each batch waits for its
+    longest row while the GPU idles, and vLLM never sees more than one batch of sequences."""
+
+    def __init__(self, model: str, engine_kwargs: dict | None = None, sampling: dict | None = None,
+                 model_name: str | None = None):
+        from vllm import LLM, SamplingParams
+
+        self.model_name = model_name or model
+        self.llm = LLM(model=model, **(engine_kwargs or {}))
+        self.sampling_params = SamplingParams(**(sampling or {}))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        errors, token_ids = batch["error"].to_pylist(), batch["prompt_token_ids"].to_pylist()
+        ready = [i for i, error in enumerate(errors) if error is None]
+        prompts = [{"prompt_token_ids": token_ids[i]} for i in ready]
+        outputs = self.llm.generate(prompts, self.sampling_params, use_tqdm=False) if prompts else []
+        results = [{"error": e} for e in errors]
+        for i, output in zip(ready, outputs):
+            completion = output.outputs[0]
+            results[i] = {"generated_text": completion.text, "finish_reason": completion.finish_reason,
+                          "num_generated_tokens": len(completion.token_ids)}
+        return _finish(batch, results, self.model_name)

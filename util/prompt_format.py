@@ -1,0 +1,97 @@
+"""Turn raw input text into the exact prompt a model expects, and tokenize it once.
+
+    from util.prompt_format import PromptFormatter
+    ds = ds.map_batches(PromptFormatter, fn_constructor_kwargs={"model": "mistralai/Mistral-7B-Instruct-v0.1",
+                        "text_column": "text"}, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
+
+How a prompt is formatted (`prompt_format`):
+  - chat_template: the tokenizer's own chat template, with an optional system message;
+  - table: the per-model format verified with this template (util/models.py);
+  - plain: the text as it is, for base models;
+  - auto: chat_template when the tokenizer has one, else the table's entry, else plain.
+
+Adds the columns `prompt`, `prompt_token_ids`, `num_input_tokens` and `error`. A row that cannot be
+sent to the engine (empty, or longer than the model allows) gets a reason in `error` instead of
+failing the batch; the predictor passes such rows through untouched.
+"""
+
+import pyarrow as pa
+from transformers import AutoConfig, AutoTokenizer
+
+from util.models import table_prompt_format
+
+
+def choose_prompt_format(model: str, tokenizer, requested: str = "auto") -> str:
+    has_template, has_table = bool(getattr(tokenizer, "chat_template", None)), bool(table_prompt_format(model))
+    if requested == "chat_template" and not has_template:
+        raise ValueError(f"{model} has no chat template; use --prompt-format plain or table")
+    if requested == "table" and not has_table:
+        raise ValueError(f"{model} has no entry in util/models.py MODEL_PROMPT_FORMATS; "
+                         "use --prompt-format chat_template or plain")
+    if requested != "auto":
+        return requested
+    return "chat_template" if has_template else "table" if has_table else "plain"
+
+
+def model_max_length(model: str, revision: str | None = None, override: int | None = None) -> int | None:
+    """The longest sequence the engine accepts: an explicit max_model_len, else the model's config."""
+    if override:
+        return int(override)
+    config = AutoConfig.from_pretrained(model, revision=revision)
+    return getattr(config, "max_position_embeddings", None)
+
+
+class PromptFormatter:
+    """Ray Data stage. Needs `text_column`; adds prompt, prompt_token_ids, num_input_tokens, error."""
+
+    def __init__(self, model: str, text_column: str, system_prompt: str | None = None,
+                 prompt_format: str = "auto", revision: str | None = None, max_model_len: int | None = None):
+        self.model, self.text_column, self.system_prompt = model, text_column, system_prompt
+        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+        self.prompt_format = choose_prompt_format(model, self.tokenizer, prompt_format)
+        self.max_model_len = model_max_length(model, revision, max_model_len)
+
+    def format(self, text: str) -> str:
+        if self.prompt_format == "table":
+            return table_prompt_format(self.model).format(text)
+        if self.prompt_format == "plain":
+            return text if not self.system_prompt else f"{self.system_prompt}\n\n{text}"
+        messages = [{"role": "user", "content": text}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # Some templates (Gemma's) refuse a system role: fold it into the user turn.
+            if not self.system_prompt:
+                raise
+            merged = [{"role": "user", "content": f"{self.system_prompt}\n\n{text}"}]
+            return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = [None if t is None else str(t) for t in batch[self.text_column].to_pylist()]
+        prompts = ["" if not (t and t.strip()) else self.format(t) for t in texts]
+        # Chat templates already emit the BOS token; adding it again would change the model's input.
+        token_ids = self.tokenizer(prompts, add_special_tokens=self.prompt_format != "chat_template")["input_ids"]
+        errors = []
+        for text, ids in zip(texts, token_ids):
+            if text is None or not text.strip():
+                errors.append(f"empty prompt in column '{self.text_column}'")
+            elif self.max_model_len and len(ids) >= self.max_model_len:
+                errors.append(f"prompt has {len(ids)} tokens; the model accepts at most "
+                              f"{self.max_model_len - 1} (max_model_len {self.max_model_len})")
+            else:
+                errors.append(None)
+        return set_columns(batch, {
+            "prompt": pa.array(prompts, pa.string()),
+            "prompt_token_ids": pa.array(token_ids, pa.list_(pa.int32())),
+            "num_input_tokens": pa.array([len(ids) for ids in token_ids], pa.int64()),
+            "error": pa.array(errors, pa.string()),
+        })
+
+
+def set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    """`table` with `columns` added, or replaced where they already exist."""
+    for name, values in columns.items():
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, values) if index >= 0 else table.append_column(name, values)
+    return table

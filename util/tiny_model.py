@@ -1,0 +1,113 @@
+"""Model directories built locally, so the template runs with no download and no real weights.
+
+    python -m util.tiny_model /tmp/tiny                       # tiny random Mistral, with weights
+    python -m util.tiny_model /tmp/m7b --shape mistral-7b     # config + tokenizer only: vLLM load_format=dummy
+
+Every directory holds the real Mistral-7B v0.1 tokenizer, which ships inside `mistral_common` (a vLLM
+dependency), and a Mistral-architecture `config.json`. vLLM loads it like any Hugging Face model
+directory. The tiny model writes random weights (seeded, so its outputs are reproducible); the large
+shapes are for GPU benchmarks, where `load_format="dummy"` fills the weights in on the GPU.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# A chat template in the style of Mistral's own, with an optional system prompt folded into the
+# first user turn, so the chat-template path is exercised end to end.
+MISTRAL_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.first and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+_MISTRAL = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000,
+    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "initializer_range": 0.02,
+}
+SHAPES: dict[str, dict] = {
+    # head_dim 32: the smallest the CPU attention kernel supports.
+    "tiny": {**_MISTRAL, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+             "max_position_embeddings": 2048},
+    "mistral-7b": {**_MISTRAL, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 32768},
+    # About 93 GB in bf16: needs tensor parallelism across two 80 GB cards.
+    "mixtral-8x7b": {**_MISTRAL, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                     "max_position_embeddings": 32768, "num_local_experts": 8,
+                     "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02},
+}
+DEFAULT_CACHE_DIR = Path(os.environ.get("BATCH_LLM_CACHE", Path.home() / ".cache" / "batch-llm"))
+
+
+def _write_tokenizer(directory: Path) -> None:
+    import mistral_common
+
+    source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    shutil.copyfile(source, directory / "tokenizer.model")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        "model_max_length": 32768, "chat_template": MISTRAL_CHAT_TEMPLATE,
+    }, indent=2))
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+
+
+def _write_random_weights(directory: Path, config: dict) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)  # Same weights on every machine, so outputs at temperature 0 are reproducible.
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), torch_dtype=torch.bfloat16)
+    model.save_pretrained(directory, safe_serialization=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))  # Keep our exact config.
+
+
+def build_model_dir(directory: str | Path, shape: str = "tiny", with_weights: bool | None = None) -> str:
+    """Write a model directory of `shape` to `directory` (atomically) and return its path."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose one of {sorted(SHAPES)}")
+    with_weights = shape == "tiny" if with_weights is None else with_weights
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=directory.parent))
+    try:
+        (staging / "config.json").write_text(json.dumps(SHAPES[shape], indent=2))
+        _write_tokenizer(staging)
+        if with_weights:
+            _write_random_weights(staging, SHAPES[shape])
+        shutil.rmtree(directory, ignore_errors=True)
+        staging.rename(directory)  # A half-built directory never looks finished.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(directory)
+
+
+def tiny_model_dir(cache_dir: str | Path | None = None) -> str:
+    """The tiny random-weight model, built on first use and reused from the cache afterwards."""
+    directory = Path(cache_dir or DEFAULT_CACHE_DIR) / "tiny-mistral"
+    if (directory / "model.safetensors").exists() and (directory / "tokenizer.model").exists():
+        return str(directory)
+    return build_model_dir(directory, "tiny")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    args = parser.parse_args()
+    print(build_model_dir(args.directory, args.shape))
