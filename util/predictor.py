@@ -32,6 +32,22 @@ def row_sampling(job_sampling: dict, row_override) -> dict:
     return {**job_sampling, **{k: v for k, v in override.items() if v is not None}}
 
 
+def rows_sampling(batch: pa.Table, job_sampling: dict) -> list[tuple[bool, dict | str]]:
+    """Per row: (False, sampling kwargs) when it can go to the engine, else (True, why not)."""
+    errors = batch["error"].to_pylist()
+    overrides = batch["sampling_params"].to_pylist() if "sampling_params" in batch.column_names else None
+    rows = []
+    for i, error in enumerate(errors):
+        if error is not None:  # refused before the engine (empty, too long, ...)
+            rows.append((True, error))
+            continue
+        try:
+            rows.append((False, row_sampling(job_sampling, None if overrides is None else overrides[i])))
+        except (ValueError, TypeError) as bad:
+            rows.append((True, f"invalid sampling_params: {bad}"))
+    return rows
+
+
 def _finish(batch: pa.Table, results: list[dict], model: str) -> pa.Table:
     return set_columns(batch.drop_columns(["prompt_token_ids"]), {
         "generated_text": pa.array([r.get("generated_text") for r in results], pa.string()),
@@ -80,20 +96,9 @@ class LLMPredictor:
             return {"error": f"{type(error).__name__}: {error}"}
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        ids, errors = batch["id"].to_pylist(), batch["error"].to_pylist()
-        token_ids = batch["prompt_token_ids"].to_pylist()
-        overrides = batch["sampling_params"].to_pylist() if "sampling_params" in batch.column_names else None
-        tasks = []
-        for i, row_id in enumerate(ids):
-            if errors[i] is not None:  # refused before the engine (empty, too long, ...)
-                tasks.append(asyncio.sleep(0, {"error": errors[i]}))
-                continue
-            try:
-                sampling = row_sampling(self.sampling, None if overrides is None else overrides[i])
-            except (ValueError, TypeError) as error:
-                tasks.append(asyncio.sleep(0, {"error": f"invalid sampling_params: {error}"}))
-                continue
-            tasks.append(self._generate(row_id, token_ids[i], sampling))
+        ids, token_ids = batch["id"].to_pylist(), batch["prompt_token_ids"].to_pylist()
+        tasks = [asyncio.sleep(0, {"error": sampling}) if error else self._generate(ids[i], token_ids[i], sampling)
+                 for i, (error, sampling) in enumerate(rows_sampling(batch, self.sampling))]
         return _finish(batch, await asyncio.gather(*tasks), self.model_name)
 
 
@@ -103,18 +108,21 @@ class SyncLLMPredictor:
 
     def __init__(self, model: str, engine_kwargs: dict | None = None, sampling: dict | None = None,
                  model_name: str | None = None):
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
         self.model_name = model_name or model
+        self.sampling = dict(sampling or {})
         self.llm = LLM(model=model, **(engine_kwargs or {}))
-        self.sampling_params = SamplingParams(**(sampling or {}))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        errors, token_ids = batch["error"].to_pylist(), batch["prompt_token_ids"].to_pylist()
-        ready = [i for i, error in enumerate(errors) if error is None]
+        from vllm import SamplingParams
+
+        token_ids, rows = batch["prompt_token_ids"].to_pylist(), rows_sampling(batch, self.sampling)
+        ready = [i for i, (error, _) in enumerate(rows) if not error]
         prompts = [{"prompt_token_ids": token_ids[i]} for i in ready]
-        outputs = self.llm.generate(prompts, self.sampling_params, use_tqdm=False) if prompts else []
-        results = [{"error": e} for e in errors]
+        params = [SamplingParams(**rows[i][1]) for i in ready]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        results = [{"error": sampling if error else None} for error, sampling in rows]
         for i, output in zip(ready, outputs):
             completion = output.outputs[0]
             results[i] = {"generated_text": completion.text, "finish_reason": completion.finish_reason,

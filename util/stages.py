@@ -20,7 +20,8 @@ from util.prompt_format import PromptFormatter
 
 # On CPU the KV cache lives in RAM: keep it small enough for a laptop or a CI runner.
 CPU_ENV_VARS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
-CPU_ENGINE_KWARGS = {"max_model_len": 2048, "max_num_seqs": 32, "enforce_eager": True}
+CPU_ENGINE_KWARGS = {"max_model_len": 2048, "max_num_seqs": 32, "enforce_eager": True,
+                     "gpu_memory_utilization": 0.3}  # on CPU: the share of RAM vLLM may take
 
 
 def valid_engine_keys() -> set[str]:
