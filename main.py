@@ -16,16 +16,15 @@ import time
 import ray
 
 from util.accelerator import choose_accelerator
-from util.config import parse_args, smoke_config
+from util.config import Config, parse_args, smoke_config
 from util.hf_token import prompt_for_hugging_face_token, worker_env_vars
 from util.output import read_results, summarize, write_results
-from util.reading import SAMPLE_PROMPTS, read_prompts
+from util.reading import SAMPLE_PROMPTS, read_prompts, unwrap_input_error
 from util.stages import formatter_stage, predictor_stage
 from util.storage import generate_output_path
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+def run(cfg: Config) -> None:
     if cfg.smoke:
         cfg = smoke_config(cfg)
     output_path = cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
@@ -59,6 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"summary: {stats['rows']} rows ({stats['ok']} ok, {stats['errors']} errors), "
           f"{stats['input_tokens']} input tokens, {stats['output_tokens']} output tokens in {elapsed:.1f} s "
           f"({stats['output_tokens'] / elapsed:.0f} output tok/s, engine start included) -> {output_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except Exception as error:  # bad input, a gated model without a token: a clear message, exit code 2
+        reason = unwrap_input_error(error) or (error if isinstance(error, (ValueError, PermissionError)) else None)
+        if reason is None:
+            raise
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -96,7 +96,7 @@ def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor
 def run_ray_llm(model: str, rows: list[dict], engine: dict, use_gpu: bool) -> dict:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    config = vLLMEngineProcessorConfig(model_source=model, engine_kwargs=engine, batch_size=256, concurrency=1,
+    config = vLLMEngineProcessorConfig(model_source=model, engine_kwargs=dict(engine), batch_size=256, concurrency=1,
                                        **({} if use_gpu else {"placement_group_config": {"bundles": [{"CPU": 0.5}]}}))
     processor = build_processor(
         config,

@@ -95,3 +95,17 @@ def test_notebook_and_main_give_the_same_schema_and_rows(notebook_run, two_runs)
     assert from_notebook.schema == from_main.schema
     assert from_notebook.num_rows == from_main.num_rows
     assert from_notebook["id"].to_pylist() == from_main["id"].to_pylist()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input-path", "does/not/exist.txt"], "error: does/not/exist.txt: no such file or folder"),
+    (["--input-path", "{tmp}/rows.jsonl", "--text-column", "question"],
+     "error: rows.jsonl: no column 'question'; columns are: prompt, topic"),
+    (["--engine-arg", "max_num_seqz=4"], "error: unknown --engine-arg key(s): max_num_seqz"),
+])
+def test_bad_input_exits_2_with_a_clear_message(args, message, tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "Hi", "topic": "greeting"}\n')
+    run = run_main("--smoke", "--output-path", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in args])
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert message in run.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written

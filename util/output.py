@@ -10,6 +10,7 @@ Every output row has the columns of OUTPUT_SCHEMA first, then the input's own co
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import ray
 
@@ -42,10 +43,19 @@ def write_results(ds: ray.data.Dataset, output_path: str, output_format: str = "
     # here; creating them writes marker objects up to the bucket root, which a policy that allows
     # writes under one prefix only (as on Anyscale's artifact storage) refuses.
     create_dir = not is_remote(output_path)
-    if output_format == "jsonl":
-        ds.write_json(path, filesystem=filesystem, try_create_dir=create_dir)
-    else:
-        ds.write_parquet(path, filesystem=filesystem, try_create_dir=create_dir)
+    existed = filesystem.get_file_info(path).type != pafs.FileType.NotFound
+    try:
+        if output_format == "jsonl":
+            ds.write_json(path, filesystem=filesystem, try_create_dir=create_dir)
+        else:
+            ds.write_parquet(path, filesystem=filesystem, try_create_dir=create_dir)
+    except BaseException:
+        # A run that failed before writing a row leaves no empty output folder that looks like a result.
+        created_empty = (not existed and filesystem.get_file_info(path).type == pafs.FileType.Directory
+                         and not filesystem.get_file_info(pafs.FileSelector(path)))
+        if created_empty:
+            filesystem.delete_dir(path)
+        raise
 
 
 def read_results(output_path: str, output_format: str = "parquet") -> ray.data.Dataset:

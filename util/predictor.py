@@ -76,10 +76,13 @@ class LLMPredictor:
 
     async def _generate(self, row_id: str, token_ids, sampling: dict) -> dict:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            params = SamplingParams(**sampling)
+            # FINAL_ONLY: one result per request, not a cumulative copy of the output at every step,
+            # which would cost the front-end process more CPU than the GPU needs to decode.
+            params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY)
             final = None
             request = {"prompt_token_ids": token_ids}
             # A fresh request id per attempt: a retried batch must not collide with its first try.

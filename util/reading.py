@@ -184,10 +184,15 @@ def read_prompts(source: str | list, input_format: str = "auto", text_column: st
             # extension, since an explicit --input-format is how to read e.g. prompts.log.
             detect_format(path, input_format)
             extensions = None
-        else:  # a folder: only the files of the format, so stray files (README.md, _SUCCESS) don't fail the run
+        else:  # a folder: only files of the format, so a stray README.md does not fail the run
             extensions = sum(EXTENSIONS.values(), []) if input_format == "auto" else EXTENSIONS[input_format]
-        ds = ray.data.read_binary_files(path, filesystem=filesystem, include_paths=True,
-                                        file_extensions=extensions)
+        try:
+            ds = ray.data.read_binary_files(path, filesystem=filesystem, include_paths=True,
+                                            file_extensions=extensions)
+        except ValueError as error:  # Ray lists the files now, on the driver
+            if not str(error).startswith("No input files found"):
+                raise
+            raise InputError(f"{source}: no files ending in {', '.join(extensions)} in this folder") from None
         ds = ds.map_batches(_parse_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={
             "root": path, "input_format": input_format, "text_column": text_column, "id_column": id_column})
     if limit is not None:

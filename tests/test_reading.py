@@ -1,0 +1,257 @@
+"""Tests for util/reading.py: every input format, stable ids, --limit, and errors that name file and line.
+
+Local files only (S3 reads are in test_storage.py); Ray runs locally through the `ray_local` fixture.
+"""
+
+import hashlib
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from util.reading import InputError, read_prompts, unwrap_input_error
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def h8(text: str) -> str:
+    """The content part of an id, computed here independently of util.reading.row_id."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+def rows(ds) -> list[dict]:
+    return ds.take_all()
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def input_error(ds) -> InputError:
+    """Run `ds`; the InputError that a worker raised, recovered from what reaches the driver."""
+    with pytest.raises(ray.exceptions.RayTaskError) as info:
+        ds.take_all()
+    assert not isinstance(info.value, InputError)  # Ray wraps it: main.py needs unwrap_input_error
+    error = unwrap_input_error(info.value)
+    assert type(error) is InputError
+    return error
+
+
+# --- in-memory items ---
+
+def test_items_strings_have_id_and_text_and_stable_unique_ids():
+    items = ["a", "b", "a", "c"]
+    first, second = rows(read_prompts(items)), rows(read_prompts(items))
+    assert [set(r) for r in first] == [{"id", "text"}] * 4
+    assert [r["text"] for r in first] == items
+    ids = [r["id"] for r in first]
+    assert len(set(ids)) == 4  # the repeated "a" still gets its own id: position is part of it
+    assert ids == [r["id"] for r in second]
+    assert ids[0] == f"items:1:{h8('a')}"
+
+
+def test_items_dicts_pass_extra_columns_through():
+    items = [{"question": "q1", "lang": "en"}, {"question": "q2", "lang": "fr", "level": 3}]
+    out = rows(read_prompts(items, text_column="question"))
+    assert [(r["question"], r["lang"]) for r in out] == [("q1", "en"), ("q2", "fr")]
+    # a key only a later item has is kept, not dropped because the first item lacks it
+    assert [r["level"] for r in out] == [None, 3]
+
+
+# --- text files ---
+
+def test_text_file_ids_name_file_and_line_and_skip_blank_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("first\n\nthird\n   \nfifth", encoding="utf-8")
+    out = rows(read_prompts(str(path)))
+    assert [r["text"] for r in out] == ["first", "third", "fifth"]
+    assert [r["id"] for r in out] == [f"prompts.txt:1:{h8('first')}", f"prompts.txt:3:{h8('third')}",
+                                      f"prompts.txt:5:{h8('fifth')}"]
+
+
+def test_text_lines_split_on_newlines_only(tmp_path):
+    # U+2028 and form feeds are not line breaks here (str.splitlines() would split on them),
+    # a Windows \r\n is, and a UTF-8 byte-order mark is not part of the first prompt.
+    path = tmp_path / "odd.txt"
+    path.write_bytes("\ufeffone\u2028two\r\nthree\x0cfour\r\n".encode("utf-8"))
+    out = rows(read_prompts(str(path)))
+    assert [r["text"] for r in out] == ["one\u2028two", "three\x0cfour"]
+    assert [r["id"].split(":")[1] for r in out] == ["1", "2"]
+
+
+def test_prompts_100_asset_gives_100_unique_ids():
+    out = rows(read_prompts(os.path.join(REPO, "assets", "prompts_100.txt")))
+    assert len(out) == 100
+    assert len({r["id"] for r in out}) == 100
+    assert all(r["id"].startswith("prompts_100.txt:") for r in out)
+
+
+# --- jsonl, csv, parquet ---
+
+def test_jsonl_custom_text_column_and_extra_columns(tmp_path):
+    path = write_jsonl(tmp_path / "qs.jsonl", [{"question": "why?", "topic": "sky"},
+                                               {"question": "how?", "topic": "sea", "meta": {"n": 1}}])
+    out = rows(read_prompts(path, text_column="question"))
+    assert [r["question"] for r in out] == ["why?", "how?"]
+    assert [r["topic"] for r in out] == ["sky", "sea"]
+    assert out[1]["meta"] == {"n": 1}
+    assert [r["id"] for r in out] == [f"qs.jsonl:1:{h8('why?')}", f"qs.jsonl:2:{h8('how?')}"]
+
+
+def test_jsonl_string_holding_line_separator_is_one_row(tmp_path):
+    path = tmp_path / "sep.jsonl"
+    path.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [r["text"] for r in rows(read_prompts(str(path)))] == ["a\u2028b"]
+
+
+def test_csv_keeps_text_and_ids_as_written(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("key,text,score\n007,hello,1.5\n7,world,2\n", encoding="utf-8")
+    out = rows(read_prompts(str(path), id_column="key"))
+    assert [r["id"] for r in out] == ["007", "7"]  # not both "7"
+    assert [r["text"] for r in out] == ["hello", "world"]
+    assert [r["score"] for r in out] == [1.5, 2.0]
+    out = rows(read_prompts(str(path)))
+    assert [r["id"] for r in out] == [f"p.csv:1:{h8('hello')}", f"p.csv:2:{h8('world')}"]
+
+
+def test_parquet(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["x", "y", "z"], "n": [1, 2, 3]}), path)
+    out = rows(read_prompts(str(path), text_column="prompt"))
+    assert [(r["prompt"], r["n"]) for r in out] == [("x", 1), ("y", 2), ("z", 3)]
+    assert out[2]["id"] == f"p.parquet:3:{h8('z')}"
+
+
+def test_id_column_becomes_id_as_string(tmp_path):
+    path = write_jsonl(tmp_path / "ids.jsonl", [{"uid": 10, "text": "a"}, {"uid": 11, "text": "b"}])
+    out = rows(read_prompts(path, id_column="uid"))
+    assert [r["id"] for r in out] == ["10", "11"]
+    assert [r["uid"] for r in out] == [10, 11]
+
+
+def test_explicit_format_reads_a_file_whatever_its_extension(tmp_path):
+    path = tmp_path / "prompts.log"
+    path.write_text("a\nb\n", encoding="utf-8")
+    assert [r["text"] for r in rows(read_prompts(str(path), input_format="text"))] == ["a", "b"]
+
+
+# --- folders ---
+
+def test_folder_of_jsonl_files_ids_include_relative_file_name(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    write_jsonl(folder / "a.jsonl", [{"text": "same"}, {"text": "a2"}])
+    write_jsonl(folder / "b.jsonl", [{"text": "same", "extra": "b"}])
+    write_jsonl(folder / "sub" / "c.jsonl", [{"text": "same"}])
+    (folder / "empty.jsonl").write_text("", encoding="utf-8")
+    (folder / "README.md").write_text("not prompts\n", encoding="utf-8")  # skipped: not an input format
+    (folder / "_SUCCESS").write_text("", encoding="utf-8")
+    out = rows(read_prompts(str(folder) + "/"))
+    ids = sorted(r["id"] for r in out)
+    assert ids == sorted([f"a.jsonl:1:{h8('same')}", f"a.jsonl:2:{h8('a2')}", f"b.jsonl:1:{h8('same')}",
+                          f"sub/c.jsonl:1:{h8('same')}"])
+    assert {r["id"]: r.get("extra") for r in out}[f"b.jsonl:1:{h8('same')}"] == "b"
+
+
+def test_limit_takes_the_first_rows_in_file_order(tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for n in (3, 0, 2, 1):  # written out of order: file order is by name
+        (folder / f"part{n}.txt").write_text(f"p{n}-0\np{n}-1\n", encoding="utf-8")
+    expected = ["p0-0", "p0-1", "p1-0"]  # across a file boundary
+    assert [r["text"] for r in rows(read_prompts(str(folder), limit=3))] == expected
+    assert [r["text"] for r in rows(read_prompts(str(folder), limit=3))] == expected
+
+
+# --- errors ---
+
+def test_missing_text_column_lists_available_columns(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question": "a", "lang": "en"}])
+    error = input_error(read_prompts(path))
+    assert str(error) == "q.jsonl: no column 'text'; columns are: question, lang"
+    with pytest.raises(InputError, match=r"^items: no column 'prompt'; columns are: text$"):
+        read_prompts([{"text": "a"}], text_column="prompt")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"text": broken}\n', encoding="utf-8")
+    error = input_error(read_prompts(str(path)))
+    assert str(error) == f"{path}:3: malformed JSON (Expecting value at column 10)"
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"text": "ok"}\n["a"]\n', encoding="utf-8")
+    assert str(input_error(read_prompts(str(path)))) == f"{path}:2: each line must be a JSON object, got list"
+
+
+def test_non_utf8_text_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("fine\nalso fine\ncaf\u00e9\n".encode("latin-1"))
+    error = input_error(read_prompts(str(path)))
+    assert str(error) == f"{path}:3: not valid UTF-8 (invalid continuation byte at byte 18)"
+
+
+def test_corrupt_parquet_is_an_input_error(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"not parquet at all")
+    assert str(input_error(read_prompts(str(path)))).startswith(f"{path}: not a readable parquet file (")
+
+
+def test_missing_path():
+    with pytest.raises(InputError, match=r"^/nonexistent/prompts\.jsonl: no such file or folder$"):
+        read_prompts("/nonexistent/prompts.jsonl")
+
+
+def test_unknown_extension_with_auto_format(tmp_path):
+    path = tmp_path / "prompts.dat"
+    path.write_text("a\n", encoding="utf-8")
+    with pytest.raises(InputError) as info:
+        read_prompts(str(path))
+    assert str(info.value) == (f"{path}: cannot tell the format from the extension .dat; "
+                               "pass --input-format text, jsonl, csv or parquet")
+
+
+def test_folder_without_input_files(tmp_path):
+    (tmp_path / "README.md").write_text("no prompts here\n", encoding="utf-8")
+    with pytest.raises(InputError, match=rf"^{tmp_path}: no files ending in \.csv in this folder$"):
+        read_prompts(str(tmp_path), input_format="csv")
+    with pytest.raises(InputError, match=r"^unknown input format 'xml'; use auto, text, jsonl, csv, parquet$"):
+        read_prompts(str(tmp_path), input_format="xml")
+
+
+# --- unwrap_input_error ---
+
+def test_unwrap_input_error_when_the_error_surfaces_at_write(tmp_path):
+    """main.py's first action on the data is writing it: the error surfaces there, downstream of a map."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a"}\n{oops\n', encoding="utf-8")
+    ds = read_prompts(str(path)).map_batches(lambda batch: batch, batch_format="pyarrow")
+    with pytest.raises(Exception) as info:
+        ds.write_parquet(str(tmp_path / "out"))
+    error = unwrap_input_error(info.value)
+    assert str(error) == (f"{path}:2: malformed JSON "
+                          "(Expecting property name enclosed in double quotes at column 2)")
+
+
+def test_unwrap_input_error_walks_cause_chains_and_ignores_others():
+    original = InputError("f.jsonl:4: malformed JSON")
+    try:
+        try:
+            raise original
+        except InputError as error:
+            raise RuntimeError("wrapped") from error
+    except RuntimeError as wrapped:
+        assert unwrap_input_error(wrapped) is original
+    assert unwrap_input_error(ValueError("something else")) is None
+    assert unwrap_input_error(original) is original
+    assert str(unwrap_input_error(RuntimeError("Traceback ...\nutil.reading.InputError: x.txt:2: bad\n\n"
+                                               "The above exception was the direct cause"))) == "x.txt:2: bad"
