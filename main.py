@@ -18,7 +18,7 @@ import ray
 from util.accelerator import choose_accelerator
 from util.config import Config, parse_args, smoke_config
 from util.hf_token import prompt_for_hugging_face_token, worker_env_vars
-from util.output import read_results, summarize, write_results
+from util.output import read_results, summarize, write_results, written_ids
 from util.reading import SAMPLE_PROMPTS, read_prompts, unwrap_input_error
 from util.stages import formatter_stage, predictor_stage
 from util.storage import generate_output_path
@@ -39,6 +39,14 @@ def run(cfg: Config) -> None:
     ds = read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column,
                       cfg.id_column, cfg.limit)
 
+    # A re-run with the same output path resumes: rows whose ids are already written are skipped.
+    done = written_ids(output_path, cfg.output_format)
+    if done:
+        ds = ds.filter(lambda row: row["id"] not in done)
+        if ds.count() == 0:
+            print(f"summary: nothing to do, all rows are already in {output_path}")
+            return
+
     # 3. Format. The model's chat template (or its verified format), tokenized once, on CPU.
     ds = ds.map_batches(**formatter_stage(cfg, choice.use_gpu))
 
@@ -55,7 +63,7 @@ def run(cfg: Config) -> None:
     for row in results.take(3):
         print({k: row[k] for k in ("id", "generated_text", "finish_reason", "num_generated_tokens")})
     stats = summarize(results)
-    print(f"summary: {stats['rows']} rows ({stats['ok']} ok, {stats['errors']} errors), "
+    print(f"summary: {stats['rows']} rows ({stats['ok']} ok, {stats['errors']} errors; {len(done)} from earlier runs), "
           f"{stats['input_tokens']} input tokens, {stats['output_tokens']} output tokens in {elapsed:.1f} s "
           f"({stats['output_tokens'] / elapsed:.0f} output tok/s, engine start included) -> {output_path}")
 

@@ -29,19 +29,19 @@ def two_runs(tmp_path_factory):
         path = tmp_path_factory.mktemp(name) / "out"
         run = run_main("--smoke", "--output-path", str(path))
         assert run.returncode == 0, run.stderr[-3000:]
-        outputs.append((run, pq.read_table(path).sort_by("id")))
+        outputs.append((run, pq.read_table(path).sort_by("id"), path))
     return outputs
 
 
 def test_one_row_per_input_row_with_stable_ids(two_runs):
-    _, table = two_runs[0]
+    _, table, _ = two_runs[0]
     expected = sorted(row_id("prompts_100.txt", n, text) for n, text in enumerate(PROMPTS[:20], start=1))
     assert table.num_rows == 20
     assert table["id"].to_pylist() == expected
 
 
 def test_output_contract_columns_and_tokens(two_runs):
-    _, table = two_runs[0]
+    _, table, _ = two_runs[0]
     assert table.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
     assert "text" in table.schema.names  # the input column passes through
     rows = table.to_pylist()
@@ -54,14 +54,14 @@ def test_output_contract_columns_and_tokens(two_runs):
 
 
 def test_summary_line(two_runs):
-    run, table = two_runs[0]
+    run, table, _ = two_runs[0]
     total = sum(table["num_generated_tokens"].to_pylist())
-    assert f"summary: 20 rows (20 ok, 0 errors)" in run.stdout
+    assert "summary: 20 rows (20 ok, 0 errors; 0 from earlier runs)" in run.stdout
     assert f"{total} output tokens" in run.stdout
 
 
 def test_deterministic_at_temperature_zero(two_runs):
-    (_, first), (_, second) = two_runs
+    (_, first, _), (_, second, _) = two_runs
     assert first["id"].to_pylist() == second["id"].to_pylist()
     assert first["generated_text"].to_pylist() == second["generated_text"].to_pylist()
 
@@ -90,7 +90,7 @@ def test_notebook_runs_and_shows_per_row_sampling(notebook_run):
 
 
 def test_notebook_and_main_give_the_same_schema_and_rows(notebook_run, two_runs):
-    _, from_main = two_runs[0]
+    _, from_main, _ = two_runs[0]
     from_notebook = pq.read_table(notebook_run / "out").sort_by("id")
     assert from_notebook.schema == from_main.schema
     assert from_notebook.num_rows == from_main.num_rows
@@ -109,3 +109,29 @@ def test_bad_input_exits_2_with_a_clear_message(args, message, tmp_path):
     assert run.returncode == 2, run.stderr[-2000:]
     assert message in run.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def _listing(path: Path) -> list[tuple[str, int, int]]:
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir())
+
+
+def test_rerunning_a_finished_job_processes_nothing_and_changes_nothing(two_runs):
+    _, _, path = two_runs[0]
+    before = _listing(path)
+    run = run_main("--smoke", "--output-path", str(path))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"summary: nothing to do, all rows are already in {path}" in run.stdout
+    assert _listing(path) == before
+
+
+def test_resume_writes_only_the_missing_rows(two_runs, tmp_path):
+    _, complete, _ = two_runs[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(complete.slice(0, 12), out / "earlier.parquet")  # as if a run had died after 12 rows
+    run = run_main("--smoke", "--output-path", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "summary: 20 rows (20 ok, 0 errors; 12 from earlier runs)" in run.stdout
+    resumed = pq.read_table(out).sort_by("id")
+    assert resumed["id"].to_pylist() == complete["id"].to_pylist()  # no duplicates, no losses
+    assert resumed["generated_text"].to_pylist() == complete["generated_text"].to_pylist()

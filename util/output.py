@@ -68,6 +68,19 @@ def read_results(output_path: str, output_format: str = "parquet") -> ray.data.D
     return ray.data.read_parquet(path, filesystem=filesystem)
 
 
+def written_ids(output_path: str, output_format: str = "parquet") -> set[str]:
+    """Ids already in the output, so a re-run skips them. Only the id column is read; the set lives on
+    the driver (about 100 bytes an id: fine for millions of rows)."""
+    import pyarrow.dataset as pads
+
+    filesystem, path = resolve(output_path)
+    if filesystem.get_file_info(path).type != pafs.FileType.Directory:
+        return set()
+    files = pads.dataset(path, filesystem=filesystem, format="json" if output_format == "jsonl" else "parquet",
+                         exclude_invalid_files=False)
+    return set(files.to_table(columns=["id"])["id"].to_pylist()) if files.files else set()
+
+
 def summarize(ds: ray.data.Dataset) -> dict:
     """Row and token counts of a finished run's output."""
     stats = {"rows": 0, "ok": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}

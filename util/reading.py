@@ -171,7 +171,7 @@ def read_prompts(source: str | list, input_format: str = "auto", text_column: st
         rows = [item if isinstance(item, dict) else {text_column: item} for item in source]
         table = _table_from_rows(rows, "items")
         table = table.append_column("__position", pa.array(range(1, len(rows) + 1), pa.int64()))
-        ds = ray.data.from_arrow(_with_ids(table, "items", text_column, id_column))
+        ds = ray.data.from_items(_with_ids(table, "items", text_column, id_column).to_pylist())
     else:
         if input_format != "auto" and input_format not in EXTENSIONS:
             raise InputError(f"unknown input format '{input_format}'; use auto, {', '.join(EXTENSIONS)}")
