@@ -43,5 +43,5 @@ def test_engine_kwargs_precedence():
     kwargs = engine_kwargs(Config(model="google/gemma-7b-it", tensor_parallel_size=2,
                                   engine_arg={"max_model_len": 1024}))
     assert kwargs["max_model_len"] == 1024  # the user's key beats the per-model table
-    assert kwargs["tensor_parallel_size"] == 2
+    assert (kwargs["tensor_parallel_size"], kwargs["distributed_executor_backend"]) == (2, "mp")
     assert engine_kwargs(Config(model="google/gemma-7b-it"))["max_model_len"] == 2432

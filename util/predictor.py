@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from util.prompt_format import set_columns
 
+
 def row_sampling(job_sampling: dict, row_override) -> dict:
     """The job's sampling parameters with one row's overrides on top (None values ignored)."""
     if row_override is None or (isinstance(row_override, str) and not row_override.strip()):

@@ -38,7 +38,9 @@ def engine_kwargs(cfg: Config, use_gpu: bool = True) -> dict:
     if cfg.revision:
         kwargs["revision"] = cfg.revision
     if cfg.tensor_parallel_size > 1:
-        kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size
+        # The replica's actor already holds all of its GPUs, so vLLM's shards run as local processes
+        # beside it rather than as Ray tasks that would wait for GPUs the actor is holding.
+        kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size, distributed_executor_backend="mp")
     if not use_gpu:
         kwargs.update(CPU_ENGINE_KWARGS)
     kwargs["seed"] = cfg.seed
