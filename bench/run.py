@@ -29,7 +29,7 @@ import ray
 
 from bench.workload import make_workload
 from util.accelerator import choose_accelerator
-from util.config import Config
+from util.config import Config, parse_engine_arg
 from util.predictor import LLMPredictor, SyncLLMPredictor
 from util.prompt_format import PromptFormatter
 from util.reading import read_prompts
@@ -147,7 +147,7 @@ def main() -> None:
     use_gpu = choose_accelerator("any").use_gpu
     cfg = Config(model=model, concurrency=1, accelerator_type="any", temperature=0, stop=[],
                  engine_arg={**({} if args.tiny else GPU_ENGINE_ARGS),
-                             **dict(kv.split("=", 1) for kv in args.engine_arg)})
+                             **dict(parse_engine_arg(kv) for kv in args.engine_arg)})
     engine = engine_kwargs(cfg, use_gpu)
     results = []
     for design in args.designs.split(","):

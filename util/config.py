@@ -79,7 +79,7 @@ class Config:
                 "stop": list(self.stop), "seed": self.seed}
 
 
-def _engine_arg(text: str) -> tuple[str, typing.Any]:
+def parse_engine_arg(text: str) -> tuple[str, typing.Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--engine-arg takes key=value, got {text!r}")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
         elif f.name == "engine_arg":
-            parser.add_argument(flag, type=_engine_arg, action="append", default=[], help=help_text)
+            parser.add_argument(flag, type=parse_engine_arg, action="append", default=[], help=help_text)
         elif kind == list[str]:
             parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
