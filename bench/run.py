@@ -30,7 +30,7 @@ import ray
 from bench.workload import make_workload
 from util.accelerator import choose_accelerator
 from util.config import Config, parse_engine_arg
-from util.predictor import LLMPredictor, SyncLLMPredictor
+from util.predictor import LLMPredictor, SyncLLMPredictor, row_sampling
 from util.prompt_format import PromptFormatter
 from util.reading import read_prompts
 from util.stages import CPU_ENV_VARS, engine_kwargs, formatter_stage, predictor_stage
@@ -63,7 +63,7 @@ def _result(name: str, tokens: int, rows: int, first: float, last: float, engine
             "wall_s": round(wall, 1)}
 
 
-def run_raw(model: str, rows: list[dict], engine: dict) -> dict:
+def run_raw(model: str, rows: list[dict], engine: dict, sampling: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     began = time.time()
@@ -72,7 +72,7 @@ def run_raw(model: str, rows: list[dict], engine: dict) -> dict:
     # The same prompts, token for token, as the pipeline sends: the chat template, tokenized once.
     token_ids = PromptFormatter(model, "text")(pa.Table.from_pylist([{"text": r["text"]} for r in rows]))
     prompts = [{"prompt_token_ids": ids} for ids in token_ids["prompt_token_ids"].to_pylist()]
-    params = [SamplingParams(temperature=0, **r["sampling_params"]) for r in rows]
+    params = [SamplingParams(**row_sampling(sampling, r["sampling_params"])) for r in rows]
     first = time.time()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     last = time.time()
@@ -93,7 +93,7 @@ def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor
     return _result(name, tokens, table.num_rows, first, last, first - began, time.time() - began)
 
 
-def run_ray_llm(model: str, rows: list[dict], engine: dict, use_gpu: bool) -> dict:
+def run_ray_llm(model: str, rows: list[dict], engine: dict, sampling: dict, use_gpu: bool) -> dict:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     config = vLLMEngineProcessorConfig(model_source=model, engine_kwargs=dict(engine), batch_size=256, concurrency=1,
@@ -101,7 +101,7 @@ def run_ray_llm(model: str, rows: list[dict], engine: dict, use_gpu: bool) -> di
     processor = build_processor(
         config,
         preprocess=lambda row: {"messages": [{"role": "user", "content": row["text"]}],
-                                "sampling_params": {"temperature": 0, **row["sampling_params"]}},
+                                "sampling_params": row_sampling(sampling, row["sampling_params"])},
         postprocess=lambda row: {"num_generated_tokens": len(row["generated_tokens"]), "t_end": time.time(),
                                  "time_taken_llm": row["time_taken_llm"]})
     began = time.time()
@@ -153,14 +153,14 @@ def main() -> None:
     for design in args.designs.split(","):
         print(f"--- {design}", flush=True)
         if design == "raw":
-            results.append(run_raw(model, rows, engine))
+            results.append(run_raw(model, rows, engine, cfg.sampling()))
         elif design == "pipeline":
             results.append(run_pipeline("pipeline", model, rows, cfg, AsyncTimed))
         elif design == "seed":
             seed_cfg = dataclasses.replace(cfg, batch_size=5, batches_in_flight=1)
             results.append(run_pipeline("seed", model, rows[: args.seed_prompts], seed_cfg, SyncTimed))
         elif design == "ray_llm":
-            results.append(run_ray_llm(model, rows, engine, use_gpu))
+            results.append(run_ray_llm(model, rows, engine, cfg.sampling(), use_gpu))
         else:
             raise SystemExit(f"unknown design {design!r}")
         print(json.dumps(results[-1]), flush=True)
