@@ -3,6 +3,8 @@
     python -m bench.run --out bench-results                     # GPU: Mistral-7B-shaped dummy model, 4000 prompts
     python -m bench.run --designs raw,pipeline --out results    # a subset of the designs
     python -m bench.run --tiny --num-prompts 24 --out /tmp/b    # CPU: tiny model (what the tests run)
+    python -m bench.run --designs pipeline --concurrency 2 --out dp2                  # 2 data-parallel replicas
+    python -m bench.run --designs pipeline --shape mixtral-8x7b --tensor-parallel-size 2 --out tp2
 
 Designs:
   raw       vLLM `LLM.generate` on the whole workload in one call
@@ -93,10 +95,11 @@ def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor
     return _result(name, tokens, table.num_rows, first, last, first - began, time.time() - began)
 
 
-def run_ray_llm(model: str, rows: list[dict], engine: dict, sampling: dict, use_gpu: bool) -> dict:
+def run_ray_llm(model: str, rows: list[dict], engine: dict, sampling: dict, use_gpu: bool, concurrency: int) -> dict:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    config = vLLMEngineProcessorConfig(model_source=model, engine_kwargs=dict(engine), batch_size=256, concurrency=1,
+    config = vLLMEngineProcessorConfig(model_source=model, engine_kwargs=dict(engine), batch_size=256,
+                                       concurrency=concurrency,
                                        **({} if use_gpu else {"placement_group_config": {"bundles": [{"CPU": 0.5}]}}))
     processor = build_processor(
         config,
@@ -133,19 +136,24 @@ def main() -> None:
     parser.add_argument("--seed-prompts", type=int, default=100, help="rows for the slow seed design")
     parser.add_argument("--max-output", type=int, default=512)
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU instead of a 7B shape on GPU")
-    parser.add_argument("--model-dir", default="/tmp/bench-mistral-7b")
+    parser.add_argument("--shape", default="mistral-7b", help="model shape (util/tiny_model.py SHAPES)")
+    parser.add_argument("--model-dir", default=None, help="where to build it (default /tmp/bench-<shape>)")
+    parser.add_argument("--concurrency", type=int, default=1, help="replicas for the Ray designs")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--stop", action="append", default=[], help="stop strings for every row")
     parser.add_argument("--engine-arg", action="append", default=[], help="key=value for every design")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    model = tiny_model_dir() if args.tiny else build_model_dir(args.model_dir, "mistral-7b")
+    model = tiny_model_dir() if args.tiny else build_model_dir(args.model_dir or f"/tmp/bench-{args.shape}", args.shape)
     rows = make_workload(args.num_prompts, max_tokens=args.max_output)
     if args.tiny:  # the raw design runs vLLM in this process; the Ray designs get it from util/stages.py
         os.environ.update(CPU_ENV_VARS)
     ray.init()
     use_gpu = choose_accelerator("any").use_gpu
-    cfg = Config(model=model, concurrency=1, accelerator_type="any", temperature=0, stop=[],
+    cfg = Config(model=model, concurrency=args.concurrency, tensor_parallel_size=args.tensor_parallel_size,
+                 accelerator_type="any", temperature=0, stop=args.stop,
                  engine_arg={**({} if args.tiny else GPU_ENGINE_ARGS),
                              **dict(parse_engine_arg(kv) for kv in args.engine_arg)})
     engine = engine_kwargs(cfg, use_gpu)
@@ -160,14 +168,20 @@ def main() -> None:
             seed_cfg = dataclasses.replace(cfg, batch_size=5, batches_in_flight=1)
             results.append(run_pipeline("seed", model, rows[: args.seed_prompts], seed_cfg, SyncTimed))
         elif design == "ray_llm":
-            results.append(run_ray_llm(model, rows, engine, cfg.sampling(), use_gpu))
+            results.append(run_ray_llm(model, rows, engine, cfg.sampling(), use_gpu, cfg.concurrency))
         else:
             raise SystemExit(f"unknown design {design!r}")
         print(json.dumps(results[-1]), flush=True)
         (out / "results.json").write_text(json.dumps({"engine_kwargs": engine, "num_prompts": len(rows),
+                                                      "shape": args.shape, "concurrency": cfg.concurrency,
                                                       "results": results}, indent=2))
-    device = "CPU" if not use_gpu else os.popen("nvidia-smi --query-gpu=name --format=csv,noheader").read().strip()
-    plot(results, out / "throughput.png", f"{len(rows)} prompts, 16-{args.max_output} output tokens, {device}")
+    device = "CPU" if not use_gpu else ", ".join(sorted(set(
+        os.popen("nvidia-smi --query-gpu=name --format=csv,noheader").read().split("\n")) - {""}))
+    layout = f"{cfg.concurrency} replica(s) x TP {cfg.tensor_parallel_size}" if cfg.concurrency > 1 or \
+        cfg.tensor_parallel_size > 1 else "1 GPU"
+    plot(results, out / "throughput.png",
+         f"{args.shape if not args.tiny else 'tiny'}, {len(rows)} prompts, 16-{args.max_output} output tokens, "
+         f"{layout}, {device}")
     print(f"{'design':10} {'rows':>6} {'out tok':>9} {'tok/s':>9} {'start s':>8} {'wall s':>7}")
     for r in results:
         print(f"{r['design']:10} {r['rows']:>6} {r['output_tokens']:>9} {r['output_tok_per_s']:>9.0f} "

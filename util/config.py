@@ -41,13 +41,17 @@ class Config:
     max_tokens: int = _help("Most tokens generated per row.", default=2048)
     temperature: float = _help("0 is greedy and deterministic.", default=0.0)
     top_p: float = _help("Nucleus sampling mass, in (0, 1].", default=1.0)
-    stop: list[str] = _help("Stop strings (repeat the flag for several).",
-                            default_factory=lambda: ["<|eot_id|>", "<|end_of_text|>"])
+    stop: list[str] = _help("Stop strings (repeat the flag for several). Default: none; a model's own "
+                            "end-of-turn tokens (from its generation config) end a row already.",
+                            default_factory=list)
     seed: int = _help("Sampling seed, for reproducible runs at temperature > 0.", default=0)
     # --- engine and scaling ---
     concurrency: int = _help("Number of model replicas (vLLM engines).", default=4)
     gpus_per_replica: float = _help("GPUs each replica reserves.", default=1.0)
-    tensor_parallel_size: int = _help("GPUs a replica shards the model across.", default=1)
+    tensor_parallel_size: int = _help("GPUs a replica shards each layer across (one node).", default=1)
+    pipeline_parallel_size: int = _help("Stages a replica splits the layers into, one GPU group each; "
+                                        "with tensor parallelism a replica spans TP x PP GPUs, across "
+                                        "nodes if need be.", default=1)
     batch_size: int = _help("Rows per batch handed to a replica; several batches are in flight at once.",
                             default=128)
     batches_in_flight: int = _help("Batches each replica works on at once. batch_size x batches_in_flight "

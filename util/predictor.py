@@ -49,6 +49,16 @@ def rows_sampling(batch: pa.Table, job_sampling: dict) -> list[tuple[bool, dict 
     return rows
 
 
+def _tokenizer(model: str, engine_kwargs: dict):
+    """The tokenizer the engine uses, as the engine arguments name it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        engine_kwargs.get("tokenizer") or model,
+        revision=engine_kwargs.get("tokenizer_revision") or engine_kwargs.get("revision"),
+        trust_remote_code=engine_kwargs.get("trust_remote_code", False))
+
+
 def _finish(batch: pa.Table, results: list[dict], model: str) -> pa.Table:
     return set_columns(batch.drop_columns(["prompt_token_ids"]), {
         "generated_text": pa.array([r.get("generated_text") for r in results], pa.string()),
@@ -70,6 +80,7 @@ class LLMPredictor:
 
         self.model_name = model_name or model
         self.sampling = dict(sampling or {})
+        self.tokenizer = _tokenizer(model, engine_kwargs or {})
         # LLM_CLASS selects vLLM's offline defaults (on an H100: 1024 sequences, 16k batched tokens);
         # the engine's own default context is sized for online serving and halves throughput here.
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **(engine_kwargs or {})),
@@ -83,14 +94,19 @@ class LLMPredictor:
         try:
             # FINAL_ONLY: one result per request, not a cumulative copy of the output at every step,
             # which would cost the front-end process more CPU than the GPU needs to decode.
-            params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY)
+            # Rows without stop strings are decoded once, at the end, here: the engine's own
+            # detokenizer works token by token for every running row, on the process that feeds it.
+            decode_here = not sampling.get("stop")
+            params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY, detokenize=not decode_here)
             final = None
             request = {"prompt_token_ids": token_ids}
             # A fresh request id per attempt: a retried batch must not collide with its first try.
             async for output in self.engine.generate(request, params, f"{row_id}-{uuid.uuid4().hex[:8]}"):
                 final = output
             completion = final.outputs[0]
-            return {"generated_text": completion.text, "finish_reason": completion.finish_reason,
+            text = (self.tokenizer.decode(completion.token_ids, skip_special_tokens=params.skip_special_tokens)
+                    if decode_here else completion.text)
+            return {"generated_text": text, "finish_reason": completion.finish_reason,
                     "num_generated_tokens": len(completion.token_ids)}
         except EngineDeadError:
             raise  # not a row's fault: fail the job loudly

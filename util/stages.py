@@ -9,8 +9,10 @@ the replica's parallelism, CPU settings when no GPU is present, then the user's 
 """
 
 import dataclasses
+import functools
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from util.accelerator import AcceleratorChoice
 from util.config import Config
@@ -37,14 +39,42 @@ def engine_kwargs(cfg: Config, use_gpu: bool = True) -> dict:
     kwargs = engine_defaults(cfg.model)
     if cfg.revision:
         kwargs["revision"] = cfg.revision
-    if cfg.tensor_parallel_size > 1:
-        # The replica's actor already holds all of its GPUs, so vLLM's shards run as local processes
-        # beside it rather than as Ray tasks that would wait for GPUs the actor is holding.
-        kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size, distributed_executor_backend="mp")
+    if replica_gpus(cfg) > 1:
+        # vLLM runs one Ray worker per GPU, inside the replica's placement group (see replica_placement).
+        kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
+                      pipeline_parallel_size=cfg.pipeline_parallel_size, distributed_executor_backend="ray")
     if not use_gpu:
         kwargs.update(CPU_ENGINE_KWARGS)
     kwargs["seed"] = cfg.seed
     return {**kwargs, **cfg.engine_arg}
+
+
+def replica_gpus(cfg: Config) -> int:
+    return cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+
+
+def _placement_group(bundles: list[dict], strategy: str) -> dict:
+    pg = ray.util.placement_group(bundles, strategy=strategy)
+    # Capturing child tasks puts the workers vLLM starts into this replica's bundles.
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
+
+
+def replica_placement(cfg: Config, choice: AcceleratorChoice) -> dict:
+    """Where Ray puts one replica. A replica of one GPU (or a share of one) reserves it as an actor.
+    A replica of several (tensor x pipeline parallel) gets a placement group of one GPU bundle each,
+    created when Ray Data starts the replica: tensor-parallel shards on one node (STRICT_PACK, they
+    talk every layer), pipeline stages across nodes if need be (PACK). The actor itself holds no GPU;
+    vLLM's Ray workers take the bundles. `--engine-arg distributed_executor_backend=mp` instead keeps
+    the shards as local processes of an actor that holds all the GPUs of one node."""
+    gpus = replica_gpus(cfg)
+    backend = engine_kwargs(cfg, choice.use_gpu).get("distributed_executor_backend")
+    if not choice.use_gpu or gpus == 1 or backend != "ray":
+        return choice.ray_remote_args(max(cfg.gpus_per_replica, gpus))
+    bundle = {"GPU": 1, "CPU": 1}
+    if choice.accelerator_type:
+        bundle[f"accelerator_type:{choice.accelerator_type}"] = 0.001
+    strategy = "STRICT_PACK" if cfg.pipeline_parallel_size == 1 else "PACK"
+    return {"num_gpus": 0, "ray_remote_args_fn": functools.partial(_placement_group, [bundle] * gpus, strategy)}
 
 
 def formatter_stage(cfg: Config, use_gpu: bool = True) -> dict:
@@ -65,7 +95,6 @@ def formatter_stage(cfg: Config, use_gpu: bool = True) -> dict:
 def predictor_stage(cfg: Config, choice: AcceleratorChoice, predictor=LLMPredictor) -> dict:
     """`ds.map_batches` arguments for the vLLM stage: `concurrency` replicas, each on its own GPUs."""
     kwargs = engine_kwargs(cfg, choice.use_gpu)
-    gpus = max(cfg.gpus_per_replica, cfg.tensor_parallel_size)
     return {
         "fn": predictor,
         "fn_constructor_kwargs": {"model": cfg.model, "engine_kwargs": kwargs, "sampling": cfg.sampling(),
@@ -77,6 +106,6 @@ def predictor_stage(cfg: Config, choice: AcceleratorChoice, predictor=LLMPredict
         "max_concurrency": cfg.batches_in_flight,
         "batch_size": cfg.batch_size,
         "batch_format": "pyarrow",
-        **choice.ray_remote_args(gpus),
+        **replica_placement(cfg, choice),
         **({} if choice.use_gpu else {"runtime_env": {"env_vars": CPU_ENV_VARS}}),
     }
