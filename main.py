@@ -4,10 +4,16 @@ vLLM on every GPU of the Ray cluster, and write one output row per input row.
     python main.py --smoke                               # offline on CPU with a tiny local model
     python main.py --input-path assets/prompts_100.txt   # 100 prompts, Mistral-7B-Instruct, 4 GPUs
     python main.py --input-path s3://my-bucket/prompts.jsonl --text-column question --max-tokens 256
+    python main.py --smoke --overwrite                   # start over instead of resuming the earlier output
+    python main.py --preflight --input-path prompts.jsonl --deadline-hours 4   # check and estimate, no GPU
+    python main.py --input-path batch_input.jsonl --input-format openai       # an OpenAI Batch API file
+    python main.py --input-path prompts.jsonl --json-schema schema.json       # structured (JSON) output
     anyscale job submit -f job.yaml                      # the same as an Anyscale job
     python main.py --help                                # every knob
 
-README.ipynb walks through the same steps, cell by cell, with the same helpers from util/.
+Exit codes: 0 done; 1 a crash, or more failed rows than --max-error-fraction allows (all rows are still
+written); 2 bad input, with `error: <message>` on stderr. README.ipynb walks through the same steps,
+cell by cell, with the same helpers from util/.
 """
 
 import sys
@@ -17,68 +23,101 @@ import ray
 
 from util.accelerator import choose_accelerator
 from util.config import Config, parse_args, smoke_config
-from util.hf_token import prompt_for_hugging_face_token, worker_env_vars
-from util.output import read_results, summarize, write_results, written_ids
+from util.hf_token import prompt_for_hugging_face_token, worker_runtime_env
+from util.manifest import (Manifest, check_accounting, check_fingerprint, failure_reason, fingerprint,
+                           model_provenance, over_error_budget)
+from util.output import delete_output, output_counts, sample_rows, write_results, written_ids
+from util.preflight import run_preflight
 from util.reading import SAMPLE_PROMPTS, read_prompts, unwrap_input_error
+from util.report import ProgressReporter, format_report, gpus_held, write_report
 from util.stages import formatter_stage, predictor_stage
 from util.storage import generate_output_path
+from util.validation import check_output_writable, scan_input
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config) -> int:
     if cfg.smoke:
         cfg = smoke_config(cfg)
-    output_path = cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
 
-    # 1. Access. A gated model needs a Hugging Face token; it reaches the workers through Ray's
-    #    runtime environment, never through a file in the working directory that a job uploads.
+    # 1. Access. A gated model needs a Hugging Face token; it reaches the workers through a setup hook
+    #    in Ray's runtime environment, never through a file that a job uploads or a logged variable.
     token = prompt_for_hugging_face_token(cfg.model, interactive=False)
-    ray.init(runtime_env={"env_vars": worker_env_vars(token)})
+    ray.init(runtime_env=worker_runtime_env(token))
     choice = choose_accelerator(cfg.accelerator_type)
+    if cfg.preflight:  # check the input and estimate the run, on CPU, without an engine (util/preflight.py)
+        return run_preflight(cfg, choice.use_gpu)
 
     # 2. Read. One row per prompt, each with a stable id. Nothing runs yet: Ray Data is lazy.
     ds = read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column,
                       cfg.id_column, cfg.limit)
 
-    # A re-run with the same output path resumes: rows whose ids are already written are skipped.
-    done = written_ids(output_path, cfg.output_format)
-    if done:
-        ds = ds.filter(lambda row: row["id"] not in done)
-        if ds.count() == 0:
-            print(f"summary: nothing to do, all rows are already in {output_path}")
-            return
+    # 3. Check everything before any output is written or any GPU is taken. The output path has no
+    #    random part, so a re-run (or a job retry) resumes its output: ids already written are skipped,
+    #    provided the output was generated with the same settings.
+    output_path = cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
+    check_output_writable(output_path)
+    settings = fingerprint(cfg, choice.use_gpu)
+    if not cfg.overwrite:
+        check_fingerprint(output_path, settings)
+    done = set() if cfg.overwrite else written_ids(output_path, cfg.output_format)
+    scan = scan_input(ds, cfg.id_column, done)  # reads the input once: bad files and duplicate ids fail here
+    if cfg.overwrite:
+        delete_output(output_path)
+    manifest = Manifest(output_path, settings, choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU"),
+                        model_provenance(cfg))  # versions, model commit, prompt format: how rows were made
+    manifest.start(input=scan.rows, already_done=scan.already_done)
 
-    # 3. Format. The model's chat template (or its verified format), tokenized once, on CPU.
-    ds = ds.map_batches(**formatter_stage(cfg, choice.use_gpu))
+    try:
+        # 4. Format (the model's chat template, tokenized once, on CPU), generate (`concurrency` vLLM
+        #    replicas, several batches in flight each), write. Execution streams: all stages overlap,
+        #    and each write task commits its file whole, so a killed run resumes from what it wrote.
+        started, written = time.perf_counter(), {"ok": 0, "error": 0, "input_tokens": 0, "output_tokens": 0}
+        report = None
+        if scan.rows > scan.already_done:
+            ds = ds.filter(lambda row: row["id"] not in done) if done else ds
+            ds = ds.map_batches(**formatter_stage(cfg, choice.use_gpu))
+            ds = ds.map_batches(**predictor_stage(cfg, choice))
+            with ProgressReporter(scan.rows - scan.already_done, cfg.progress_interval_s,
+                                  gpus_held(cfg, choice)) as progress:  # replicas report each batch to it
+                written = write_results(ds, output_path, cfg.output_format)
+            report = progress.report(written)
+        elapsed = time.perf_counter() - started
 
-    # 4. Generate. `concurrency` vLLM replicas, each on its GPUs, several batches in flight each.
-    ds = ds.map_batches(**predictor_stage(cfg, choice))
+        # 5. Account for every input row (written now, ok or failed, or already there), then the error budget.
+        check_accounting(scan.rows, written, scan.already_done)
+        output = output_counts(output_path, cfg.output_format)
+        failure = over_error_budget(output, cfg.max_error_fraction, output_path)
+    except BaseException as error:
+        manifest.fail(failure_reason(error))
+        raise
+    manifest.finish(written["ok"], written["error"], output, failure)
 
-    # 5. Write. Execution streams: reading, formatting, generation and writing overlap.
-    started = time.perf_counter()
-    write_results(ds, output_path, cfg.output_format)
-    elapsed = time.perf_counter() - started
-
-    # 6. Read back and report.
-    results = read_results(output_path, cfg.output_format)
-    for row in results.take(3):
-        print({k: row[k] for k in ("id", "generated_text", "finish_reason", "num_generated_tokens")})
-    stats = summarize(results)
-    print(f"summary: {stats['rows']} rows ({stats['ok']} ok, {stats['errors']} errors; {len(done)} from earlier runs), "
-          f"{stats['input_tokens']} input tokens, {stats['output_tokens']} output tokens in {elapsed:.1f} s "
-          f"({stats['output_tokens'] / elapsed:.0f} output tok/s, engine start included) -> {output_path}")
+    # 6. Report.
+    if written["ok"] + written["error"]:
+        for row in sample_rows(output_path, cfg.output_format):
+            print({k: row[k] for k in ("id", "generated_text", "finish_reason", "num_generated_tokens", "error")})
+    print(f"summary: {scan.rows} rows: {written['ok']} ok, {written['error']} errors, {scan.already_done} "
+          f"already done; {written['input_tokens']} input tokens, {written['output_tokens']} output tokens in "
+          f"{elapsed:.1f} s ({written['output_tokens'] / elapsed:.0f} output tok/s, engine start included) "
+          f"-> {output_path}")
+    if report:  # per replica, and GPU-hours; also _report.json and _throughput.png beside the output
+        print(format_report(report))
+        write_report(output_path, report)
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if failure else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
-        run(cfg)
+        return run(cfg)
     except Exception as error:  # bad input, a gated model without a token: a clear message, exit code 2
         reason = unwrap_input_error(error) or (error if isinstance(error, (ValueError, PermissionError)) else None)
         if reason is None:
-            raise
+            raise  # a crash: the traceback, exit code 1
         print(f"error: {reason}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def test_flags_are_typed_and_repeatable():
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--max-tokens", "many"], "argument --max-tokens: invalid int value: 'many'"),
     (["--engine-arg", "novalue"], "--engine-arg takes key=value"),
-    (["--output-format", "xml"], "output_format must be one of parquet, jsonl; got 'xml'"),
+    (["--output-format", "xml"], "output_format must be one of parquet, jsonl, openai; got 'xml'"),
 ])
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

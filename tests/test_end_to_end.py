@@ -10,7 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from util.output import OUTPUT_SCHEMA
+from util.manifest import read_manifest
+from util.output import MANIFEST_NAME, OUTPUT_SCHEMA
 from util.reading import row_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +30,7 @@ def two_runs(tmp_path_factory):
         path = tmp_path_factory.mktemp(name) / "out"
         run = run_main("--smoke", "--output-path", str(path))
         assert run.returncode == 0, run.stderr[-3000:]
+        # The whole folder, errors/ included; readers skip the manifest (its name starts with "_").
         outputs.append((run, pq.read_table(path).sort_by("id"), path))
     return outputs
 
@@ -56,8 +58,40 @@ def test_output_contract_columns_and_tokens(two_runs):
 def test_summary_line(two_runs):
     run, table, _ = two_runs[0]
     total = sum(table["num_generated_tokens"].to_pylist())
-    assert "summary: 20 rows (20 ok, 0 errors; 0 from earlier runs)" in run.stdout
+    assert "summary: 20 rows: 20 ok, 0 errors, 0 already done; " in run.stdout
     assert f"{total} output tokens" in run.stdout
+
+
+def test_smoke_run_leaves_a_complete_manifest_that_accounts_for_every_row(two_runs):
+    _, table, path = two_runs[0]
+    manifest = read_manifest(str(path))
+    counts = manifest["counts"]
+    assert (manifest["status"], manifest["reason"]) == ("complete", None)
+    assert counts["input"] == counts["ok"] + counts["error"] + counts["already_done"] == table.num_rows == 20
+    assert counts == {"input": 20, "ok": 20, "error": 0, "already_done": 0}
+    assert manifest["output"] == {"ok": 20, "error": 0}
+    assert manifest["fingerprint"]["sampling"]["max_tokens"] == 32  # --smoke's
+    assert manifest["provenance"]["accelerator"] == "CPU"
+    assert manifest["started"] <= manifest["finished"]
+
+
+def test_smoke_run_writes_a_run_report_with_per_replica_numbers(two_runs):
+    import json
+
+    from util.report import PLOT_NAME, REPORT_NAME
+
+    run, table, path = two_runs[0]
+    report = json.loads((path / REPORT_NAME).read_text())
+    total = sum(table["num_generated_tokens"].to_pylist())
+    assert report["rows"] == {"ok": 20, "error": 0}
+    assert (report["input_tokens"], report["output_tokens"]) == (sum(table["num_input_tokens"].to_pylist()), total)
+    assert (report["gpus"], report["gpu_hours"]) == (0, 0)  # on CPU no GPU is held
+    [replica] = report["replicas"]  # --smoke runs one replica, which reported every batch
+    assert (replica["rows"], replica["output_tokens"]) == (20, total) and replica["output_tok_per_s"] > 0
+    assert 0 < replica["ready_s"] <= replica["last_batch_s"] <= report["wall_s"]
+    assert sum(report["throughput"]["total"]) * report["throughput"]["bin_s"] == pytest.approx(total)
+    assert (path / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "run report\n  rows           20 ok, 0 error\n" in run.stdout
 
 
 def test_deterministic_at_temperature_zero(two_runs):
@@ -112,7 +146,9 @@ def test_bad_input_exits_2_with_a_clear_message(args, message, tmp_path):
 
 
 def _listing(path: Path) -> list[tuple[str, int, int]]:
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir())
+    """The data files, errors/ included; the manifest is rewritten by every run."""
+    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
 
 
 def test_rerunning_a_finished_job_processes_nothing_and_changes_nothing(two_runs):
@@ -120,8 +156,11 @@ def test_rerunning_a_finished_job_processes_nothing_and_changes_nothing(two_runs
     before = _listing(path)
     run = run_main("--smoke", "--output-path", str(path))
     assert run.returncode == 0, run.stderr[-2000:]
-    assert f"summary: nothing to do, all rows are already in {path}" in run.stdout
-    assert _listing(path) == before
+    assert "summary: 20 rows: 0 ok, 0 errors, 20 already done; " in run.stdout
+    assert before and _listing(path) == before
+    manifest = read_manifest(str(path))
+    assert manifest["status"] == "complete"
+    assert manifest["counts"] == {"input": 20, "ok": 0, "error": 0, "already_done": 20}
 
 
 def test_resume_writes_only_the_missing_rows(two_runs, tmp_path):
@@ -131,7 +170,7 @@ def test_resume_writes_only_the_missing_rows(two_runs, tmp_path):
     pq.write_table(complete.slice(0, 12), out / "earlier.parquet")  # as if a run had died after 12 rows
     run = run_main("--smoke", "--output-path", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "summary: 20 rows (20 ok, 0 errors; 12 from earlier runs)" in run.stdout
+    assert "summary: 20 rows: 8 ok, 0 errors, 12 already done; " in run.stdout
     resumed = pq.read_table(out).sort_by("id")
     assert resumed["id"].to_pylist() == complete["id"].to_pylist()  # no duplicates, no losses
     assert resumed["generated_text"].to_pylist() == complete["generated_text"].to_pylist()

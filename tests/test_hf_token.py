@@ -1,6 +1,7 @@
 """Tests for util/hf_token.py against a stand-in for the Hugging Face Hub on 127.0.0.1 (no real hub, no real token)."""
 
 import json
+import os
 import socket
 import threading
 import time
@@ -10,7 +11,7 @@ import huggingface_hub.constants
 import pytest
 
 from util import hf_token
-from util.hf_token import model_access, prompt_for_hugging_face_token, resolve_hugging_face_token, worker_env_vars
+from util.hf_token import model_access, prompt_for_hugging_face_token, resolve_hugging_face_token, worker_runtime_env
 
 GRANTED = "hf_granted_token"  # the one token the stand-in accepts for the gated model
 DENIED = "hf_denied_token"  # a valid-looking token whose account was never granted access
@@ -190,6 +191,10 @@ def test_granted_env_token_is_returned(monkeypatch, hub):
     assert prompt_for_hugging_face_token("org/gated") == GRANTED
 
 
-def test_worker_env_vars():
-    assert worker_env_vars("hf_abc") == {"HF_TOKEN": "hf_abc"}
-    assert worker_env_vars(None) == {} and worker_env_vars("") == {}
+def test_worker_runtime_env_sets_the_token_through_a_setup_hook(monkeypatch):
+    runtime_env = worker_runtime_env("hf_abc")
+    assert list(runtime_env) == ["worker_process_setup_hook"]  # no env_vars: Ray logs those in plain text
+    monkeypatch.setenv("HF_TOKEN", "hf_other")  # so the test's end restores the environment
+    runtime_env["worker_process_setup_hook"]()  # what each Ray worker runs before its first task
+    assert os.environ["HF_TOKEN"] == "hf_abc"
+    assert worker_runtime_env(None) == {} and worker_runtime_env("") == {}

@@ -110,3 +110,47 @@ def test_entrypoint_flags_are_accepted_by_main_py(config):
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text), (
             f"{flag} is used in job.yaml's entrypoint but not listed by `python main.py --help`"
         )
+
+
+# Stay the same from one attempt of a job to the next: the cloud's artifact bucket.
+STABLE_ENV_VARS = {"ANYSCALE_ARTIFACT_STORAGE"}
+
+
+def retry_problems(entrypoint: str) -> list:
+    """Why a retried attempt of `entrypoint` would not resume the first attempt's output; [] if it would.
+    A retry resumes only into the same output path, and only if it does not delete what is there."""
+    args = shlex.split(entrypoint)[2:]  # after "python main.py"
+    problems = [f"{token!r} runs a command in the shell" for token in args if "`" in token or "$(" in token]
+    problems += [f"${name} may differ between attempts" for token in args
+                 for name in re.findall(r"\$\{?(\w+)", token) if name not in STABLE_ENV_VARS]
+    if problems:
+        return problems
+    from util.config import parse_args
+    from util.storage import generate_output_path
+
+    cfg = parse_args(args)
+    if cfg.overwrite:
+        problems.append("--overwrite deletes the first attempt's output")
+    path = cfg.output_path or generate_output_path(cfg.model, cfg.run_name, base="outputs")
+    if re.search(r"\d{8}|\d{4}-\d{2}-\d{2}|[0-9a-f]{8,}", path):
+        problems.append(f"output path {path} has a time or random part")
+    return problems
+
+
+def test_a_retried_job_resumes_into_the_same_output(config):
+    assert config.max_retries >= 1
+    assert retry_problems(config.entrypoint) == []
+
+
+@pytest.mark.parametrize("entrypoint, problem", [
+    ("python main.py --input-path a.txt --overwrite", "--overwrite deletes the first attempt's output"),
+    ("python main.py --output-path 'outputs/run-$(date +%s)'", "runs a command in the shell"),
+    ("python main.py --output-path s3://bucket/run-$RANDOM", "$RANDOM may differ between attempts"),
+    ("python main.py --output-path s3://bucket/${ANYSCALE_JOB_ID}", "$ANYSCALE_JOB_ID may differ"),
+    ("python main.py --output-path outputs/run-20250101-1200", "has a time or random part"),
+    ("python main.py --run-name nightly-3f9a2c1d7e", "has a time or random part"),
+])
+def test_retry_check_catches_what_breaks_resume(entrypoint, problem):
+    problems = retry_problems(entrypoint)
+    assert len(problems) == 1 and problem in problems[0]
+    assert retry_problems("python main.py --output-path $ANYSCALE_ARTIFACT_STORAGE/nightly/run") == []

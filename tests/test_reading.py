@@ -150,7 +150,6 @@ def test_folder_of_jsonl_files_ids_include_relative_file_name(tmp_path):
     write_jsonl(folder / "a.jsonl", [{"text": "same"}, {"text": "a2"}])
     write_jsonl(folder / "b.jsonl", [{"text": "same", "extra": "b"}])
     write_jsonl(folder / "sub" / "c.jsonl", [{"text": "same"}])
-    (folder / "empty.jsonl").write_text("", encoding="utf-8")
     (folder / "README.md").write_text("not prompts\n", encoding="utf-8")  # skipped: not an input format
     (folder / "_SUCCESS").write_text("", encoding="utf-8")
     out = rows(read_prompts(str(folder) + "/"))
@@ -198,6 +197,28 @@ def test_non_utf8_text_names_file_and_line(tmp_path):
     path.write_bytes("fine\nalso fine\ncaf\u00e9\n".encode("latin-1"))
     error = input_error(read_prompts(str(path)))
     assert str(error) == f"{path}:3: not valid UTF-8 (invalid continuation byte at byte 18)"
+
+
+def test_empty_file_is_an_input_error_naming_it(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"text": "a"}])
+    (folder / "b.jsonl").write_text("\n\n", encoding="utf-8")
+    assert str(input_error(read_prompts(str(folder)))) == f"{folder}/b.jsonl: empty file, no prompts in it"
+    with pytest.raises(InputError, match=r"^items: the list holds no prompts$"):
+        read_prompts([])
+
+
+def test_duplicate_id_in_one_file_names_both_rows(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("key,text\n007,a\n7,b\n8,c\n7,d\n", encoding="utf-8")  # "007" and "7" differ
+    assert str(input_error(read_prompts(str(path), id_column="key"))) == \
+        "duplicate id '7' in column 'key': p.csv:2 and p.csv:4"
+    jsonl = write_jsonl(tmp_path / "n.jsonl", [{"uid": 1, "text": "a"}, {"text": "b"}, {"text": "c"}])
+    assert [r["id"] for r in rows(read_prompts(jsonl, id_column="uid"))] == ["1", None, None]  # missing: not equal
+    with pytest.raises(InputError, match=r"^duplicate id 'a' in column 'uid': items:1 and items:3$"):
+        read_prompts([{"uid": "a", "text": "x"}, {"uid": "b", "text": "y"}, {"uid": "a", "text": "z"}],
+                     id_column="uid")
 
 
 def test_corrupt_parquet_is_an_input_error(tmp_path):

@@ -131,7 +131,7 @@ def test_write_and_read_results_on_s3(ray_local, s3_bucket, output_format):
     objects = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).list_objects_v2(
         Bucket=s3_bucket, Prefix=f"out/{output_format}/")
     keys = [o["Key"] for o in objects.get("Contents", [])]
-    extension = ".parquet" if output_format == "parquet" else ".json"
+    extension = ".parquet" if output_format == "parquet" else ".jsonl"
     # in the bucket (not a local folder named "s3:"), data files only: no folder-marker objects
     assert keys and all(k.endswith(extension) for k in keys)
 

@@ -14,6 +14,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from util.structured_output import job_spec
+
 
 def _help(text: str, **kwargs):
     return field(metadata={"help": text}, **kwargs)
@@ -28,7 +30,8 @@ class Config:
     # --- input ---
     input_path: str | None = _help("File or folder of prompts: local, s3:// or gs://. "
                                    "Default: the five sample prompts.", default=None)
-    input_format: str = _help("auto, text, jsonl, csv or parquet. auto goes by file extension.", default="auto")
+    input_format: str = _help("auto, text, jsonl, csv, parquet, or openai (OpenAI Batch API request lines, "
+                              "see util/openai_batch.py). auto goes by file extension.", default="auto")
     text_column: str = _help("Column holding the prompt text (text files: 'text').", default="text")
     id_column: str | None = _help("Column holding a unique row id. Default: derived from position and content.",
                                   default=None)
@@ -45,6 +48,13 @@ class Config:
                             "end-of-turn tokens (from its generation config) end a row already.",
                             default_factory=list)
     seed: int = _help("Sampling seed, for reproducible runs at temperature > 0.", default=0)
+    # --- structured output (at most one; a row's sampling_params may carry its own) ---
+    json_schema: str | None = _help("Guide every row's text to this JSON schema: inline JSON, or a .json file "
+                                    "(local, s3:// or gs://). Rows whose text does not parse and validate "
+                                    "(cut off by --max-tokens, say) get `structured_output_error`.", default=None)
+    regex: str | None = _help("Guide every row's text to match this regular expression, whole.", default=None)
+    choice: list[str] = _help("Guide every row's text to exactly one of these strings (repeat the flag for "
+                              "each).", default_factory=list)
     # --- engine and scaling ---
     concurrency: int = _help("Number of model replicas (vLLM engines).", default=4)
     gpus_per_replica: float = _help("GPUs each replica reserves.", default=1.0)
@@ -63,24 +73,61 @@ class Config:
     # --- output ---
     output_path: str | None = _help("Where results go. Default: $ANYSCALE_ARTIFACT_STORAGE or outputs/, "
                                     "then run name and model.", default=None)
-    output_format: str = _help("parquet or jsonl.", default="parquet")
+    output_format: str | None = _help("parquet, jsonl, or openai (OpenAI Batch API output records). "
+                                      "Default: openai for --input-format openai, else parquet.", default=None)
     run_name: str = _help("Names the default output folder, so a re-run finds its earlier output.",
                           default="batch-llm")
+    max_error_fraction: float = _help("Exit 1, after writing every row, when more than this share of the "
+                                      "output's rows failed (they are in <output-path>/errors).", default=0.1)
+    overwrite: bool = _help("Delete the earlier output at the output path and start over, instead of "
+                            "resuming it.", default=False)
+    progress_interval_s: float = _help("Seconds between the progress lines printed while the run goes.",
+                                       default=30.0)
     # --- modes ---
     smoke: bool = _help("Run offline on CPU with a tiny random-weight model built locally.", default=False)
+    preflight: bool = _help("Check the input and estimate the run (rows that would fail, input-token "
+                            "histogram, output tokens, GPU-hours, replicas) on CPU, without an engine; "
+                            "exit 0 it would pass, 1 too many rows would fail, 2 it would be refused.",
+                            default=False)
+    preflight_report_dir: str | None = _help("Where --preflight writes preflight.json and input_tokens.png. "
+                                             "Default: <output-path>/_preflight/, which readers skip.",
+                                             default=None)
+    throughput_tok_per_s: float | None = _help("Output tok/s of one replica, for --preflight's GPU-hours. "
+                                               "Default: the earlier run's measured number in the output's "
+                                               "_report.json, else 19,443 (BENCHMARKS.md: 1x H100, 7B).",
+                                               default=None)
+    deadline_hours: float | None = _help("For --preflight: the replicas needed to finish within this many "
+                                         "hours.", default=None)
 
     def __post_init__(self) -> None:
-        choices = {"input_format": ("auto", "text", "jsonl", "csv", "parquet"),
+        if self.input_format == "openai":  # requests carry their messages and custom_id
+            self.text_column, self.id_column = "messages", "custom_id"
+        if self.output_format is None:
+            self.output_format = "openai" if self.input_format == "openai" else "parquet"
+        choices = {"input_format": ("auto", "text", "jsonl", "csv", "parquet", "openai"),
                    "prompt_format": ("auto", "chat_template", "table", "plain"),
-                   "output_format": ("parquet", "jsonl")}
+                   "output_format": ("parquet", "jsonl", "openai")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        # Checked here, not by vLLM inside every replica after the engines have started. `not x >= 0`
+        # refuses NaN too. A negative seed is fine: vLLM accepts any integer.
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not self.max_tokens > 0:
+            raise ValueError(f"--max-tokens must be > 0, got {self.max_tokens}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.max_error_fraction <= 1:
+            raise ValueError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
+        job_spec(self.json_schema, self.regex, self.choice)  # a bad schema, regex or mix: ValueError now
 
     def sampling(self) -> dict:
         """Keyword arguments for vLLM's SamplingParams, shared by every row unless a row overrides them."""
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "stop": list(self.stop), "seed": self.seed}
+        sampling = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                    "stop": list(self.stop), "seed": self.seed}
+        structured = job_spec(self.json_schema, self.regex, self.choice)
+        return {**sampling, "structured_outputs": structured} if structured else sampling
 
 
 def parse_engine_arg(text: str) -> tuple[str, typing.Any]:
@@ -114,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> Config:
     args = vars(build_parser().parse_args(argv))
     args["engine_arg"] = dict(args["engine_arg"])
-    if args["stop"] is None:
-        del args["stop"]
+    args = {name: value for name, value in args.items() if value is not None}  # list flags not given
     try:
         return Config(**args)
     except ValueError as error:

@@ -1,11 +1,18 @@
 """Find a Hugging Face token, check it opens the model, and hand it to the Ray workers.
 
-    from util.hf_token import prompt_for_hugging_face_token, worker_env_vars
+    from util.hf_token import prompt_for_hugging_face_token, worker_runtime_env
     token = prompt_for_hugging_face_token("meta-llama/Meta-Llama-3-8B-Instruct")   # PermissionError if gated
-    ray.init(runtime_env={"env_vars": worker_env_vars(token)})
+    ray.init(runtime_env=worker_runtime_env(token))
 
 The token comes from $HF_TOKEN, then the token `hf auth login` stored, then (in a notebook only) a prompt.
 This module never prints, logs or writes the token.
+
+Why not `runtime_env={"env_vars": {"HF_TOKEN": token}}`: Ray writes every runtime environment it sets
+up, env_vars values included, in plain text to `logs/runtime_env_agent.log` of each node's session
+folder, and its state API and job details return them too (the dashboard masks them for browsers only).
+A worker setup hook instead travels as a pickled function in the cluster's internal store, which Ray
+names in its logs by a hash only; each worker runs it before any task, and the processes it starts
+(vLLM's engine) inherit the variable.
 """
 
 import getpass
@@ -105,9 +112,13 @@ def prompt_for_hugging_face_token(
     return token
 
 
-def worker_env_vars(token: str | None) -> dict[str, str]:
-    """Env vars for `ray.init(runtime_env={"env_vars": ...})`: the workers that download the model get the token.
+def worker_runtime_env(token: str | None) -> dict:
+    """`ray.init(runtime_env=...)` that sets $HF_TOKEN in every Ray worker, so the replicas that download
+    the model get the token, on every node, without the token appearing in Ray's logs (see above)."""
+    if not token:
+        return {}
 
-    Passing it this way keeps it out of the working directory (which a Ray job uploads), logs and outputs.
-    """
-    return {"HF_TOKEN": token} if token else {}
+    def set_hugging_face_token():  # a closure: it is pickled by value, with the token, not imported by name
+        os.environ["HF_TOKEN"] = token
+
+    return {"worker_process_setup_hook": set_hugging_face_token}

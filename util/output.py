@@ -1,20 +1,57 @@
 """Write results, one row per input row, and read them back.
 
     from util.output import write_results, read_results
-    write_results(ds, "s3://bucket/run/", "parquet")
-    rows = read_results("s3://bucket/run/").take(5)
+    written = write_results(ds, "s3://bucket/run/", "parquet")   # {"ok": 98, "error": 2, ...}
+    rows = read_results("s3://bucket/run/").take(5)              # every row, ok and failed
+
+Layout of an output path:
+
+    part-<write>-<task>.parquet          rows that succeeded (`error` is null)
+    errors/part-<write>-<task>.parquet   rows that failed, same columns, `error` says why; run them again
+                                         with --input-path <out>/errors --input-format parquet --id-column id
+    _manifest.json                       status, row counts and settings of the last run (util/manifest.py)
+
+Reading the folder recursively (ray.data.read_parquet, pyarrow.dataset, pandas) gives every row once:
+the manifest's leading underscore, like Spark's _SUCCESS, keeps every reader from taking it for data.
+JSONL files end in `.jsonl`, and read_results reads only those. With output format `openai` each line is
+an OpenAI Batch API output record (util/openai_batch.py) instead: errors/ is then the batch's error file.
 
 Every output row has the columns of OUTPUT_SCHEMA first, then the input's own columns.
-`error` is null for rows that succeeded, and says why a row failed otherwise.
+
+Each write task commits its rows whole or not at all, so a killed job never leaves a half file that
+looks complete. On a local or mounted filesystem the file is written under a hidden temporary name in
+its own folder, then renamed into place; readers skip hidden files, and the next write removes the
+leftovers of a killed one. On s3:// and gs:// a file is written directly: an object appears only when
+its upload completes. A file's name is fixed by the write and the task's index, so a write task that
+Ray retries overwrites its own file rather than adding a second copy of its rows.
+
+The committed output is itself the checkpoint: a re-run reads the ids in it and skips them. Ray Data's
+CheckpointConfig (ray.data.checkpoint, alpha/beta in Ray 2.60) is not used, because it keeps the done
+ids as a second record beside the output, and a kill between the output write and the checkpoint write
+leaves the two disagreeing. For a custom datasink such as this one Ray writes the checkpoint after the
+data, so those rows would be redone and written twice (its built-in file writers add pending checkpoints
+to repair that, but cannot split rows into errors/). Here a row is done exactly when a committed file
+holds it: there is nothing to keep in step.
 """
+
+import json
+import os
+import time
+import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
+import pyarrow.parquet as pq
 import ray
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
 
-from util.storage import is_remote, resolve
+from util.openai_batch import output_record, preview
+from util.reading import InputError
+from util.storage import resolve
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -25,60 +62,209 @@ OUTPUT_SCHEMA = pa.schema([
     ("num_generated_tokens", pa.int64()),
     ("error", pa.string()),
     ("model", pa.string()),
+    ("structured_output_error", pa.string()),  # null unless a structured-output row does not conform
 ])
+ERRORS_FOLDER = "errors"
+EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}
+# What resume and the counts read of an OpenAI batch output record (util/openai_batch.py).
+OPENAI_RECORD_KEYS = pa.schema([("custom_id", pa.string()),
+                                ("error", pa.struct([("code", pa.string()), ("message", pa.string())]))])
+TEMP_SUFFIX = ".tmp"
+MANIFEST_NAME = "_manifest.json"  # written by util/manifest.py
 
 
 def conform(table: pa.Table) -> pa.Table:
     """Contract columns first, with fixed types, so every file of a run has the same schema
     (a batch whose `error` values are all null would otherwise be typed `null`)."""
-    contract = [table[f.name].cast(f.type) for f in OUTPUT_SCHEMA]
+    contract = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+                for f in OUTPUT_SCHEMA]
     rest = [c for c in table.column_names if c not in OUTPUT_SCHEMA.names]
     return pa.Table.from_arrays(contract + [table[c] for c in rest], names=OUTPUT_SCHEMA.names + rest)
 
 
-def write_results(ds: ray.data.Dataset, output_path: str, output_format: str = "parquet") -> None:
-    filesystem, path = resolve(output_path)
-    ds = ds.map_batches(conform, batch_format="pyarrow", batch_size=None)
-    # Object stores have no folders. Ray skips creating them for s3:// URIs, but it sees only a bare path
-    # here; creating them writes marker objects up to the bucket root, which a policy that allows
-    # writes under one prefix only (as on Anyscale's artifact storage) refuses.
-    create_dir = not is_remote(output_path)
-    existed = filesystem.get_file_info(path).type != pafs.FileType.NotFound
+def row_counts(table: pa.Table) -> dict:
+    """Rows that succeeded and failed, and their token counts."""
+    failed = len(table) - table["error"].null_count
+    return {"ok": len(table) - failed, "error": failed,
+            "input_tokens": pc.sum(table["num_input_tokens"]).as_py() or 0,
+            "output_tokens": pc.sum(table["num_generated_tokens"]).as_py() or 0}
+
+
+def commit_file(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` so that the file is either absent or complete, even if the process dies."""
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        with filesystem.open_output_stream(path) as stream:  # an object exists once its upload completes
+            stream.write(data)
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    # Unique, so two attempts at the same file never write into each other's temporary file.
+    temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
     try:
-        if output_format == "jsonl":
-            ds.write_json(path, filesystem=filesystem, try_create_dir=create_dir)
-        else:
-            ds.write_parquet(path, filesystem=filesystem, try_create_dir=create_dir)
+        with open(temp, "wb") as file:
+            file.write(data)
+        os.replace(temp, path)  # atomic within one filesystem, and it replaces an earlier attempt's file
     except BaseException:
-        # A run that failed before writing a row leaves no empty output folder that looks like a result.
-        created_empty = (not existed and filesystem.get_file_info(path).type == pafs.FileType.Directory
-                         and not filesystem.get_file_info(pafs.FileSelector(path)))
-        if created_empty:
-            filesystem.delete_dir(path)
+        if os.path.exists(temp):
+            os.remove(temp)
         raise
 
 
-def read_results(output_path: str, output_format: str = "parquet") -> ray.data.Dataset:
+def _serialize(table: pa.Table, output_format: str) -> bytes:
+    if output_format in ("jsonl", "openai"):
+        rows = table.to_pylist()
+        if output_format == "openai":
+            created = int(time.time())
+            rows = [output_record(row, created) for row in rows]
+        return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows).encode("utf-8")
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+class ResultsDatasink(Datasink):
+    """Writes each write task's rows as one file of successes and one under errors/ (when there are
+    any), named `part-<write_id>-<task index>`, each committed whole (see commit_file)."""
+
+    def __init__(self, output_path: str, output_format: str = "parquet", write_id: str | None = None):
+        self.filesystem, self.path = resolve(output_path)
+        self.output_format = output_format
+        # Names the files of this write; a later write (a resumed run) adds files beside them.
+        self.write_id = write_id or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        self.written = {"ok": 0, "error": 0, "input_tokens": 0, "output_tokens": 0}
+
+    def write(self, blocks, ctx) -> dict:
+        tables = [conform(BlockAccessor.for_block(block).to_arrow()) for block in blocks]
+        table = pa.concat_tables(tables, promote_options="permissive") if tables else None
+        if table is None or table.num_rows == 0:
+            return {"ok": 0, "error": 0, "input_tokens": 0, "output_tokens": 0}
+        name = f"part-{self.write_id}-{ctx.task_idx:06d}{EXTENSIONS[self.output_format]}"
+        failed = pc.is_valid(table["error"])
+        for rows, folder in ((table.filter(pc.invert(failed)), self.path),
+                             (table.filter(failed), f"{self.path}/{ERRORS_FOLDER}")):
+            if len(rows):
+                commit_file(self.filesystem, f"{folder}/{name}", _serialize(rows, self.output_format))
+        return row_counts(table)
+
+    def on_write_complete(self, write_result) -> None:
+        for counts in write_result.write_returns:
+            for key, value in counts.items():
+                self.written[key] += value
+
+
+def _files(filesystem: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    if filesystem.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return [f for f in filesystem.get_file_info(pafs.FileSelector(path, recursive=True)) if f.is_file]
+
+
+def _is_temp(info: pafs.FileInfo) -> bool:
+    return info.base_name.startswith(".") and info.base_name.endswith(TEMP_SUFFIX)
+
+
+def data_files(output_path: str, output_format: str = "parquet") -> tuple[pafs.FileSystem, list[str]]:
+    """The committed data files of an output path, in errors/ too; never temporary files or the manifest."""
     filesystem, path = resolve(output_path)
+    extension = EXTENSIONS[output_format]
+    files = [f.path for f in _files(filesystem, path) if f.base_name.endswith(extension)
+             and not any(part.startswith((".", "_")) for part in f.path[len(path):].split("/"))]
+    return filesystem, sorted(files)
+
+
+def remove_temp_files(output_path: str) -> int:
+    """Delete what killed writes left behind (readers skip it anyway); returns how many files."""
+    filesystem, path = resolve(output_path)
+    leftovers = [f.path for f in _files(filesystem, path) if _is_temp(f)]
+    for leftover in leftovers:
+        filesystem.delete_file(leftover)
+    return len(leftovers)
+
+
+def delete_output(output_path: str) -> None:
+    """Delete an earlier output (--overwrite). Only a folder that holds nothing but output goes, so a
+    mistyped path cannot wipe a folder of other files."""
+    filesystem, path = resolve(output_path)
+    foreign = [f.path[len(path) + 1:] for f in _files(filesystem, path) if not (
+        f.base_name.endswith(tuple(EXTENSIONS.values())) or _is_temp(f)
+        or f.path[len(path) + 1:].startswith("_"))]  # the run's own records: manifest, report, _preflight/
+    if foreign:
+        raise InputError(f"--overwrite deletes only earlier output, but {output_path} also holds "
+                         f"{', '.join(sorted(foreign)[:5])}; move those away or choose another --output-path")
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        # delete_dir would leave a folder-marker object in the parent prefix; this leaves one here at most
+        filesystem.delete_dir_contents(path, missing_dir_ok=True)
+    elif os.path.isdir(path):
+        filesystem.delete_dir(path)
+
+
+def write_results(ds: ray.data.Dataset, output_path: str, output_format: str = "parquet",
+                  write_id: str | None = None) -> dict:
+    """Run the pipeline and commit its rows under `output_path`. Returns the rows written by this call:
+    {"ok", "error", "input_tokens", "output_tokens"}."""
+    remove_temp_files(output_path)
+    sink = ResultsDatasink(output_path, output_format, write_id)
+    existed = sink.filesystem.get_file_info(sink.path).type != pafs.FileType.NotFound
+    try:
+        ds.write_datasink(sink)
+    except BaseException:
+        # A run that failed before writing a row leaves no empty output folder that looks like a result.
+        # Folders are made only for a file's sake (object stores have none), so only a local one can be left.
+        remove_temp_files(output_path)
+        if not existed and sink.filesystem.get_file_info(sink.path).type == pafs.FileType.Directory \
+                and not _files(sink.filesystem, sink.path):
+            sink.filesystem.delete_dir(sink.path)
+        raise
+    return sink.written
+
+
+def read_results(output_path: str, output_format: str = "parquet") -> ray.data.Dataset:
+    """Every row of the output, those that succeeded and those under errors/."""
+    filesystem, path = resolve(output_path)
+    if output_format == "openai":  # nested records: their types are read as they come
+        return ray.data.read_json(path, filesystem=filesystem, file_extensions=["jsonl"])
     if output_format == "jsonl":
         # Arrow's reader, which reads JSON lines too (lines=True picks pandas, which takes no filesystem).
         # The contract's types are given, not inferred: a file whose `error`s are all null would read as null.
-        return ray.data.read_json(path, filesystem=filesystem,
+        return ray.data.read_json(path, filesystem=filesystem, file_extensions=["jsonl"],
                                   parse_options=pajson.ParseOptions(explicit_schema=OUTPUT_SCHEMA))
-    return ray.data.read_parquet(path, filesystem=filesystem)
+    return ray.data.read_parquet(path, filesystem=filesystem, file_extensions=["parquet"])
+
+
+def _dataset(output_path: str, output_format: str) -> pads.Dataset | None:
+    filesystem, files = data_files(output_path, output_format)
+    if not files:
+        return None
+    file_format = "parquet" if output_format == "parquet" else pads.JsonFileFormat(parse_options=pajson.ParseOptions(
+        explicit_schema=OPENAI_RECORD_KEYS if output_format == "openai" else OUTPUT_SCHEMA,
+        unexpected_field_behavior="ignore"))
+    return pads.dataset(files, filesystem=filesystem, format=file_format)
 
 
 def written_ids(output_path: str, output_format: str = "parquet") -> set[str]:
-    """Ids already in the output, so a re-run skips them. Only the id column is read; the set lives on
-    the driver (about 100 bytes an id: fine for millions of rows)."""
-    import pyarrow.dataset as pads
+    """Ids already in the output, failed rows included, so a re-run skips them. Only the id column is
+    read; the set lives on the driver (about 100 bytes an id: fine for millions of rows)."""
+    files = _dataset(output_path, output_format)
+    id_column = "custom_id" if output_format == "openai" else "id"
+    return set(files.to_table(columns=[id_column])[id_column].to_pylist()) if files else set()
 
-    filesystem, path = resolve(output_path)
-    if filesystem.get_file_info(path).type != pafs.FileType.Directory:
-        return set()
-    files = pads.dataset(path, filesystem=filesystem, format="json" if output_format == "jsonl" else "parquet",
-                         exclude_invalid_files=False)
-    return set(files.to_table(columns=["id"])["id"].to_pylist()) if files.files else set()
+
+def output_counts(output_path: str, output_format: str = "parquet") -> dict:
+    """Rows in the whole output, from every run so far: {"ok": ..., "error": ...}."""
+    files = _dataset(output_path, output_format)
+    if files is None:
+        return {"ok": 0, "error": 0}
+    errors = files.count_rows(filter=pc.field("error").is_valid())
+    return {"ok": files.count_rows() - errors, "error": errors}
+
+
+def sample_rows(output_path: str, output_format: str = "parquet", count: int = 3) -> list[dict]:
+    """A few rows of the output, read on the driver: quicker than starting a Ray read for a glance."""
+    if output_format == "openai":
+        filesystem, files = data_files(output_path, output_format)
+        records = pads.dataset(files, filesystem=filesystem, format="json").head(count).to_pylist() if files else []
+        return [preview(record) for record in records]
+    files = _dataset(output_path, output_format)
+    return files.head(count).to_pylist() if files else []
 
 
 def summarize(ds: ray.data.Dataset) -> dict:
@@ -86,10 +272,10 @@ def summarize(ds: ray.data.Dataset) -> dict:
     stats = {"rows": 0, "ok": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
     for batch in ds.select_columns(["error", "num_input_tokens", "num_generated_tokens"]).iter_batches(
             batch_format="pyarrow", batch_size=4096):
-        ok = batch["error"].null_count
+        counts = row_counts(batch)
         stats["rows"] += batch.num_rows
-        stats["ok"] += ok
-        stats["errors"] += batch.num_rows - ok
-        stats["input_tokens"] += pc.sum(batch["num_input_tokens"]).as_py() or 0
-        stats["output_tokens"] += pc.sum(batch["num_generated_tokens"]).as_py() or 0
+        stats["ok"] += counts["ok"]
+        stats["errors"] += counts["error"]
+        stats["input_tokens"] += counts["input_tokens"]
+        stats["output_tokens"] += counts["output_tokens"]
     return stats

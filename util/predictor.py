@@ -13,7 +13,14 @@ teaching and for comparison; each of its batches waits for its slowest row.
 
 Needs the columns id, prompt, prompt_token_ids, error (from util/prompt_format.py) and, optionally,
 `sampling_params` (a dict or JSON object per row, overriding the job's sampling). Adds
-generated_text, finish_reason, num_generated_tokens, model; drops prompt_token_ids.
+generated_text, finish_reason, num_generated_tokens, model and structured_output_error; drops
+prompt_token_ids.
+
+Structured output (util/structured_output.py): the job's sampling may hold `structured_outputs` (from
+--json-schema, --regex or --choice), and a row's sampling_params its own `structured_outputs` or
+OpenAI's `response_format`. vLLM's guided decoding then constrains the row's tokens, and
+`structured_output_error` says why its text still does not conform (cut off by max_tokens, say),
+or is null. A row whose own spec is invalid fails alone, with `error` saying why.
 """
 
 import asyncio
@@ -23,14 +30,22 @@ import uuid
 import pyarrow as pa
 
 from util.prompt_format import set_columns
+from util.structured_output import output_error, row_spec, vllm_params
 
 
 def row_sampling(job_sampling: dict, row_override) -> dict:
-    """The job's sampling parameters with one row's overrides on top (None values ignored)."""
+    """The job's sampling parameters with one row's overrides on top (None values ignored). A row's
+    `structured_outputs` or `response_format` replaces the job's `structured_outputs` (checked: ValueError)."""
     if row_override is None or (isinstance(row_override, str) and not row_override.strip()):
         return dict(job_sampling)
     override = json.loads(row_override) if isinstance(row_override, str) else dict(row_override)
-    return {**job_sampling, **{k: v for k, v in override.items() if v is not None}}
+    if not isinstance(override, dict):
+        raise ValueError(f"must be a JSON object, got {type(override).__name__}")
+    override = {k: v for k, v in override.items() if v is not None}
+    spec = row_spec(override, job_sampling.get("structured_outputs"))
+    sampling = {k: v for k, v in {**job_sampling, **override}.items()
+                if k not in ("structured_outputs", "response_format")}
+    return {**sampling, "structured_outputs": spec} if spec else sampling
 
 
 def rows_sampling(batch: pa.Table, job_sampling: dict) -> list[tuple[bool, dict | str]]:
@@ -66,6 +81,7 @@ def _finish(batch: pa.Table, results: list[dict], model: str) -> pa.Table:
         "num_generated_tokens": pa.array([r.get("num_generated_tokens", 0) for r in results], pa.int64()),
         "error": pa.array([r.get("error") for r in results], pa.string()),
         "model": pa.array([model] * len(results), pa.string()),
+        "structured_output_error": pa.array([r.get("structured_output_error") for r in results], pa.string()),
     })
 
 
@@ -85,6 +101,9 @@ class LLMPredictor:
         # the engine's own default context is sized for online serving and halves throughput here.
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **(engine_kwargs or {})),
                                                 usage_context=UsageContext.LLM_CLASS)
+        from util.report import ProgressClient
+
+        self.progress = ProgressClient.connect()  # the run's progress actor, if one is listening
 
     async def _generate(self, row_id: str, token_ids, sampling: dict) -> dict:
         from vllm import SamplingParams
@@ -97,7 +116,9 @@ class LLMPredictor:
             # Rows without stop strings are decoded once, at the end, here: the engine's own
             # detokenizer works token by token for every running row, on the process that feeds it.
             decode_here = not sampling.get("stop")
-            params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY, detokenize=not decode_here)
+            spec = sampling.get("structured_outputs")
+            params = SamplingParams(**{**sampling, "structured_outputs": vllm_params(spec)},
+                                    output_kind=RequestOutputKind.FINAL_ONLY, detokenize=not decode_here)
             final = None
             request = {"prompt_token_ids": token_ids}
             # A fresh request id per attempt: a retried batch must not collide with its first try.
@@ -107,7 +128,8 @@ class LLMPredictor:
             text = (self.tokenizer.decode(completion.token_ids, skip_special_tokens=params.skip_special_tokens)
                     if decode_here else completion.text)
             return {"generated_text": text, "finish_reason": completion.finish_reason,
-                    "num_generated_tokens": len(completion.token_ids)}
+                    "num_generated_tokens": len(completion.token_ids),
+                    "structured_output_error": output_error(spec, text, completion.finish_reason)}
         except EngineDeadError:
             raise  # not a row's fault: fail the job loudly
         except Exception as error:  # a request the engine refuses (bad sampling values, ...) fails one row
@@ -119,7 +141,9 @@ class LLMPredictor:
         ids, token_ids = batch["id"].to_pylist(), batch["prompt_token_ids"].to_pylist()
         tasks = [asyncio.sleep(0, {"error": sampling}) if error else self._generate(ids[i], token_ids[i], sampling)
                  for i, (error, sampling) in enumerate(rows_sampling(batch, self.sampling))]
-        return _finish(batch, await asyncio.gather(*tasks), self.model_name)
+        results = await asyncio.gather(*tasks)
+        self.progress.batch_done(len(results), sum(r.get("num_generated_tokens", 0) for r in results))
+        return _finish(batch, results, self.model_name)
 
 
 class SyncLLMPredictor:
@@ -140,11 +164,14 @@ class SyncLLMPredictor:
         token_ids, rows = batch["prompt_token_ids"].to_pylist(), rows_sampling(batch, self.sampling)
         ready = [i for i, (error, _) in enumerate(rows) if not error]
         prompts = [{"prompt_token_ids": token_ids[i]} for i in ready]
-        params = [SamplingParams(**rows[i][1]) for i in ready]
+        params = [SamplingParams(**{**rows[i][1], "structured_outputs": vllm_params(rows[i][1].get("structured_outputs"))})
+                  for i in ready]
         outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
         results = [{"error": sampling if error else None} for error, sampling in rows]
         for i, output in zip(ready, outputs):
             completion = output.outputs[0]
             results[i] = {"generated_text": completion.text, "finish_reason": completion.finish_reason,
-                          "num_generated_tokens": len(completion.token_ids)}
+                          "num_generated_tokens": len(completion.token_ids),
+                          "structured_output_error": output_error(rows[i][1].get("structured_outputs"),
+                                                                  completion.text, completion.finish_reason)}
         return _finish(batch, results, self.model_name)

@@ -15,6 +15,8 @@ sent to the engine (empty, or longer than the model allows) gets a reason in `er
 failing the batch; the predictor passes such rows through untouched.
 """
 
+import json
+
 import pyarrow as pa
 from transformers import AutoConfig, AutoTokenizer
 
@@ -67,15 +69,43 @@ class PromptFormatter:
             merged = [{"role": "user", "content": f"{self.system_prompt}\n\n{text}"}]
             return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
 
+    def format_messages(self, messages: list[dict]) -> str:
+        """A conversation (OpenAI-style messages) → the prompt, through the chat template only."""
+        if self.prompt_format != "chat_template":
+            raise ValueError("a list of messages needs the model's chat template (--prompt-format chat_template)")
+        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _prompt(self, value) -> tuple[str, str | None]:
+        """(prompt, why the row cannot go to the engine) for a text or a list of messages."""
+        if isinstance(value, str) and self.text_column == "messages":
+            value = json.loads(value)  # messages kept as JSON text, as util/openai_batch.py does
+        if isinstance(value, list):
+            if not any(str(m.get("content") or "").strip() for m in value if isinstance(m, dict)):
+                return "", f"empty prompt in column '{self.text_column}'"
+            try:
+                return self.format_messages(value), None
+            except Exception as error:  # a template that refuses these roles, say: this row only
+                return "", f"cannot format the messages: {error}"
+        if value is None or not str(value).strip():
+            return "", f"empty prompt in column '{self.text_column}'"
+        return self.format(str(value)), None
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = [None if t is None else str(t) for t in batch[self.text_column].to_pylist()]
-        prompts = ["" if not (t and t.strip()) else self.format(t) for t in texts]
+        # A row may arrive refused already (a bad OpenAI batch request line); it stays refused.
+        earlier = [None] * batch.num_rows
+        if "request_error" in batch.column_names:
+            earlier, batch = batch["request_error"].to_pylist(), batch.drop_columns(["request_error"])
+        formatted = [("", reason) if reason else self._prompt(value)
+                     for value, reason in zip(batch[self.text_column].to_pylist(), earlier)]
+        prompts = [prompt for prompt, _ in formatted]
         # Chat templates already emit the BOS token; adding it again would change the model's input.
         token_ids = self.tokenizer(prompts, add_special_tokens=self.prompt_format != "chat_template")["input_ids"]
         errors = []
-        for text, ids in zip(texts, token_ids):
-            if text is None or not text.strip():
-                errors.append(f"empty prompt in column '{self.text_column}'")
+        for (_, refused), ids in zip(formatted, token_ids):
+            if refused:
+                errors.append(refused)
             elif self.max_model_len and len(ids) >= self.max_model_len:
                 errors.append(f"prompt has {len(ids)} tokens; the model accepts at most "
                               f"{self.max_model_len - 1} (max_model_len {self.max_model_len})")

@@ -5,12 +5,15 @@
     ds = read_prompts("assets/prompts_100.txt")                            # one prompt per line
     ds = read_prompts("s3://bucket/prompts/", input_format="jsonl", text_column="question")
 
-Formats: text (one prompt per line), jsonl, csv and parquet, from local paths, s3:// and gs://,
-a single file or a folder of them. Every input column passes through to the output.
+Formats: text (one prompt per line), jsonl, csv, parquet and openai (OpenAI Batch API request lines,
+util/openai_batch.py), from local paths, s3:// and gs://, a single file or a folder of them. Every
+input column passes through to the output.
 
 Ray Data reads each file whole (`read_binary_files`) and this module parses it, so every row knows
 its file and line. That makes ids stable across runs (resume depends on it) and lets errors name
 the file and line. Without an id column, a row's id is `<file>:<line or row>:<content hash>`.
+With one, a file (or list) that repeats an id is refused, naming both lines; util.validation.scan_input
+finds an id repeated across files.
 """
 
 import hashlib
@@ -24,6 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from util.openai_batch import request_row, request_table
 from util.storage import resolve
 
 SAMPLE_PROMPTS = [
@@ -34,7 +38,7 @@ SAMPLE_PROMPTS = [
     "The key to a happy life is ...",
 ]
 EXTENSIONS = {"text": [".txt", ".text"], "jsonl": [".jsonl", ".json"], "csv": [".csv"],
-              "parquet": [".parquet", ".pq"]}
+              "parquet": [".parquet", ".pq"], "openai": [".jsonl", ".json"]}  # openai: never picked by auto
 
 
 class InputError(ValueError):
@@ -59,6 +63,10 @@ def unwrap_input_error(exc: BaseException) -> InputError | None:
     if start < 0:
         return None
     return InputError(text[start + len("InputError: "):].split("\n\n")[0].strip())
+
+
+def _reason(error: OSError) -> str:
+    return os.strerror(error.errno) if error.errno else str(error)
 
 
 def row_id(source: str, position: int, text) -> str:
@@ -123,6 +131,8 @@ def parse_file(data: bytes, name: str, input_format: str, text_column: str = "te
                 continue  # blank lines separate rows; they are not prompts
             if input_format == "text":
                 rows.append({text_column: line})
+            elif input_format == "openai":  # a bad request is an error record, not a refused file
+                rows.append(request_row(line, f"{os.path.basename(name)}:{number}"))
             else:
                 try:
                     row = json.loads(line)
@@ -132,7 +142,7 @@ def parse_file(data: bytes, name: str, input_format: str, text_column: str = "te
                     raise InputError(f"{name}:{number}: each line must be a JSON object, got {type(row).__name__}")
                 rows.append(row)
             positions.append(number)
-        table = _table_from_rows(rows, name)
+        table = request_table(rows) if input_format == "openai" else _table_from_rows(rows, name)
     return table.append_column("__position", pa.array(list(positions), pa.int64()))
 
 
@@ -145,6 +155,11 @@ def _with_ids(table: pa.Table, source: str, text_column: str, id_column: str | N
             raise InputError(f"{source}: no id column '{id_column}'; columns are: "
                              f"{', '.join(c for c in table.column_names if c != '__position')}")
         ids = [None if v is None else str(v) for v in table[id_column].to_pylist()]
+        first_position: dict[str, int] = {}
+        for value, position in zip(ids, table["__position"].to_pylist()):
+            if value is not None and first_position.setdefault(value, position) != position:
+                raise InputError(f"duplicate id '{value}' in column '{id_column}': "
+                                 f"{source}:{first_position[value]} and {source}:{position}")
     else:
         positions, texts = table["__position"].to_pylist(), table[text_column].to_pylist()
         ids = [row_id(source, p, t) for p, t in zip(positions, texts)]
@@ -160,15 +175,20 @@ def _parse_batch(batch: pa.Table, root: str, input_format: str, text_column: str
     for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist()):
         source = os.path.relpath(path, root) if path != root else os.path.basename(path)
         table = parse_file(data, path, detect_format(path, input_format), text_column, id_column)
-        if table.num_rows:  # an empty file has no rows, and no columns to check
-            tables.append(_with_ids(table, source, text_column, id_column))
-    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        if not table.num_rows:  # most likely a write that failed or has not finished
+            raise InputError(f"{path}: empty file, no prompts in it")
+        tables.append(_with_ids(table, source, text_column, id_column))
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def read_prompts(source: str | list, input_format: str = "auto", text_column: str = "text",
                  id_column: str | None = None, limit: int | None = None) -> ray.data.Dataset:
+    if input_format == "openai":  # OpenAI Batch API requests (util/openai_batch.py)
+        text_column, id_column = "messages", "custom_id"
     if isinstance(source, (list, tuple)):  # in-memory items: strings or dicts
         rows = [item if isinstance(item, dict) else {text_column: item} for item in source]
+        if not rows:
+            raise InputError("items: the list holds no prompts")
         table = _table_from_rows(rows, "items")
         table = table.append_column("__position", pa.array(range(1, len(rows) + 1), pa.int64()))
         ds = ray.data.from_items(_with_ids(table, "items", text_column, id_column).to_pylist())
@@ -176,7 +196,12 @@ def read_prompts(source: str | list, input_format: str = "auto", text_column: st
         if input_format != "auto" and input_format not in EXTENSIONS:
             raise InputError(f"unknown input format '{input_format}'; use auto, {', '.join(EXTENSIONS)}")
         filesystem, path = resolve(source)
-        info = filesystem.get_file_info(path)
+        try:
+            info = filesystem.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                filesystem.open_input_stream(path).close()  # permission is checked on open, not by stat
+        except OSError as error:
+            raise InputError(f"{source}: not readable ({_reason(error)})") from None
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"{source}: no such file or folder")
         if info.type == pafs.FileType.File:
@@ -186,10 +211,12 @@ def read_prompts(source: str | list, input_format: str = "auto", text_column: st
             extensions = None
         else:  # a folder: only files of the format, so a stray README.md does not fail the run
             extensions = sum(EXTENSIONS.values(), []) if input_format == "auto" else EXTENSIONS[input_format]
-        try:
+        try:  # Ray lists the files now, on the driver
             ds = ray.data.read_binary_files(path, filesystem=filesystem, include_paths=True,
                                             file_extensions=extensions)
-        except ValueError as error:  # Ray lists the files now, on the driver
+        except OSError as error:
+            raise InputError(f"{source}: not readable ({_reason(error)})") from None
+        except ValueError as error:
             if not str(error).startswith("No input files found"):
                 raise
             raise InputError(f"{source}: no files ending in {', '.join(extensions)} in this folder") from None

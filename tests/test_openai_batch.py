@@ -1,0 +1,126 @@
+"""OpenAI Batch API files in and out: requests parsed per line, records joined back on custom_id."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from util.openai_batch import output_record, preview, request_row
+from util.reading import InputError, read_prompts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def request(custom_id: str, content: str, **body) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **body}})
+
+
+def test_body_parameters_become_the_rows_sampling_params():
+    row = request_row(request("q-1", "Hi", max_completion_tokens=7, temperature=0.5, stop="END", seed=3), "in.jsonl:1")
+    assert row["custom_id"] == "q-1" and row["request_error"] is None and row["request_model"] == "gpt-4o-mini"
+    assert json.loads(row["messages"]) == [{"role": "user", "content": "Hi"}]
+    assert json.loads(row["sampling_params"]) == {"max_tokens": 7, "temperature": 0.5, "stop": ["END"], "seed": 3}
+
+
+@pytest.mark.parametrize("line, custom_id, reason", [
+    ('{"custom_id": "q-1", "body": ', "in.jsonl:4", "in.jsonl:4: malformed JSON (Expecting value at column 30)"),
+    ('["q-1"]', "in.jsonl:4", "in.jsonl:4: a request must be a JSON object, got list"),
+    (json.dumps({"url": "/v1/chat/completions", "body": {}}), "in.jsonl:4", "in.jsonl:4: no custom_id (a non-empty string)"),
+    (json.dumps({"custom_id": "q-1", "url": "/v1/embeddings", "body": {}}), "q-1",
+     "in.jsonl:4: only POST /v1/chat/completions is supported, got POST /v1/embeddings"),
+    (json.dumps({"custom_id": "q-1", "url": "/v1/chat/completions", "body": {"messages": []}}), "q-1",
+     "in.jsonl:4: body.messages must be a non-empty list of messages"),
+    (request("q-1", "Hi", n=2), "q-1", "in.jsonl:4: n > 1 and stream are not supported in a batch"),
+    (request("q-1", "Hi", tools=[], logit_bias={}), "q-1", "in.jsonl:4: unsupported body parameter(s): logit_bias, tools"),
+])
+def test_a_bad_request_line_becomes_an_error_row(line, custom_id, reason):
+    row = request_row(line, "in.jsonl:4")
+    assert (row["custom_id"], row["request_error"], row["messages"]) == (custom_id, reason, None)
+
+
+def test_output_and_error_records():
+    ok = {"id": "q-1", "error": None, "generated_text": "Hello.", "finish_reason": "stop", "model": "m",
+          "num_input_tokens": 12, "num_generated_tokens": 3}
+    record = output_record(ok, created=1700000000)
+    assert record["custom_id"] == "q-1" and record["error"] is None and record["id"].startswith("batch_req_")
+    assert record["response"]["status_code"] == 200
+    body = record["response"]["body"]
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello."},
+                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    assert output_record(ok, created=1)["id"] == record["id"]  # the same in every run
+    failed = output_record({**ok, "id": "q-2", "error": "empty prompt in column 'messages'"})
+    assert failed["response"]["status_code"] == 400
+    assert failed["error"] == {"code": "invalid_request", "message": "empty prompt in column 'messages'"}
+    assert preview(record) == {"id": "q-1", "generated_text": "Hello.", "finish_reason": "stop",
+                               "num_generated_tokens": 3, "error": None}
+    cut = output_record({**ok, "generated_text": '{"a": ', "finish_reason": "length",
+                         "structured_output_error": "not valid JSON: Expecting value (finish_reason length)"})
+    assert cut["response"]["body"]["choices"][0]["structured_output_error"].startswith("not valid JSON")
+
+
+def test_reading_a_batch_file_keys_rows_on_custom_id(ray_local, tmp_path):
+    path = tmp_path / "batch.jsonl"
+    path.write_text("\n".join([request("a", "Hi"), "{oops", request("b", "Yo", max_tokens=5)]) + "\n")
+    rows = {row["id"]: row for row in read_prompts(str(path), "openai").take_all()}
+    assert sorted(rows) == ["a", "b", "batch.jsonl:2"]
+    assert rows["batch.jsonl:2"]["request_error"].startswith("batch.jsonl:2: malformed JSON")
+    assert json.loads(rows["b"]["sampling_params"]) == {"max_tokens": 5}
+
+
+def test_duplicate_custom_ids_are_refused(ray_local, tmp_path):
+    path = tmp_path / "batch.jsonl"
+    path.write_text(request("a", "Hi") + "\n" + request("a", "Yo") + "\n")
+    with pytest.raises(Exception) as error:
+        read_prompts(str(path), "openai").take_all()
+    assert "duplicate id 'a' in column 'custom_id'" in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def batch_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("openai")
+    source = folder / "batch_input.jsonl"
+    lines = [request("q-1", "Tell me a story.", max_tokens=6),
+             request("q-2", "Name a color.", max_completion_tokens=3, temperature=0),
+             "this line is not JSON",
+             request("q-3", "   "),
+             request("q-4", "Count to three.")]
+    source.write_text("\n".join(lines) + "\n")
+    out = folder / "out"
+    args = ["--smoke", "--input-path", str(source), "--input-format", "openai", "--output-path", str(out),
+            "--max-error-fraction", "0.5"]
+    first = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    return first, again, out
+
+
+def _records(folder: Path) -> dict[str, dict]:
+    records = [json.loads(line) for path in sorted(folder.glob("*.jsonl")) for line in path.read_text().splitlines()]
+    return {record["custom_id"]: record for record in records}
+
+
+def test_a_batch_file_round_trips_and_joins_back_on_custom_id(batch_run):
+    first, _, out = batch_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "summary: 5 rows: 3 ok, 2 errors, 0 already done" in first.stdout
+    output, errors = _records(out), _records(out / "errors")
+    assert sorted(output) == ["q-1", "q-2", "q-4"] and sorted(errors) == ["batch_input.jsonl:3", "q-3"]
+    for custom_id, limit in (("q-1", 6), ("q-2", 3), ("q-4", 32)):  # the body's max_tokens, else the job's
+        body = output[custom_id]["response"]["body"]
+        assert output[custom_id]["response"]["status_code"] == 200 and output[custom_id]["error"] is None
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+        assert 0 < body["usage"]["completion_tokens"] <= limit
+        assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert errors["batch_input.jsonl:3"]["error"]["message"].startswith("batch_input.jsonl:3: malformed JSON")
+    assert errors["q-3"]["error"]["message"] == "empty prompt in column 'messages'"
+    assert errors["q-3"]["response"]["status_code"] == 400
+
+
+def test_a_finished_batch_resumes_on_custom_id_and_does_nothing(batch_run):
+    _, again, out = batch_run
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "summary: 5 rows: 0 ok, 0 errors, 5 already done" in again.stdout
+    assert len(_records(out)) + len(_records(out / "errors")) == 5

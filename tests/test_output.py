@@ -1,0 +1,398 @@
+"""The output side without an engine: layout (ok rows, errors/, manifest), atomic commits, file names
+that make retries and resumes safe, the manifest and its settings check, and main.py's row accounting
+and exit codes, with stand-in stages shaped like the formatter's and the predictor's output.
+
+    .venv/bin/python -m pytest tests/test_output.py
+"""
+
+import json
+import os
+import re
+
+import boto3
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from ray.data._internal.execution.interfaces import TaskContext
+
+import main
+from util.accelerator import AcceleratorChoice
+from util.config import Config
+from util.manifest import Manifest, check_fingerprint, fingerprint, read_manifest
+from util.output import (MANIFEST_NAME, ResultsDatasink, commit_file, delete_output, output_counts,
+                         read_results, summarize, write_results, written_ids)
+from util.reading import InputError
+from util.storage import resolve
+
+IDS = [f"row-{i}" for i in range(5)]
+
+
+@pytest.fixture(autouse=True)
+def few_parquet_footer_readers(monkeypatch):
+    """Ray 2.60's read_parquet starts 32 footer-reading actors per read; on 2 CPUs that takes 20-40 s."""
+    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
+
+
+def predictor_rows(start: int, count: int, failed: bool) -> pa.Table:
+    """Rows as the predictor stage emits them; failed ones have an `error` and no generated text."""
+    numbers = range(start, start + count)
+    return pa.Table.from_pylist([
+        {"id": f"row-{i}", "prompt": f"p{i}", "generated_text": None if failed else f"g{i}",
+         "finish_reason": None if failed else "stop", "num_input_tokens": 5,
+         "num_generated_tokens": 0 if failed else 7, "error": "too long" if failed else None,
+         "model": "org/model", "topic": f"t{i}"} for i in numbers])
+
+
+def results_dataset():
+    """Three rows that succeeded, then two that failed, in two blocks (the first's `error` is typed null)."""
+    import ray
+
+    return ray.data.from_arrow([predictor_rows(0, 3, failed=False), predictor_rows(3, 2, failed=True)])
+
+
+def files_under(folder) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names)
+
+
+# --- layout ---
+
+@pytest.mark.parametrize("output_format", ["parquet", "jsonl"])
+def test_rows_that_succeeded_at_the_top_failed_ones_under_errors(ray_local, tmp_path, output_format):
+    out = tmp_path / "out"
+    written = write_results(results_dataset(), str(out), output_format)
+    assert written == {"ok": 3, "error": 2, "input_tokens": 25, "output_tokens": 21}
+
+    extension = {"parquet": ".parquet", "jsonl": ".jsonl"}[output_format]
+    files = files_under(out)
+    assert files and all(re.fullmatch(rf"(errors/)?part-[\w-]+-\d{{6}}{re.escape(extension)}", f) for f in files)
+    read = (lambda f: pq.read_table(f)) if output_format == "parquet" else (
+        lambda f: pa.Table.from_pylist([json.loads(line) for line in open(f)]))
+    top = pa.concat_tables([read(out / f) for f in files if "/" not in f])
+    failed = pa.concat_tables([read(out / f) for f in files if f.startswith("errors/")])
+    assert sorted(top["id"].to_pylist()) == IDS[:3] and set(top["error"].to_pylist()) == {None}
+    assert sorted(failed["id"].to_pylist()) == IDS[3:] and set(failed["error"].to_pylist()) == {"too long"}
+    assert failed.column_names == top.column_names  # the same columns, so errors/ can be read as input
+
+    assert written_ids(str(out), output_format) == set(IDS)
+    assert output_counts(str(out), output_format) == {"ok": 3, "error": 2}
+    results = read_results(str(out), output_format).materialize()
+    assert sorted(r["id"] for r in results.take_all()) == IDS
+    assert summarize(results) == {"rows": 5, "ok": 3, "errors": 2, "input_tokens": 25, "output_tokens": 21}
+
+
+def test_every_reader_reads_every_row_once_and_never_the_manifest(ray_local, tmp_path):
+    import ray
+
+    out = tmp_path / "out"
+    write_results(results_dataset(), str(out))
+    Manifest(str(out), {"model": "org/model"}, "CPU").start(input=5, already_done=0)
+    assert (out / MANIFEST_NAME).is_file()
+    for table in (pq.read_table(out), pads.dataset(out, format="parquet").to_table(),
+                  pa.Table.from_pandas(pd.read_parquet(out))):
+        assert sorted(table["id"].to_pylist()) == IDS
+    assert sorted(row["id"] for row in ray.data.read_parquet(str(out)).take_all()) == IDS
+
+
+def test_jsonl_readers_read_only_jsonl_files(ray_local, tmp_path):
+    out = tmp_path / "out"
+    write_results(results_dataset(), str(out), "jsonl")
+    Manifest(str(out), {"model": "org/model"}, "CPU").start(input=5, already_done=0)
+    (out / "notes.json").write_text('{"id": "not-a-row"}\n')
+    assert sorted(r["id"] for r in read_results(str(out), "jsonl").take_all()) == IDS
+    assert written_ids(str(out), "jsonl") == set(IDS)
+
+
+def test_failed_rows_can_be_read_back_as_input(ray_local, tmp_path):
+    from util.reading import read_prompts
+
+    out = tmp_path / "out"
+    write_results(results_dataset(), str(out))
+    rows = read_prompts(str(out / "errors"), "parquet", text_column="prompt", id_column="id").take_all()
+    assert sorted((r["id"], r["prompt"], r["error"]) for r in rows) == [
+        ("row-3", "p3", "too long"), ("row-4", "p4", "too long")]
+
+
+# --- atomic commits ---
+
+def test_a_local_file_is_written_under_a_hidden_name_then_renamed(tmp_path, monkeypatch):
+    target, renames, replace = tmp_path / "out" / "part-x-000001.parquet", [], os.replace
+
+    def watch(source, destination):
+        renames.append((os.path.basename(source), os.path.exists(destination), open(source, "rb").read()))
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", watch)
+    filesystem, path = resolve(str(target))
+    commit_file(filesystem, path, b"complete contents")
+    [(temp_name, target_existed, temp_contents)] = renames
+    assert re.fullmatch(r"\.part-x-000001\.parquet\.[0-9a-f]{8}\.tmp", temp_name)
+    assert not target_existed and temp_contents == b"complete contents"  # whole before it had its name
+    assert target.read_bytes() == b"complete contents"
+    assert files_under(target.parent) == ["part-x-000001.parquet"]
+
+
+def test_a_commit_that_fails_leaves_neither_file(tmp_path, monkeypatch):
+    def killed(source, destination):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(os, "replace", killed)
+    filesystem, path = resolve(str(tmp_path / "part-x-000001.parquet"))
+    with pytest.raises(OSError, match="no space left"):
+        commit_file(filesystem, path, b"contents")
+    assert files_under(tmp_path) == []
+
+
+def test_a_killed_writes_temporary_files_are_ignored_then_removed(ray_local, tmp_path):
+    out = tmp_path / "out"
+    write_results(ray_local.data.from_arrow(predictor_rows(0, 3, failed=False)), str(out))
+    half = pq.read_table(out).to_pandas().to_parquet()[:100]  # what a kill mid-write leaves
+    (out / "errors").mkdir()
+    for stale in (out / ".part-old-000003.parquet.0123abcd.tmp", out / "errors" / ".part-old-000003.parquet.4567ef01.tmp"):
+        stale.write_bytes(half)
+    assert written_ids(str(out)) == set(IDS[:3])
+    assert output_counts(str(out)) == {"ok": 3, "error": 0}
+    assert pq.read_table(out).num_rows == 3
+
+    write_results(ray_local.data.from_arrow(predictor_rows(3, 2, failed=True)), str(out))  # the next run
+    assert not [f for f in files_under(out) if f.endswith(".tmp")]
+    assert sorted(pq.read_table(out)["id"].to_pylist()) == IDS
+
+
+def test_a_run_that_fails_before_writing_a_row_leaves_no_folder(ray_local, tmp_path):
+    def fail(batch):
+        raise RuntimeError("the engine died")
+
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="the engine died"):
+        write_results(results_dataset().map_batches(fail, batch_format="pyarrow"), str(out))
+    assert not out.exists()
+
+
+def test_on_s3_files_are_written_directly_with_no_temporary_objects(ray_local, s3_bucket):
+    uri = f"s3://{s3_bucket}/run/out"
+    write_results(results_dataset(), uri)
+    Manifest(uri, {"model": "org/model"}, "CPU").start(input=5, already_done=0)
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).list_objects_v2(
+        Bucket=s3_bucket)["Contents"]]
+    assert f"run/out/{MANIFEST_NAME}" in keys
+    data = [k for k in keys if k != f"run/out/{MANIFEST_NAME}"]
+    assert all(re.fullmatch(r"run/out/(errors/)?part-[\w-]+\.parquet", k) for k in data)  # no markers, no temps
+    assert sum(k.startswith("run/out/errors/") for k in data) == 1
+    assert written_ids(uri) == set(IDS) and read_manifest(uri)["status"] == "running"
+
+    delete_output(uri)  # --overwrite
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).list_objects_v2(
+        Bucket=s3_bucket).get("Contents", [])]
+    assert set(keys) <= {"run/out/"}  # at most a folder marker at the output path, none above it
+    assert written_ids(uri) == set() and read_manifest(uri) is None
+
+
+# --- file names: retries overwrite, resumes add ---
+
+def test_a_retried_write_task_overwrites_its_own_file(tmp_path):
+    sink = ResultsDatasink(str(tmp_path / "out"), "parquet", write_id="w1")
+    block = pa.concat_tables([predictor_rows(0, 3, failed=False), predictor_rows(3, 2, failed=True)],
+                             promote_options="permissive")
+    for attempt in range(2):  # the same task, as Ray runs it again after a failure
+        assert sink.write([block], TaskContext(task_idx=7, op_name="Write")) == {
+            "ok": 3, "error": 2, "input_tokens": 25, "output_tokens": 21}
+    assert files_under(tmp_path / "out") == ["errors/part-w1-000007.parquet", "part-w1-000007.parquet"]
+    assert sorted(pq.read_table(tmp_path / "out")["id"].to_pylist()) == IDS
+
+
+def test_a_resumed_run_adds_files_beside_the_earlier_ones(ray_local, tmp_path):
+    out = tmp_path / "out"
+    write_results(ray_local.data.from_arrow(predictor_rows(0, 3, failed=False)), str(out))
+    earlier = files_under(out)
+    write_results(ray_local.data.from_arrow(predictor_rows(3, 2, failed=False)), str(out))
+    assert set(earlier) < set(files_under(out))
+    assert sorted(pq.read_table(out)["id"].to_pylist()) == IDS
+
+
+# --- manifest ---
+
+def settings(**changes) -> dict:
+    return fingerprint(Config(**{"model": "org/model", "max_tokens": 32, **changes}), use_gpu=False)
+
+
+def test_manifest_round_trip(tmp_path):
+    import ray
+    import vllm
+
+    out = str(tmp_path / "out")
+    manifest = Manifest(out, settings(), "CPU")
+    manifest.start(input=5, already_done=2)
+    running = read_manifest(out)
+    assert running["status"] == "running" and running["finished"] is None
+    assert running["counts"] == {"input": 5, "ok": None, "error": None, "already_done": 2}
+    assert running["fingerprint"] == settings()
+    assert running["fingerprint"]["sampling"]["max_tokens"] == 32
+    assert running["fingerprint"]["engine"]["max_num_seqs"] == 32  # the CPU engine's
+    assert re.fullmatch(r"[0-9a-f]{12}", running["fingerprint_hash"])
+    assert running["provenance"] == {"vllm": vllm.__version__, "ray": ray.__version__, "accelerator": "CPU"}
+
+    manifest.finish(ok=2, error=1, output={"ok": 4, "error": 1})
+    complete = read_manifest(out)
+    assert (complete["status"], complete["reason"]) == ("complete", None)
+    assert complete["counts"] == {"input": 5, "ok": 2, "error": 1, "already_done": 2}
+    assert complete["output"] == {"ok": 4, "error": 1}
+    assert complete["started"] <= complete["finished"]
+    assert Manifest(out, settings(max_tokens=64), "CPU").record["fingerprint_hash"] != complete["fingerprint_hash"]
+
+    manifest.fail("RuntimeError: the engine died")
+    assert (read_manifest(out)["status"], read_manifest(out)["reason"]) == ("failed", "RuntimeError: the engine died")
+    assert files_under(out) == [MANIFEST_NAME]  # written whole: no temporary file left
+
+
+def test_changed_settings_are_refused_with_what_changed(tmp_path):
+    out = str(tmp_path / "out")
+    check_fingerprint(out, settings())  # no output yet
+    Manifest(out, settings(), "CPU").start(input=5, already_done=0)
+    check_fingerprint(out, settings())  # the same settings resume
+    check_fingerprint(out, fingerprint(Config(model="org/model", max_tokens=32, concurrency=8, limit=3),
+                                       use_gpu=False))  # scaling and row limits may change
+    with pytest.raises(InputError) as refused:
+        check_fingerprint(out, settings(max_tokens=64))
+    assert str(refused.value) == (
+        f"{out} holds output generated with other settings (sampling.max_tokens: 32 -> 64); pass --overwrite "
+        "to delete the earlier output and start over, or choose another --output-path")
+    with pytest.raises(InputError) as refused:
+        check_fingerprint(out, settings(system_prompt="Be brief.", engine_arg={"max_num_seqs": 8, "max_num_batched_tokens": 512}))
+    assert "(engine.max_num_batched_tokens: (unset) -> 512; engine.max_num_seqs: 32 -> 8; " \
+           'system_prompt: null -> "Be brief."); pass --overwrite' in str(refused.value)
+
+
+def test_overwrite_deletes_only_an_earlier_output(ray_local, tmp_path):
+    out = tmp_path / "out"
+    write_results(results_dataset(), str(out))
+    Manifest(str(out), {"model": "org/model"}, "CPU").start(input=5, already_done=0)
+    (out / "errors" / ".part-old-000001.parquet.0123abcd.tmp").write_bytes(b"PAR1")
+    delete_output(str(out))
+    assert not out.exists()
+    delete_output(str(out))  # nothing there: nothing to do
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    pq.write_table(predictor_rows(0, 1, failed=False), tmp_path / "mine" / "part-a-000000.parquet")
+    with pytest.raises(InputError) as refused:
+        delete_output(str(tmp_path / "mine"))
+    assert str(refused.value) == (f"--overwrite deletes only earlier output, but {tmp_path / 'mine'} also holds "
+                                  "notes.txt; move those away or choose another --output-path")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# --- main.py: accounting and exit codes, with stand-in stages ---
+
+def stand_in_stages(monkeypatch, crash: bool = False, drop_a_row: bool = False):
+    """Replace the engine-backed pieces of main.py. The stage functions are made here, not at module
+    level, so that Ray ships them to its workers by value (this test module is not importable there)."""
+
+    def format_rows(batch: pa.Table) -> pa.Table:
+        texts = batch["text"].to_pylist()
+        return (batch.append_column("prompt", pa.array([f"[{t}]" for t in texts]))
+                .append_column("num_input_tokens", pa.array([len(t) for t in texts], pa.int64())))
+
+    def predict(batch: pa.Table) -> pa.Table:
+        if crash:
+            raise RuntimeError("the engine died")
+        batch = batch.slice(1) if drop_a_row and len(batch) else batch
+        bad = ["bad" in t for t in batch["text"].to_pylist()]
+        columns = {"generated_text": [None if b else "ok" for b in bad],
+                   "finish_reason": [None if b else "stop" for b in bad],
+                   "num_generated_tokens": [0 if b else 2 for b in bad],
+                   "error": ["refused: bad prompt" if b else None for b in bad],
+                   "model": ["org/model"] * len(bad)}
+        for name, values in columns.items():
+            batch = batch.append_column(name, pa.array(values, pa.int64() if name == "num_generated_tokens" else pa.string()))
+        return batch
+
+    monkeypatch.setattr(main, "prompt_for_hugging_face_token", lambda model, interactive: None)
+    monkeypatch.setattr(main.ray, "init", lambda **kwargs: None)  # the test session's Ray is already up
+    monkeypatch.setattr(main, "choose_accelerator", lambda requested: AcceleratorChoice(False, None, 0.0))
+    monkeypatch.setattr(main, "formatter_stage", lambda cfg, use_gpu: {"fn": format_rows, "batch_format": "pyarrow"})
+    monkeypatch.setattr(main, "predictor_stage", lambda cfg, choice: {"fn": predict, "batch_format": "pyarrow"})
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("alpha\nbad beta\ngamma\nbad delta\nepsilon\n")
+    return path
+
+
+def run_main(prompts, out, *args: str) -> int:
+    return main.main(["--input-path", str(prompts), "--output-path", str(out), "--model", "org/model",
+                      "--max-tokens", "32", *args])
+
+
+def data_listing(out) -> list[tuple[str, int, int]]:
+    return sorted((f, (out / f).stat().st_size, (out / f).stat().st_mtime_ns)
+                  for f in files_under(out) if f != MANIFEST_NAME)
+
+
+def test_too_many_failed_rows_exit_1_after_writing_every_row(ray_local, monkeypatch, prompts, tmp_path, capsys):
+    stand_in_stages(monkeypatch)
+    out = tmp_path / "out"
+    assert run_main(prompts, out) == 1
+    printed = capsys.readouterr()
+    reason = (f"2 of 5 output rows failed (40%), more than --max-error-fraction 0.1 allows; "
+              f"they are in {out}/errors")
+    assert f"error: {reason}" in printed.err
+    assert "summary: 5 rows: 3 ok, 2 errors, 0 already done; " in printed.out
+    manifest = read_manifest(str(out))
+    assert (manifest["status"], manifest["reason"]) == ("failed", reason)
+    assert manifest["counts"] == {"input": 5, "ok": 3, "error": 2, "already_done": 0}
+    assert output_counts(str(out)) == {"ok": 3, "error": 2}  # everything was written all the same
+
+    # A finished job re-run processes nothing, changes no data file, and still reports the counts.
+    before = data_listing(out)
+    assert run_main(prompts, out, "--max-error-fraction", "0.5") == 0
+    assert "summary: 5 rows: 0 ok, 0 errors, 5 already done; " in capsys.readouterr().out
+    assert data_listing(out) == before
+    manifest = read_manifest(str(out))
+    assert (manifest["status"], manifest["reason"]) == ("complete", None)
+    assert manifest["counts"] == {"input": 5, "ok": 0, "error": 0, "already_done": 5}
+    assert manifest["output"] == {"ok": 3, "error": 2}
+
+
+def test_changed_settings_exit_2_until_overwrite(ray_local, monkeypatch, prompts, tmp_path, capsys):
+    stand_in_stages(monkeypatch)
+    out = tmp_path / "out"
+    assert run_main(prompts, out, "--max-error-fraction", "0.5") == 0
+    before = data_listing(out)
+    capsys.readouterr()
+
+    assert run_main(prompts, out, "--max-error-fraction", "0.5", "--max-tokens", "64") == 2
+    assert capsys.readouterr().err == (
+        f"error: {out} holds output generated with other settings (sampling.max_tokens: 32 -> 64); pass "
+        "--overwrite to delete the earlier output and start over, or choose another --output-path\n")
+    assert data_listing(out) == before and read_manifest(str(out))["fingerprint"]["sampling"]["max_tokens"] == 32
+
+    assert run_main(prompts, out, "--max-error-fraction", "0.5", "--max-tokens", "64", "--overwrite") == 0
+    assert "summary: 5 rows: 3 ok, 2 errors, 0 already done; " in capsys.readouterr().out
+    assert not set(before) & set(data_listing(out))  # the earlier files are gone
+    assert sorted(pq.read_table(out)["id"].to_pylist()) == sorted(written_ids(str(out)))
+    assert pq.read_table(out).num_rows == 5
+    assert read_manifest(str(out))["fingerprint"]["sampling"]["max_tokens"] == 64
+
+
+def test_a_crash_leaves_the_manifest_failed_with_the_reason(ray_local, monkeypatch, prompts, tmp_path):
+    stand_in_stages(monkeypatch, crash=True)
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="the engine died"):
+        run_main(prompts, out)
+    manifest = read_manifest(str(out))
+    assert (manifest["status"], manifest["reason"]) == ("failed", "RuntimeError: the engine died")
+    assert manifest["counts"] == {"input": 5, "ok": None, "error": None, "already_done": 0}
+    assert files_under(out) == [MANIFEST_NAME]
+
+
+def test_a_lost_row_fails_the_run_loudly(ray_local, monkeypatch, prompts, tmp_path):
+    stand_in_stages(monkeypatch, drop_a_row=True)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"row accounting is off: 5 input rows, but 2 ok \+ 2 errors \+ 0 already done"):
+        run_main(prompts, out)
+    assert read_manifest(str(out))["status"] == "failed"

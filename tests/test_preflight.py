@@ -1,0 +1,164 @@
+"""`main.py --preflight` without an engine: counts of rows that would fail, the input-token histogram,
+the output-token bound, the GPU-hours and replicas arithmetic, the files it writes, and its exit codes.
+
+    .venv/bin/python -m pytest tests/test_preflight.py -q
+
+The main.py cases run in this process on the test session's Ray (`ray_local`) with the tiny local model:
+only its tokenizer is loaded, through the pipeline's own formatter stage.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import main
+from util.preflight import (DEFAULT_TOK_PER_S, PREFLIGHT_FOLDER, estimate, failure_kind, row_budgets,
+                            token_histogram)
+from util.report import REPORT_NAME
+from util.tiny_model import tiny_model_dir
+
+ROWS = [
+    {"uid": "a", "text": "Hello there"},
+    {"uid": "b", "text": "   "},  # empty
+    {"uid": "c", "text": "word " * 100},  # over max_model_len 64
+    {"uid": "d", "text": "Short one", "sampling_params": {"max_tokens": 5}},
+    {"uid": "e", "text": "Another prompt"},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_failure_kinds_match_the_formatter_and_predictor_messages():
+    assert failure_kind("empty prompt in column 'text'") == "empty"
+    assert failure_kind("prompt has 120 tokens; the model accepts at most 63 (max_model_len 64)") == "over max length"
+    assert failure_kind("invalid sampling_params: Expecting value") == "invalid sampling_params"
+    assert failure_kind("something new") == "something new"
+
+
+def test_row_budgets_cap_each_rows_max_tokens_by_what_max_model_len_leaves():
+    batch = pa.table({"id": ["a", "b", "c", "d", "e"], "num_input_tokens": pa.array([10, 60, 1, 100, 10], pa.int64()),
+                      "error": [None, None, "empty prompt in column 'text'", "prompt has 100 tokens; ...", None],
+                      "sampling_params": [None, None, None, None, '{"max_tokens": 7']})
+    out = row_budgets(batch, {"max_tokens": 20, "temperature": 0.0}, max_model_len=64)
+    assert out["max_output_tokens"].to_pylist() == [20, 4, 0, 0, 0]
+    assert out["error"].to_pylist()[:4] == [None, None, "empty prompt in column 'text'", "prompt has 100 tokens; ..."]
+    assert out["error"][4].as_py().startswith("invalid sampling_params: ")
+    assert row_budgets(batch.slice(0, 1), {"max_tokens": 20}, None)["max_output_tokens"].to_pylist() == [20]
+
+
+def test_token_histogram_ranges_double():
+    assert token_histogram(np.array([0, 3, 15, 16, 40, 64, 100])) == [
+        {"from": 0, "to": 15, "rows": 3}, {"from": 16, "to": 31, "rows": 1}, {"from": 32, "to": 63, "rows": 1},
+        {"from": 64, "to": 127, "rows": 2}]
+    assert token_histogram(np.array([128])) == [
+        {"from": 0, "to": 15, "rows": 0}, {"from": 16, "to": 31, "rows": 0}, {"from": 32, "to": 63, "rows": 0},
+        {"from": 64, "to": 127, "rows": 0}, {"from": 128, "to": 255, "rows": 1}]
+    assert token_histogram(np.zeros(0, np.int64)) == [{"from": 0, "to": 15, "rows": 0}]
+
+
+def test_gpu_hours_and_replicas_for_a_deadline():
+    # 36M output tokens at 2,000 tok/s per replica: 5 replica-hours; TP=2 replicas hold 2 GPUs each.
+    result = estimate(36_000_000, 2_000.0, gpus_per_replica=2, concurrency=4, deadline_hours=2)
+    assert result["replica_hours"] == pytest.approx(5.0)
+    assert result["gpu_hours"] == pytest.approx(10.0)
+    assert result["hours_at_concurrency"] == pytest.approx(1.25)
+    assert (result["replicas_for_deadline"], result["gpus_for_deadline"]) == (3, 6)  # 2.5 rounds up
+    assert estimate(36_000_000, 2_000.0, 1, 4, deadline_hours=5)["replicas_for_deadline"] == 1  # exactly on time
+    assert estimate(36_000_000, 2_000.0, 1, 4, deadline_hours=100)["replicas_for_deadline"] == 1
+    assert estimate(36_000_000, 2_000.0, 1, 4, deadline_hours=None)["replicas_for_deadline"] is None
+
+
+@pytest.fixture
+def engine_free_main(ray_local, monkeypatch):
+    """main.main in this process, on the test session's Ray, with the tiny model's tokenizer."""
+    monkeypatch.setattr(main, "prompt_for_hugging_face_token", lambda model, interactive: None)
+    monkeypatch.setattr(main.ray, "init", lambda **kwargs: None)
+
+    def run(*args: str) -> int:
+        return main.main(["--preflight", "--model", tiny_model_dir(), "--id-column", "uid", "--max-tokens", "20",
+                          "--engine-arg", "max_model_len=64", *args])
+    return run
+
+
+def test_preflight_counts_failing_rows_by_reason_and_exits_1_over_the_error_fraction(engine_free_main, tmp_path, capsys):
+    prompts, out = write_jsonl(tmp_path / "rows.jsonl", ROWS), tmp_path / "out"
+    assert engine_free_main("--input-path", str(prompts), "--output-path", str(out)) == 1
+
+    report_dir = out / PREFLIGHT_FOLDER
+    result = json.loads((report_dir / "preflight.json").read_text())
+    assert (result["verdict"], result["exit_code"]) == ("too many failing rows", 1)
+    assert result["reason"] == "40% of the output's rows would fail, more than --max-error-fraction 0.1 allows"
+    assert (result["rows"], result["already_done"], result["to_run"], result["duplicate_ids"]) == (5, 0, 5, 0)
+    assert result["failing"] == {"rows": 2, "by_reason": {"empty": 1, "over max length": 1},
+                                 "examples": {"empty": ["b"], "over max length": ["c"]}, "fraction": 0.4}
+    assert result["max_model_len"] == 64
+    # The chat template makes 10 tokens of each short prompt; the empty row's prompt has none.
+    assert result["input_tokens"] == {"total": 139, "min": 0, "median": 10.0, "max": 109, "histogram": [
+        {"from": 0, "to": 15, "rows": 4}, {"from": 16, "to": 31, "rows": 0}, {"from": 32, "to": 63, "rows": 0},
+        {"from": 64, "to": 127, "rows": 1}]}
+    # a, d and e run: max_tokens 20, 5 (its own sampling_params) and 20, none capped at these lengths
+    assert result["estimate"]["output_tokens_at_most"] == 45
+    assert result["estimate"]["throughput_tok_per_s"] == DEFAULT_TOK_PER_S
+    assert result["throughput_source"].startswith("default: BENCHMARKS.md")
+    assert (report_dir / "input_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.rglob("*")) == sorted([PREFLIGHT_FOLDER, "preflight.json", "input_tokens.png"])
+
+    printed = capsys.readouterr().out
+    assert "  would fail     2 rows (1 empty, 1 over max length): 40.0% of the output's rows after the run; " \
+           "--max-error-fraction 0.1" in printed
+    assert "  verdict        40% of the output's rows would fail, more than --max-error-fraction 0.1 allows (exit 1)" in printed
+    assert f"\n  input tokens        rows\n        0-15             4  {'#' * 40}\n" in printed
+    assert f"\n       64-127            1  {'#' * 10}\n" in printed
+
+
+def test_preflight_passes_estimates_and_leaves_no_output_folder(engine_free_main, tmp_path, capsys):
+    prompts, out, reports = write_jsonl(tmp_path / "rows.jsonl", ROWS), tmp_path / "out", tmp_path / "reports"
+    # 45 output tokens at 0.005 tok/s: 2.5 replica-hours, so a 1-hour deadline needs 3 replicas.
+    assert engine_free_main("--input-path", str(prompts), "--output-path", str(out), "--max-error-fraction", "0.5",
+                            "--preflight-report-dir", str(reports), "--throughput-tok-per-s", "0.005",
+                            "--deadline-hours", "1", "--tensor-parallel-size", "2") == 0
+    result = json.loads((reports / "preflight.json").read_text())
+    assert (result["verdict"], result["exit_code"], result["reason"]) == ("pass", 0, None)
+    est = result["estimate"]
+    assert est["replica_hours"] == pytest.approx(2.5) and est["gpu_hours"] == pytest.approx(5.0)
+    assert (est["gpus_per_replica"], est["replicas_for_deadline"], est["gpus_for_deadline"]) == (2, 3, 6)
+    assert result["throughput_source"] == "--throughput-tok-per-s"
+    assert (reports / "input_tokens.png").exists()
+    assert not out.exists()  # the writability probe leaves nothing, and the reports went elsewhere
+    printed = capsys.readouterr().out
+    assert "  deadline       1 h needs 3 replica(s), 6 GPU(s)" in printed
+    assert "  verdict        pass (exit 0)" in printed
+
+
+def test_preflight_skips_rows_already_written_and_uses_the_measured_throughput(engine_free_main, tmp_path):
+    prompts, out = write_jsonl(tmp_path / "rows.jsonl", ROWS), tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "error": pa.array([None], pa.string())}), out / "part-x-000000.parquet")
+    (out / REPORT_NAME).write_text(json.dumps({"replicas": [{"output_tok_per_s": 100.0}, {"output_tok_per_s": 300.0}]}))
+    assert engine_free_main("--input-path", str(prompts), "--output-path", str(out), "--max-error-fraction", "0.5") == 0
+    result = json.loads((out / PREFLIGHT_FOLDER / "preflight.json").read_text())
+    assert (result["rows"], result["already_done"], result["to_run"]) == (5, 1, 4)
+    assert result["estimate"]["output_tokens_at_most"] == 25  # d and e
+    assert result["failing"]["fraction"] == pytest.approx(2 / 5)  # the one earlier ok row counts
+    assert result["estimate"]["throughput_tok_per_s"] == 200.0
+    assert result["throughput_source"] == f"measured: the earlier run's replicas, {out}/{REPORT_NAME}"
+
+
+def test_preflight_refuses_a_duplicate_id_with_exit_2(engine_free_main, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "rows.jsonl", ROWS + [{"uid": "a", "text": "Hello again"}])
+    reports = tmp_path / "reports"
+    assert engine_free_main("--input-path", str(prompts), "--output-path", str(tmp_path / "out"),
+                            "--preflight-report-dir", str(reports)) == 2
+    reason = "duplicate id 'a' in column 'uid': rows.jsonl:1 and rows.jsonl:6"
+    assert capsys.readouterr().err == f"error: {reason}\n"
+    result = json.loads((reports / "preflight.json").read_text())
+    assert (result["verdict"], result["exit_code"], result["reason"]) == ("refused", 2, reason)
+    assert not (reports / "input_tokens.png").exists()
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,156 @@
+"""The run report without an engine: the progress actor's aggregation of what replicas report, the
+progress line, and report.json and the throughput plot from a synthetic series.
+
+    .venv/bin/python -m pytest tests/test_report.py -q
+
+Ray runs locally (`ray_local`); stand-in replicas are Ray actors that report as LLMPredictor does.
+"""
+
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from util.output import delete_output, read_results, written_ids
+from util.report import (PLOT_NAME, REPORT_NAME, ProgressLog, ProgressReporter, build_report, eta_seconds,
+                         format_report, progress_line, throughput_series, write_report)
+
+WRITTEN = {"ok": 9, "error": 1, "input_tokens": 700, "output_tokens": 150}
+
+
+def test_progress_line_format():
+    assert progress_line(1234, 10_000, 5678.4, 754) == \
+        "progress: 1,234/10,000 rows (12%), 5,678 output tok/s, ETA 0:12:34"
+    assert progress_line(0, 10, 0.0, None) == "progress: 0/10 rows (0%), 0 output tok/s, ETA unknown"
+    assert progress_line(9_999, 10_000, 1.0, 1) == "progress: 9,999/10,000 rows (99%), 1 output tok/s, ETA 0:00:01"
+    assert progress_line(10, 10, 0.0, 0) == "progress: 10/10 rows (100%), 0 output tok/s, ETA 0:00:00"
+
+
+def test_eta_goes_by_the_pace_since_the_first_engine_was_ready():
+    assert eta_seconds(100, 1000, first_ready=10.0, now=60.0) == 450.0  # 900 rows left at 2 rows/s
+    assert eta_seconds(0, 1000, first_ready=10.0, now=60.0) is None  # no pace yet
+    assert eta_seconds(5, 1000, first_ready=None, now=60.0) is None
+    assert eta_seconds(1000, 1000, first_ready=10.0, now=60.0) == 0.0
+
+
+def test_progress_log_totals_and_snapshot():
+    log = ProgressLog()
+    log.replica_ready("b", 12.0)
+    log.replica_ready("a", 10.0)
+    log.replica_ready("a", 99.0)  # a second call does not move its start
+    log.batch_done("a", 3, 30, 20.0)
+    log.batch_done("b", 2, 25, 21.0)
+    assert log.totals() == {"rows": 5, "output_tokens": 55, "first_ready": 10.0, "replicas": 2}
+    assert log.snapshot() == {"ready": {"a": 10.0, "b": 12.0}, "batches": [("a", 3, 30, 20.0), ("b", 2, 25, 21.0)]}
+
+
+def test_the_progress_actor_aggregates_what_the_replicas_report(ray_local):
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    class StandInReplica:  # reports the way LLMPredictor does; defined here so Ray ships it by value
+        def __init__(self):
+            from util.report import ProgressClient
+
+            self.progress = ProgressClient.connect()
+
+        def run(self, batches):
+            for rows, tokens in batches:
+                self.progress.batch_done(rows, tokens)
+            return self.progress.replica
+
+    lines = []
+    with ProgressReporter(total_rows=10, interval_s=0.2, gpus=2, write=lines.append) as progress:
+        replicas = [StandInReplica.remote(), StandInReplica.remote()]
+        first, second = ray.get([replicas[0].run.remote([(3, 30), (2, 20)]), replicas[1].run.remote([(5, 100)])])
+        deadline = time.time() + 30
+        while not any(line.startswith("progress: 10/10 rows (100%), ") for line in lines) and time.time() < deadline:
+            time.sleep(0.1)
+    assert any(line.startswith("progress: 10/10 rows (100%), ") and line.endswith(" output tok/s, ETA 0:00:00")
+               for line in lines), lines
+    assert first != second
+
+    report = progress.report(WRITTEN)
+    by_replica = {r["replica"]: r for r in report["replicas"]}
+    assert set(by_replica) == {first, second}
+    assert (by_replica[first]["rows"], by_replica[first]["output_tokens"]) == (5, 50)
+    assert (by_replica[second]["rows"], by_replica[second]["output_tokens"]) == (5, 100)
+    assert report["rows"] == {"ok": 9, "error": 1} and report["output_tokens"] == 150
+    assert report["gpus"] == 2
+    assert report["gpu_hours"] == pytest.approx(report["wall_s"] * 2 / 3600, abs=1e-3)
+    assert sum(report["throughput"]["total"]) * report["throughput"]["bin_s"] == pytest.approx(150)
+    with pytest.raises(ValueError):  # the actor is gone with the `with` block
+        ray.get_actor("batch-llm-progress")
+
+
+def test_a_replica_finds_no_actor_outside_a_reporting_run(ray_local):
+    from util.report import ProgressClient
+
+    client = ProgressClient.connect()
+    assert client.actor is None
+    client.batch_done(3, 30)  # nothing to report to, and no error
+
+
+def synthetic_report() -> dict:
+    """Two replicas over 100 s: `a` ready at 10 s, `b` at 12 s; each batch counted when it finished."""
+    started = 1_000.0
+    snapshot = {"ready": {"a": started + 10, "b": started + 12},
+                "batches": [("a", 4, 200, started + 30), ("b", 3, 150, started + 32), ("a", 2, 100, started + 60),
+                            ("b", 1, 50, started + 99.5)]}
+    return build_report(snapshot, {"ok": 9, "error": 1, "input_tokens": 700, "output_tokens": 500},
+                        started, started + 100, gpus=2)
+
+
+def test_throughput_series_bins_each_batch_when_it_finished():
+    series = throughput_series([("a", 2, 50, 101.5), ("b", 1, 30, 101.9), ("a", 1, 20, 109.99)], 100.0, 110.0)
+    assert series["bin_s"] == 1.0 and series["start_s"] == [float(i) for i in range(10)]
+    assert series["per_replica"]["a"] == [0, 50, 0, 0, 0, 0, 0, 0, 0, 20]
+    assert series["per_replica"]["b"] == [0, 30, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert series["total"] == [0, 80, 0, 0, 0, 0, 0, 0, 0, 20]
+
+
+def test_report_fields_per_replica_and_gpu_hours():
+    report = synthetic_report()
+    assert report["rows"] == {"ok": 9, "error": 1}
+    assert (report["input_tokens"], report["output_tokens"], report["wall_s"]) == (700, 500, 100.0)
+    assert report["output_tok_per_s"] == 5.0
+    assert (report["gpus"], report["gpu_hours"]) == (2, round(100 * 2 / 3600, 3))
+    assert report["replicas"] == [
+        {"replica": "a", "rows": 6, "output_tokens": 300, "output_tok_per_s": 6.0, "ready_s": 10.0, "last_batch_s": 60.0},
+        {"replica": "b", "rows": 4, "output_tokens": 200, "output_tok_per_s": round(200 / 87.5, 1), "ready_s": 12.0,
+         "last_batch_s": 99.5}]
+    assert report["throughput"]["bin_s"] == 3.0  # 100 s in at most 40 bins of whole seconds
+    assert sum(report["throughput"]["total"]) * 3.0 == pytest.approx(500)
+    assert report["started"] == "1970-01-01T00:16:40+00:00" and report["finished"] == "1970-01-01T00:18:20+00:00"
+
+
+def test_format_report_prints_the_summary_table():
+    text = format_report(synthetic_report())
+    assert text.splitlines()[:8] == [
+        "run report",
+        "  rows           9 ok, 1 error",
+        "  input tokens   700",
+        "  output tokens  500",
+        "  output tok/s   5.0 overall (wall time, engine start included)",
+        "  wall time      0:01:40",
+        "  GPU-hours      0.056 (2 GPUs x wall time)",
+        "  replica          rows  output tokens  output tok/s  ready at",
+    ]
+    assert text.splitlines()[8].split() == ["a", "6", "300", "6.0", "10.0s"]
+
+
+def test_report_files_lie_beside_the_data_and_readers_skip_them(ray_local, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"id": ["r1", "r2"], "error": pa.array([None, None], pa.string())}), out / "part-a-000000.parquet")
+    paths = write_report(str(out), synthetic_report())
+    assert paths == [f"{out}/{REPORT_NAME}", f"{out}/{PLOT_NAME}"]
+    assert json.loads((out / REPORT_NAME).read_text()) == json.loads(json.dumps(synthetic_report()))
+    assert (out / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pq.read_table(out).num_rows == 2  # pyarrow, pandas
+    assert read_results(str(out)).count() == 2  # Ray Data
+    assert written_ids(str(out)) == {"r1", "r2"}
+    delete_output(str(out))  # --overwrite takes them as the run's own records, not as foreign files
+    assert not out.exists()

@@ -1,0 +1,265 @@
+"""Check a job before it runs, on CPU, without an engine: would the input be accepted, how many rows would
+fail, how many tokens would it generate, and how many GPU-hours and replicas would that take.
+
+    python main.py --preflight --smoke                                  # the smoke job's input, tiny model
+    python main.py --preflight --input-path s3://bucket/prompts.jsonl --text-column question --deadline-hours 4
+    python main.py --preflight --input-path prompts.jsonl --throughput-tok-per-s 2500 --preflight-report-dir pre/
+
+It reads the input as the run would (util.reading), applies the run's checks (output path writable, same
+settings as an earlier output, file errors, duplicate ids: util.validation), and formats and tokenizes
+every row with the run's formatter stage through Ray Data. It prints, and writes as preflight.json and
+input_tokens.png: rows, an input-token histogram, rows that would fail (empty, over max_model_len,
+invalid sampling_params) by reason, and the estimates. Reports go to --preflight-report-dir, else to
+<output-path>/_preflight/, which readers of the output skip (a leading `_`, like the manifest's).
+
+Exit codes, the run's own: 0 it would pass; 1 more rows would fail than --max-error-fraction allows;
+2 it would be refused (bad input), with `error: <message>` on stderr.
+
+Estimates. Output tokens are an upper bound: each row's max_tokens (the job's, or the row's own
+`sampling_params`), capped at what max_model_len leaves after the prompt, as vLLM caps it. GPU-hours =
+output tokens / (output tok/s of one replica) x GPUs per replica; engine start (about a minute,
+BENCHMARKS.md) is not included. The replica throughput is --throughput-tok-per-s, else the one measured
+by the earlier run into the same output (its _report.json, same settings), else DEFAULT_TOK_PER_S.
+"""
+
+import datetime
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from util.config import Config
+from util.manifest import check_fingerprint, fingerprint
+from util.output import commit_file, output_counts, written_ids
+from util.predictor import rows_sampling
+from util.prompt_format import model_max_length
+from util.reading import SAMPLE_PROMPTS, read_prompts, unwrap_input_error
+from util.report import REPORT_NAME, gpus_per_replica
+from util.stages import engine_kwargs, formatter_stage
+from util.storage import generate_output_path, join, resolve
+from util.validation import check_output_writable, scan_input
+
+PREFLIGHT_FOLDER = "_preflight"
+# BENCHMARKS.md's measured number for this pipeline's shipped defaults: one replica on 1x H100, a
+# Mistral-7B-shaped model, ~100-token prompts, 16-512 output tokens. The only GPU measured with the
+# current code; smaller GPUs (A10G, L4) are several times slower, so pass --throughput-tok-per-s for them.
+DEFAULT_TOK_PER_S = 19_443.0
+DEFAULT_TOK_PER_S_SOURCE = "default: BENCHMARKS.md, this pipeline on 1x H100, Mistral-7B shape"
+FAILURE_KINDS = {"empty prompt": "empty", "prompt has ": "over max length",
+                 "invalid sampling_params": "invalid sampling_params"}
+
+
+def failure_kind(error: str) -> str:
+    """The reason a row would fail, without its row-specific numbers: `empty`, `over max length`, ..."""
+    return next((kind for prefix, kind in FAILURE_KINDS.items() if error.startswith(prefix)), error)
+
+
+def row_budgets(batch: pa.Table, job_sampling: dict, max_model_len: int | None) -> pa.Table:
+    """Ray Data stage after the formatter: per row, why it would fail, or the most tokens it may generate.
+    Runs on the workers, so only these small columns reach the driver."""
+    errors, budgets = [], []
+    for (failed, sampling), input_tokens in zip(rows_sampling(batch, job_sampling),
+                                                batch["num_input_tokens"].to_pylist()):
+        if not failed:
+            try:
+                budget = int(sampling["max_tokens"])
+                budgets.append(budget if max_model_len is None else min(budget, max(0, max_model_len - input_tokens)))
+                errors.append(None)
+                continue
+            except (TypeError, ValueError) as bad:
+                sampling = f"invalid sampling_params: max_tokens {sampling['max_tokens']!r} ({bad})"
+        errors.append(sampling)
+        budgets.append(0)
+    return pa.table({"id": batch["id"], "num_input_tokens": batch["num_input_tokens"],
+                     "error": pa.array(errors, pa.string()), "max_output_tokens": pa.array(budgets, pa.int64())})
+
+
+def token_histogram(counts: np.ndarray) -> list[dict]:
+    """Rows per input-token range, in ranges that double: 0-15, 16-31, 32-63, ..."""
+    top = max(16, int(counts.max()) + 1 if counts.size else 0)
+    edges = [0] + [2 ** k for k in range(4, math.ceil(math.log2(top)) + 1)]
+    rows, _ = np.histogram(counts, bins=edges)
+    return [{"from": lo, "to": hi - 1, "rows": int(n)} for lo, hi, n in zip(edges, edges[1:], rows)]
+
+
+def estimate(output_tokens: int, tok_per_s: float, gpus_per_replica: float, concurrency: int,
+             deadline_hours: float | None) -> dict:
+    """GPU-hours for `output_tokens` at `tok_per_s` per replica, and the replicas a deadline needs
+    (data-parallel replicas scale about linearly: 1.81x for two, BENCHMARKS.md)."""
+    replica_hours = output_tokens / tok_per_s / 3600
+    replicas = None if deadline_hours is None else max(1, math.ceil(round(replica_hours / deadline_hours, 9)))
+    return {"output_tokens_at_most": output_tokens, "throughput_tok_per_s": tok_per_s,
+            "gpus_per_replica": gpus_per_replica, "replica_hours": replica_hours,
+            "gpu_hours": replica_hours * gpus_per_replica, "concurrency": concurrency,
+            "hours_at_concurrency": replica_hours / concurrency, "deadline_hours": deadline_hours,
+            "replicas_for_deadline": replicas,
+            "gpus_for_deadline": None if replicas is None else replicas * gpus_per_replica}
+
+
+def replica_throughput(cfg: Config, output_path: str) -> tuple[float, str]:
+    """Output tok/s of one replica, and where the number comes from."""
+    if cfg.throughput_tok_per_s is not None:
+        if not cfg.throughput_tok_per_s > 0:
+            raise ValueError(f"--throughput-tok-per-s must be > 0, got {cfg.throughput_tok_per_s}")
+        return cfg.throughput_tok_per_s, "--throughput-tok-per-s"
+    if not cfg.overwrite:  # the earlier output was made with these settings (check_fingerprint)
+        filesystem, path = resolve(output_path)
+        try:
+            with filesystem.open_input_stream(f"{path}/{REPORT_NAME}") as stream:
+                earlier = json.loads(stream.read())
+            speeds = [r["output_tok_per_s"] for r in earlier["replicas"] if r["output_tok_per_s"]]
+        except (FileNotFoundError, KeyError, ValueError):
+            speeds = []
+        if speeds:
+            return sum(speeds) / len(speeds), f"measured: the earlier run's replicas, {output_path}/{REPORT_NAME}"
+    return DEFAULT_TOK_PER_S, DEFAULT_TOK_PER_S_SOURCE
+
+
+def inspect_input(cfg: Config, use_gpu: bool, output_path: str) -> dict:
+    """Everything a run checks before it starts, then every row formatted and tokenized. Raises
+    InputError (or ValueError for a bad flag) where the run would be refused."""
+    if cfg.deadline_hours is not None and not cfg.deadline_hours > 0:
+        raise ValueError(f"--deadline-hours must be > 0, got {cfg.deadline_hours}")
+    check_output_writable(output_path)
+    if not cfg.overwrite:
+        check_fingerprint(output_path, fingerprint(cfg, use_gpu))
+    done = set() if cfg.overwrite else written_ids(output_path, cfg.output_format)
+    ds = read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column, cfg.id_column, cfg.limit)
+    scan = scan_input(ds, cfg.id_column, done)
+    max_model_len = model_max_length(cfg.model, cfg.revision, engine_kwargs(cfg, use_gpu).get("max_model_len"))
+
+    ds = ds.filter(lambda row: row["id"] not in done) if done else ds
+    ds = ds.map_batches(**formatter_stage(cfg, use_gpu))
+    ds = ds.map_batches(row_budgets, batch_format="pyarrow",
+                        fn_kwargs={"job_sampling": cfg.sampling(), "max_model_len": max_model_len})
+    tokens, output_tokens, failing, examples = [], 0, {}, {}
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        tokens.append(batch["num_input_tokens"].to_numpy(zero_copy_only=False))
+        output_tokens += int(batch["max_output_tokens"].to_numpy().sum())
+        for row_id, error in zip(batch["id"].to_pylist(), batch["error"].to_pylist()):
+            if error is not None:
+                kind = failure_kind(error)
+                failing[kind] = failing.get(kind, 0) + 1
+                if len(examples.setdefault(kind, [])) < 5:  # a few ids to look at, not a second output
+                    examples[kind].append(row_id)
+    counts = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+    return {"rows": scan.rows, "already_done": scan.already_done, "to_run": int(counts.size), "use_gpu": use_gpu,
+            "duplicate_ids": 0,  # any duplicate refuses the input (InputError above)
+            "max_model_len": max_model_len,
+            "input_tokens": {"total": int(counts.sum()), "min": int(counts.min()) if counts.size else None,
+                             "median": float(np.median(counts)) if counts.size else None,
+                             "max": int(counts.max()) if counts.size else None,
+                             "histogram": token_histogram(counts)},
+            "failing": {"rows": sum(failing.values()), "by_reason": failing, "examples": examples},
+            "output_tokens_at_most": output_tokens}
+
+
+def histogram_png(histogram: list[dict], max_model_len: int | None, title: str) -> bytes:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    labels = [f"{b['from']}-{b['to']}" for b in histogram]
+    over = [max_model_len is not None and b["to"] >= max_model_len - 1 for b in histogram]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(labels, [b["rows"] for b in histogram], color=["#c44e52" if o else "#4c72b0" for o in over])
+    ax.bar_label(bars, fontsize=8)
+    ax.set_xlabel("input tokens per row (prompt format applied)" +
+                  (f"; red: reaches max_model_len {max_model_len}" if any(over) else ""))
+    ax.set_ylabel("rows")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title, fontsize=9)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def format_preflight(result: dict) -> str:
+    lines = [f"preflight: {result['input_path']} -> {result['output_path']}"]
+    if result["verdict"] == "refused":
+        return "\n".join(lines + [f"  verdict        refused (exit 2): {result['reason']}"])
+    tokens, failing, est = result["input_tokens"], result["failing"], result["estimate"]
+    lines += [f"  engine         {'GPU' if result['use_gpu'] else 'CPU (no GPU in this Ray cluster: the CPU engine settings apply)'}",
+              f"  rows           {result['rows']:,} ({result['already_done']:,} already done, "
+              f"{result['to_run']:,} to run)",
+              f"  duplicate ids  {result['duplicate_ids']}"]
+    if result["to_run"]:
+        lines.append(f"  input tokens   {tokens['total']:,} (min {tokens['min']:,}, median {tokens['median']:,.0f}, "
+                     f"max {tokens['max']:,}; max_model_len {result['max_model_len']})")
+        widest = max(b["rows"] for b in tokens["histogram"]) or 1
+        lines.append(f"  {'input tokens':<15} {'rows':>8}")
+        for b in tokens["histogram"]:
+            bar = "#" * math.ceil(40 * b["rows"] / widest)
+            lines.append(f"  {b['from']:>7,}-{b['to']:<7,} {b['rows']:>8,}  {bar}")
+    reasons = ", ".join(f"{n:,} {kind}" for kind, n in sorted(failing["by_reason"].items())) or "none"
+    lines += [f"  would fail     {failing['rows']:,} rows ({reasons}): {failing['fraction']:.1%} of the output's "
+              f"rows after the run; --max-error-fraction {result['max_error_fraction']}",
+              f"  output tokens  at most {est['output_tokens_at_most']:,} (each row's max_tokens, capped by "
+              "max_model_len)",
+              f"  throughput     {est['throughput_tok_per_s']:,.0f} output tok/s per replica "
+              f"({result['throughput_source']})",
+              f"  GPU-hours      {est['gpu_hours']:,.3f} at most ({est['gpus_per_replica']:g} GPU(s) per replica); "
+              f"{datetime.timedelta(seconds=round(est['hours_at_concurrency'] * 3600))} with --concurrency "
+              f"{est['concurrency']}, engine start excluded"]
+    if est["deadline_hours"] is not None:
+        lines.append(f"  deadline       {est['deadline_hours']:g} h needs {est['replicas_for_deadline']:,} "
+                     f"replica(s), {est['gpus_for_deadline']:g} GPU(s)")
+    verdict = "pass (exit 0)" if result["exit_code"] == 0 else f"{result['reason']} (exit 1)"
+    lines.append(f"  verdict        {verdict}")
+    return "\n".join(lines)
+
+
+def save_preflight(report_dir: str, result: dict) -> list[str]:
+    """preflight.json (and, once rows were tokenized, input_tokens.png) under `report_dir`."""
+    filesystem, path = resolve(report_dir)
+    files = {"preflight.json": json.dumps(result, indent=2).encode() + b"\n"}
+    if "input_tokens" in result:
+        title = (f"{result['to_run']:,} rows, {result['input_tokens']['total']:,} input tokens; "
+                 f"{result['failing']['rows']:,} would fail")
+        files["input_tokens.png"] = histogram_png(result["input_tokens"]["histogram"], result["max_model_len"], title)
+    for name, data in files.items():
+        commit_file(filesystem, f"{path}/{name}", data)
+    return [join(report_dir, name) for name in files]
+
+
+def run_preflight(cfg: Config, use_gpu: bool) -> int:
+    """`main.py --preflight`: check, estimate, print, write the report; the exit code the run would have."""
+    output_path = cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
+    report_dir = cfg.preflight_report_dir or join(output_path, PREFLIGHT_FOLDER)
+    result = {"input_path": cfg.input_path or "(the sample prompts)", "output_path": output_path,
+              "max_error_fraction": cfg.max_error_fraction}
+    try:
+        tok_per_s, source = replica_throughput(cfg, output_path)
+        result.update(inspect_input(cfg, use_gpu, output_path))
+    except Exception as error:  # refused as the run would refuse it (main.py: exit code 2)
+        reason = unwrap_input_error(error) or (error if isinstance(error, (ValueError, PermissionError)) else None)
+        if reason is not None:
+            result.update(verdict="refused", exit_code=2, reason=str(reason))
+            print(format_preflight(result))
+            try:
+                save_preflight(report_dir, result)
+            except OSError:
+                pass  # an unwritable output path is the refusal itself; the message says so
+        raise
+
+    earlier = {"ok": 0, "error": 0} if cfg.overwrite else output_counts(output_path, cfg.output_format)
+    failing, output_tokens = result["failing"], result.pop("output_tokens_at_most")
+    failing["fraction"] = (earlier["error"] + failing["rows"]) / max(1, earlier["ok"] + earlier["error"] + result["to_run"])
+    too_many = failing["fraction"] > cfg.max_error_fraction
+    result.update(
+        verdict="too many failing rows" if too_many else "pass", exit_code=1 if too_many else 0,
+        reason=(f"{failing['fraction']:.0%} of the output's rows would fail, more than --max-error-fraction "
+                f"{cfg.max_error_fraction} allows") if too_many else None,
+        throughput_source=source,
+        estimate=estimate(output_tokens, tok_per_s, gpus_per_replica(cfg), cfg.concurrency,
+                          cfg.deadline_hours))
+    print(format_preflight(result))
+    print(f"  report         {', '.join(save_preflight(report_dir, result))}")
+    return result["exit_code"]

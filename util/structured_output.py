@@ -1,0 +1,231 @@
+"""Structured output: vLLM's guided decoding for a whole job or for one row, and a check of each row's text.
+
+    from util.structured_output import job_spec, row_spec, vllm_params, output_error
+    spec = job_spec(json_schema="schema.json", regex=None, choice=[])     # {"json": {...schema...}}
+    spec = row_spec({"response_format": {"type": "json_object"}}, job=spec)  # {"json_object": True}
+    SamplingParams(max_tokens=256, structured_outputs=vllm_params(spec))
+    output_error({"json": schema}, '{"name": "Ad', "length")   # 'not valid JSON: ... (finish_reason length)'
+
+A spec is the keyword arguments of vLLM's `StructuredOutputsParams`, as ray.data.llm takes them in
+`sampling_params["structured_outputs"]`: exactly one of json (a JSON schema), regex, choice (a list of
+strings), grammar or json_object (true). The backend (xgrammar, guidance, ...) and whether JSON may hold
+free whitespace are the engine's, set by vLLM's `structured_outputs_config` engine argument; vLLM's
+per-request whitespace options have no effect, so a spec does not take them.
+
+A row asks for its own in its `sampling_params`, either as vLLM's `"structured_outputs": {...}` or as
+the OpenAI request body's `"response_format"`: `{"type": "json_schema", "json_schema": {"schema": {...}}}`,
+`{"type": "json_object"}`, or `{"type": "text"}` (no constraint, whatever the job's). A row that says
+neither gets the job's (--json-schema, --regex or --choice).
+
+Guided decoding makes every token fit the spec, but a row can still come out unfinished: cut off by
+max_tokens, or by a stop string. `output_error` says so for json and json_object (the text must parse,
+and for json validate against the schema), regex (the whole text must match, by Python's `re`) and
+choice (the text must be one of them). A grammar's text is not checked.
+
+Arrow fills in the keys a row lacks but another row of its file has, with nulls, when it reads JSON
+objects into a struct column; so a row's null-valued keys are dropped, in a JSON schema too. Give a
+row's schema as a JSON string (`"json": "{\\"type\\": ...}"`) to keep a keyword whose value is null.
+"""
+
+import functools
+import json
+import re
+
+KINDS = ("json", "regex", "choice", "grammar", "json_object")
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _check_json_schema(schema) -> dict:
+    from jsonschema import SchemaError
+    from jsonschema.validators import validator_for
+
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not valid JSON: {error}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as error:
+        raise ValueError(f"not a valid JSON schema: {error.message}") from None
+    return schema
+
+
+def _check_regex(pattern) -> str:
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"a regular expression must be a non-empty string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"not a valid regular expression: {error}") from None
+    return pattern
+
+
+def _check_choice(choices) -> list[str]:
+    if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"must be a non-empty list of strings, got {choices!r}")
+    return list(choices)
+
+
+def _check_grammar(grammar) -> str:
+    if not isinstance(grammar, str) or not grammar.strip():
+        raise ValueError(f"a grammar must be a non-empty string, got {grammar!r}")
+    return grammar
+
+
+def _check_json_object(value) -> bool:
+    if value is not True:
+        raise ValueError(f"must be true, got {value!r}")
+    return True
+
+
+CHECKS = {"json": _check_json_schema, "regex": _check_regex, "choice": _check_choice,
+          "grammar": _check_grammar, "json_object": _check_json_object}
+
+
+def check_spec(spec, where: str = "structured_outputs") -> dict:
+    """`spec` checked and normalized (a schema given as a string is parsed); ValueError naming `where`."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be an object, got {type(spec).__name__}")
+    spec = {k: v for k, v in spec.items() if v is not None}
+    unknown = sorted(set(spec) - set(KINDS))
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {', '.join(unknown)}; it takes exactly one of "
+                         f"{', '.join(KINDS)}")
+    if len(spec) != 1:
+        raise ValueError(f"{where} must have exactly one of {', '.join(KINDS)}; got {', '.join(spec) or 'none'}")
+    (kind, value), = spec.items()
+    try:
+        return {kind: CHECKS[kind](_without_nulls(value) if kind == "json" else value)}
+    except ValueError as error:
+        raise ValueError(f"{where}.{kind}: {error}") from None
+
+
+def _read_schema(json_schema: str):
+    """Inline JSON when it starts with `{`, else a file: local, s3:// or gs://."""
+    if json_schema.lstrip().startswith("{"):
+        try:
+            return json.loads(json_schema)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--json-schema: not valid JSON: {error}") from None
+    from util.storage import resolve
+
+    filesystem, path = resolve(json_schema)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            text = stream.read().decode("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--json-schema: no such file {json_schema} (pass a schema inline or a .json file)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--json-schema: {json_schema} is not valid JSON: {error}") from None
+
+
+def job_spec(json_schema: str | None, regex: str | None, choice: list[str] | None) -> dict | None:
+    """The job's spec from its flags (at most one of them), or None; ValueError naming the flag."""
+    given = {flag: value for flag, value in (("--json-schema", json_schema), ("--regex", regex),
+                                             ("--choice", choice or None)) if value is not None}
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} cannot be used together: pass at most one of "
+                         "--json-schema, --regex, --choice")
+    if not given:
+        return None
+    (flag, value), = given.items()
+    kind = {"--json-schema": "json", "--regex": "regex", "--choice": "choice"}[flag]
+    if flag == "--json-schema":
+        value = _read_schema(value)
+    try:
+        return {kind: CHECKS[kind](value)}
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
+
+
+def from_response_format(response_format) -> dict | None:
+    """OpenAI's `response_format` as a spec; None for {"type": "text"}."""
+    if not isinstance(response_format, dict):
+        raise ValueError(f"response_format must be an object, got {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind not in RESPONSE_FORMAT_TYPES:
+        raise ValueError(f"response_format.type must be one of {', '.join(RESPONSE_FORMAT_TYPES)}; got {kind!r}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    if schema is None:
+        raise ValueError("response_format.json_schema.schema is missing")
+    try:
+        return {"json": _check_json_schema(_without_nulls(schema))}
+    except ValueError as error:
+        raise ValueError(f"response_format.json_schema.schema: {error}") from None
+
+
+def row_spec(override: dict, job: dict | None = None) -> dict | None:
+    """The spec one row runs with: its own `structured_outputs` or `response_format` (of its
+    sampling_params, nulls already dropped), else the job's. ValueError when the row's is invalid."""
+    if "structured_outputs" in override and "response_format" in override:
+        raise ValueError("give structured_outputs or response_format, not both")
+    if "response_format" in override:
+        return from_response_format(override["response_format"])
+    if "structured_outputs" in override:
+        return check_spec(override["structured_outputs"])
+    return job
+
+
+def vllm_params(spec: dict | None):
+    """vLLM's StructuredOutputsParams for a spec (None for none)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(**spec) if spec else None
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema_json: str):
+    from jsonschema.validators import validator_for
+
+    schema = json.loads(schema_json)
+    return validator_for(schema)(schema)
+
+
+def _problem(spec: dict, text: str) -> str | None:
+    if "json" in spec or "json_object" in spec:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            return f"not valid JSON: {error}"
+        if "json" in spec:
+            from jsonschema.exceptions import best_match
+
+            schema = spec["json"] if isinstance(spec["json"], dict) else json.loads(spec["json"])
+            mismatch = best_match(_validator(json.dumps(schema, sort_keys=True)).iter_errors(value))
+            if mismatch is not None:
+                return f"does not match the JSON schema at {mismatch.json_path}: {mismatch.message}"
+    elif "regex" in spec:
+        if not re.fullmatch(spec["regex"], text):
+            return f"does not match the regex {spec['regex']!r}"
+    elif "choice" in spec:
+        if text not in spec["choice"]:
+            return f"not one of the {len(spec['choice'])} choices"
+    return None  # a grammar: no parser here to check it with
+
+
+def output_error(spec: dict | None, text: str | None, finish_reason: str | None) -> str | None:
+    """Why a row's text does not conform to its spec, or None when it does (or there was no spec).
+    A row that stopped for any reason but its own end says so: `... (finish_reason length)`."""
+    if not spec or text is None:
+        return None
+    problem = _problem(spec, text)
+    if problem and finish_reason not in (None, "stop"):
+        problem += f" (finish_reason {finish_reason})"
+    return problem

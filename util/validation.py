@@ -1,0 +1,141 @@
+"""Refuse bad input before any model stage starts: an output path that cannot be written, input files
+that cannot be read or parsed, duplicate ids.
+
+    from util.validation import check_output_writable, scan_input
+    check_output_writable("s3://bucket/run/")          # InputError if the path cannot be written
+    scan = scan_input(ds, id_column="uid", done=set())  # reads the input once; InputError on bad input
+    print(scan.rows, scan.already_done)
+
+Both raise util.reading.InputError, whose message names the path, file and line, or column.
+"""
+
+import os
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+import ray
+
+from util.reading import InputError, unwrap_input_error
+from util.storage import is_remote, join, resolve
+
+
+def _reason(error: OSError) -> str:
+    return os.strerror(error.errno) if error.errno else str(error)
+
+
+def check_output_writable(output_path: str) -> None:
+    """Create a small file under `output_path` and delete it again (on S3: start an upload and abort it);
+    InputError if that fails. Nothing stays: no probe file, no folder the probe created, no S3 marker object."""
+    try:
+        if urlparse(output_path).scheme == "s3":
+            _probe_s3(output_path)
+        else:
+            _probe_filesystem(output_path)
+    except InputError as error:
+        raise InputError(f"output path {output_path} is not writable: {error}") from None
+    except OSError as error:
+        raise InputError(f"output path {output_path} is not writable: {_reason(error)}") from None
+
+
+def _probe_name() -> str:
+    # A dot first: if the probe ever stayed, readers of the output (pyarrow datasets, Ray) would skip it.
+    return f".write-probe-{uuid.uuid4().hex[:12]}"
+
+
+def _probe_filesystem(output_path: str) -> None:
+    filesystem, path = resolve(output_path)
+    if is_remote(output_path):  # gs://: no folders to create
+        _write_and_delete(filesystem, join(path, _probe_name()))
+        return
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        raise InputError("it is a file, not a folder")
+    first_missing, parent = None, path
+    while filesystem.get_file_info(parent).type == pafs.FileType.NotFound and parent != os.path.dirname(parent):
+        first_missing, parent = parent, os.path.dirname(parent)
+    try:
+        filesystem.create_dir(path, recursive=True)
+        _write_and_delete(filesystem, join(path, _probe_name()))
+    finally:
+        # A refused (or later failed) run must not leave an empty output folder that looks like a result.
+        if first_missing and filesystem.get_file_info(first_missing).type == pafs.FileType.Directory:
+            filesystem.delete_dir(first_missing)
+
+
+def _write_and_delete(filesystem: pafs.FileSystem, probe: str) -> None:
+    with filesystem.open_output_stream(probe) as stream:
+        stream.write(b"probe")
+    filesystem.delete_file(probe)
+
+
+def _probe_s3(output_path: str) -> None:
+    """Start a multipart upload, the first request Ray's writer makes, and abort it. Unlike writing and
+    deleting an object, this leaves nothing: pyarrow's delete_file writes a marker object for the folder
+    it deleted from, and a versioned bucket would keep the deleted object."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    parsed = urlparse(output_path)
+    bucket = parsed.netloc.rpartition("@")[2]
+    key = "/".join(part for part in (parsed.path.strip("/"), _probe_name()) if part)
+    anonymous = BotoConfig(signature_version=UNSIGNED) if parsed.username == "anonymous" else None
+    # boto3 reads AWS_ENDPOINT_URL(_S3) itself; the region matters only for a custom endpoint's signature.
+    client = boto3.client("s3", config=anonymous,
+                          region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+    try:
+        upload = client.create_multipart_upload(Bucket=bucket, Key=key)
+    except ClientError as error:
+        raise InputError(error.response.get("Error", {}).get("Message") or str(error)) from None
+    except BotoCoreError as error:  # no credentials, no connection
+        raise InputError(str(error)) from None
+    try:
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+    except (ClientError, BotoCoreError):
+        pass  # the path is writable; an unfinished upload is no object, and bucket lifecycle rules expire it
+
+
+@dataclass
+class InputScan:
+    rows: int  # input rows (after --limit)
+    already_done: int  # how many of them have ids in `done`
+
+
+def scan_input(ds: ray.data.Dataset, id_column: str | None, done: set[str]) -> InputScan:
+    """Read the input's `id` column once, on the driver, before any model stage is added, so that every
+    file-level error (malformed JSONL, non-UTF-8, a missing column, an empty or unreadable file) and
+    every duplicate id stops the run now. Memory: one set of ids (none without an id column: derived
+    ids hold file and line, so they cannot collide)."""
+    seen: set[str] = set()
+    rows = already_done = 0
+    for ids in _id_batches(ds):
+        rows += len(ids)
+        if done:
+            already_done += sum(1 for value in ids if value in done)
+        if not id_column:
+            continue
+        for value in ids:
+            if value in seen:
+                # A file's own duplicates are refused while it is read (util.reading), with both lines.
+                raise InputError(f"duplicate id '{value}' in column '{id_column}': two input files hold it")
+            if value is not None:
+                seen.add(value)
+    return InputScan(rows=rows, already_done=already_done)
+
+
+def _id_batches(ds: ray.data.Dataset):
+    """The `id` column, block by block; a worker's reading error comes out as an InputError."""
+    try:
+        for batch in ds.select_columns(["id"]).iter_batches(batch_format="pyarrow", batch_size=None):
+            yield batch["id"].to_pylist()
+    except Exception as error:
+        input_error = unwrap_input_error(error)
+        if input_error is not None:
+            raise input_error from None
+        cause = getattr(error, "cause", error)  # Ray's wrapper keeps the worker's exception as `cause`
+        if isinstance(cause, OSError):  # Ray's read task could not open a file: permissions, a vanished file
+            raise InputError(f"an input file is not readable: {cause.strerror or cause}") from None
+        raise
