@@ -245,7 +245,7 @@ def test_folder_without_input_files(tmp_path):
     (tmp_path / "README.md").write_text("no prompts here\n", encoding="utf-8")
     with pytest.raises(InputError, match=rf"^{tmp_path}: no files ending in \.csv in this folder$"):
         read_prompts(str(tmp_path), input_format="csv")
-    with pytest.raises(InputError, match=r"^unknown input format 'xml'; use auto, text, jsonl, csv, parquet$"):
+    with pytest.raises(InputError, match=r"^unknown input format 'xml'; use auto, text, jsonl, csv, parquet, openai$"):
         read_prompts(str(tmp_path), input_format="xml")
 
 

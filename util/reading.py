@@ -210,7 +210,8 @@ def read_prompts(source: str | list, input_format: str = "auto", text_column: st
             detect_format(path, input_format)
             extensions = None
         else:  # a folder: only files of the format, so a stray README.md does not fail the run
-            extensions = sum(EXTENSIONS.values(), []) if input_format == "auto" else EXTENSIONS[input_format]
+            extensions = (list(dict.fromkeys(sum(EXTENSIONS.values(), []))) if input_format == "auto"
+                          else EXTENSIONS[input_format])
         try:  # Ray lists the files now, on the driver
             ds = ray.data.read_binary_files(path, filesystem=filesystem, include_paths=True,
                                             file_extensions=extensions)
