@@ -24,15 +24,14 @@ import ray
 from util.accelerator import choose_accelerator
 from util.config import Config, parse_args, smoke_config
 from util.hf_token import prompt_for_hugging_face_token, worker_runtime_env
-from util.manifest import (Manifest, check_accounting, check_fingerprint, failure_reason, fingerprint,
-                           model_provenance, over_error_budget)
-from util.output import delete_output, output_counts, sample_rows, write_results, written_ids
+from util.manifest import Manifest, check_accounting, failure_reason, model_provenance, over_error_budget
+from util.output import delete_output, output_counts, sample_rows, write_results
 from util.preflight import run_preflight
-from util.reading import SAMPLE_PROMPTS, read_prompts, unwrap_input_error
+from util.reading import refusal_reason
 from util.report import ProgressReporter, format_report, gpus_held, write_report
 from util.stages import formatter_stage, predictor_stage
 from util.storage import generate_output_path
-from util.validation import check_output_writable, scan_input
+from util.validation import check_before_run
 
 
 def run(cfg: Config) -> int:
@@ -47,23 +46,16 @@ def run(cfg: Config) -> int:
     if cfg.preflight:  # check the input and estimate the run, on CPU, without an engine (util/preflight.py)
         return run_preflight(cfg, choice.use_gpu)
 
-    # 2. Read. One row per prompt, each with a stable id. Nothing runs yet: Ray Data is lazy.
-    ds = read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column,
-                      cfg.id_column, cfg.limit)
-
-    # 3. Check everything before any output is written or any GPU is taken. The output path has no
-    #    random part, so a re-run (or a job retry) resumes its output: ids already written are skipped,
-    #    provided the output was generated with the same settings.
+    # 2. Read (one row per prompt, each with a stable id; Ray Data is lazy) and check everything before
+    #    any output is written or any GPU is taken: the output path can be written, the input reads
+    #    cleanly with unique ids (read once, here). The output path has no random part, so a re-run (or a
+    #    job retry) resumes its output, skipping ids already written, if it was made with the same settings.
     output_path = cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
-    check_output_writable(output_path)
-    settings = fingerprint(cfg, choice.use_gpu)
-    if not cfg.overwrite:
-        check_fingerprint(output_path, settings)
-    done = set() if cfg.overwrite else written_ids(output_path, cfg.output_format)
-    scan = scan_input(ds, cfg.id_column, done)  # reads the input once: bad files and duplicate ids fail here
+    checked = check_before_run(cfg, choice.use_gpu, output_path)
+    ds, done, scan = checked.ds, checked.done, checked.scan
     if cfg.overwrite:
         delete_output(output_path)
-    manifest = Manifest(output_path, settings, choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU"),
+    manifest = Manifest(output_path, checked.settings, choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU"),
                         model_provenance(cfg))  # versions, model commit, prompt format: how rows were made
     manifest.start(input=scan.rows, already_done=scan.already_done)
 
@@ -113,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(cfg)
     except Exception as error:  # bad input, a gated model without a token: a clear message, exit code 2
-        reason = unwrap_input_error(error) or (error if isinstance(error, (ValueError, PermissionError)) else None)
+        reason = refusal_reason(error)
         if reason is None:
             raise  # a crash: the traceback, exit code 1
         print(f"error: {reason}", file=sys.stderr)

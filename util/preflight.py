@@ -30,15 +30,14 @@ import numpy as np
 import pyarrow as pa
 
 from util.config import Config
-from util.manifest import check_fingerprint, fingerprint
-from util.output import commit_file, output_counts, written_ids
+from util.output import commit_file, output_counts
 from util.predictor import rows_sampling
 from util.prompt_format import model_max_length
-from util.reading import SAMPLE_PROMPTS, read_prompts, unwrap_input_error
+from util.reading import refusal_reason
 from util.report import REPORT_NAME, gpus_per_replica
 from util.stages import engine_kwargs, formatter_stage
 from util.storage import generate_output_path, join, resolve
-from util.validation import check_output_writable, scan_input
+from util.validation import check_before_run
 
 PREFLIGHT_FOLDER = "_preflight"
 # BENCHMARKS.md's measured number for this pipeline's shipped defaults: one replica on 1x H100, a
@@ -121,12 +120,8 @@ def inspect_input(cfg: Config, use_gpu: bool, output_path: str) -> dict:
     InputError (or ValueError for a bad flag) where the run would be refused."""
     if cfg.deadline_hours is not None and not cfg.deadline_hours > 0:
         raise ValueError(f"--deadline-hours must be > 0, got {cfg.deadline_hours}")
-    check_output_writable(output_path)
-    if not cfg.overwrite:
-        check_fingerprint(output_path, fingerprint(cfg, use_gpu))
-    done = set() if cfg.overwrite else written_ids(output_path, cfg.output_format)
-    ds = read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column, cfg.id_column, cfg.limit)
-    scan = scan_input(ds, cfg.id_column, done)
+    checked = check_before_run(cfg, use_gpu, output_path)  # as main.py checks before a run
+    ds, done, scan = checked.ds, checked.done, checked.scan
     max_model_len = model_max_length(cfg.model, cfg.revision, engine_kwargs(cfg, use_gpu).get("max_model_len"))
 
     ds = ds.filter(lambda row: row["id"] not in done) if done else ds
@@ -239,7 +234,7 @@ def run_preflight(cfg: Config, use_gpu: bool) -> int:
         tok_per_s, source = replica_throughput(cfg, output_path)
         result.update(inspect_input(cfg, use_gpu, output_path))
     except Exception as error:  # refused as the run would refuse it (main.py: exit code 2)
-        reason = unwrap_input_error(error) or (error if isinstance(error, (ValueError, PermissionError)) else None)
+        reason = refusal_reason(error)
         if reason is not None:
             result.update(verdict="refused", exit_code=2, reason=str(reason))
             print(format_preflight(result))

@@ -65,6 +65,12 @@ def unwrap_input_error(exc: BaseException) -> InputError | None:
     return InputError(text[start + len("InputError: "):].split("\n\n")[0].strip())
 
 
+def refusal_reason(exc: BaseException) -> Exception | None:
+    """Why a run is refused (exit code 2): bad input, a bad flag value, or a gated model without a
+    token. None for anything else, which is a crash."""
+    return unwrap_input_error(exc) or (exc if isinstance(exc, (ValueError, PermissionError)) else None)
+
+
 def _reason(error: OSError) -> str:
     return os.strerror(error.errno) if error.errno else str(error)
 

@@ -1,7 +1,8 @@
 """Refuse bad input before any model stage starts: an output path that cannot be written, input files
 that cannot be read or parsed, duplicate ids.
 
-    from util.validation import check_output_writable, scan_input
+    from util.validation import check_before_run, check_output_writable, scan_input
+    checked = check_before_run(cfg, use_gpu=True, output_path="s3://bucket/run/")  # all of the below, in order
     check_output_writable("s3://bucket/run/")          # InputError if the path cannot be written
     scan = scan_input(ds, id_column="uid", done=set())  # reads the input once; InputError on bad input
     print(scan.rows, scan.already_done)
@@ -96,6 +97,31 @@ def _probe_s3(output_path: str) -> None:
         client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
     except (ClientError, BotoCoreError):
         pass  # the path is writable; an unfinished upload is no object, and bucket lifecycle rules expire it
+
+
+@dataclass
+class CheckedRun:
+    ds: ray.data.Dataset  # the input, lazy
+    done: set[str]  # ids already in the output
+    scan: "InputScan"
+    settings: dict  # the fingerprint the output is (or will be) made with
+
+
+def check_before_run(cfg, use_gpu: bool, output_path: str) -> CheckedRun:
+    """Everything a run checks before it writes a row or takes a GPU: the output path can be written,
+    an earlier output there was made with the same settings (unless --overwrite), and the input reads
+    cleanly, once, with unique ids. Raises InputError where the run must be refused."""
+    from util.manifest import check_fingerprint, fingerprint
+    from util.output import written_ids
+    from util.reading import SAMPLE_PROMPTS, read_prompts
+
+    ds = read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column, cfg.id_column, cfg.limit)
+    check_output_writable(output_path)
+    settings = fingerprint(cfg, use_gpu)
+    if not cfg.overwrite:
+        check_fingerprint(output_path, settings)
+    done = set() if cfg.overwrite else written_ids(output_path, cfg.output_format)
+    return CheckedRun(ds, done, scan_input(ds, cfg.id_column, done), settings)
 
 
 @dataclass
