@@ -28,8 +28,8 @@ from util.manifest import Manifest, check_accounting, failure_reason, model_prov
 from util.output import delete_output, output_counts, sample_rows, write_results
 from util.preflight import run_preflight
 from util.reading import refusal_reason
+from util.pipeline import build_pipeline
 from util.report import ProgressReporter, format_report, gpus_held, write_report
-from util.stages import formatter_stage, predictor_stage
 from util.storage import generate_output_path
 from util.validation import check_before_run
 
@@ -44,15 +44,15 @@ def run(cfg: Config) -> int:
     ray.init(runtime_env=worker_runtime_env(token))
     choice = choose_accelerator(cfg.accelerator_type)
     if cfg.preflight:  # check the input and estimate the run, on CPU, without an engine (util/preflight.py)
-        return run_preflight(cfg, choice.use_gpu)
+        return run_preflight(cfg, choice)
 
-    # 2. Read (one row per prompt, each with a stable id; Ray Data is lazy) and check everything before
-    #    any output is written or any GPU is taken: the output path can be written, the input reads
-    #    cleanly with unique ids (read once, here). The output path has no random part, so a re-run (or a
-    #    job retry) resumes its output, skipping ids already written, if it was made with the same settings.
+    # 2. Check everything before any output is written or any GPU is taken: the output path can be
+    #    written, the input reads cleanly with unique ids (one distributed pass, util/scan.py). The output
+    #    path has no random part, so a re-run (or a job retry) resumes its output, skipping ids already
+    #    written, if it was made with the same settings.
     output_path = cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
     checked = check_before_run(cfg, choice.use_gpu, output_path)
-    ds, done, scan = checked.ds, checked.done, checked.scan
+    done, scan = checked.done, checked.scan
     if cfg.overwrite:
         delete_output(output_path)
     manifest = Manifest(output_path, checked.settings, choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU"),
@@ -60,22 +60,21 @@ def run(cfg: Config) -> int:
     manifest.start(input=scan.rows, already_done=scan.already_done)
 
     try:
-        # 4. Format (the model's chat template, tokenized once, on CPU), generate (`concurrency` vLLM
-        #    replicas, several batches in flight each), write. Execution streams: all stages overlap,
-        #    and each write task commits its file whole, so a killed run resumes from what it wrote.
+        # 3. Read, drop rows already written, format (the model's chat template, tokenized once, on CPU),
+        #    generate (`concurrency` vLLM replicas, several batches in flight each), write. Execution
+        #    streams: all stages overlap, and each write task commits its file whole, so a killed run
+        #    resumes from what it wrote.
         started, written = time.perf_counter(), {"ok": 0, "error": 0, "input_tokens": 0, "output_tokens": 0}
         report = None
         if scan.rows > scan.already_done:
-            ds = ds.filter(lambda row: row["id"] not in done) if done else ds
-            ds = ds.map_batches(**formatter_stage(cfg, choice.use_gpu))
-            ds = ds.map_batches(**predictor_stage(cfg, choice))
+            ds = build_pipeline(cfg, choice, done)
             with ProgressReporter(scan.rows - scan.already_done, cfg.progress_interval_s,
                                   gpus_held(cfg, choice)) as progress:  # replicas report each batch to it
                 written = write_results(ds, output_path, cfg.output_format)
             report = progress.report(written)
         elapsed = time.perf_counter() - started
 
-        # 5. Account for every input row (written now, ok or failed, or already there), then the error budget.
+        # 4. Account for every input row (written now, ok or failed, or already there), then the error budget.
         check_accounting(scan.rows, written, scan.already_done)
         output = output_counts(output_path, cfg.output_format)
         failure = over_error_budget(output, cfg.max_error_fraction, output_path)
@@ -84,7 +83,7 @@ def run(cfg: Config) -> int:
         raise
     manifest.finish(written["ok"], written["error"], output, failure)
 
-    # 6. Report.
+    # 5. Report.
     if written["ok"] + written["error"]:
         for row in sample_rows(output_path, cfg.output_format):
             print({k: row[k] for k in ("id", "generated_text", "finish_reason", "num_generated_tokens", "error")})

@@ -34,8 +34,8 @@ from util.accelerator import choose_accelerator
 from util.config import Config, parse_engine_arg
 from util.predictor import LLMPredictor, SyncLLMPredictor, row_sampling
 from util.prompt_format import PromptFormatter
-from util.reading import read_prompts
-from util.stages import CPU_ENV_VARS, engine_kwargs, formatter_stage, predictor_stage
+from util.pipeline import build_pipeline
+from util.stages import CPU_ENV_VARS, engine_kwargs
 from util.tiny_model import build_model_dir, tiny_model_dir
 
 # vLLM arguments every design shares: dummy weights, and the offline batch limits for an 80 GB card.
@@ -86,8 +86,7 @@ def run_raw(model: str, rows: list[dict], engine: dict, sampling: dict) -> dict:
 def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor) -> dict:
     choice = choose_accelerator("any")
     began = time.time()
-    ds = read_prompts(rows, id_column="id").map_batches(**formatter_stage(cfg, choice.use_gpu))
-    ds = ds.map_batches(**predictor_stage(cfg, choice, predictor=predictor))
+    ds = build_pipeline(dataclasses.replace(cfg, id_column="id"), choice, source=rows, predictor=predictor)
     table = ds.select_columns(["num_generated_tokens", "t_start", "t_end"]).to_arrow_refs()
     table = pa.concat_tables(ray.get(table))
     first, last = min(table["t_start"].to_pylist()), max(table["t_end"].to_pylist())

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from util.reading import InputError, read_prompts, unwrap_input_error
+from util.reading import PromptFiles, InputError, list_files, read_prompts, unwrap_input_error
+from util.scan import scan_input
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,9 +36,8 @@ def write_jsonl(path, records) -> str:
 
 def input_error(ds) -> InputError:
     """Run `ds`; the InputError that a worker raised, recovered from what reaches the driver."""
-    with pytest.raises(ray.exceptions.RayTaskError) as info:
+    with pytest.raises(ray.exceptions.RayTaskError) as info:  # Ray's wrapper: main.py unwraps it
         ds.take_all()
-    assert not isinstance(info.value, InputError)  # Ray wraps it: main.py needs unwrap_input_error
     error = unwrap_input_error(info.value)
     assert type(error) is InputError
     return error
@@ -66,13 +66,13 @@ def test_items_dicts_pass_extra_columns_through():
 
 # --- text files ---
 
-def test_text_file_ids_name_file_and_line_and_skip_blank_lines(tmp_path):
+def test_text_file_ids_name_file_and_byte_offset_and_skip_blank_lines(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("first\n\nthird\n   \nfifth", encoding="utf-8")
     out = rows(read_prompts(str(path)))
     assert [r["text"] for r in out] == ["first", "third", "fifth"]
-    assert [r["id"] for r in out] == [f"prompts.txt:1:{h8('first')}", f"prompts.txt:3:{h8('third')}",
-                                      f"prompts.txt:5:{h8('fifth')}"]
+    assert [r["id"] for r in out] == [f"prompts.txt:0:{h8('first')}", f"prompts.txt:7:{h8('third')}",
+                                      f"prompts.txt:17:{h8('fifth')}"]
 
 
 def test_text_lines_split_on_newlines_only(tmp_path):
@@ -82,7 +82,48 @@ def test_text_lines_split_on_newlines_only(tmp_path):
     path.write_bytes("\ufeffone\u2028two\r\nthree\x0cfour\r\n".encode("utf-8"))
     out = rows(read_prompts(str(path)))
     assert [r["text"] for r in out] == ["one\u2028two", "three\x0cfour"]
-    assert [r["id"].split(":")[1] for r in out] == ["1", "2"]
+    assert [r["id"].split(":")[1] for r in out] == ["0", "14"]  # byte offsets: the mark is 3 bytes
+
+
+def test_byte_ranges_give_every_line_once_whatever_the_cut(tmp_path):
+    """A file cut into ranges of a few bytes, so lines cross every boundary: the rows are those of
+    reading it whole, each id's offset is a line start, and a two-byte character is never split."""
+    lines = [json.dumps({"text": "\u00e9" * (i % 7) + f"#{i}"}, ensure_ascii=False) if i % 4 else ""
+             for i in range(60)]
+    path = tmp_path / "cut.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")  # no newline at the end
+    expected = [json.loads(line)["text"] for line in lines if line]
+    raw = path.read_bytes()
+    files, root = list_files(str(path))
+    for chunk_bytes in (1, 5, 64, len(raw) - 1, len(raw)):
+        ds = ray.data.read_datasource(PromptFiles(str(path), files, root, "auto", "text", None,
+                                                  chunk_bytes=chunk_bytes))
+        out = sorted(rows(ds), key=lambda r: int(r["id"].split(":")[1]))
+        assert [r["text"] for r in out] == expected, chunk_bytes
+        assert all(raw[int(r["id"].split(":")[1]) - 1:int(r["id"].split(":")[1])] in (b"", b"\n") for r in out)
+
+
+def test_malformed_line_in_a_later_range_names_its_line(tmp_path):
+    path = tmp_path / "late.jsonl"
+    path.write_text('{"text": "a"}\n' * 50 + '{"text": oops}\n', encoding="utf-8")
+    files, root = list_files(str(path))
+    ds = ray.data.read_datasource(PromptFiles(str(path), files, root, "auto", "text", None, chunk_bytes=100))
+    assert str(input_error(ds)) == f"{path}:51: malformed JSON (Expecting value at column 10)"
+
+
+def test_one_file_reaches_the_model_stage_in_batches(tmp_path):
+    """The reader's blocks are cut to the predictor's batch size, so one file feeds every replica."""
+    path = write_jsonl(tmp_path / "big.jsonl", [{"text": f"p{i}"} for i in range(1000)])
+    ds = read_prompts(path).repartition(target_num_rows_per_block=128)
+    sizes = [ray.get(ref).num_rows for ref in ds.to_arrow_refs()]
+    assert sum(sizes) == 1000 and max(sizes) <= 2 * 128 and len(sizes) >= 1000 // 256
+
+
+def test_limit_leaves_the_global_data_context_alone(tmp_path):
+    context = ray.data.DataContext.get_current()
+    before = context.execution_options.preserve_order
+    assert len(rows(read_prompts(os.path.join(REPO, "assets", "prompts_100.txt"), limit=3))) == 3
+    assert ray.data.DataContext.get_current().execution_options.preserve_order == before
 
 
 def test_prompts_100_asset_gives_100_unique_ids():
@@ -101,7 +142,8 @@ def test_jsonl_custom_text_column_and_extra_columns(tmp_path):
     assert [r["question"] for r in out] == ["why?", "how?"]
     assert [r["topic"] for r in out] == ["sky", "sea"]
     assert out[1]["meta"] == {"n": 1}
-    assert [r["id"] for r in out] == [f"qs.jsonl:1:{h8('why?')}", f"qs.jsonl:2:{h8('how?')}"]
+    second = len(json.dumps({"question": "why?", "topic": "sky"})) + 1
+    assert [r["id"] for r in out] == [f"qs.jsonl:0:{h8('why?')}", f"qs.jsonl:{second}:{h8('how?')}"]
 
 
 def test_jsonl_string_holding_line_separator_is_one_row(tmp_path):
@@ -154,9 +196,10 @@ def test_folder_of_jsonl_files_ids_include_relative_file_name(tmp_path):
     (folder / "_SUCCESS").write_text("", encoding="utf-8")
     out = rows(read_prompts(str(folder) + "/"))
     ids = sorted(r["id"] for r in out)
-    assert ids == sorted([f"a.jsonl:1:{h8('same')}", f"a.jsonl:2:{h8('a2')}", f"b.jsonl:1:{h8('same')}",
-                          f"sub/c.jsonl:1:{h8('same')}"])
-    assert {r["id"]: r.get("extra") for r in out}[f"b.jsonl:1:{h8('same')}"] == "b"
+    second = len(json.dumps({"text": "same"})) + 1
+    assert ids == sorted([f"a.jsonl:0:{h8('same')}", f"a.jsonl:{second}:{h8('a2')}", f"b.jsonl:0:{h8('same')}",
+                          f"sub/c.jsonl:0:{h8('same')}"])
+    assert {r["id"]: r.get("extra") for r in out}[f"b.jsonl:0:{h8('same')}"] == "b"
 
 
 def test_limit_takes_the_first_rows_in_file_order(tmp_path):
@@ -209,16 +252,34 @@ def test_empty_file_is_an_input_error_naming_it(tmp_path):
         read_prompts([])
 
 
-def test_duplicate_id_in_one_file_names_both_rows(tmp_path):
+def scan_error(source, **options) -> str:
+    with pytest.raises(InputError) as info:
+        source = source if isinstance(source, list) else str(source)
+        scan_input(read_prompts(source, with_where=True, **options), options.get("id_column"), None,
+                   None if isinstance(source, list) else str(source))
+    return str(info.value)
+
+
+def test_duplicate_id_names_both_rows_by_line(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("key,text\n007,a\n7,b\n8,c\n7,d\n", encoding="utf-8")  # "007" and "7" differ
-    assert str(input_error(read_prompts(str(path), id_column="key"))) == \
-        "duplicate id '7' in column 'key': p.csv:2 and p.csv:4"
-    jsonl = write_jsonl(tmp_path / "n.jsonl", [{"uid": 1, "text": "a"}, {"text": "b"}, {"text": "c"}])
-    assert [r["id"] for r in rows(read_prompts(jsonl, id_column="uid"))] == ["1", None, None]  # missing: not equal
-    with pytest.raises(InputError, match=r"^duplicate id 'a' in column 'uid': items:1 and items:3$"):
-        read_prompts([{"uid": "a", "text": "x"}, {"uid": "b", "text": "y"}, {"uid": "a", "text": "z"}],
-                     id_column="uid")
+    assert scan_error(path, id_column="key") == "duplicate id '7' in column 'key': p.csv:2 and p.csv:4"
+    jsonl = write_jsonl(tmp_path / "d.jsonl", [{"uid": 1, "text": "a"}, {"uid": 2, "text": "b"}, {"uid": 1, "text": "c"}])
+    assert scan_error(jsonl, id_column="uid") == "duplicate id '1' in column 'uid': d.jsonl:1 and d.jsonl:3"
+    nulls = write_jsonl(tmp_path / "n.jsonl", [{"uid": 1, "text": "a"}, {"text": "b"}, {"text": "c"}])
+    assert [r["id"] for r in rows(read_prompts(nulls, id_column="uid"))] == ["1", None, None]
+    scan = scan_input(read_prompts(nulls, id_column="uid", with_where=True), "uid", None, nulls)
+    assert (scan.rows, scan.already_done) == (3, 0)  # missing ids are not equal to each other
+    assert scan_error([{"uid": "a", "text": "x"}, {"uid": "b", "text": "y"}, {"uid": "a", "text": "z"}],
+                      id_column="uid") == "duplicate id 'a' in column 'uid': items:1 and items:3"
+
+
+def test_duplicate_id_across_files_names_both(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"uid": "x", "text": "1"}, {"uid": "y", "text": "2"}])
+    write_jsonl(folder / "b.jsonl", [{"uid": "z", "text": "3"}, {"uid": "y", "text": "4"}])
+    assert scan_error(folder, id_column="uid") == "duplicate id 'y' in column 'uid': a.jsonl:2 and b.jsonl:2"
 
 
 def test_corrupt_parquet_is_an_input_error(tmp_path):

@@ -93,7 +93,7 @@ class AcceleratorChoice:
         if not self.use_gpu:
             # A fraction of a CPU: on a small machine a whole one per replica would leave no CPU
             # for the read and write tasks, and the pipeline would stall. vLLM uses its own threads.
-            return {"num_cpus": 0.5}
+            return {"num_cpus": 0.5}  # util/stages.py CPU_REPLICA_CPUS
         constraint = {"accelerator_type": self.accelerator_type} if self.accelerator_type else {}
         return {"num_gpus": gpus_per_replica, **constraint}
 

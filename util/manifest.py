@@ -32,7 +32,7 @@ import ray
 
 from util.config import Config
 from util.output import MANIFEST_NAME, commit_file
-from util.reading import InputError
+from util.reading import ID_SCHEME, InputError
 from util.stages import engine_kwargs
 from util.storage import resolve
 
@@ -41,6 +41,7 @@ def fingerprint(cfg: Config, use_gpu: bool = True) -> dict:
     """The settings that decide a row's output; a run that resumes an output must have the same."""
     settings = {"model": cfg.model, "revision": cfg.revision, "prompt_format": cfg.prompt_format,
                 "system_prompt": cfg.system_prompt, "text_column": cfg.text_column, "id_column": cfg.id_column,
+                "id_scheme": None if cfg.id_column else ID_SCHEME,
                 "output_format": cfg.output_format, "sampling": cfg.sampling(),
                 "engine": engine_kwargs(cfg, use_gpu)}
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the file: tuples are lists

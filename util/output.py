@@ -71,6 +71,7 @@ OPENAI_RECORD_KEYS = pa.schema([("custom_id", pa.string()),
                                 ("error", pa.struct([("code", pa.string()), ("message", pa.string())]))])
 TEMP_SUFFIX = ".tmp"
 MANIFEST_NAME = "_manifest.json"  # written by util/manifest.py
+WRITE_CPUS = 0.5  # a write task's CPU share (util/stages.py TASK_CPUS)
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -205,7 +206,7 @@ def write_results(ds: ray.data.Dataset, output_path: str, output_format: str = "
     sink = ResultsDatasink(output_path, output_format, write_id)
     existed = sink.filesystem.get_file_info(sink.path).type != pafs.FileType.NotFound
     try:
-        ds.write_datasink(sink)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
     except BaseException:
         # A run that failed before writing a row leaves no empty output folder that looks like a result.
         # Folders are made only for a file's sake (object stores have none), so only a local one can be left.
@@ -230,27 +231,21 @@ def read_results(output_path: str, output_format: str = "parquet") -> ray.data.D
     return ray.data.read_parquet(path, filesystem=filesystem, file_extensions=["parquet"])
 
 
-def _dataset(output_path: str, output_format: str) -> pads.Dataset | None:
+def output_dataset(output_path: str, output_format: str = "parquet") -> tuple[pads.Dataset | None, str]:
+    """The output's committed files as a pyarrow dataset (None when there are none), and its id column."""
     filesystem, files = data_files(output_path, output_format)
+    id_column = "custom_id" if output_format == "openai" else "id"
     if not files:
-        return None
+        return None, id_column
     file_format = "parquet" if output_format == "parquet" else pads.JsonFileFormat(parse_options=pajson.ParseOptions(
         explicit_schema=OPENAI_RECORD_KEYS if output_format == "openai" else OUTPUT_SCHEMA,
         unexpected_field_behavior="ignore"))
-    return pads.dataset(files, filesystem=filesystem, format=file_format)
-
-
-def written_ids(output_path: str, output_format: str = "parquet") -> set[str]:
-    """Ids already in the output, failed rows included, so a re-run skips them. Only the id column is
-    read; the set lives on the driver (about 100 bytes an id: fine for millions of rows)."""
-    files = _dataset(output_path, output_format)
-    id_column = "custom_id" if output_format == "openai" else "id"
-    return set(files.to_table(columns=[id_column])[id_column].to_pylist()) if files else set()
+    return pads.dataset(files, filesystem=filesystem, format=file_format), id_column
 
 
 def output_counts(output_path: str, output_format: str = "parquet") -> dict:
     """Rows in the whole output, from every run so far: {"ok": ..., "error": ...}."""
-    files = _dataset(output_path, output_format)
+    files, _ = output_dataset(output_path, output_format)
     if files is None:
         return {"ok": 0, "error": 0}
     errors = files.count_rows(filter=pc.field("error").is_valid())
@@ -263,7 +258,7 @@ def sample_rows(output_path: str, output_format: str = "parquet", count: int = 3
         filesystem, files = data_files(output_path, output_format)
         records = pads.dataset(files, filesystem=filesystem, format="json").head(count).to_pylist() if files else []
         return [preview(record) for record in records]
-    files = _dataset(output_path, output_format)
+    files, _ = output_dataset(output_path, output_format)
     return files.head(count).to_pylist() if files else []
 
 

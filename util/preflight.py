@@ -29,13 +29,15 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from util.accelerator import AcceleratorChoice
 from util.config import Config
 from util.output import commit_file, output_counts
 from util.predictor import rows_sampling
 from util.prompt_format import model_max_length
 from util.reading import refusal_reason
 from util.report import REPORT_NAME, gpus_per_replica
-from util.stages import engine_kwargs, formatter_stage
+from util.pipeline import build_pipeline
+from util.stages import engine_kwargs
 from util.storage import generate_output_path, join, resolve
 from util.validation import check_before_run
 
@@ -74,11 +76,15 @@ def row_budgets(batch: pa.Table, job_sampling: dict, max_model_len: int | None) 
                      "error": pa.array(errors, pa.string()), "max_output_tokens": pa.array(budgets, pa.int64())})
 
 
-def token_histogram(counts: np.ndarray) -> list[dict]:
-    """Rows per input-token range, in ranges that double: 0-15, 16-31, 32-63, ..."""
-    top = max(16, int(counts.max()) + 1 if counts.size else 0)
+def token_histogram(values: np.ndarray, counted: bool = False) -> list[dict]:
+    """Rows per input-token range, in ranges that double: 0-15, 16-31, 32-63, ... `values`: one token
+    count per row, or (counted=True) the number of rows for each token count."""
+    weights = values if counted else None
+    values = np.arange(len(values)) if counted else values
+    present = values[weights > 0] if counted else values
+    top = max(16, int(present.max()) + 1 if present.size else 0)
     edges = [0] + [2 ** k for k in range(4, math.ceil(math.log2(top)) + 1)]
-    rows, _ = np.histogram(counts, bins=edges)
+    rows, _ = np.histogram(values, bins=edges, weights=weights)
     return [{"from": lo, "to": hi - 1, "rows": int(n)} for lo, hi, n in zip(edges, edges[1:], rows)]
 
 
@@ -115,22 +121,26 @@ def replica_throughput(cfg: Config, output_path: str) -> tuple[float, str]:
     return DEFAULT_TOK_PER_S, DEFAULT_TOK_PER_S_SOURCE
 
 
-def inspect_input(cfg: Config, use_gpu: bool, output_path: str) -> dict:
+def inspect_input(cfg: Config, choice: AcceleratorChoice, output_path: str) -> dict:
     """Everything a run checks before it starts, then every row formatted and tokenized. Raises
     InputError (or ValueError for a bad flag) where the run would be refused."""
     if cfg.deadline_hours is not None and not cfg.deadline_hours > 0:
         raise ValueError(f"--deadline-hours must be > 0, got {cfg.deadline_hours}")
+    use_gpu = choice.use_gpu
     checked = check_before_run(cfg, use_gpu, output_path)  # as main.py checks before a run
-    ds, done, scan = checked.ds, checked.done, checked.scan
+    scan = checked.scan
     max_model_len = model_max_length(cfg.model, cfg.revision, engine_kwargs(cfg, use_gpu).get("max_model_len"))
 
-    ds = ds.filter(lambda row: row["id"] not in done) if done else ds
-    ds = ds.map_batches(**formatter_stage(cfg, use_gpu))
-    ds = ds.map_batches(row_budgets, batch_format="pyarrow",
+    ds = build_pipeline(cfg, choice, checked.done, until="format")
+    ds = ds.map_batches(row_budgets, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs={"job_sampling": cfg.sampling(), "max_model_len": max_model_len})
-    tokens, output_tokens, failing, examples = [], 0, {}, {}
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        tokens.append(batch["num_input_tokens"].to_numpy(zero_copy_only=False))
+    # Rows per input-token count: its size grows with the longest prompt, not with the rows.
+    counts, output_tokens, failing, examples = np.zeros(0, np.int64), 0, {}, {}
+    for batch in ds.select_columns(["id", "num_input_tokens", "error", "max_output_tokens"]).iter_batches(
+            batch_format="pyarrow", batch_size=None):
+        batch_counts = np.bincount(batch["num_input_tokens"].to_numpy(zero_copy_only=False))
+        counts = np.pad(counts, (0, max(0, len(batch_counts) - len(counts))))
+        counts[: len(batch_counts)] += batch_counts
         output_tokens += int(batch["max_output_tokens"].to_numpy().sum())
         for row_id, error in zip(batch["id"].to_pylist(), batch["error"].to_pylist()):
             if error is not None:
@@ -138,16 +148,25 @@ def inspect_input(cfg: Config, use_gpu: bool, output_path: str) -> dict:
                 failing[kind] = failing.get(kind, 0) + 1
                 if len(examples.setdefault(kind, [])) < 5:  # a few ids to look at, not a second output
                     examples[kind].append(row_id)
-    counts = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
-    return {"rows": scan.rows, "already_done": scan.already_done, "to_run": int(counts.size), "use_gpu": use_gpu,
+    rows, present = int(counts.sum()), np.flatnonzero(counts)
+    return {"rows": scan.rows, "already_done": scan.already_done, "to_run": rows, "use_gpu": use_gpu,
             "duplicate_ids": 0,  # any duplicate refuses the input (InputError above)
             "max_model_len": max_model_len,
-            "input_tokens": {"total": int(counts.sum()), "min": int(counts.min()) if counts.size else None,
-                             "median": float(np.median(counts)) if counts.size else None,
-                             "max": int(counts.max()) if counts.size else None,
-                             "histogram": token_histogram(counts)},
+            "input_tokens": {"total": int((counts * np.arange(len(counts))).sum()),
+                             "min": int(present[0]) if rows else None,
+                             "median": median_of_counts(counts) if rows else None,
+                             "max": int(present[-1]) if rows else None,
+                             "histogram": token_histogram(counts, counted=True)},
             "failing": {"rows": sum(failing.values()), "by_reason": failing, "examples": examples},
             "output_tokens_at_most": output_tokens}
+
+
+def median_of_counts(counts: np.ndarray) -> float:
+    """The median of the values whose occurrences `counts` holds (counts[v] = rows with value v)."""
+    total, cumulative = int(counts.sum()), np.cumsum(counts)
+    low = int(np.searchsorted(cumulative, (total - 1) // 2 + 1))
+    high = int(np.searchsorted(cumulative, total // 2 + 1))
+    return (low + high) / 2
 
 
 def histogram_png(histogram: list[dict], max_model_len: int | None, title: str) -> bytes:
@@ -224,7 +243,7 @@ def save_preflight(report_dir: str, result: dict) -> list[str]:
     return [join(report_dir, name) for name in files]
 
 
-def run_preflight(cfg: Config, use_gpu: bool) -> int:
+def run_preflight(cfg: Config, choice: AcceleratorChoice) -> int:
     """`main.py --preflight`: check, estimate, print, write the report; the exit code the run would have."""
     output_path = cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
     report_dir = cfg.preflight_report_dir or join(output_path, PREFLIGHT_FOLDER)
@@ -232,7 +251,7 @@ def run_preflight(cfg: Config, use_gpu: bool) -> int:
               "max_error_fraction": cfg.max_error_fraction}
     try:
         tok_per_s, source = replica_throughput(cfg, output_path)
-        result.update(inspect_input(cfg, use_gpu, output_path))
+        result.update(inspect_input(cfg, choice, output_path))
     except Exception as error:  # refused as the run would refuse it (main.py: exit code 2)
         reason = refusal_reason(error)
         if reason is not None:

@@ -1,4 +1,4 @@
-"""Read prompts into a Ray Dataset with a stable `id` per row.
+"""Read prompts into a Ray Dataset with a stable `id` per row, in blocks of bounded size.
 
     from util.reading import SAMPLE_PROMPTS, read_prompts
     ds = read_prompts(SAMPLE_PROMPTS)                                      # a Python list
@@ -9,15 +9,20 @@ Formats: text (one prompt per line), jsonl, csv, parquet and openai (OpenAI Batc
 util/openai_batch.py), from local paths, s3:// and gs://, a single file or a folder of them. Every
 input column passes through to the output.
 
-Ray Data reads each file whole (`read_binary_files`) and this module parses it, so every row knows
-its file and line. That makes ids stable across runs (resume depends on it) and lets errors name
-the file and line. Without an id column, a row's id is `<file>:<line or row>:<content hash>`.
-With one, a file (or list) that repeats an id is refused, naming both lines; util.validation.scan_input
-finds an id repeated across files.
+`PromptFiles` is a Ray Data datasource. Text and JSONL files are cut into byte ranges of CHUNK_BYTES,
+each read and parsed by its own task, so one huge file is read in parallel and no task holds more than
+its range. CSV, Parquet and OpenAI files are streamed, one task per file (a CSV field may hold a newline,
+and OpenAI error records name lines). Every task yields blocks of at most BLOCK_ROWS rows, so a single
+file spreads over every replica.
+
+Ids: your --id-column, else `<file>:<position>:<content hash>`, where the position is the line's byte
+offset for text and JSONL (a range's task knows it without reading what comes before) and the row
+number for CSV, Parquet and OpenAI files. Errors name the file and line: a failing range counts the
+lines before it, which only the error path pays for. Duplicate ids are found by util/scan.py.
 """
 
+import functools
 import hashlib
-import io
 import json
 import os
 
@@ -26,6 +31,9 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+from ray.data.block import BlockMetadata
+from ray.data.context import DataContext
+from ray.data.datasource import Datasource, ReadTask
 
 from util.openai_batch import request_row, request_table
 from util.storage import resolve
@@ -39,6 +47,12 @@ SAMPLE_PROMPTS = [
 ]
 EXTENSIONS = {"text": [".txt", ".text"], "jsonl": [".jsonl", ".json"], "csv": [".csv"],
               "parquet": [".parquet", ".pq"], "openai": [".jsonl", ".json"]}  # openai: never picked by auto
+CHUNK_BYTES = 16 * 1024**2  # a text or JSONL read task's share of a file: bounds its memory
+BLOCK_ROWS = 1024  # rows per block out of the reader
+READ_CPUS = 0.5  # a read task's CPU share: util/stages.py keeps this much free beside the replicas
+ID_SCHEME = "file:byte-offset(text,jsonl)|row(csv,parquet,openai):sha1[:8]"  # in the output's fingerprint
+# Hidden columns the reader adds when asked (util/scan.py): where a row is, to name duplicates.
+WHERE_COLUMN = "__where"
 
 
 class InputError(ValueError):
@@ -54,7 +68,8 @@ def unwrap_input_error(exc: BaseException) -> InputError | None:
             continue
         seen.add(id(error))
         if isinstance(error, InputError) and not isinstance(error, ray.exceptions.RayError):
-            return error
+            # Ray Data appends its retry advice to a read task's exception: our messages are one line.
+            return error if "\n" not in str(error) else InputError(str(error).split("\n")[0])
         todo += [getattr(error, "cause", None), error.__cause__, error.__context__]
     # Ray Data re-raises a worker's exception as a UserCodeException, and the pickled copy that reaches
     # the driver loses its __cause__: only the worker's traceback text still holds the message.
@@ -80,6 +95,24 @@ def row_id(source: str, position: int, text) -> str:
     return f"{source}:{position}:{digest}"
 
 
+def where(source: str, position: int) -> str:
+    """A sortable location: file, then position (util/scan.py keeps the first and last of an id)."""
+    return f"{source}\0{position:020d}"
+
+
+def describe_where(value: str, input_path: str | None, input_format: str = "auto") -> str:
+    """`<file>:<line or row>` for a WHERE_COLUMN value: a byte offset becomes its line number."""
+    source, _, position = value.partition("\0")
+    position = int(position)
+    if input_path is None or source == "items":
+        return f"{source}:{position}"
+    filesystem, root = resolve(input_path)
+    path = root if os.path.basename(root) == source and filesystem.get_file_info(root).is_file else f"{root}/{source}"
+    if detect_format(path, input_format) in ("text", "jsonl"):
+        position = _line_number(filesystem, path, position)
+    return f"{source}:{position}"
+
+
 def detect_format(path: str, input_format: str = "auto") -> str:
     if input_format != "auto":
         return input_format
@@ -89,14 +122,6 @@ def detect_format(path: str, input_format: str = "auto") -> str:
             return name
     raise InputError(f"{path}: cannot tell the format from the extension {extension or '(none)'}; "
                      "pass --input-format text, jsonl, csv or parquet")
-
-
-def _decode(data: bytes, name: str) -> str:
-    try:
-        return data.decode("utf-8-sig")  # a byte-order mark, as Windows tools write, is not part of line 1
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise InputError(f"{name}:{line}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
 
 
 def _table_from_rows(rows: list[dict], name: str) -> pa.Table:
@@ -111,125 +136,269 @@ def _table_from_rows(rows: list[dict], name: str) -> pa.Table:
     return pa.Table.from_arrays(columns, names=keys)
 
 
-def parse_file(data: bytes, name: str, input_format: str, text_column: str = "text",
-               id_column: str | None = None) -> pa.Table:
-    """One file's bytes → a table with a `__position` column (1-based line, or row for csv/parquet)."""
-    try:
-        if input_format == "parquet":
-            table = pq.read_table(io.BytesIO(data))
-        elif input_format == "csv":
-            _decode(data, name)
-            # Text and ids as written: inferred types would turn an id "007" into 7, and "7" into 7 as well.
-            types = {c: pa.string() for c in (text_column, id_column) if c}
-            table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=types))
-    except pa.ArrowException as error:  # a file that is not what its format says
-        raise InputError(f"{name}: not a readable {input_format} file ({error})") from None
-    if input_format in ("parquet", "csv"):
-        positions = range(1, table.num_rows + 1)
-    else:
-        # Split on newlines only: str.splitlines() also splits on form feeds, U+2028 and the like, which
-        # JSON strings and prompts may hold, and that would break rows and shift line numbers.
-        lines = _decode(data, name).split("\n")
-        rows, positions = [], []
-        for number, line in enumerate(lines, start=1):
-            line = line.removesuffix("\r")
-            if not line.strip():
-                continue  # blank lines separate rows; they are not prompts
-            if input_format == "text":
-                rows.append({text_column: line})
-            elif input_format == "openai":  # a bad request is an error record, not a refused file
-                rows.append(request_row(line, f"{os.path.basename(name)}:{number}"))
-            else:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise InputError(f"{name}:{number}: malformed JSON ({error.msg} at column {error.colno})") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{name}:{number}: each line must be a JSON object, got {type(row).__name__}")
-                rows.append(row)
-            positions.append(number)
-        table = request_table(rows) if input_format == "openai" else _table_from_rows(rows, name)
-    return table.append_column("__position", pa.array(list(positions), pa.int64()))
-
-
-def _with_ids(table: pa.Table, source: str, text_column: str, id_column: str | None) -> pa.Table:
+def _with_ids(table: pa.Table, positions: list[int], source: str, text_column: str, id_column: str | None,
+              with_where: bool = False) -> pa.Table:
+    """Adds `id` (first) from the id column or from file, position and text; checks the columns."""
+    columns = [c for c in table.column_names if c != WHERE_COLUMN]
     if text_column not in table.column_names:
-        raise InputError(f"{source}: no column '{text_column}'; columns are: "
-                         f"{', '.join(c for c in table.column_names if c != '__position')}")
+        raise InputError(f"{source}: no column '{text_column}'; columns are: {', '.join(columns)}")
     if id_column:
         if id_column not in table.column_names:
-            raise InputError(f"{source}: no id column '{id_column}'; columns are: "
-                             f"{', '.join(c for c in table.column_names if c != '__position')}")
+            raise InputError(f"{source}: no id column '{id_column}'; columns are: {', '.join(columns)}")
         ids = [None if v is None else str(v) for v in table[id_column].to_pylist()]
-        first_position: dict[str, int] = {}
-        for value, position in zip(ids, table["__position"].to_pylist()):
-            if value is not None and first_position.setdefault(value, position) != position:
-                raise InputError(f"duplicate id '{value}' in column '{id_column}': "
-                                 f"{source}:{first_position[value]} and {source}:{position}")
     else:
-        positions, texts = table["__position"].to_pylist(), table[text_column].to_pylist()
-        ids = [row_id(source, p, t) for p, t in zip(positions, texts)]
-    table = table.drop_columns(["__position"])
+        ids = [row_id(source, p, t) for p, t in zip(positions, table[text_column].to_pylist())]
     if "id" in table.column_names:
         table = table.drop_columns(["id"]) if id_column == "id" else table.rename_columns(
             ["input_id" if c == "id" else c for c in table.column_names])
-    return table.add_column(0, "id", pa.array(ids, pa.string()))
+    table = table.add_column(0, "id", pa.array(ids, pa.string()))
+    if with_where:
+        table = table.append_column(WHERE_COLUMN, pa.array([where(source, p) for p in positions], pa.string()))
+    return table
 
 
-def _parse_batch(batch: pa.Table, root: str, input_format: str, text_column: str, id_column: str | None):
-    tables = []
-    for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist()):
-        source = os.path.relpath(path, root) if path != root else os.path.basename(path)
-        table = parse_file(data, path, detect_format(path, input_format), text_column, id_column)
-        if not table.num_rows:  # most likely a write that failed or has not finished
-            raise InputError(f"{path}: empty file, no prompts in it")
-        tables.append(_with_ids(table, source, text_column, id_column))
-    return pa.concat_tables(tables, promote_options="permissive")
+# --- text and JSONL: byte ranges ---
+
+def _line_number(filesystem: pafs.FileSystem, path: str, offset: int) -> int:
+    """The 1-based line that starts at byte `offset`. Reads the file up to there: only errors need it."""
+    newlines = 0
+    with filesystem.open_input_stream(path) as stream:
+        while offset > 0:
+            piece = stream.read(min(offset, 8 * 1024**2))
+            if not piece:
+                break
+            newlines += piece.count(b"\n")
+            offset -= len(piece)
+    return newlines + 1
 
 
-def read_prompts(source: str | list, input_format: str = "auto", text_column: str = "text",
-                 id_column: str | None = None, limit: int | None = None) -> ray.data.Dataset:
-    if input_format == "openai":  # OpenAI Batch API requests (util/openai_batch.py)
-        text_column, id_column = "messages", "custom_id"
-    if isinstance(source, (list, tuple)):  # in-memory items: strings or dicts
-        rows = [item if isinstance(item, dict) else {text_column: item} for item in source]
-        if not rows:
-            raise InputError("items: the list holds no prompts")
-        table = _table_from_rows(rows, "items")
-        table = table.append_column("__position", pa.array(range(1, len(rows) + 1), pa.int64()))
-        ds = ray.data.from_items(_with_ids(table, "items", text_column, id_column).to_pylist())
-    else:
-        if input_format != "auto" and input_format not in EXTENSIONS:
-            raise InputError(f"unknown input format '{input_format}'; use auto, {', '.join(EXTENSIONS)}")
-        filesystem, path = resolve(source)
+def _lines(filesystem: pafs.FileSystem, path: str, start: int, end: int):
+    """(byte offset, raw line) for every line that starts in [start, end): a line that crosses `end`
+    is read whole here, and the next range skips it."""
+    with filesystem.open_input_file(path) as file:
+        size = file.size()
+        # The byte before `start` tells whether a line starts exactly at `start`.
+        begin = max(0, start - 1)
+        data = file.read_at(end - begin, begin)
+        tail = end
+        while not data.endswith(b"\n") and tail < size:  # finish the last line
+            piece = file.read_at(min(64 * 1024, size - tail), tail)
+            data, tail = data + piece, tail + len(piece)
+            if b"\n" in piece:
+                data = data[: len(data) - len(piece) + piece.index(b"\n") + 1]
+                break
+    position = 0
+    if start > 0:
+        newline = data.find(b"\n")
+        if newline < 0:
+            return
+        position = newline + 1  # the first whole line of this range
+    while position < len(data) and begin + position < end:
+        newline = data.find(b"\n", position)
+        stop = len(data) if newline < 0 else newline
+        yield begin + position, data[position:stop]
+        position = stop + 1
+
+
+def _read_range(filesystem, path: str, source: str, start: int, end: int, input_format: str,
+                text_column: str, id_column: str | None, with_where: bool):
+    rows, positions = [], []
+
+    def block():
+        table = _table_from_rows(rows, path) if rows else pa.table({})
+        return _with_ids(table, positions, source, text_column, id_column, with_where)
+
+    for offset, raw in _lines(filesystem, path, start, end):
         try:
-            info = filesystem.get_file_info(path)
-            if info.type == pafs.FileType.File:
-                filesystem.open_input_stream(path).close()  # permission is checked on open, not by stat
-        except OSError as error:
-            raise InputError(f"{source}: not readable ({_reason(error)})") from None
-        if info.type == pafs.FileType.NotFound:
-            raise InputError(f"{source}: no such file or folder")
+            line = raw.decode("utf-8-sig" if offset == 0 else "utf-8").removesuffix("\r")
+        except UnicodeDecodeError as error:
+            try:  # with its newline, as the whole file would decode: a last byte then reads as cut short
+                (raw + b"\n").decode("utf-8")
+            except UnicodeDecodeError as in_context:
+                error = in_context
+            line_number = _line_number(filesystem, path, offset)
+            raise InputError(f"{path}:{line_number}: not valid UTF-8 ({error.reason} at byte "
+                             f"{offset + error.start})") from None
+        if not line.strip():
+            continue  # blank lines separate rows; they are not prompts
+        if input_format == "text":
+            row = {text_column: line}
+        else:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{_line_number(filesystem, path, offset)}: malformed JSON "
+                                 f"({error.msg} at column {error.colno})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{_line_number(filesystem, path, offset)}: each line must be a "
+                                 f"JSON object, got {type(row).__name__}")
+        rows.append(row)
+        positions.append(offset)
+        if len(rows) == BLOCK_ROWS:
+            yield block()
+            rows, positions = [], []
+    if rows:
+        yield block()
+
+
+# --- CSV, Parquet, OpenAI: one streaming task per file ---
+
+def _utf8_error(filesystem: pafs.FileSystem, path: str) -> str:
+    """`<path>:<line>: not valid UTF-8 (...)` for the first bad byte of a file, read as a stream."""
+    import codecs
+
+    decoder, offset, newlines = codecs.getincrementaldecoder("utf-8")(), 0, 0
+    with filesystem.open_input_stream(path) as stream:
+        while piece := stream.read(1024**2):
+            try:
+                decoder.decode(piece)
+            except UnicodeDecodeError as error:
+                line = newlines + piece[: error.start].count(b"\n") + 1
+                return (f"{path}:{line}: not valid UTF-8 "
+                        f"({error.reason} at byte {offset + error.start})")
+            offset, newlines = offset + len(piece), newlines + piece.count(b"\n")
+    return f"{path}: not valid UTF-8"
+
+
+def _read_file(filesystem, path: str, source: str, input_format: str, text_column: str,
+               id_column: str | None, with_where: bool):
+    position = 0
+    try:
+        if input_format == "openai":  # a bad request is an error record, not a refused file
+            with filesystem.open_input_stream(path) as stream:
+                lines = enumerate(stream.read().decode("utf-8-sig").split("\n"), start=1)
+                requests = [(n, line.removesuffix("\r")) for n, line in lines if line.strip()]
+            for i in range(0, len(requests), BLOCK_ROWS):
+                part = requests[i: i + BLOCK_ROWS]
+                table = request_table([request_row(line, f"{os.path.basename(path)}:{n}") for n, line in part])
+                yield _with_ids(table, [n for n, _ in part], source, text_column, id_column, with_where)
+            return
+        if input_format == "parquet":
+            batches = pq.ParquetFile(filesystem.open_input_file(path)).iter_batches(batch_size=BLOCK_ROWS)
+        else:
+            # Text and ids as written: inferred types would turn an id "007" into 7, and "7" into 7 as well.
+            types = {c: pa.string() for c in (text_column, id_column) if c}
+            batches = pacsv.open_csv(filesystem.open_input_stream(path),
+                                     convert_options=pacsv.ConvertOptions(column_types=types))
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            for part in (table.slice(i, BLOCK_ROWS) for i in range(0, table.num_rows, BLOCK_ROWS)):
+                positions = list(range(position + 1, position + part.num_rows + 1))
+                position += part.num_rows
+                yield _with_ids(part, positions, source, text_column, id_column, with_where)
+    except UnicodeDecodeError:
+        raise InputError(_utf8_error(filesystem, path)) from None
+    except pa.ArrowException as error:  # a file that is not what its format says
+        if "UTF8" in str(error) or "UTF-8" in str(error):
+            raise InputError(_utf8_error(filesystem, path)) from None
+        raise InputError(f"{path}: not a readable {input_format} file ({error})") from None
+
+
+def _read_task(filesystem, path: str, source: str, start: int | None, end: int | None, whole_file: bool,
+               **options):
+    """One read task's blocks; a file with no rows at all is refused (a write that failed, most likely)."""
+    if start is None:
+        blocks = _read_file(filesystem, path, source, **options)
+    else:
+        blocks = _read_range(filesystem, path, source, start, end, **options)
+    rows = 0
+    for table in blocks:
+        rows += table.num_rows
+        yield table
+    if not rows and whole_file:
+        raise InputError(f"{path}: empty file, no prompts in it")
+
+
+class PromptFiles(Datasource):
+    """Ray Data datasource over the listed files: byte ranges of text and JSONL files, whole CSV,
+    Parquet and OpenAI files streamed; blocks of at most BLOCK_ROWS rows with an `id` column."""
+
+    def __init__(self, source: str, files: list[tuple[str, int]], root: str, input_format: str,
+                 text_column: str, id_column: str | None, with_where: bool = False,
+                 chunk_bytes: int = CHUNK_BYTES):
+        self.filesystem, _ = resolve(source)
+        self.chunk_bytes = chunk_bytes
+        self.files, self.root = files, root
+        self.options = {"text_column": text_column, "id_column": id_column, "with_where": with_where}
+        self.input_format = input_format
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        tasks = []
+        for path, size in self.files:
+            input_format = detect_format(path, self.input_format)
+            source = os.path.relpath(path, self.root) if path != self.root else os.path.basename(path)
+            step = self.chunk_bytes
+            ranges = ([(start, min(start + step, size)) for start in range(0, max(size, 1), step)]
+                      if input_format in ("text", "jsonl") else [(None, None)])
+            for start, end in ranges:
+                read = functools.partial(_read_task, self.filesystem, path, source, start, end,
+                                         whole_file=len(ranges) == 1, input_format=input_format, **self.options)
+                metadata = BlockMetadata(num_rows=None, exec_stats=None, input_files=[path],
+                                         size_bytes=(end - start) if start is not None else size)
+                tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def list_files(source: str, input_format: str = "auto") -> tuple[list[tuple[str, int]], str]:
+    """The input files (path, size), sorted, and the folder ids are relative to. Raises InputError for
+    a path that is missing, unreadable, or a folder with no files of the format."""
+    if input_format != "auto" and input_format not in EXTENSIONS:
+        raise InputError(f"unknown input format '{input_format}'; use auto, {', '.join(EXTENSIONS)}")
+    filesystem, path = resolve(source)
+    try:
+        info = filesystem.get_file_info(path)
         if info.type == pafs.FileType.File:
-            # A single file: check its format name now, not inside a worker, and read it whatever its
-            # extension, since an explicit --input-format is how to read e.g. prompts.log.
+            filesystem.open_input_stream(path).close()  # permission is checked on open, not by stat
+            # A single file: check its format name now, and read it whatever its extension, since an
+            # explicit --input-format is how to read e.g. prompts.log.
             detect_format(path, input_format)
-            extensions = None
+            files = [info]
+        elif info.type == pafs.FileType.NotFound:
+            raise InputError(f"{source}: no such file or folder")
         else:  # a folder: only files of the format, so a stray README.md does not fail the run
             extensions = (list(dict.fromkeys(sum(EXTENSIONS.values(), []))) if input_format == "auto"
                           else EXTENSIONS[input_format])
-        try:  # Ray lists the files now, on the driver
-            ds = ray.data.read_binary_files(path, filesystem=filesystem, include_paths=True,
-                                            file_extensions=extensions)
-        except OSError as error:
-            raise InputError(f"{source}: not readable ({_reason(error)})") from None
-        except ValueError as error:
-            if not str(error).startswith("No input files found"):
-                raise
-            raise InputError(f"{source}: no files ending in {', '.join(extensions)} in this folder") from None
-        ds = ds.map_batches(_parse_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={
-            "root": path, "input_format": input_format, "text_column": text_column, "id_column": id_column})
+            files = [f for f in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+                     if f.is_file and f.base_name.lower().endswith(tuple(extensions))
+                     and not any(part.startswith((".", "_")) for part in f.path[len(path):].split("/"))]
+            if not files:
+                raise InputError(f"{source}: no files ending in {', '.join(extensions)} in this folder")
+    except OSError as error:
+        raise InputError(f"{source}: not readable ({_reason(error)})") from None
+    for f in files:
+        if f.size == 0:
+            raise InputError(f"{f.path}: empty file, no prompts in it")
+    return sorted((f.path, f.size) for f in files), path
+
+
+def read_prompts(source: str | list, input_format: str = "auto", text_column: str = "text",
+                 id_column: str | None = None, limit: int | None = None,
+                 with_where: bool = False) -> ray.data.Dataset:
+    """The prompts as a lazy Dataset: `id` first, then the input's columns. `with_where` adds a hidden
+    WHERE_COLUMN (file and position) for naming duplicates."""
+    if input_format == "openai":  # OpenAI Batch API requests (util/openai_batch.py)
+        text_column, id_column = "messages", "custom_id"
+    context = DataContext.get_current().copy()  # this dataset's own: a global change would outlive the call
     if limit is not None:
-        ds.context.execution_options.preserve_order = True  # so --limit always takes the same rows
-        ds = ds.limit(limit)
+        context.execution_options.preserve_order = True  # so --limit always takes the same rows
+    with DataContext.current(context):
+        if isinstance(source, (list, tuple)):  # in-memory items: strings or dicts
+            rows = [item if isinstance(item, dict) else {text_column: item} for item in source]
+            if not rows:
+                raise InputError("items: the list holds no prompts")
+            positions = list(range(1, len(rows) + 1))
+            table = _with_ids(_table_from_rows(rows, "items"), positions, "items", text_column, id_column,
+                              with_where)
+            ds = ray.data.from_arrow([table.slice(i, BLOCK_ROWS) for i in range(0, len(table), BLOCK_ROWS)])
+        else:
+            files, root = list_files(source, input_format)
+            datasource = PromptFiles(source, files, root, input_format, text_column, id_column, with_where)
+            ds = ray.data.read_datasource(datasource, num_cpus=READ_CPUS)
+        if limit is not None:
+            ds = ds.limit(limit)
     return ds
+

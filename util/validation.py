@@ -1,11 +1,10 @@
 """Refuse bad input before any model stage starts: an output path that cannot be written, input files
 that cannot be read or parsed, duplicate ids.
 
-    from util.validation import check_before_run, check_output_writable, scan_input
+    from util.validation import check_before_run, check_output_writable
     checked = check_before_run(cfg, use_gpu=True, output_path="s3://bucket/run/")  # all of the below, in order
     check_output_writable("s3://bucket/run/")          # InputError if the path cannot be written
-    scan = scan_input(ds, id_column="uid", done=set())  # reads the input once; InputError on bad input
-    print(scan.rows, scan.already_done)
+    print(checked.scan.rows, checked.scan.already_done)
 
 Both raise util.reading.InputError, whose message names the path, file and line, or column.
 """
@@ -18,7 +17,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 import ray
 
-from util.reading import InputError, unwrap_input_error
+from util.reading import InputError
 from util.storage import is_remote, join, resolve
 
 
@@ -101,67 +100,30 @@ def _probe_s3(output_path: str) -> None:
 
 @dataclass
 class CheckedRun:
-    ds: ray.data.Dataset  # the input, lazy
-    done: set[str]  # ids already in the output
+    done: "DoneIndex | None"  # ids already in the output, hashed, in the object store
     scan: "InputScan"
     settings: dict  # the fingerprint the output is (or will be) made with
 
 
 def check_before_run(cfg, use_gpu: bool, output_path: str) -> CheckedRun:
-    """Everything a run checks before it writes a row or takes a GPU: the output path can be written,
-    an earlier output there was made with the same settings (unless --overwrite), and the input reads
-    cleanly, once, with unique ids. Raises InputError where the run must be refused."""
+    """Everything a run checks before it writes a row or takes a GPU: the input's files are listed, the
+    output path can be written, an earlier output there was made with the same settings (unless
+    --overwrite), and the input reads cleanly, in one distributed pass, with unique ids. Raises
+    InputError where the run must be refused."""
     from util.manifest import check_fingerprint, fingerprint
-    from util.output import written_ids
     from util.reading import SAMPLE_PROMPTS, read_prompts
+    from util.resume import DoneIndex
+    from util.scan import scan_input
+    from util.stages import size_formatters
 
-    ds = read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column, cfg.id_column, cfg.limit)
+    size_formatters(cfg, use_gpu, ray.cluster_resources())  # a cluster too small would wait forever
+    source = cfg.input_path or SAMPLE_PROMPTS
+    ds = read_prompts(source, cfg.input_format, cfg.text_column, cfg.id_column, cfg.limit,
+                      with_where=bool(cfg.id_column))  # lists the files now: a missing path stops here
     check_output_writable(output_path)
     settings = fingerprint(cfg, use_gpu)
     if not cfg.overwrite:
         check_fingerprint(output_path, settings)
-    done = set() if cfg.overwrite else written_ids(output_path, cfg.output_format)
-    return CheckedRun(ds, done, scan_input(ds, cfg.id_column, done), settings)
-
-
-@dataclass
-class InputScan:
-    rows: int  # input rows (after --limit)
-    already_done: int  # how many of them have ids in `done`
-
-
-def scan_input(ds: ray.data.Dataset, id_column: str | None, done: set[str]) -> InputScan:
-    """Read the input's `id` column once, on the driver, before any model stage is added, so that every
-    file-level error (malformed JSONL, non-UTF-8, a missing column, an empty or unreadable file) and
-    every duplicate id stops the run now. Memory: one set of ids (none without an id column: derived
-    ids hold file and line, so they cannot collide)."""
-    seen: set[str] = set()
-    rows = already_done = 0
-    for ids in _id_batches(ds):
-        rows += len(ids)
-        if done:
-            already_done += sum(1 for value in ids if value in done)
-        if not id_column:
-            continue
-        for value in ids:
-            if value in seen:
-                # A file's own duplicates are refused while it is read (util.reading), with both lines.
-                raise InputError(f"duplicate id '{value}' in column '{id_column}': two input files hold it")
-            if value is not None:
-                seen.add(value)
-    return InputScan(rows=rows, already_done=already_done)
-
-
-def _id_batches(ds: ray.data.Dataset):
-    """The `id` column, block by block; a worker's reading error comes out as an InputError."""
-    try:
-        for batch in ds.select_columns(["id"]).iter_batches(batch_format="pyarrow", batch_size=None):
-            yield batch["id"].to_pylist()
-    except Exception as error:
-        input_error = unwrap_input_error(error)
-        if input_error is not None:
-            raise input_error from None
-        cause = getattr(error, "cause", error)  # Ray's wrapper keeps the worker's exception as `cause`
-        if isinstance(cause, OSError):  # Ray's read task could not open a file: permissions, a vanished file
-            raise InputError(f"an input file is not readable: {cause.strerror or cause}") from None
-        raise
+    done = None if cfg.overwrite else DoneIndex.build(output_path, cfg.output_format)
+    scan = scan_input(ds, cfg.id_column, done, cfg.input_path, cfg.input_format)
+    return CheckedRun(done, scan, settings)
