@@ -8,6 +8,8 @@
   environment when ray.init() starts them, which is why the S3 settings must be in place first.
   Tests that monkeypatch os.environ reach the driver only, not workers that are already running.
 - `s3_bucket`: a fresh, uniquely named bucket on the moto server; yields its name.
+- `ids_in(path, fmt)`: a plain helper, imported by tests (`from conftest import ids_in`): the set of ids
+  an output folder holds, read on the driver the way resume reads them (util.output.output_dataset).
 
 Nothing here may contact anything but 127.0.0.1.
 """
@@ -40,6 +42,14 @@ def _restore(environ: dict) -> None:
     for name, value in environ.items():
         if os.environ.get(name) != value:
             os.environ[name] = value
+
+
+def ids_in(path: str, fmt: str = "parquet") -> set:
+    """The ids in the committed files of an output folder (errors/ included); empty when it has none."""
+    from util.output import output_dataset
+
+    files, id_column = output_dataset(str(path), fmt)
+    return set() if files is None else set(files.to_table(columns=[id_column])[id_column].to_pylist())
 
 
 @pytest.fixture(scope="session")

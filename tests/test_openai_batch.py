@@ -9,6 +9,7 @@ import pytest
 
 from util.openai_batch import output_record, preview, request_row
 from util.reading import InputError, read_prompts
+from util.scan import scan_input
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,10 +74,10 @@ def test_reading_a_batch_file_keys_rows_on_custom_id(ray_local, tmp_path):
 
 def test_duplicate_custom_ids_are_refused(ray_local, tmp_path):
     path = tmp_path / "batch.jsonl"
-    path.write_text(request("a", "Hi") + "\n" + request("a", "Yo") + "\n")
-    with pytest.raises(Exception) as error:
-        read_prompts(str(path), "openai").take_all()
-    assert "duplicate id 'a' in column 'custom_id'" in str(error.value)
+    path.write_text(request("a", "Hi") + "\n" + request("b", "Hey") + "\n" + request("a", "Yo") + "\n")
+    with pytest.raises(InputError) as error:  # the input scan refuses it, as main.py and --preflight run it
+        scan_input(read_prompts(str(path), "openai", with_where=True), "custom_id", None, str(path), "openai")
+    assert str(error.value) == "duplicate id 'a' in column 'custom_id': batch.jsonl:1 and batch.jsonl:3"
 
 
 @pytest.fixture(scope="module")

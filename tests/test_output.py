@@ -5,6 +5,7 @@ and exit codes, with stand-in stages shaped like the formatter's and the predict
     .venv/bin/python -m pytest tests/test_output.py
 """
 
+import functools
 import json
 import os
 import re
@@ -18,12 +19,14 @@ import pytest
 from ray.data._internal.execution.interfaces import TaskContext
 
 import main
+from conftest import ids_in
 from util.accelerator import AcceleratorChoice
 from util.config import Config
 from util.manifest import Manifest, check_fingerprint, fingerprint, read_manifest
 from util.output import (MANIFEST_NAME, ResultsDatasink, commit_file, delete_output, output_counts,
-                         read_results, summarize, write_results, written_ids)
-from util.reading import InputError
+                         read_results, summarize, write_results)
+from util.pipeline import build_pipeline
+from util.reading import ID_SCHEME, InputError
 from util.storage import resolve
 
 IDS = [f"row-{i}" for i in range(5)]
@@ -76,7 +79,7 @@ def test_rows_that_succeeded_at_the_top_failed_ones_under_errors(ray_local, tmp_
     assert sorted(failed["id"].to_pylist()) == IDS[3:] and set(failed["error"].to_pylist()) == {"too long"}
     assert failed.column_names == top.column_names  # the same columns, so errors/ can be read as input
 
-    assert written_ids(str(out), output_format) == set(IDS)
+    assert ids_in(out, output_format) == set(IDS)
     assert output_counts(str(out), output_format) == {"ok": 3, "error": 2}
     results = read_results(str(out), output_format).materialize()
     assert sorted(r["id"] for r in results.take_all()) == IDS
@@ -102,7 +105,7 @@ def test_jsonl_readers_read_only_jsonl_files(ray_local, tmp_path):
     Manifest(str(out), {"model": "org/model"}, "CPU").start(input=5, already_done=0)
     (out / "notes.json").write_text('{"id": "not-a-row"}\n')
     assert sorted(r["id"] for r in read_results(str(out), "jsonl").take_all()) == IDS
-    assert written_ids(str(out), "jsonl") == set(IDS)
+    assert ids_in(out, "jsonl") == set(IDS)
 
 
 def test_failed_rows_can_be_read_back_as_input(ray_local, tmp_path):
@@ -152,7 +155,7 @@ def test_a_killed_writes_temporary_files_are_ignored_then_removed(ray_local, tmp
     (out / "errors").mkdir()
     for stale in (out / ".part-old-000003.parquet.0123abcd.tmp", out / "errors" / ".part-old-000003.parquet.4567ef01.tmp"):
         stale.write_bytes(half)
-    assert written_ids(str(out)) == set(IDS[:3])
+    assert ids_in(out) == set(IDS[:3])
     assert output_counts(str(out)) == {"ok": 3, "error": 0}
     assert pq.read_table(out).num_rows == 3
 
@@ -180,14 +183,15 @@ def test_on_s3_files_are_written_directly_with_no_temporary_objects(ray_local, s
     assert f"run/out/{MANIFEST_NAME}" in keys
     data = [k for k in keys if k != f"run/out/{MANIFEST_NAME}"]
     assert all(re.fullmatch(r"run/out/(errors/)?part-[\w-]+\.parquet", k) for k in data)  # no markers, no temps
-    assert sum(k.startswith("run/out/errors/") for k in data) == 1
-    assert written_ids(uri) == set(IDS) and read_manifest(uri)["status"] == "running"
+    assert any(k.startswith("run/out/errors/") for k in data) and any("/errors/" not in k for k in data)
+    assert ids_in(f"{uri}/errors") == set(IDS[3:])  # the failed rows, and only those, under errors/
+    assert ids_in(uri) == set(IDS) and read_manifest(uri)["status"] == "running"
 
     delete_output(uri)  # --overwrite
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).list_objects_v2(
         Bucket=s3_bucket).get("Contents", [])]
     assert set(keys) <= {"run/out/"}  # at most a folder marker at the output path, none above it
-    assert written_ids(uri) == set() and read_manifest(uri) is None
+    assert ids_in(uri) == set() and read_manifest(uri) is None
 
 
 # --- file names: retries overwrite, resumes add ---
@@ -229,6 +233,8 @@ def test_manifest_round_trip(tmp_path):
     assert running["status"] == "running" and running["finished"] is None
     assert running["counts"] == {"input": 5, "ok": None, "error": None, "already_done": 2}
     assert running["fingerprint"] == settings()
+    assert running["fingerprint"]["id_scheme"] == ID_SCHEME  # derived ids: how they were made is a setting
+    assert settings(id_column="uid")["id_scheme"] is None  # the input's own ids
     assert running["fingerprint"]["sampling"]["max_tokens"] == 32
     assert running["fingerprint"]["engine"]["max_num_seqs"] == 32  # the CPU engine's
     assert re.fullmatch(r"[0-9a-f]{12}", running["fingerprint_hash"])
@@ -287,33 +293,45 @@ def test_overwrite_deletes_only_an_earlier_output(ray_local, tmp_path):
 # --- main.py: accounting and exit codes, with stand-in stages ---
 
 def stand_in_stages(monkeypatch, crash: bool = False, drop_a_row: bool = False):
-    """Replace the engine-backed pieces of main.py. The stage functions are made here, not at module
-    level, so that Ray ships them to its workers by value (this test module is not importable there)."""
+    """Replace the engine-backed pieces of main.py: the pipeline is util.pipeline's own (read, drop rows
+    already done, format, repartition, predict), with stand-in classes in the two model stages. Ray Data
+    makes them with the stages' constructor arguments, which they ignore. The classes are made here, not
+    at module level, so that Ray ships them to its workers by value (this test module is not importable
+    there)."""
 
-    def format_rows(batch: pa.Table) -> pa.Table:
-        texts = batch["text"].to_pylist()
-        return (batch.append_column("prompt", pa.array([f"[{t}]" for t in texts]))
-                .append_column("num_input_tokens", pa.array([len(t) for t in texts], pa.int64())))
+    class StandInFormatter:
+        def __init__(self, **stage_kwargs):
+            pass
 
-    def predict(batch: pa.Table) -> pa.Table:
-        if crash:
-            raise RuntimeError("the engine died")
-        batch = batch.slice(1) if drop_a_row and len(batch) else batch
-        bad = ["bad" in t for t in batch["text"].to_pylist()]
-        columns = {"generated_text": [None if b else "ok" for b in bad],
-                   "finish_reason": [None if b else "stop" for b in bad],
-                   "num_generated_tokens": [0 if b else 2 for b in bad],
-                   "error": ["refused: bad prompt" if b else None for b in bad],
-                   "model": ["org/model"] * len(bad)}
-        for name, values in columns.items():
-            batch = batch.append_column(name, pa.array(values, pa.int64() if name == "num_generated_tokens" else pa.string()))
-        return batch
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            texts = batch["text"].to_pylist()
+            return (batch.append_column("prompt", pa.array([f"[{t}]" for t in texts]))
+                    .append_column("num_input_tokens", pa.array([len(t) for t in texts], pa.int64())))
+
+    class StandInPredictor:
+        def __init__(self, **stage_kwargs):
+            pass
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            if crash:
+                raise RuntimeError("the engine died")
+            batch = batch.slice(1) if drop_a_row and len(batch) else batch
+            bad = ["bad" in t for t in batch["text"].to_pylist()]
+            columns = {"generated_text": [None if b else "ok" for b in bad],
+                       "finish_reason": [None if b else "stop" for b in bad],
+                       "num_generated_tokens": [0 if b else 2 for b in bad],
+                       "error": ["refused: bad prompt" if b else None for b in bad],
+                       "model": ["org/model"] * len(bad)}
+            for name, values in columns.items():
+                batch = batch.append_column(
+                    name, pa.array(values, pa.int64() if name == "num_generated_tokens" else pa.string()))
+            return batch
 
     monkeypatch.setattr(main, "prompt_for_hugging_face_token", lambda model, interactive: None)
     monkeypatch.setattr(main.ray, "init", lambda **kwargs: None)  # the test session's Ray is already up
     monkeypatch.setattr(main, "choose_accelerator", lambda requested: AcceleratorChoice(False, None, 0.0))
-    monkeypatch.setattr(main, "formatter_stage", lambda cfg, use_gpu: {"fn": format_rows, "batch_format": "pyarrow"})
-    monkeypatch.setattr(main, "predictor_stage", lambda cfg, choice: {"fn": predict, "batch_format": "pyarrow"})
+    monkeypatch.setattr(main, "build_pipeline", functools.partial(
+        build_pipeline, formatter=StandInFormatter, predictor=StandInPredictor))
 
 
 @pytest.fixture
@@ -324,8 +342,9 @@ def prompts(tmp_path):
 
 
 def run_main(prompts, out, *args: str) -> int:
+    # One replica: the test session's Ray has 2 CPUs (util.stages.size_formatters refuses more than fit).
     return main.main(["--input-path", str(prompts), "--output-path", str(out), "--model", "org/model",
-                      "--max-tokens", "32", *args])
+                      "--max-tokens", "32", "--concurrency", "1", *args])
 
 
 def data_listing(out) -> list[tuple[str, int, int]]:
@@ -374,7 +393,7 @@ def test_changed_settings_exit_2_until_overwrite(ray_local, monkeypatch, prompts
     assert run_main(prompts, out, "--max-error-fraction", "0.5", "--max-tokens", "64", "--overwrite") == 0
     assert "summary: 5 rows: 3 ok, 2 errors, 0 already done; " in capsys.readouterr().out
     assert not set(before) & set(data_listing(out))  # the earlier files are gone
-    assert sorted(pq.read_table(out)["id"].to_pylist()) == sorted(written_ids(str(out)))
+    assert sorted(pq.read_table(out)["id"].to_pylist()) == sorted(ids_in(out))
     assert pq.read_table(out).num_rows == 5
     assert read_manifest(str(out))["fingerprint"]["sampling"]["max_tokens"] == 64
 

@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import main
-from util.preflight import (DEFAULT_TOK_PER_S, PREFLIGHT_FOLDER, estimate, failure_kind, row_budgets,
-                            token_histogram)
+from util.preflight import (DEFAULT_TOK_PER_S, PREFLIGHT_FOLDER, estimate, failure_kind, median_of_counts,
+                            row_budgets, token_histogram)
+from util.prompt_format import PromptFormatter
 from util.report import REPORT_NAME
 from util.tiny_model import tiny_model_dir
 
@@ -36,10 +37,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_failure_kinds_match_the_formatter_and_predictor_messages():
-    assert failure_kind("empty prompt in column 'text'") == "empty"
-    assert failure_kind("prompt has 120 tokens; the model accepts at most 63 (max_model_len 64)") == "over max length"
-    assert failure_kind("invalid sampling_params: Expecting value") == "invalid sampling_params"
-    assert failure_kind("something new") == "something new"
+    """The messages are those the real stages write: the formatter's (the tiny model's tokenizer,
+    max_model_len 64) for empty and too long prompts, then row_budgets' sampling check (the predictor's)."""
+    formatter = PromptFormatter(tiny_model_dir(), "text", max_model_len=64)
+    batch = formatter(pa.table({"id": ["a", "b", "c", "d"],
+                                "text": ["Hello there", "   ", "word " * 100, "Short one"],
+                                "sampling_params": [None, None, None, '{"max_tokens": 7']}))
+    errors = row_budgets(batch, {"max_tokens": 20}, max_model_len=64)["error"].to_pylist()
+    assert errors[:3] == [None, "empty prompt in column 'text'",
+                          "prompt has 109 tokens; the model accepts at most 63 (max_model_len 64)"]
+    assert errors[3].startswith("invalid sampling_params: ")
+    assert [failure_kind(e) for e in errors[1:]] == ["empty", "over max length", "invalid sampling_params"]
+    assert failure_kind("something new") == "something new"  # an unknown message is its own kind
 
 
 def test_row_budgets_cap_each_rows_max_tokens_by_what_max_model_len_leaves():
@@ -61,6 +70,16 @@ def test_token_histogram_ranges_double():
         {"from": 0, "to": 15, "rows": 0}, {"from": 16, "to": 31, "rows": 0}, {"from": 32, "to": 63, "rows": 0},
         {"from": 64, "to": 127, "rows": 0}, {"from": 128, "to": 255, "rows": 1}]
     assert token_histogram(np.zeros(0, np.int64)) == [{"from": 0, "to": 15, "rows": 0}]
+    # The same histograms from the rows per token count, as the preflight gathers them
+    counts = np.bincount([0, 3, 15, 16, 40, 64, 100])
+    assert token_histogram(counts, counted=True) == token_histogram(np.array([0, 3, 15, 16, 40, 64, 100]))
+    assert token_histogram(np.bincount([128]), counted=True) == token_histogram(np.array([128]))
+    assert token_histogram(np.zeros(0, np.int64), counted=True) == [{"from": 0, "to": 15, "rows": 0}]
+
+
+def test_median_of_counts_is_the_exact_median():
+    for values in ([10], [3, 1], [0, 10, 10, 10, 109], [5, 1, 9, 2], [7, 7, 7, 8], [0, 0, 1, 200, 200, 200]):
+        assert median_of_counts(np.bincount(values)) == np.median(values), values
 
 
 def test_gpu_hours_and_replicas_for_a_deadline():
@@ -82,8 +101,9 @@ def engine_free_main(ray_local, monkeypatch):
     monkeypatch.setattr(main.ray, "init", lambda **kwargs: None)
 
     def run(*args: str) -> int:
+        # One replica: the session's Ray has 2 CPUs, and a preflight sizes the pipeline as the run would.
         return main.main(["--preflight", "--model", tiny_model_dir(), "--id-column", "uid", "--max-tokens", "20",
-                          "--engine-arg", "max_model_len=64", *args])
+                          "--engine-arg", "max_model_len=64", "--concurrency", "1", *args])
     return run
 
 
@@ -95,7 +115,7 @@ def test_preflight_counts_failing_rows_by_reason_and_exits_1_over_the_error_frac
     result = json.loads((report_dir / "preflight.json").read_text())
     assert (result["verdict"], result["exit_code"]) == ("too many failing rows", 1)
     assert result["reason"] == "40% of the output's rows would fail, more than --max-error-fraction 0.1 allows"
-    assert (result["rows"], result["already_done"], result["to_run"], result["duplicate_ids"]) == (5, 0, 5, 0)
+    assert (result["rows"], result["already_done"], result["to_run"]) == (5, 0, 5)
     assert result["failing"] == {"rows": 2, "by_reason": {"empty": 1, "over max length": 1},
                                  "examples": {"empty": ["b"], "over max length": ["c"]}, "fraction": 0.4}
     assert result["max_model_len"] == 64
@@ -157,7 +177,10 @@ def test_preflight_refuses_a_duplicate_id_with_exit_2(engine_free_main, tmp_path
     assert engine_free_main("--input-path", str(prompts), "--output-path", str(tmp_path / "out"),
                             "--preflight-report-dir", str(reports)) == 2
     reason = "duplicate id 'a' in column 'uid': rows.jsonl:1 and rows.jsonl:6"
-    assert capsys.readouterr().err == f"error: {reason}\n"
+    printed = capsys.readouterr()
+    assert printed.err == f"error: {reason}\n"
+    assert f"  verdict        refused (exit 2): {reason}" in printed.out.splitlines()
+    assert "duplicate ids" not in printed.out  # a duplicate refuses the input: there is no count to print
     result = json.loads((reports / "preflight.json").read_text())
     assert (result["verdict"], result["exit_code"], result["reason"]) == ("refused", 2, reason)
     assert not (reports / "input_tokens.png").exists()

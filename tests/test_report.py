@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from util.output import delete_output, read_results, written_ids
+from conftest import ids_in
+from util.output import delete_output, read_results
 from util.report import (PLOT_NAME, REPORT_NAME, ProgressLog, ProgressReporter, build_report, eta_seconds,
                          format_report, progress_line, throughput_series, write_report)
 
@@ -151,6 +152,6 @@ def test_report_files_lie_beside_the_data_and_readers_skip_them(ray_local, tmp_p
     assert (out / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pq.read_table(out).num_rows == 2  # pyarrow, pandas
     assert read_results(str(out)).count() == 2  # Ray Data
-    assert written_ids(str(out)) == {"r1", "r2"}
+    assert ids_in(out) == {"r1", "r2"}
     delete_output(str(out))  # --overwrite takes them as the run's own records, not as foreign files
     assert not out.exists()

@@ -114,14 +114,15 @@ def test_read_prompts_from_s3_file_and_folder(ray_local, s3_server, s3_bucket):
     lines = [json.dumps({"question": "q1", "topic": "a"}), "", json.dumps({"question": "q2", "topic": "b"})]
     put(s3_bucket, s3_server, "prompts.jsonl", "\n".join(lines) + "\n")
     out = read_prompts(f"s3://{s3_bucket}/prompts.jsonl", text_column="question").take_all()
+    third = len(lines[0]) + 2  # the byte offset of the third line: the first, its newline, a blank line
     assert [(r["id"], r["question"], r["topic"]) for r in out] == [
-        (f"prompts.jsonl:1:{h8('q1')}", "q1", "a"), (f"prompts.jsonl:3:{h8('q2')}", "q2", "b")]
+        (f"prompts.jsonl:0:{h8('q1')}", "q1", "a"), (f"prompts.jsonl:{third}:{h8('q2')}", "q2", "b")]
 
     put(s3_bucket, s3_server, "folder/one.txt", "alpha\nbeta\n")
     put(s3_bucket, s3_server, "folder/two.txt", "alpha\n")
     out = read_prompts(f"s3://{s3_bucket}/folder/").take_all()
     assert sorted(r["id"] for r in out) == sorted(
-        [f"one.txt:1:{h8('alpha')}", f"one.txt:2:{h8('beta')}", f"two.txt:1:{h8('alpha')}"])
+        [f"one.txt:0:{h8('alpha')}", f"one.txt:6:{h8('beta')}", f"two.txt:0:{h8('alpha')}"])
 
 
 @pytest.mark.parametrize("output_format", ["parquet", "jsonl"])

@@ -17,14 +17,19 @@ import sys
 from pathlib import Path
 
 import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from util import hf_token
 from util.config import Config, parse_args
 from util.hf_token import prompt_for_hugging_face_token
+from util.output import conform
 from util.reading import InputError, read_prompts, row_id
-from util.stages import engine_kwargs
-from util.validation import InputScan, check_output_writable, scan_input
+from util.resume import DoneIndex
+from util.scan import InputScan, scan_input
+from util.stages import engine_kwargs, size_formatters
+from util.validation import check_output_writable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,11 +40,20 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
 
 
 def scan_error(source, **read_args) -> str:
-    """The message scan_input refuses `source` with; it must be an InputError itself, not Ray's wrapper."""
+    """The message scan_input refuses `source` with; it must be an InputError itself, not Ray's wrapper.
+    Read as check_before_run reads it: with each row's file and position when there is an id column."""
+    id_column = read_args.get("id_column")
     with pytest.raises(InputError) as info:
-        scan_input(read_prompts(source, **read_args), read_args.get("id_column"), set())
+        scan_input(read_prompts(source, with_where=bool(id_column), **read_args), id_column, None, source)
     assert type(info.value) is InputError
     return str(info.value)
+
+
+def done_index(folder: Path, ids: list[str]) -> DoneIndex:
+    """The DoneIndex of an output folder that holds exactly `ids`, as an earlier run would have left it."""
+    folder.mkdir()
+    pq.write_table(conform(pa.table({"id": pa.array(ids, pa.string())})), folder / "part-x-000000.parquet")
+    return DoneIndex.build(str(folder), "parquet")
 
 
 def tree(folder: Path) -> list[str]:
@@ -106,7 +120,7 @@ def test_unreadable_input_file_and_folder(tmp_path, locked):
     messages = run_with_permissions(f"""
 import json, ray
 from util.reading import InputError, read_prompts
-from util.validation import scan_input
+from util.scan import scan_input
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 ray.data.DataContext.get_current().enable_progress_bars = False
 messages = []
@@ -116,7 +130,7 @@ for path in ("{tmp_path}/secret.txt", "{tmp_path}/closed"):
     except InputError as error:
         messages.append(str(error))
 try:
-    scan_input(read_prompts("{tmp_path}/mixed"), None, set())  # listed on the driver, read by a worker
+    scan_input(read_prompts("{tmp_path}/mixed"), None, None)  # listed on the driver, read by a worker
 except InputError as error:
     messages.append(str(error))
 print(json.dumps(messages))
@@ -169,9 +183,9 @@ def test_duplicate_id_across_files(ray_local, tmp_path):
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", [{"uid": "x", "text": "a"}, {"uid": "y", "text": "b"}])
     write_jsonl(folder / "b.jsonl", [{"uid": "z", "text": "c"}, {"uid": "x", "text": "d"}])
-    assert scan_error(str(folder), id_column="uid") == "duplicate id 'x' in column 'uid': two input files hold it"
-    # Without an id column the ids are derived from file and line, so the same rows are fine.
-    assert scan_input(read_prompts(str(folder)), None, set()) == InputScan(rows=4, already_done=0)
+    assert scan_error(str(folder), id_column="uid") == "duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:2"
+    # Without an id column the ids are derived from file and position, so the same rows are fine.
+    assert scan_input(read_prompts(str(folder)), None, None) == InputScan(rows=4, already_done=0)
 
 
 # --- an output path that is not writable ---
@@ -278,16 +292,36 @@ def test_gated_model_without_a_token_says_how_to_give_one(monkeypatch):
 def test_scan_input_counts_rows_and_rows_already_done(ray_local, tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("a\nb\nc\nd\ne\n", encoding="utf-8")
-    ids = [row_id("p.txt", n, text) for n, text in enumerate("abcde", start=1)]
-    done = {ids[1], ids[3], "other.txt:1:00000000"}  # rows 2 and 4, and an id this input does not have
+    ids = [row_id("p.txt", offset, text) for offset, text in zip(range(0, 10, 2), "abcde")]  # byte offsets
+    assert [r["id"] for r in read_prompts(str(path)).take_all()] == ids
+    # rows 2 and 4, and an id this input does not have, in an earlier run's output
+    done = done_index(tmp_path / "out", [ids[1], ids[3], "other.txt:0:00000000"])
+    assert done.rows == 3
     assert scan_input(read_prompts(str(path)), None, done) == InputScan(rows=5, already_done=2)
     assert scan_input(read_prompts(str(path), limit=3), None, done) == InputScan(rows=3, already_done=1)
     assert scan_input(read_prompts(str(path), limit=10), None, done) == InputScan(rows=5, already_done=2)
-    assert scan_input(read_prompts(str(path)), None, set()) == InputScan(rows=5, already_done=0)
+    assert scan_input(read_prompts(str(path)), None, None) == InputScan(rows=5, already_done=0)
+    assert DoneIndex.build(str(tmp_path / "no-output-yet"), "parquet") is None
 
     keyed = write_jsonl(tmp_path / "k.jsonl", [{"uid": f"u{n}", "text": t} for n, t in enumerate("abcde", 1)])
-    assert scan_input(read_prompts(keyed, id_column="uid"), "uid", {"u1", "u5"}) == InputScan(5, 2)
-    assert scan_input(read_prompts(keyed, id_column="uid", limit=2), "uid", {"u1", "u5"}) == InputScan(2, 1)
+    done = done_index(tmp_path / "keyed-out", ["u1", "u5"])
+    assert scan_input(read_prompts(keyed, id_column="uid", with_where=True), "uid", done, keyed) == InputScan(5, 2)
+    assert scan_input(read_prompts(keyed, id_column="uid", limit=2, with_where=True), "uid", done,
+                      keyed) == InputScan(2, 1)
+
+
+# --- a CPU-only cluster too small for the replicas ---
+
+def test_a_cpu_only_cluster_too_small_for_the_replicas_is_refused():
+    with pytest.raises(InputError) as info:
+        size_formatters(Config(concurrency=3), use_gpu=False, cluster={"CPU": 2})
+    assert str(info.value) == (
+        "--concurrency 3 needs 2.5 CPUs on this CPU-only cluster: 0.5 for each of 3 replica(s), 0.5 for the "
+        "prompt formatter and 0.5 for reading and writing; the cluster has 2. Lower --concurrency, or add CPUs")
+    assert size_formatters(Config(concurrency=2), use_gpu=False, cluster={"CPU": 2}) == 1  # exactly fits
+    assert size_formatters(Config(concurrency=2), use_gpu=False, cluster={"CPU": 8}) == 2  # one per replica
+    # With GPUs an autoscaling cluster may still add nodes: one formatter, and Ray Data waits for them.
+    assert size_formatters(Config(concurrency=3), use_gpu=True, cluster={"CPU": 2, "GPU": 3}) == 1
 
 
 # --- main.py: exit code 2, the message on stderr, no output folder, no engine ---
@@ -309,7 +343,7 @@ def main_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "sampling": (["--temperature", "-1"], "error: --temperature must be >= 0, got -1.0"),
         "duplicate_ids": (["--input-path", str(folder), "--id-column", "uid"],
-                          "error: duplicate id 'x' in column 'uid': two input files hold it"),
+                          "error: duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:1"),
         "empty_file": (["--input-path", str(empty)], f"error: {empty}: empty file, no prompts in it"),
         "output_not_writable": (["--output-path", str(tmp_path / "file" / "out")],
                                 f"error: output path {tmp_path}/file/out is not writable: Not a directory"),

@@ -72,6 +72,9 @@ OPENAI_RECORD_KEYS = pa.schema([("custom_id", pa.string()),
 TEMP_SUFFIX = ".tmp"
 MANIFEST_NAME = "_manifest.json"  # written by util/manifest.py
 WRITE_CPUS = 0.5  # a write task's CPU share (util/stages.py TASK_CPUS)
+# Rows a write task gathers into one file: fewer, larger files than one per predictor batch (ten million
+# rows make about ten thousand files), while a killed run loses at most this many rows per write task.
+ROWS_PER_FILE = 1024
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -133,6 +136,10 @@ class ResultsDatasink(Datasink):
         # Names the files of this write; a later write (a resumed run) adds files beside them.
         self.write_id = write_id or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
         self.written = {"ok": 0, "error": 0, "input_tokens": 0, "output_tokens": 0}
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return ROWS_PER_FILE
 
     def write(self, blocks, ctx) -> dict:
         tables = [conform(BlockAccessor.for_block(block).to_arrow()) for block in blocks]

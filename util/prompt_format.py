@@ -1,8 +1,9 @@
 """Turn raw input text into the exact prompt a model expects, and tokenize it once.
 
-    from util.prompt_format import PromptFormatter
-    ds = ds.map_batches(PromptFormatter, fn_constructor_kwargs={"model": "mistralai/Mistral-7B-Instruct-v0.1",
-                        "text_column": "text"}, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
+    from util.prompt_format import PromptFormatter, format_prompts
+    ds = ds.map_batches(format_prompts, fn_kwargs={"model": "mistralai/Mistral-7B-Instruct-v0.1",
+                        "text_column": "text"}, batch_format="pyarrow")          # as tasks (the pipeline's way)
+    PromptFormatter("mistralai/Mistral-7B-Instruct-v0.1", "text")(table)     # the same, on one pyarrow table
 
 How a prompt is formatted (`prompt_format`):
   - chat_template: the tokenizer's own chat template, with an optional system message;
@@ -15,6 +16,7 @@ sent to the engine (empty, or longer than the model allows) gets a reason in `er
 failing the batch; the predictor passes such rows through untouched.
 """
 
+import functools
 import json
 
 import pyarrow as pa
@@ -117,6 +119,18 @@ class PromptFormatter:
             "num_input_tokens": pa.array([len(ids) for ids in token_ids], pa.int64()),
             "error": pa.array(errors, pa.string()),
         })
+
+
+@functools.lru_cache(maxsize=8)
+def cached_formatter(**options) -> PromptFormatter:
+    return PromptFormatter(**options)
+
+
+def format_prompts(batch: pa.Table, **options) -> pa.Table:
+    """The formatter as a Ray Data task: each worker process loads the tokenizer once, on its first batch,
+    and keeps it. Tasks, unlike a pool of actors, spread over every free CPU, and Ray Data fuses them
+    with the read before and the repartition after (util/pipeline.py)."""
+    return cached_formatter(**options)(batch)
 
 
 def set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:

@@ -36,6 +36,7 @@ from ray.data.context import DataContext
 from ray.data.datasource import Datasource, ReadTask
 
 from util.openai_batch import request_row, request_table
+from util.resume import drop_done_rows
 from util.storage import resolve
 
 SAMPLE_PROMPTS = [
@@ -295,8 +296,9 @@ def _read_file(filesystem, path: str, source: str, input_format: str, text_colum
 
 
 def _read_task(filesystem, path: str, source: str, start: int | None, end: int | None, whole_file: bool,
-               **options):
-    """One read task's blocks; a file with no rows at all is refused (a write that failed, most likely)."""
+               done_ref: list | None, **options):
+    """One read task's blocks, without the rows an earlier run wrote (util/resume.py); a file with no
+    rows at all is refused (a write that failed, most likely)."""
     if start is None:
         blocks = _read_file(filesystem, path, source, **options)
     else:
@@ -304,7 +306,9 @@ def _read_task(filesystem, path: str, source: str, start: int | None, end: int |
     rows = 0
     for table in blocks:
         rows += table.num_rows
-        yield table
+        table = drop_done_rows(table, done_ref)
+        if table.num_rows:
+            yield table
     if not rows and whole_file:
         raise InputError(f"{path}: empty file, no prompts in it")
 
@@ -315,8 +319,10 @@ class PromptFiles(Datasource):
 
     def __init__(self, source: str, files: list[tuple[str, int]], root: str, input_format: str,
                  text_column: str, id_column: str | None, with_where: bool = False,
-                 chunk_bytes: int = CHUNK_BYTES):
+                 chunk_bytes: int = CHUNK_BYTES, done=None):
         self.filesystem, _ = resolve(source)
+        # The ref travels in a list: Ray would otherwise resolve it into every task's arguments as a copy.
+        self.done_ref = [done.ref] if done is not None else None
         self.chunk_bytes = chunk_bytes
         self.files, self.root = files, root
         self.options = {"text_column": text_column, "id_column": id_column, "with_where": with_where}
@@ -336,7 +342,8 @@ class PromptFiles(Datasource):
                       if input_format in ("text", "jsonl") else [(None, None)])
             for start, end in ranges:
                 read = functools.partial(_read_task, self.filesystem, path, source, start, end,
-                                         whole_file=len(ranges) == 1, input_format=input_format, **self.options)
+                                         whole_file=len(ranges) == 1, done_ref=self.done_ref,
+                                         input_format=input_format, **self.options)
                 metadata = BlockMetadata(num_rows=None, exec_stats=None, input_files=[path],
                                          size_bytes=(end - start) if start is not None else size)
                 tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
@@ -377,9 +384,10 @@ def list_files(source: str, input_format: str = "auto") -> tuple[list[tuple[str,
 
 def read_prompts(source: str | list, input_format: str = "auto", text_column: str = "text",
                  id_column: str | None = None, limit: int | None = None,
-                 with_where: bool = False) -> ray.data.Dataset:
+                 with_where: bool = False, done=None) -> ray.data.Dataset:
     """The prompts as a lazy Dataset: `id` first, then the input's columns. `with_where` adds a hidden
-    WHERE_COLUMN (file and position) for naming duplicates."""
+    WHERE_COLUMN (file and position) for naming duplicates. `done` (util.resume.DoneIndex): rows whose
+    ids are in it are dropped as they are read."""
     if input_format == "openai":  # OpenAI Batch API requests (util/openai_batch.py)
         text_column, id_column = "messages", "custom_id"
     context = DataContext.get_current().copy()  # this dataset's own: a global change would outlive the call
@@ -393,10 +401,12 @@ def read_prompts(source: str | list, input_format: str = "auto", text_column: st
             positions = list(range(1, len(rows) + 1))
             table = _with_ids(_table_from_rows(rows, "items"), positions, "items", text_column, id_column,
                               with_where)
+            table = drop_done_rows(table, [done.ref] if done is not None else None)
             ds = ray.data.from_arrow([table.slice(i, BLOCK_ROWS) for i in range(0, len(table), BLOCK_ROWS)])
         else:
             files, root = list_files(source, input_format)
-            datasource = PromptFiles(source, files, root, input_format, text_column, id_column, with_where)
+            datasource = PromptFiles(source, files, root, input_format, text_column, id_column, with_where,
+                                     done=done)
             ds = ray.data.read_datasource(datasource, num_cpus=READ_CPUS)
         if limit is not None:
             ds = ds.limit(limit)

@@ -1,8 +1,8 @@
 """Resume: which input rows an earlier run already wrote, found without holding ids on the driver.
 
-    from util.resume import DoneIndex, drop_done
+    from util.resume import DoneIndex
     done = DoneIndex.build("outputs/run", "parquet")    # None when the output holds no rows yet
-    ds = drop_done(ds, done)                            # a streaming filter: rows whose id is not written
+    ds = read_prompts("prompts.jsonl", done=done)       # each read task drops the rows already written
 
 The output's ids are hashed to 128 bits (two 64-bit SipHash keys), sorted, and held once in Ray's object
 store, 16 bytes a row, by a task that reads the output's id column a file at a time. Each filter task maps
@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from util.output import output_dataset
 
 # Two SipHash keys (16 bytes each): one hash to search on, the other to confirm a match.
 HASH_KEYS = ("batch-llm-ids-01", "batch-llm-ids-02")
@@ -34,6 +33,8 @@ def id_hashes(ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sorted_hashes(output_path: str, output_format: str) -> tuple[np.ndarray, np.ndarray]:
+    from util.output import output_dataset
+
     files, id_column = output_dataset(output_path, output_format)
     first, second = [], []
     if files is not None:
@@ -85,21 +86,15 @@ class DoneIndex:
         return cls(rows, ref) if rows else None
 
 
-def _not_done(batch: pa.Table, index_ref: list) -> pa.Table:
+def drop_done_rows(table: pa.Table, index_ref: list | None) -> pa.Table:
+    """`table` without the rows whose ids are in the index (a one-item list holding its ref)."""
+    if index_ref is None:
+        return table
     index = ray.get(index_ref[0])  # zero-copy from the object store
-    return batch.filter(pa.array(~contains(index, batch["id"])))
+    return table.filter(pa.array(~contains(index, table["id"])))
 
 
 def mark_done(batch: pa.Table, index_ref: list | None) -> pa.Table:
     """Adds a `done` column (1 where the row's id is in the output) for the input scan."""
     done = contains(ray.get(index_ref[0]), batch["id"]) if index_ref else np.zeros(batch.num_rows, bool)
     return batch.append_column("done", pa.array(done.astype(np.int64)))
-
-
-def drop_done(ds: ray.data.Dataset, done: DoneIndex | None) -> ray.data.Dataset:
-    """`ds` without the rows an earlier run wrote; unchanged when nothing was written."""
-    if done is None:
-        return ds
-    # The ref travels in a list: Ray would otherwise resolve it into every task's arguments as a copy.
-    return ds.map_batches(_not_done, fn_kwargs={"index_ref": [done.ref]}, batch_format="pyarrow",
-                          batch_size=None, num_cpus=0.5)

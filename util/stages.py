@@ -1,11 +1,11 @@
 """The pipeline's two model stages, and how Ray Data runs them: prompt formatting on CPU, then vLLM.
 
     from util.stages import formatter_stage, predictor_stage
-    ds = ds.map_batches(**formatter_stage(cfg, use_gpu, max_formatters=4))   # adds prompt, prompt_token_ids, ...
+    ds = ds.map_batches(**formatter_stage(cfg, use_gpu))    # adds prompt, prompt_token_ids, ...
     ds = ds.map_batches(**predictor_stage(cfg, choice))     # adds generated_text, finish_reason, ...
 
-Resources are sized from the cluster (`size_formatters`): the replicas, at least one formatter, and a
-share for the read, filter and write tasks must fit, or Ray would wait forever for a CPU that never frees.
+On a CPU-only cluster the replicas and one data task at a time must fit (`check_cluster_fits`), or Ray
+would wait forever for a CPU that never frees.
 
 Engine arguments, lowest precedence first: vLLM's defaults, the per-model table (util/models.py),
 the replica's parallelism, CPU settings when no GPU is present, then the user's --engine-arg keys.
@@ -21,17 +21,15 @@ from util.accelerator import AcceleratorChoice
 from util.config import Config
 from util.models import engine_defaults
 from util.predictor import LLMPredictor
-from util.prompt_format import PromptFormatter
+from util.prompt_format import format_prompts
 
 # On CPU the KV cache lives in RAM: keep it small enough for a laptop or a CI runner.
 CPU_ENV_VARS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
 CPU_ENGINE_KWARGS = {"max_model_len": 2048, "max_num_seqs": 32, "enforce_eager": True,
                      "gpu_memory_utilization": 0.3}  # on CPU: the share of RAM vLLM may take
-# CPUs the pipeline's other actors and tasks take. Replicas on CPU take CPU_REPLICA_CPUS each
-# (util/accelerator.py); vLLM runs its own threads whatever Ray counts.
-FORMATTER_CPUS = {True: 1.0, False: 0.5}  # by use_gpu
-TASK_CPUS = 0.5  # the read, filter and write tasks (util/reading.py READ_CPUS): one of them at a time at least
-CPU_REPLICA_CPUS = 0.5
+# CPUs the pipeline's tasks and CPU replicas take. vLLM on CPU runs its own threads whatever Ray counts.
+TASK_CPUS = 0.5  # read, format and write tasks (util/reading.py READ_CPUS, util/output.py WRITE_CPUS)
+CPU_REPLICA_CPUS = 0.5  # util/accelerator.py
 
 
 def valid_engine_keys() -> set[str]:
@@ -85,40 +83,33 @@ def replica_placement(cfg: Config, choice: AcceleratorChoice) -> dict:
     return {"num_gpus": 0, "ray_remote_args_fn": functools.partial(_placement_group, [bundle] * gpus, strategy)}
 
 
-def size_formatters(cfg: Config, use_gpu: bool, cluster: dict) -> int:
-    """The most formatter actors the cluster can hold beside the replicas and a task share (at least 1,
-    at most one per replica: one formatter tokenizes about 11k rows/s). Raises InputError when even one
-    does not fit on a CPU-only cluster, where the run would otherwise wait forever."""
+def check_cluster_fits(cfg: Config, use_gpu: bool, cluster: dict) -> None:
+    """Raises InputError when a CPU-only cluster cannot hold the replicas and one formatting or reading
+    task at a time beside them: Ray would otherwise wait forever for a CPU that never frees. A GPU
+    cluster may be autoscaling, so there Ray Data waits for the nodes to come."""
     from util.reading import InputError
 
     cpus = float(cluster.get("CPU", 0))
-    replica_cpus = replica_gpus(cfg) if use_gpu else CPU_REPLICA_CPUS  # GPU replicas: 1 CPU per GPU bundle
-    free = cpus - cfg.concurrency * replica_cpus - TASK_CPUS
-    if free < FORMATTER_CPUS[use_gpu]:
-        if use_gpu:  # an autoscaling cluster may add nodes; Ray Data waits for them
-            return 1
+    need = cfg.concurrency * CPU_REPLICA_CPUS + TASK_CPUS
+    if not use_gpu and need > cpus:
         raise InputError(
-            f"--concurrency {cfg.concurrency} needs {cfg.concurrency * replica_cpus + FORMATTER_CPUS[use_gpu] + TASK_CPUS:g} "
-            f"CPUs on this CPU-only cluster: {replica_cpus:g} for each of {cfg.concurrency} replica(s), "
-            f"{FORMATTER_CPUS[use_gpu]:g} for the prompt formatter and {TASK_CPUS:g} for reading and writing; "
+            f"--concurrency {cfg.concurrency} needs {need:g} CPUs on this CPU-only cluster: {CPU_REPLICA_CPUS:g} "
+            f"for each of {cfg.concurrency} replica(s) and {TASK_CPUS:g} for reading, formatting and writing; "
             f"the cluster has {cpus:g}. Lower --concurrency, or add CPUs")
-    return max(1, min(cfg.concurrency, int(free // FORMATTER_CPUS[use_gpu])))
 
 
-def formatter_stage(cfg: Config, use_gpu: bool = True, max_formatters: int = 1) -> dict:
-    """`ds.map_batches` arguments for the prompt formatter: CPU actors that load the tokenizer once, as
-    many as the data needs (Ray Data's autoscaling pool) up to `max_formatters`. Its batches are the
-    predictor's, so the repartition that follows fuses into it (util/pipeline.py)."""
+def formatter_stage(cfg: Config, use_gpu: bool = True, formatter=format_prompts) -> dict:
+    """`ds.map_batches` arguments for the prompt formatter: tasks of the predictor's batch size, each
+    worker loading the tokenizer once, as many at a time as there are free CPUs."""
     return {
-        "fn": PromptFormatter,
-        "fn_constructor_kwargs": {"model": cfg.model, "text_column": cfg.text_column,
-                                  "system_prompt": cfg.system_prompt, "prompt_format": cfg.prompt_format,
-                                  "revision": cfg.revision,
-                                  "max_model_len": engine_kwargs(cfg, use_gpu).get("max_model_len")},
-        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max_formatters),
+        "fn": formatter,
+        "fn_kwargs": {"model": cfg.model, "text_column": cfg.text_column,
+                      "system_prompt": cfg.system_prompt, "prompt_format": cfg.prompt_format,
+                      "revision": cfg.revision,
+                      "max_model_len": engine_kwargs(cfg, use_gpu).get("max_model_len")},
         "batch_size": cfg.batch_size,
         "batch_format": "pyarrow",
-        "num_cpus": FORMATTER_CPUS[use_gpu],
+        "num_cpus": TASK_CPUS,  # as the read's: Ray fuses read, format and repartition into one task
     }
 
 

@@ -114,9 +114,9 @@ def check_before_run(cfg, use_gpu: bool, output_path: str) -> CheckedRun:
     from util.reading import SAMPLE_PROMPTS, read_prompts
     from util.resume import DoneIndex
     from util.scan import scan_input
-    from util.stages import size_formatters
+    from util.stages import check_cluster_fits
 
-    size_formatters(cfg, use_gpu, ray.cluster_resources())  # a cluster too small would wait forever
+    check_cluster_fits(cfg, use_gpu, ray.cluster_resources())  # a cluster too small would wait forever
     source = cfg.input_path or SAMPLE_PROMPTS
     ds = read_prompts(source, cfg.input_format, cfg.text_column, cfg.id_column, cfg.limit,
                       with_where=bool(cfg.id_column))  # lists the files now: a missing path stops here

@@ -1,0 +1,26 @@
+"""The scale harness (bench/scale.py) at a small size: one input file spreads over four replicas, a rerun
+that finds half the rows done writes only the other half, and every id ends up in the output once.
+The 10M-row numbers are in BENCHMARKS.md; CI runs this size only."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_one_file_spreads_over_four_replicas_and_resumes_exactly_once(tmp_path):
+    rows = 20_000
+    command = [sys.executable, "-m", "bench.scale", "--rows", str(rows), "--files", "1", "--replicas", "4",
+               "--batch-size", "128", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, timeout=900)
+    case, = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert case["scan"]["rows"] == rows and case["scan"]["already_done"] == 0
+    assert case["run"]["written"] == rows
+    assert len(case["replica_shares"]) == 4
+    assert all(0.20 <= share <= 0.30 for share in case["replica_shares"]), case["replica_shares"]
+    # Every other output file was deleted: the rerun finds the rest done and writes exactly what is missing.
+    done = case["rerun_scan"]["already_done"]
+    assert 0 < done < rows and case["rerun_run"]["written"] == rows - done
+    assert case["output_rows"] == case["distinct_ids"] == rows and case["exactly_once"]
+    assert max(case[phase]["worker_peak_mib"] for phase in ("scan", "run", "rerun_scan", "rerun_run")) < 2048
