@@ -294,19 +294,15 @@ def test_overwrite_deletes_only_an_earlier_output(ray_local, tmp_path):
 
 def stand_in_stages(monkeypatch, crash: bool = False, drop_a_row: bool = False):
     """Replace the engine-backed pieces of main.py: the pipeline is util.pipeline's own (read, drop rows
-    already done, format, repartition, predict), with stand-in classes in the two model stages. Ray Data
-    makes them with the stages' constructor arguments, which they ignore. The classes are made here, not
-    at module level, so that Ray ships them to its workers by value (this test module is not importable
-    there)."""
+    already done, format, repartition, predict), with stand-ins in the two model stages. Ray Data calls the
+    formatter with the stage's keyword arguments and makes the predictor with its constructor arguments;
+    both ignore them. They are made here, not at module level, so that Ray ships them to its workers by
+    value (this test module is not importable there)."""
 
-    class StandInFormatter:
-        def __init__(self, **stage_kwargs):
-            pass
-
-        def __call__(self, batch: pa.Table) -> pa.Table:
-            texts = batch["text"].to_pylist()
-            return (batch.append_column("prompt", pa.array([f"[{t}]" for t in texts]))
-                    .append_column("num_input_tokens", pa.array([len(t) for t in texts], pa.int64())))
+    def stand_in_format(batch: pa.Table, **stage_kwargs) -> pa.Table:
+        texts = batch["text"].to_pylist()
+        return (batch.append_column("prompt", pa.array([f"[{t}]" for t in texts]))
+                .append_column("num_input_tokens", pa.array([len(t) for t in texts], pa.int64())))
 
     class StandInPredictor:
         def __init__(self, **stage_kwargs):
@@ -331,7 +327,7 @@ def stand_in_stages(monkeypatch, crash: bool = False, drop_a_row: bool = False):
     monkeypatch.setattr(main.ray, "init", lambda **kwargs: None)  # the test session's Ray is already up
     monkeypatch.setattr(main, "choose_accelerator", lambda requested: AcceleratorChoice(False, None, 0.0))
     monkeypatch.setattr(main, "build_pipeline", functools.partial(
-        build_pipeline, formatter=StandInFormatter, predictor=StandInPredictor))
+        build_pipeline, formatter=stand_in_format, predictor=StandInPredictor))
 
 
 @pytest.fixture
@@ -342,7 +338,7 @@ def prompts(tmp_path):
 
 
 def run_main(prompts, out, *args: str) -> int:
-    # One replica: the test session's Ray has 2 CPUs (util.stages.size_formatters refuses more than fit).
+    # One replica: the test session's Ray has 2 CPUs (util.stages.check_cluster_fits refuses more than fit).
     return main.main(["--input-path", str(prompts), "--output-path", str(out), "--model", "org/model",
                       "--max-tokens", "32", "--concurrency", "1", *args])
 

@@ -28,7 +28,7 @@ from util.output import conform
 from util.reading import InputError, read_prompts, row_id
 from util.resume import DoneIndex
 from util.scan import InputScan, scan_input
-from util.stages import engine_kwargs, size_formatters
+from util.stages import check_cluster_fits, engine_kwargs
 from util.validation import check_output_writable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,14 +314,14 @@ def test_scan_input_counts_rows_and_rows_already_done(ray_local, tmp_path):
 
 def test_a_cpu_only_cluster_too_small_for_the_replicas_is_refused():
     with pytest.raises(InputError) as info:
-        size_formatters(Config(concurrency=3), use_gpu=False, cluster={"CPU": 2})
+        check_cluster_fits(Config(concurrency=4), use_gpu=False, cluster={"CPU": 2})
     assert str(info.value) == (
-        "--concurrency 3 needs 2.5 CPUs on this CPU-only cluster: 0.5 for each of 3 replica(s), 0.5 for the "
-        "prompt formatter and 0.5 for reading and writing; the cluster has 2. Lower --concurrency, or add CPUs")
-    assert size_formatters(Config(concurrency=2), use_gpu=False, cluster={"CPU": 2}) == 1  # exactly fits
-    assert size_formatters(Config(concurrency=2), use_gpu=False, cluster={"CPU": 8}) == 2  # one per replica
-    # With GPUs an autoscaling cluster may still add nodes: one formatter, and Ray Data waits for them.
-    assert size_formatters(Config(concurrency=3), use_gpu=True, cluster={"CPU": 2, "GPU": 3}) == 1
+        "--concurrency 4 needs 2.5 CPUs on this CPU-only cluster: 0.5 for each of 4 replica(s) and 0.5 for "
+        "reading, formatting and writing; the cluster has 2. Lower --concurrency, or add CPUs")
+    check_cluster_fits(Config(concurrency=3), use_gpu=False, cluster={"CPU": 2})  # exactly fits: 1.5 + 0.5
+    check_cluster_fits(Config(concurrency=2), use_gpu=False, cluster={"CPU": 2})
+    # With GPUs an autoscaling cluster may still add nodes, and Ray Data waits for them.
+    check_cluster_fits(Config(concurrency=8), use_gpu=True, cluster={"CPU": 2, "GPU": 1})
 
 
 # --- main.py: exit code 2, the message on stderr, no output folder, no engine ---
