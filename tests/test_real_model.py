@@ -71,10 +71,11 @@ def test_greedy_output_equals_transformers_token_for_token(smoke_run, hf_model):
         if (expected_text, len(expected)) != (row["generated_text"], row["num_generated_tokens"]):
             position = first_difference(expected, row["generated_text"], tokenizer)
             top = torch.topk(out.logits[min(position, len(out.logits) - 1)][0], 2)
+            top_two = ", ".join(f"{tokenizer.decode([i])!r} {value:.4f}"
+                                for value, i in zip(top.values.tolist(), top.indices.tolist()))
             mismatches.append(
-                f"{text!r}: first difference at generated token {position}; transformers' top 2 there: "
-                + ", ".join(f"{tokenizer.decode([i])!r} {v:.4f}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
-                + f"\n  transformers: {expected_text!r}\n  pipeline:     {row['generated_text']!r}")
+                f"{text!r}: first difference at generated token {position}; transformers' top 2 there: {top_two}"
+                f"\n  transformers: {expected_text!r}\n  pipeline:     {row['generated_text']!r}")
     assert not mismatches, "\n".join(mismatches)
 
 
