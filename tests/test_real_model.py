@@ -39,9 +39,14 @@ def hf_model():
 
     from util.smol_model import smol_model_dir
 
+    # One thread: on a busy 2-core machine torch's two OpenMP threads wait on each other, and generating
+    # 16 tokens took 34 s instead of 2 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     directory = smol_model_dir()
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(directory)
+    yield model, AutoTokenizer.from_pretrained(directory)
+    torch.set_num_threads(threads)
 
 
 def first_difference(expected_ids: list[int], text: str, tokenizer) -> int:
