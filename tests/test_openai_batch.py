@@ -1,4 +1,8 @@
-"""OpenAI Batch API files in and out: requests parsed per line, records joined back on custom_id."""
+"""OpenAI Batch API files in and out: requests parsed per line, records joined back on custom_id.
+Every output line is checked against the openai package's own types.
+
+    .venv/bin/python -m pytest tests/test_openai_batch.py
+"""
 
 import json
 import subprocess
@@ -7,14 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from openai.types import BatchError
+from openai.types.chat import ChatCompletion
+from openai.types.shared import ErrorObject
+
 from util.openai_batch import output_record, preview, request_row
+from util.prompt_format import join_text_parts
 from util.reading import InputError, read_prompts
 from util.scan import scan_input
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def request(custom_id: str, content: str, **body) -> str:
+def request(custom_id: str, content: str | list[dict], **body) -> str:
     return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
                        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **body}})
 
@@ -34,12 +43,59 @@ def test_body_parameters_become_the_rows_sampling_params():
      "in.jsonl:4: only POST /v1/chat/completions is supported, got POST /v1/embeddings"),
     (json.dumps({"custom_id": "q-1", "url": "/v1/chat/completions", "body": {"messages": []}}), "q-1",
      "in.jsonl:4: body.messages must be a non-empty list of messages"),
-    (request("q-1", "Hi", n=2), "q-1", "in.jsonl:4: n > 1 and stream are not supported in a batch"),
-    (request("q-1", "Hi", tools=[], logit_bias={}), "q-1", "in.jsonl:4: unsupported body parameter(s): logit_bias, tools"),
+    (request("q-1", "Hi", n=2), "q-1", "in.jsonl:4: n=2 is not supported (one choice per request; n may be null or 1)"),
+    (request("q-1", "Hi", n=True), "q-1",
+     "in.jsonl:4: n=true is not supported (one choice per request; n may be null or 1)"),
+    (request("q-1", "Hi", stream=True), "q-1",
+     "in.jsonl:4: stream=true is not supported (a batch is answered whole; stream may be null or false)"),
+    (request("q-1", "Hi", logprobs=True, top_logprobs=2), "q-1",
+     "in.jsonl:4: logprobs=true is not supported (no log probabilities in the output; logprobs may be null or false)"),
+    (request("q-1", "Hi", tools=[{"type": "function", "function": {"name": "f"}}]), "q-1",
+     'in.jsonl:4: tools=[{"type": "function", "function": {"name": "f"}}] is not supported '
+     "(no tool calls; tools may be null or [])"),
+    (request("q-1", "Hi", tool_choice="required"), "q-1",
+     'in.jsonl:4: tool_choice="required" is not supported (no tool calls; tool_choice may be null or "none" or "auto")'),
+    (request("q-1", "Hi", modalities=["text", "audio"]), "q-1",
+     'in.jsonl:4: modalities=["text", "audio"] is not supported (text output only; modalities may be null or ["text"])'),
+    (request("q-1", "Hi", audio={"voice": "alloy", "format": "wav"}), "q-1",
+     'in.jsonl:4: audio={"voice": "alloy", "format": "wav"} is not supported (text output only; audio may be null)'),
+    (request("q-1", "Hi", temprature=0.5, logit_bias={}), "q-1", "in.jsonl:4: unknown body parameter(s): temprature"),
 ])
 def test_a_bad_request_line_becomes_an_error_row(line, custom_id, reason):
     row = request_row(line, "in.jsonl:4")
     assert (row["custom_id"], row["request_error"], row["messages"]) == (custom_id, reason, None)
+
+
+@pytest.mark.parametrize("body", [
+    {"n": None, "logprobs": None, "tools": None, "stream": None, "top_logprobs": None, "audio": None},
+    {"n": 1, "stream": False, "logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none",
+     "parallel_tool_calls": True, "functions": [], "function_call": "auto", "modalities": ["text"]},
+    {"user": "u-1", "metadata": {"team": "a"}, "store": False, "service_tier": "auto", "safety_identifier": "s",
+     "prompt_cache_key": "k", "stream_options": None, "prediction": None, "web_search_options": None},
+])
+def test_what_asks_for_no_unsupported_feature_is_accepted(body):
+    row = request_row(request("q-1", "Hi", max_tokens=None, **body), "in.jsonl:4")
+    assert (row["request_error"], json.loads(row["messages"]), row["sampling_params"]) == (
+        None, [{"role": "user", "content": "Hi"}], None)
+
+
+def test_logit_bias_becomes_a_sampling_parameter():
+    row = request_row(request("q-1", "Hi", logit_bias={"42": -100}), "in.jsonl:4")
+    assert json.loads(row["sampling_params"]) == {"logit_bias": {"42": -100}}
+
+
+def test_text_parts_are_joined_with_newlines_as_vllms_server_joins_them():
+    message = {"role": "user", "name": "ada", "content": [{"type": "text", "text": "What is the capital"},
+                                                          {"type": "text", "text": "of France?"}]}
+    assert join_text_parts(message) == {"role": "user", "name": "ada", "content": "What is the capital\nof France?"}
+    refusal = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]}
+    assert join_text_parts(refusal) == {"role": "assistant", "content": "I can't."}
+    assert join_text_parts({"role": "user", "content": "Hi"}) == {"role": "user", "content": "Hi"}
+    image = {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}
+    with pytest.raises(ValueError) as refused:
+        join_text_parts(image, 2)
+    assert str(refused.value) == "messages[2].content[1] is a 'image_url' part; only text parts are supported"
 
 
 def test_output_and_error_records():
@@ -84,11 +140,15 @@ def test_duplicate_custom_ids_are_refused(ray_local, tmp_path):
 def batch_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("openai")
     source = folder / "batch_input.jsonl"
+    parts = [{"type": "text", "text": "What is the capital of France?"},
+             {"type": "text", "text": "Answer in one sentence."}]
     lines = [request("q-1", "Tell me a story.", max_tokens=6),
              request("q-2", "Name a color.", max_completion_tokens=3, temperature=0),
              "this line is not JSON",
              request("q-3", "   "),
-             request("q-4", "Count to three.")]
+             request("q-4", "Count to three."),
+             request("q-5", parts, max_tokens=None, n=None, logprobs=False, tools=None, stream=False),
+             request("q-6", "Hi", n=2)]
     source.write_text("\n".join(lines) + "\n")
     out = folder / "out"
     args = ["--smoke", "--input-path", str(source), "--input-format", "openai", "--output-path", str(out),
@@ -106,9 +166,19 @@ def _records(folder: Path) -> dict[str, dict]:
 def test_a_batch_file_round_trips_and_joins_back_on_custom_id(batch_run):
     first, _, out = batch_run
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "summary: 5 rows: 3 ok, 2 errors, 0 already done" in first.stdout
+    assert "summary: 7 rows: 4 ok, 3 errors, 0 already done" in first.stdout
     output, errors = _records(out), _records(out / "errors")
-    assert sorted(output) == ["q-1", "q-2", "q-4"] and sorted(errors) == ["batch_input.jsonl:3", "q-3"]
+    assert sorted(output) == ["q-1", "q-2", "q-4", "q-5"] and sorted(errors) == ["batch_input.jsonl:3", "q-3", "q-6"]
+    for record in output.values():  # each line as the openai package reads an answer
+        ChatCompletion.model_validate(record["response"]["body"])
+    for record in errors.values():  # ... and an error
+        BatchError.model_validate(record["error"])
+        ErrorObject.model_validate(record["response"]["body"]["error"])
+    # The text parts, joined, ask a question the model answers in a sentence, and stops.
+    answer = output["q-5"]["response"]["body"]["choices"][0]
+    assert (answer["message"]["content"], answer["finish_reason"]) == ("The capital of France is Paris.", "stop")
+    assert errors["q-6"]["error"]["message"] == (
+        "batch_input.jsonl:7: n=2 is not supported (one choice per request; n may be null or 1)")
     for custom_id, limit in (("q-1", 6), ("q-2", 3), ("q-4", 32)):  # the body's max_tokens, else the job's
         body = output[custom_id]["response"]["body"]
         assert output[custom_id]["response"]["status_code"] == 200 and output[custom_id]["error"] is None
@@ -123,5 +193,5 @@ def test_a_batch_file_round_trips_and_joins_back_on_custom_id(batch_run):
 def test_a_finished_batch_resumes_on_custom_id_and_does_nothing(batch_run):
     _, again, out = batch_run
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "summary: 5 rows: 0 ok, 0 errors, 5 already done" in again.stdout
-    assert len(_records(out)) + len(_records(out / "errors")) == 5
+    assert "summary: 7 rows: 0 ok, 0 errors, 7 already done" in again.stdout
+    assert len(_records(out)) + len(_records(out / "errors")) == 7

@@ -1,6 +1,6 @@
 """Rows that cannot be generated become error rows, in the output and in errors/; the job goes on.
 
-One real run (CPU engine, tiny model) over 8 rows, 6 of them bad in every per-row way there is, then a
+One real run (CPU engine, the --smoke model) over 8 rows, 6 of them bad in every per-row way there is, then a
 re-run of the finished job, which must do nothing and change nothing.
 """
 

@@ -1,6 +1,6 @@
 """Structured output: the flags, a row's own spec, the check of each row's text, and guided decoding
-on the real engine with the tiny model. Its weights are random, so only guided decoding gets valid
-JSON out of it. The engine starts once, in this process, for the whole file.
+on the real engine with a real model (SmolLM2-135M-Instruct, util/smol_model.py). The engine starts
+once, in this process, for the whole file.
 
     .venv/bin/python -m pytest tests/test_structured_output.py
 """
@@ -17,7 +17,7 @@ import pytest
 from util.config import Config, parse_args
 from util.structured_output import job_spec, output_error, row_spec
 
-# Small enough for the tiny model to finish well within max_tokens.
+# Small enough for a 135M model to finish well within max_tokens.
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "ok", "n"],
           "properties": {"name": {"type": "string", "maxLength": 8}, "ok": {"type": "boolean"},
                          "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
@@ -152,14 +152,16 @@ def generate(tmp_path_factory):
 
     from util.predictor import LLMPredictor
     from util.prompt_format import PromptFormatter
+    from util.smol_model import smol_model_dir
     from util.stages import CPU_ENV_VARS, engine_kwargs
-    from util.tiny_model import tiny_model_dir
 
-    model = tiny_model_dir()
+    model = smol_model_dir()
     schema_file = tmp_path_factory.mktemp("schema") / "person.json"
     schema_file.write_text(json.dumps(PERSON))
     cfg = Config(model=model, json_schema=str(schema_file), max_tokens=48, concurrency=1)
-    # Random weights write whitespace forever wherever JSON allows it; a real model stops.
+    # A 135M model, greedy, can fall into a loop of newlines wherever JSON allows whitespace: asked
+    # "Who are you?" under PERSON it wrote 22 of them and was cut off at 48 tokens (finish_reason length,
+    # "not valid JSON: Expecting value: line 23 column 1"). Compact JSON keeps every row within max_tokens.
     kwargs = {**engine_kwargs(cfg, use_gpu=False),
               "structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)}
     saved = {name: os.environ.get(name) for name in CPU_ENV_VARS}
@@ -177,9 +179,7 @@ def generate(tmp_path_factory):
     try:
         yield run
     finally:
-        engine, predictor.engine = predictor.engine, None
-        engine.shutdown()
-        del engine  # now, not at interpreter exit, where vLLM's __del__ would find its modules gone
+        predictor.shutdown()  # now, not at interpreter exit, where vLLM's __del__ would find its modules gone
         # The engine's output tasks live on this loop: end them before closing it.
         pending = asyncio.all_tasks(loop)
         for task in pending:
@@ -203,7 +203,9 @@ def test_the_jobs_json_schema_guides_every_row(generate):
 
 def test_a_choice_list_yields_only_those_choices(generate):
     choices = ["yes", "no", "maybe not"]
-    rows = generate([json.dumps({"structured_outputs": {"choice": choices}})] * len(PROMPTS))
+    spec = parse_args(["--choice", "yes", "--choice", "no", "--choice", "maybe not"]).sampling()["structured_outputs"]
+    rows = generate([json.dumps({"structured_outputs": spec})] * len(PROMPTS))  # as --choice guides every row
+    assert len(rows) == len(PROMPTS)
     assert all(r["error"] is None and r["structured_output_error"] is None for r in rows)
     assert {r["generated_text"] for r in rows} <= set(choices)
 

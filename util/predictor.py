@@ -24,8 +24,11 @@ or is null. A row whose own spec is invalid fails alone, with `error` saying why
 """
 
 import asyncio
+import atexit
 import json
+import os
 import uuid
+import weakref
 
 import pyarrow as pa
 
@@ -74,6 +77,56 @@ def _tokenizer(model: str, engine_kwargs: dict):
         trust_remote_code=engine_kwargs.get("trust_remote_code", False))
 
 
+def wait_for_replicas_to_exit(timeout_s: float = 60.0) -> None:
+    """Wait, at most `timeout_s`, until this job's Ray Data actors on this node (the replicas among
+    them) have exited. Ray Data lets them go when the dataset is done, and each replica shuts its engine
+    down on the way out (LLMPredictor.shutdown). A driver that ends first takes a local Ray cluster down
+    under them, and the worker kills its engine's processes first: vLLM logs that as a crash. (On a
+    cluster the driver's end leaves the nodes running; replicas elsewhere exit on their own.)"""
+    import time
+
+    import ray
+    from ray._private import state  # the GCS actor table; ray.util.state needs the dashboard running
+
+    context, deadline = ray.get_runtime_context(), time.monotonic() + timeout_s
+    try:
+        pids = [a["Pid"] for a in state.actors().values()
+                if a["JobID"] == context.get_job_id() and a["ActorClassName"].startswith("MapWorker(")
+                and a["Address"]["NodeID"] == context.get_node_id() and a.get("Pid")]
+    except Exception:  # another Ray version: no wait, at worst vLLM's exit messages after the report
+        return
+    # The processes, dead actors' included: an actor is marked dead before its exit hooks have run.
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _running(pid)]
+        time.sleep(0.2)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone (or, by now, someone else's)
+        return False
+    return True
+
+
+def _shutdown_if_alive(predictor_ref: weakref.ref) -> None:
+    predictor = predictor_ref()
+    if predictor is not None:
+        predictor.shutdown()
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def _finish(batch: pa.Table, results: list[dict], model: str) -> pa.Table:
     return set_columns(batch.drop_columns(["prompt_token_ids"]), {
         "generated_text": pa.array([r.get("generated_text") for r in results], pa.string()),
@@ -101,6 +154,9 @@ class LLMPredictor:
         # the engine's own default context is sized for online serving and halves throughput here.
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **(engine_kwargs or {})),
                                                 usage_context=UsageContext.LLM_CLASS)
+        # Exit hooks run last-registered first, so this one runs before multiprocessing's, which would
+        # end the engine's processes under it. A weak reference: it must not keep the replica alive.
+        atexit.register(_shutdown_if_alive, weakref.ref(self))
         from util.report import ProgressClient
 
         self.progress = ProgressClient.connect()  # the run's progress actor, if one is listening
@@ -136,6 +192,34 @@ class LLMPredictor:
             if getattr(self.engine, "errored", False):
                 raise
             return {"error": f"{type(error).__name__}: {error}"}
+
+    def shutdown(self) -> None:
+        """Stop the engine and its processes, once: at the actor's exit (an exit hook, registered in
+        __init__) or when the replica is dropped earlier (__del__). Otherwise the engine's processes die
+        under it as the actor exits (Ray's worker kills its children unless util/worker_env.py says not
+        to; multiprocessing's exit hook ends daemon children), and vLLM logs a crash, EngineDeadError,
+        after a run that went well. main.py waits for this before its report (wait_for_replicas_to_exit)."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is None:
+            return
+        # vLLM's own shutdown stops the engine core first and cancels the task that reads its outputs
+        # after, so that task can find the engine gone and log EngineDeadError: cancel it first, on its
+        # own event loop (Ray runs an async actor's loop in another thread), and wait until it has ended.
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None and not handler.done():
+            loop = handler.get_loop()
+            if loop.is_running() and not _in_loop(loop):
+                try:
+                    asyncio.run_coroutine_threadsafe(_cancel(handler), loop).result(timeout=10)
+                except Exception:  # the loop is going away too: shut down regardless
+                    pass
+            else:
+                handler.cancel()  # not running, or this is its thread: it will resume only to be cancelled
+        engine.shutdown()
+        del engine  # collected now, while modules are loaded: AsyncLLM.__del__ shuts down again, harmlessly
+
+    def __del__(self) -> None:
+        self.shutdown()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         ids, token_ids = batch["id"].to_pylist(), batch["prompt_token_ids"].to_pylist()

@@ -45,6 +45,15 @@ def model_max_length(model: str, revision: str | None = None, override: int | No
     return getattr(config, "max_position_embeddings", None)
 
 
+def _has_content(content) -> bool:
+    """For the empty-prompt check. A part other than text counts as content, so that the formatter
+    refuses it by name (join_text_parts) instead of calling the prompt empty."""
+    if isinstance(content, list):
+        return any(str(p.get("text") or "").strip() if isinstance(p, dict) and p.get("type") == "text" else True
+                   for p in content)
+    return bool(str(content or "").strip())
+
+
 class PromptFormatter:
     """Ray Data stage. Needs `text_column`; adds prompt, prompt_token_ids, num_input_tokens, error."""
 
@@ -75,6 +84,7 @@ class PromptFormatter:
         """A conversation (OpenAI-style messages) → the prompt, through the chat template only."""
         if self.prompt_format != "chat_template":
             raise ValueError("a list of messages needs the model's chat template (--prompt-format chat_template)")
+        messages = [join_text_parts(m, i) for i, m in enumerate(messages)]
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -84,7 +94,7 @@ class PromptFormatter:
         if isinstance(value, str) and self.text_column == "messages":
             value = json.loads(value)  # messages kept as JSON text, as util/openai_batch.py does
         if isinstance(value, list):
-            if not any(str(m.get("content") or "").strip() for m in value if isinstance(m, dict)):
+            if not any(_has_content(m.get("content")) for m in value if isinstance(m, dict)):
                 return "", f"empty prompt in column '{self.text_column}'"
             try:
                 return self.format_messages(value), None
@@ -119,6 +129,26 @@ class PromptFormatter:
             "num_input_tokens": pa.array([len(ids) for ids in token_ids], pa.int64()),
             "error": pa.array(errors, pa.string()),
         })
+
+
+def join_text_parts(message: dict, index: int = 0) -> dict:
+    """A message whose content is a list of text parts, with that content as one string: the parts
+    joined with "\n", as vLLM's OpenAI server joins them (vllm/renderers/chat_utils.py,
+    _parse_chat_message_content_parts), so a template that expects text gets the prompt vLLM would send.
+    Other parts (images, audio, files) are refused: ValueError, naming the part."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):  # an assistant's earlier refusal
+            texts.append(part["refusal"])
+        else:
+            raise ValueError(f"messages[{index}].content[{j}] is a {kind!r} part; only text parts are supported")
+    return {**message, "content": "\n".join(texts)}
 
 
 @functools.lru_cache(maxsize=8)
