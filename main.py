@@ -27,10 +27,10 @@ from util.config import Config, parse_args, smoke_config
 from util.hf_token import prompt_for_hugging_face_token, worker_runtime_env
 from util.manifest import Manifest, check_accounting, failure_reason, model_provenance, over_error_budget
 from util.output import delete_output, output_counts, sample_rows, write_results
+from util.pipeline import build_pipeline
 from util.predictor import wait_for_replicas_to_exit
 from util.preflight import run_preflight
 from util.reading import refusal_reason
-from util.pipeline import build_pipeline
 from util.report import ProgressReporter, format_report, gpus_held, write_report
 from util.storage import generate_output_path
 from util.validation import check_before_run
@@ -73,7 +73,8 @@ def run(cfg: Config) -> int:
             ds = build_pipeline(cfg, choice, done)
             with ProgressReporter(scan.rows - scan.already_done, cfg.progress_interval_s,
                                   gpus_held(cfg, choice)) as progress:  # replicas report each batch to it
-                written = write_results(ds, output_path, cfg.output_format)
+                written = write_results(ds, output_path, cfg.output_format,
+                                        rows_per_file=cfg.batch_size * cfg.batches_in_flight)
             report = progress.report(written)
         elapsed = time.perf_counter() - started
 

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 ROWS, FILES, REPLICAS = [10_000, 1_000_000, 10_000_000], [1, 10], 4
+SECONDS_PER_ROW = 20e-6  # the stand-in predictor's pace: 50k rows/s per replica
 
 
 def stand_in_formatter(batch: pa.Table, text_column: str = "text", **_) -> pa.Table:
@@ -46,7 +47,9 @@ def stand_in_formatter(batch: pa.Table, text_column: str = "text", **_) -> pa.Ta
 
 
 class StandInPredictor:
-    """The predictor's columns, answered at once, plus the replica that answered."""
+    """The predictor's columns, plus the replica that answered, after SECONDS_PER_ROW a row: thousands
+    of times faster than an engine, but not instant, or the replica that is asked first would answer
+    every batch before the next arrives, and no spread could be seen."""
 
     def __init__(self, model_name: str = "stand-in", **_):
         import ray
@@ -55,6 +58,7 @@ class StandInPredictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
+        time.sleep(n * SECONDS_PER_ROW)
         columns = {"generated_text": pa.array(["ok"] * n), "finish_reason": pa.array(["stop"] * n),
                    "num_generated_tokens": pa.array([1] * n, pa.int64()), "model": pa.array([self.model_name] * n),
                    "structured_output_error": pa.nulls(n, pa.string()), "replica": pa.array([self.replica] * n)}

@@ -103,3 +103,15 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+def line_ids(source: str, lines: list[str]) -> list[str]:
+    """The ids util.reading gives the lines of a text file written as "\\n".join(lines): the file's
+    name, each line's byte offset, and a hash of its text."""
+    from util.reading import row_id
+
+    ids, offset = [], 0
+    for line in lines:
+        ids.append(row_id(source, offset, line))
+        offset += len(line.encode("utf-8")) + 1
+    return ids

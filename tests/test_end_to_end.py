@@ -12,7 +12,7 @@ import pytest
 
 from util.manifest import read_manifest
 from util.output import MANIFEST_NAME, OUTPUT_SCHEMA
-from util.reading import row_id
+from conftest import line_ids
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = (REPO / "assets" / "prompts_100.txt").read_text().splitlines()
@@ -37,7 +37,7 @@ def two_runs(tmp_path_factory):
 
 def test_one_row_per_input_row_with_stable_ids(two_runs):
     _, table, _ = two_runs[0]
-    expected = sorted(row_id("prompts_100.txt", n, text) for n, text in enumerate(PROMPTS[:20], start=1))
+    expected = sorted(line_ids("prompts_100.txt", PROMPTS[:20]))
     assert table.num_rows == 20
     assert table["id"].to_pylist() == expected
 

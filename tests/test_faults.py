@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from util.output import MANIFEST_NAME
-from util.reading import row_id
+from conftest import line_ids
 from util.tiny_model import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def write_input(folder: Path) -> set[str]:
     for k in range(FILES):
         lines = [PROMPTS[(k * ROWS_PER_FILE + i) % len(PROMPTS)] for i in range(ROWS_PER_FILE)]
         (folder / f"prompts_{k}.txt").write_text("\n".join(lines) + "\n")
-        ids |= {row_id(f"prompts_{k}.txt", n, text) for n, text in enumerate(lines, start=1)}
+        ids |= set(line_ids(f"prompts_{k}.txt", lines))
     return ids
 
 

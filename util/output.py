@@ -72,8 +72,9 @@ OPENAI_RECORD_KEYS = pa.schema([("custom_id", pa.string()),
 TEMP_SUFFIX = ".tmp"
 MANIFEST_NAME = "_manifest.json"  # written by util/manifest.py
 WRITE_CPUS = 0.5  # a write task's CPU share (util/stages.py TASK_CPUS)
-# Rows a write task gathers into one file: fewer, larger files than one per predictor batch (ten million
-# rows make about ten thousand files), while a killed run loses at most this many rows per write task.
+# Rows a write task gathers into one file, unless told otherwise: fewer, larger files than one per predictor
+# batch (ten million rows make about ten thousand files), while a killed run redoes at most this many rows
+# per write task. main.py passes one replica's rows in flight (batch_size x batches_in_flight).
 ROWS_PER_FILE = 1024
 
 
@@ -130,7 +131,9 @@ class ResultsDatasink(Datasink):
     """Writes each write task's rows as one file of successes and one under errors/ (when there are
     any), named `part-<write_id>-<task index>`, each committed whole (see commit_file)."""
 
-    def __init__(self, output_path: str, output_format: str = "parquet", write_id: str | None = None):
+    def __init__(self, output_path: str, output_format: str = "parquet", write_id: str | None = None,
+                 rows_per_file: int = ROWS_PER_FILE):
+        self.rows_per_file = rows_per_file
         self.filesystem, self.path = resolve(output_path)
         self.output_format = output_format
         # Names the files of this write; a later write (a resumed run) adds files beside them.
@@ -139,7 +142,7 @@ class ResultsDatasink(Datasink):
 
     @property
     def min_rows_per_write(self) -> int:
-        return ROWS_PER_FILE
+        return self.rows_per_file
 
     def write(self, blocks, ctx) -> dict:
         tables = [conform(BlockAccessor.for_block(block).to_arrow()) for block in blocks]
@@ -206,11 +209,11 @@ def delete_output(output_path: str) -> None:
 
 
 def write_results(ds: ray.data.Dataset, output_path: str, output_format: str = "parquet",
-                  write_id: str | None = None) -> dict:
+                  write_id: str | None = None, rows_per_file: int = ROWS_PER_FILE) -> dict:
     """Run the pipeline and commit its rows under `output_path`. Returns the rows written by this call:
     {"ok", "error", "input_tokens", "output_tokens"}."""
     remove_temp_files(output_path)
-    sink = ResultsDatasink(output_path, output_format, write_id)
+    sink = ResultsDatasink(output_path, output_format, write_id, rows_per_file)
     existed = sink.filesystem.get_file_info(sink.path).type != pafs.FileType.NotFound
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
