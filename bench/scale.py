@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from util.output import ROWS_PER_FILE
+
 ROWS, FILES, REPLICAS = [10_000, 1_000_000, 10_000_000], [1, 10], 4
 SECONDS_PER_ROW = 20e-6  # the stand-in predictor's pace: 50k rows/s per replica
 
@@ -158,6 +160,18 @@ def output_check(output_path: str, rows: int) -> dict:
     return {"output_rows": len(ids), "distinct_ids": distinct, "exactly_once": len(ids) == rows == distinct}
 
 
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of a session: Ray's workers take process groups of their own, but stay in it."""
+    import psutil
+
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(process.pid) == sid:
+                os.kill(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def delete_every_other_file(output_path: str) -> None:
     files = sorted(p for p in Path(output_path).glob("part-*.parquet"))
     for path in files[::2]:
@@ -177,7 +191,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=REPLICAS)
     parser.add_argument("--batch-size", type=int, default=2048,
                         help="rows per predictor batch; larger than main.py's 128 so 10M rows make fewer tasks")
-    parser.add_argument("--kill", action="store_true", help="SIGKILL the run midway, rerun, check exactly-once")
+    parser.add_argument("--kill", action="store_true",
+                        help="SIGKILL the run (its whole session) once half its files are written, rerun, check exactly-once")
     parser.add_argument("--work-dir", default="/tmp/bench-scale", help="inputs and outputs go here")
     parser.add_argument("--case", nargs=5, metavar=("INPUT", "OUTPUT", "REPLICAS", "BATCH", "PHASE"),
                         help=argparse.SUPPRESS)
@@ -200,9 +215,10 @@ def main() -> None:
             if args.kill:  # kill the whole process group once files are committed, then resume
                 first = case_process([str(input_path), output_path, str(args.replicas), str(args.batch_size), ""],
                                      start_new_session=True)
-                while len(list(Path(output_path).glob("part-*.parquet"))) < 3 and first.poll() is None:
+                half = rows // ROWS_PER_FILE // 2  # midway: about half the files committed
+                while len(list(Path(output_path).glob("part-*.parquet"))) < half and first.poll() is None:
                     time.sleep(0.2)
-                os.killpg(first.pid, signal.SIGKILL)
+                kill_session(first.pid)
                 first.wait()
                 case["committed_before_kill"] = len(list(Path(output_path).glob("part-*.parquet")))
                 runs = ["resumed_"]

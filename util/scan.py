@@ -71,9 +71,7 @@ def scan_input(ds: ray.data.Dataset, id_column: str | None, done: DoneIndex | No
                              f"{describe_where(row['last'], input_path, input_format)}")
         totals = grouped.aggregate(Sum("rows", alias_name="rows"), Sum("done", alias_name="done"))
         return InputScan(rows=totals["rows"] or 0, already_done=totals["done"] or 0)
-    except InputError:
-        raise
-    except Exception as error:
+    except Exception as error:  # Ray's RayTaskError(InputError) is an InputError too: unwrap it
         input_error = unwrap_input_error(error)
         if input_error is not None:
             raise input_error from None
