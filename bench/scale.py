@@ -215,7 +215,7 @@ def main() -> None:
             if args.kill:  # kill the whole process group once files are committed, then resume
                 first = case_process([str(input_path), output_path, str(args.replicas), str(args.batch_size), ""],
                                      start_new_session=True)
-                half = rows // ROWS_PER_FILE // 2  # midway: about half the files committed
+                half = rows // max(ROWS_PER_FILE, args.batch_size) // 2  # midway: half the files committed
                 while len(list(Path(output_path).glob("part-*.parquet"))) < half and first.poll() is None:
                     time.sleep(0.2)
                 kill_session(first.pid)

@@ -1,6 +1,7 @@
 """The scale harness (bench/scale.py) at a small size: one input file spreads over four replicas, a rerun
 that finds half the rows done writes only the other half, and every id ends up in the output once.
-The 10M-row numbers are in BENCHMARKS.md; CI runs this size only."""
+The 10M-row numbers are in BENCHMARKS.md, where each replica got 25% +- 1%; CI runs 20k rows only, 156
+batches, where which replica takes the next batch is a matter of timing, so the bound here is loose."""
 
 import json
 import subprocess
@@ -18,7 +19,7 @@ def test_one_file_spreads_over_four_replicas_and_resumes_exactly_once(tmp_path):
     assert case["scan"]["rows"] == rows and case["scan"]["already_done"] == 0
     assert case["run"]["written"] == rows
     assert len(case["replica_shares"]) == 4
-    assert all(0.20 <= share <= 0.30 for share in case["replica_shares"]), case["replica_shares"]
+    assert all(0.10 <= share <= 0.40 for share in case["replica_shares"]), case["replica_shares"]
     # Every other output file was deleted: the rerun finds the rest done and writes exactly what is missing.
     done = case["rerun_scan"]["already_done"]
     assert 0 < done < rows and case["rerun_run"]["written"] == rows - done

@@ -18,13 +18,11 @@ def test_a_run_shows_warnings_up_and_keeps_the_jobs_runtime_env(monkeypatch):
     kwargs = ray_init_kwargs({"worker_process_setup_hook": hook, "env_vars": {"A": "1"}})
     assert kwargs == {"logging_level": logging.WARNING, "runtime_env": {
         "worker_process_setup_hook": hook,
-        "env_vars": {"RAY_kill_child_processes_on_worker_exit": "0", "VLLM_LOGGING_LEVEL": "WARNING",
-                     "RAY_DATA_LOG_LEVEL": "WARNING", "A": "1"}}}
+        "env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "RAY_DATA_LOG_LEVEL": "WARNING", "A": "1"}}}
     console = [h for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "PlainRayHandler"]
     assert console and all(h.level == logging.WARNING for h in console)
 
 
 def test_verbose_shows_every_line():
     assert parse_args(["--verbose"]).verbose and not parse_args([]).verbose
-    assert ray_init_kwargs({}, verbose=True) == {
-        "runtime_env": {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "0"}}}
+    assert ray_init_kwargs({}, verbose=True) == {"runtime_env": {}}

@@ -14,10 +14,10 @@ import logging
 
 # Read by vLLM and by Ray Data in each worker process (an engine's own processes inherit them).
 QUIET_ENV_VARS = {"VLLM_LOGGING_LEVEL": "WARNING", "RAY_DATA_LOG_LEVEL": "WARNING"}
-# A Ray worker kills its child processes as it exits, before Python's exit hooks run: a replica's
-# engine processes would die before LLMPredictor.shutdown (an exit hook) stops them, and vLLM would log
-# a crash after every successful run. The replica stops them itself. (A killed worker runs neither.)
-ENGINE_EXIT_ENV_VARS = {"RAY_kill_child_processes_on_worker_exit": "0"}
+# Ray's own kill_child_processes_on_worker_exit stays on: a replica killed outright (SIGKILL, a lost
+# node) runs no exit hook, and only Ray then stops its engine's processes, which would otherwise keep
+# their GPU. A worker that exits normally may kill its engine before LLMPredictor.shutdown (an exit
+# hook) runs; main.py waits for the replicas before its summary, so what vLLM logs then comes before it.
 
 
 def quiet_driver() -> None:
@@ -34,9 +34,8 @@ def ray_init_kwargs(runtime_env: dict | None = None, verbose: bool = False) -> d
     verbose), and the level of the "ray" logger in this process. Actors that set their own env_vars
     (the CPU settings of util/stages.py) keep these: Ray merges a child's env_vars into the job's."""
     runtime_env = dict(runtime_env or {})
-    env_vars = {**ENGINE_EXIT_ENV_VARS, **({} if verbose else QUIET_ENV_VARS)}
-    runtime_env["env_vars"] = {**env_vars, **runtime_env.get("env_vars", {})}
     if verbose:
         return {"runtime_env": runtime_env}
+    runtime_env["env_vars"] = {**QUIET_ENV_VARS, **runtime_env.get("env_vars", {})}
     quiet_driver()
     return {"runtime_env": runtime_env, "logging_level": logging.WARNING}
