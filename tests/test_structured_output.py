@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from util.config import Config, parse_args
-from util.structured_output import job_spec, output_error, row_spec
+from util.structured_output import output_error, row_spec
 
 # Small enough for a 135M model to finish well within max_tokens.
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "ok", "n"],

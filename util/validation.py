@@ -12,6 +12,7 @@ Both raise util.reading.InputError, whose message names the path, file and line,
 import os
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -19,6 +20,10 @@ import ray
 
 from util.reading import InputError
 from util.storage import is_remote, join, resolve
+
+if TYPE_CHECKING:
+    from util.resume import DoneIndex
+    from util.scan import InputScan
 
 
 def _reason(error: OSError) -> str:
