@@ -13,8 +13,8 @@ vLLM on every GPU of the Ray cluster, and write one output row per input row.
     python main.py --help                                # every knob
 
 Exit codes: 0 done; 1 a crash, or more failed rows than --max-error-fraction allows (all rows are still
-written); 2 bad input, with `error: <message>` on stderr. README.ipynb walks through the same steps,
-cell by cell, with the same helpers from util/.
+written); 2 bad input, with `error: <message>` on stderr (util/errors.py). README.ipynb walks through the
+same steps, cell by cell, with the same helpers from util/.
 """
 
 import sys
@@ -22,44 +22,41 @@ import time
 
 import ray
 
-from util.accelerator import choose_accelerator
 from util.config import Config, parse_args, smoke_config
+from util.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, failure_reason, refusal_reason
 from util.hf_token import prompt_for_hugging_face_token, worker_runtime_env
-from util.manifest import Manifest, check_accounting, failure_reason, model_provenance, over_error_budget
-from util.output import delete_output, output_counts, sample_rows, write_results
+from util.manifest import Manifest
+from util.output import output_counts, sample_rows, write_results
 from util.pipeline import build_pipeline
+from util.plan import make_plan
 from util.predictor import wait_for_replicas_to_exit
 from util.preflight import run_preflight
-from util.reading import refusal_reason
-from util.report import ProgressReporter, format_report, gpus_held, write_report
-from util.storage import generate_output_path
-from util.validation import check_before_run
+from util.report import ProgressReporter, check_accounting, format_report, over_error_budget, write_report
+from util.resume import delete_output
+from util.scan import check_before_run
 from util.worker_env import ray_init_kwargs
 
 
 def run(cfg: Config) -> int:
-    if cfg.smoke:
-        cfg = smoke_config(cfg)
+    cfg = smoke_config(cfg) if cfg.smoke else cfg
 
     # 1. Access. A gated model needs a Hugging Face token; it reaches the workers through a setup hook
     #    in Ray's runtime environment, never through a file that a job uploads or a logged variable.
     token = prompt_for_hugging_face_token(cfg.model, interactive=False)
     ray.init(**ray_init_kwargs(worker_runtime_env(token), cfg.verbose))  # vLLM and Ray: warnings up
-    choice = choose_accelerator(cfg.accelerator_type)
     if cfg.preflight:  # check the input and estimate the run, on CPU, without an engine (util/preflight.py)
-        return run_preflight(cfg, choice)
+        return run_preflight(cfg)
 
-    # 2. Check everything before any output is written or any GPU is taken: the output path can be
-    #    written, the input reads cleanly with unique ids (one distributed pass, util/scan.py). The output
-    #    path has no random part, so a re-run (or a job retry) resumes its output, skipping ids already
-    #    written, if it was made with the same settings.
-    output_path = cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
-    checked = check_before_run(cfg, choice.use_gpu, output_path)
-    done, scan = checked.done, checked.scan
+    # 2. Plan: the output path, accelerator, engine arguments, sampling, prompt format and fingerprint,
+    #    resolved once (util/plan.py). Then check everything before any output is written or any GPU
+    #    is taken: the output path can be written, an earlier output there has the same fingerprint,
+    #    the input reads cleanly with unique ids (one distributed pass). The output path has no random
+    #    part, so a re-run (or a job retry) resumes its output, skipping ids already written.
+    plan = make_plan(cfg)
+    scan = check_before_run(plan)
     if cfg.overwrite:
-        delete_output(output_path)
-    manifest = Manifest(output_path, checked.settings, choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU"),
-                        model_provenance(cfg))  # versions, model commit, prompt format: how rows were made
+        delete_output(plan.output_path)
+    manifest = Manifest(plan.output_path, plan.fingerprint, plan.provenance)  # how the rows were made
     manifest.start(input=scan.rows, already_done=scan.already_done)
 
     try:
@@ -70,18 +67,18 @@ def run(cfg: Config) -> int:
         started, written = time.perf_counter(), {"ok": 0, "error": 0, "input_tokens": 0, "output_tokens": 0}
         report = None
         if scan.rows > scan.already_done:
-            ds = build_pipeline(cfg, choice, done)
+            ds = build_pipeline(plan, scan.done)
             with ProgressReporter(scan.rows - scan.already_done, cfg.progress_interval_s,
-                                  gpus_held(cfg, choice)) as progress:  # replicas report each batch to it
-                written = write_results(ds, output_path, cfg.output_format,
+                                  plan.gpus_held) as progress:  # replicas report each batch to it
+                written = write_results(ds, plan.output_path, cfg.output_format,
                                         rows_per_file=cfg.batch_size * cfg.batches_in_flight)
             report = progress.report(written)
         elapsed = time.perf_counter() - started
 
         # 4. Account for every input row (written now, ok or failed, or already there), then the error budget.
         check_accounting(scan.rows, written, scan.already_done)
-        output = output_counts(output_path, cfg.output_format)
-        failure = over_error_budget(output, cfg.max_error_fraction, output_path)
+        output = output_counts(plan.output_path, cfg.output_format)
+        failure = over_error_budget(output, cfg.max_error_fraction, plan.output_path)
     except BaseException as error:
         manifest.fail(failure_reason(error))
         raise
@@ -90,18 +87,18 @@ def run(cfg: Config) -> int:
     # 5. Report, once the replicas have shut their engines down (else vLLM's exit messages follow it).
     wait_for_replicas_to_exit()
     if written["ok"] + written["error"]:
-        for row in sample_rows(output_path, cfg.output_format):
+        for row in sample_rows(plan.output_path, cfg.output_format):
             print({k: row[k] for k in ("id", "generated_text", "finish_reason", "num_generated_tokens", "error")})
     print(f"summary: {scan.rows} rows: {written['ok']} ok, {written['error']} errors, {scan.already_done} "
           f"already done; {written['input_tokens']} input tokens, {written['output_tokens']} output tokens in "
           f"{elapsed:.1f} s ({written['output_tokens'] / elapsed:.0f} output tok/s, engine start included) "
-          f"-> {output_path}")
+          f"-> {plan.output_path}")
     if report:  # per replica, and GPU-hours; also _report.json and _throughput.png beside the output
         print(format_report(report))
-        write_report(output_path, report)
+        write_report(plan.output_path, report)
     if failure:
         print(f"error: {failure}", file=sys.stderr)
-    return 1 if failure else 0
+    return EXIT_FAILED if failure else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if reason is None:
             raise  # a crash: the traceback, exit code 1
         print(f"error: {reason}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

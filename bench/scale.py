@@ -9,7 +9,7 @@ two model stages are stand-ins with the same columns: a formatter that does not 
 that answers at once (so what is measured is the pipeline, not the model). Each case runs in a fresh
 process, its own driver and Ray, on a generated JSONL input:
 
-  scan        the checks before any GPU work (util/validation.check_before_run)
+  scan        the checks before any GPU work (util/scan.check_before_run)
   run         read -> format -> predict -> write (util/pipeline.build_pipeline, util/output.write_results)
   rerun_scan  the same, after every other output file was deleted: about half the rows are done
   rerun_run
@@ -114,12 +114,12 @@ def run_case(input_path: str, output_path: str, replicas: int, batch_size: int, 
     """One case in this process: the driver being measured."""
     import ray
 
-    from util.accelerator import choose_accelerator
     from util.config import Config
     from util.output import write_results
-    from util.pipeline import build_pipeline
+    from util.pipeline import build_pipeline, pipeline_stages
+    from util.plan import make_plan
+    from util.scan import check_before_run
     from util.tiny_model import tiny_model_dir
-    from util.validation import check_before_run
 
     # Logical CPUs: the stand-ins need none of their own, but Ray counts them like real replicas.
     ray.init(num_cpus=2 + replicas, include_dashboard=False, log_to_driver=False)
@@ -130,16 +130,17 @@ def run_case(input_path: str, output_path: str, replicas: int, batch_size: int, 
     context.wait_for_min_actors_s = 600
     cfg = Config(model=tiny_model_dir(), input_path=input_path, input_format="jsonl", concurrency=replicas,
                  output_path=output_path, batch_size=batch_size)
-    choice = choose_accelerator("any")
+    plan = make_plan(cfg, resolve_model_files=False)  # the stand-ins load no tokenizer
     memory, result = PeakMemory(), {}
     memory.start()
     memory.phase()
     started = time.perf_counter()
-    checked = check_before_run(cfg, choice.use_gpu, output_path)
-    result[f"{phase}scan"] = {"seconds": round(time.perf_counter() - started, 1), "rows": checked.scan.rows,
-                              "already_done": checked.scan.already_done, **memory.phase()}
+    checked = check_before_run(plan)
+    result[f"{phase}scan"] = {"seconds": round(time.perf_counter() - started, 1), "rows": checked.rows,
+                              "already_done": checked.already_done, **memory.phase()}
     started = time.perf_counter()
-    ds = build_pipeline(cfg, choice, checked.done, formatter=stand_in_formatter, predictor=StandInPredictor)
+    stages = pipeline_stages(plan, checked.done, formatter=stand_in_formatter, predictor=StandInPredictor)
+    ds = build_pipeline(plan, checked.done, stages=stages)
     written = write_results(ds, output_path)
     result[f"{phase}run"] = {"seconds": round(time.perf_counter() - started, 1), "written": written["ok"],
                              **memory.phase()}

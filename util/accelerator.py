@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from email.message import Message
 
+from util.resources import CPU_REPLICA_CPUS
+
 # Module constants so tests can point the probes at a local server instead of a real cloud.
 GCP_METADATA_URL = "http://metadata.google.internal"
 AWS_METADATA_URL = "http://169.254.169.254/latest/meta-data/"
@@ -93,7 +95,7 @@ class AcceleratorChoice:
         if not self.use_gpu:
             # A fraction of a CPU: on a small machine a whole one per replica would leave no CPU
             # for the read and write tasks, and the pipeline would stall. vLLM uses its own threads.
-            return {"num_cpus": 0.5}  # util/stages.py CPU_REPLICA_CPUS
+            return {"num_cpus": CPU_REPLICA_CPUS}
         constraint = {"accelerator_type": self.accelerator_type} if self.accelerator_type else {}
         return {"num_gpus": gpus_per_replica, **constraint}
 

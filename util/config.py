@@ -14,7 +14,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from util.structured_output import job_spec
+from util.structured_output import check_job_flags
 
 
 def _help(text: str, **kwargs):
@@ -123,14 +123,7 @@ class Config:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.max_error_fraction <= 1:
             raise ValueError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
-        job_spec(self.json_schema, self.regex, self.choice)  # a bad schema, regex or mix: ValueError now
-
-    def sampling(self) -> dict:
-        """Keyword arguments for vLLM's SamplingParams, shared by every row unless a row overrides them."""
-        sampling = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                    "stop": list(self.stop), "seed": self.seed}
-        structured = job_spec(self.json_schema, self.regex, self.choice)
-        return {**sampling, "structured_outputs": structured} if structured else sampling
+        check_job_flags(self.json_schema, self.regex, self.choice)  # a bad regex or mix: ValueError now
 
 
 def parse_engine_arg(text: str) -> tuple[str, typing.Any]:

@@ -1,6 +1,7 @@
 """Write results, one row per input row, and read them back.
 
-    from util.output import write_results, read_results
+    from util.output import check_output_writable, write_results, read_results
+    check_output_writable("s3://bucket/run/")                    # InputError if it cannot be written
     written = write_results(ds, "s3://bucket/run/", "parquet")   # {"ok": 98, "error": 2, ...}
     rows = read_results("s3://bucket/run/").take(5)              # every row, ok and failed
 
@@ -49,29 +50,28 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
+from util import columns as col
+from util.errors import InputError
 from util.openai_batch import output_record, preview
-from util.reading import InputError
-from util.storage import resolve
+from util.resources import TASK_CPUS
+from util.storage import TEMP_SUFFIX, commit_file, is_remote, join, resolve, s3_location
 
 OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("prompt", pa.string()),
-    ("generated_text", pa.string()),
-    ("finish_reason", pa.string()),
-    ("num_input_tokens", pa.int64()),
-    ("num_generated_tokens", pa.int64()),
-    ("error", pa.string()),
-    ("model", pa.string()),
-    ("structured_output_error", pa.string()),  # null unless a structured-output row does not conform
+    (col.ID, pa.string()),
+    (col.PROMPT, pa.string()),
+    (col.GENERATED_TEXT, pa.string()),
+    (col.FINISH_REASON, pa.string()),
+    (col.NUM_INPUT_TOKENS, pa.int64()),
+    (col.NUM_GENERATED_TOKENS, pa.int64()),
+    (col.ERROR, pa.string()),
+    (col.MODEL, pa.string()),
+    (col.STRUCTURED_OUTPUT_ERROR, pa.string()),  # null unless a structured-output row does not conform
 ])
 ERRORS_FOLDER = "errors"
 EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}
 # What resume and the counts read of an OpenAI batch output record (util/openai_batch.py).
 OPENAI_RECORD_KEYS = pa.schema([("custom_id", pa.string()),
                                 ("error", pa.struct([("code", pa.string()), ("message", pa.string())]))])
-TEMP_SUFFIX = ".tmp"
-MANIFEST_NAME = "_manifest.json"  # written by util/manifest.py
-WRITE_CPUS = 0.5  # a write task's CPU share (util/stages.py TASK_CPUS)
 # Rows a write task gathers into one file, unless told otherwise: fewer, larger files than one per predictor
 # batch (ten million rows make about ten thousand files), while a killed run redoes at most this many rows
 # per write task. main.py passes one replica's rows in flight (batch_size x batches_in_flight).
@@ -89,31 +89,92 @@ def conform(table: pa.Table) -> pa.Table:
 
 def row_counts(table: pa.Table) -> dict:
     """Rows that succeeded and failed, and their token counts."""
-    failed = len(table) - table["error"].null_count
+    failed = len(table) - table[col.ERROR].null_count
     return {"ok": len(table) - failed, "error": failed,
-            "input_tokens": pc.sum(table["num_input_tokens"]).as_py() or 0,
-            "output_tokens": pc.sum(table["num_generated_tokens"]).as_py() or 0}
+            "input_tokens": pc.sum(table[col.NUM_INPUT_TOKENS]).as_py() or 0,
+            "output_tokens": pc.sum(table[col.NUM_GENERATED_TOKENS]).as_py() or 0}
 
 
-def commit_file(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` so that the file is either absent or complete, even if the process dies."""
-    if not isinstance(filesystem, pafs.LocalFileSystem):
-        with filesystem.open_output_stream(path) as stream:  # an object exists once its upload completes
-            stream.write(data)
-        return
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    # Unique, so two attempts at the same file never write into each other's temporary file.
-    temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+# --- before a run: can the output path be written? ---
+
+def _reason(error: OSError) -> str:
+    return os.strerror(error.errno) if error.errno else str(error)
+
+
+def check_output_writable(output_path: str) -> None:
+    """Create a small file under `output_path` and delete it again (on S3: start an upload and abort it);
+    InputError if that fails. Nothing stays: no probe file, no folder the probe created, no S3 marker object."""
     try:
-        with open(temp, "wb") as file:
-            file.write(data)
-        os.replace(temp, path)  # atomic within one filesystem, and it replaces an earlier attempt's file
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
+        if output_path.startswith("s3://"):
+            _probe_s3(output_path)
+        else:
+            _probe_filesystem(output_path)
+    except InputError as error:
+        raise InputError(f"output path {output_path} is not writable: {error}") from None
+    except OSError as error:
+        raise InputError(f"output path {output_path} is not writable: {_reason(error)}") from None
 
+
+def _probe_name() -> str:
+    # A dot first: if the probe ever stayed, readers of the output (pyarrow datasets, Ray) would skip it.
+    return f".write-probe-{uuid.uuid4().hex[:12]}"
+
+
+def _probe_filesystem(output_path: str) -> None:
+    filesystem, path = resolve(output_path)
+    if is_remote(output_path):  # gs://: no folders to create
+        _write_and_delete(filesystem, join(path, _probe_name()))
+        return
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        raise InputError("it is a file, not a folder")
+    first_missing, parent = None, path
+    while filesystem.get_file_info(parent).type == pafs.FileType.NotFound and parent != os.path.dirname(parent):
+        first_missing, parent = parent, os.path.dirname(parent)
+    try:
+        filesystem.create_dir(path, recursive=True)
+        _write_and_delete(filesystem, join(path, _probe_name()))
+    finally:
+        # A refused (or later failed) run must not leave an empty output folder that looks like a result.
+        if first_missing and filesystem.get_file_info(first_missing).type == pafs.FileType.Directory:
+            filesystem.delete_dir(first_missing)
+
+
+def _write_and_delete(filesystem: pafs.FileSystem, probe: str) -> None:
+    with filesystem.open_output_stream(probe) as stream:
+        stream.write(b"probe")
+    filesystem.delete_file(probe)
+
+
+def _probe_s3(output_path: str) -> None:
+    """Start a multipart upload, the first request Ray's writer makes, and abort it. Unlike writing and
+    deleting an object, this leaves nothing: pyarrow's delete_file writes a marker object for the folder
+    it deleted from, and a versioned bucket would keep the deleted object."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    location = s3_location(output_path)
+    bucket, key = location.bucket, "/".join(part for part in (location.key, _probe_name()) if part)
+    anonymous = BotoConfig(signature_version=UNSIGNED) if location.anonymous else None
+    # boto3 reads AWS_ENDPOINT_URL(_S3) itself; the region matters only for a custom endpoint's signature.
+    client = boto3.client("s3", config=anonymous,
+                          region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+    try:
+        upload = client.create_multipart_upload(Bucket=bucket, Key=key)
+    except ClientError as error:
+        raise InputError(error.response.get("Error", {}).get("Message") or str(error)) from None
+    except BotoCoreError as error:  # no credentials, no connection
+        raise InputError(str(error)) from None
+    try:
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+    except (ClientError, BotoCoreError):
+        pass  # the path is writable; an unfinished upload is no object, and bucket lifecycle rules expire it
+
+
+
+# --- the run's writes ---
 
 def _serialize(table: pa.Table, output_format: str) -> bytes:
     if output_format in ("jsonl", "openai"):
@@ -163,13 +224,13 @@ class ResultsDatasink(Datasink):
                 self.written[key] += value
 
 
-def _files(filesystem: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+def listed_files(filesystem: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     if filesystem.get_file_info(path).type != pafs.FileType.Directory:
         return []
     return [f for f in filesystem.get_file_info(pafs.FileSelector(path, recursive=True)) if f.is_file]
 
 
-def _is_temp(info: pafs.FileInfo) -> bool:
+def is_temp_file(info: pafs.FileInfo) -> bool:
     return info.base_name.startswith(".") and info.base_name.endswith(TEMP_SUFFIX)
 
 
@@ -177,7 +238,7 @@ def data_files(output_path: str, output_format: str = "parquet") -> tuple[pafs.F
     """The committed data files of an output path, in errors/ too; never temporary files or the manifest."""
     filesystem, path = resolve(output_path)
     extension = EXTENSIONS[output_format]
-    files = [f.path for f in _files(filesystem, path) if f.base_name.endswith(extension)
+    files = [f.path for f in listed_files(filesystem, path) if f.base_name.endswith(extension)
              and not any(part.startswith((".", "_")) for part in f.path[len(path):].split("/"))]
     return filesystem, sorted(files)
 
@@ -185,27 +246,10 @@ def data_files(output_path: str, output_format: str = "parquet") -> tuple[pafs.F
 def remove_temp_files(output_path: str) -> int:
     """Delete what killed writes left behind (readers skip it anyway); returns how many files."""
     filesystem, path = resolve(output_path)
-    leftovers = [f.path for f in _files(filesystem, path) if _is_temp(f)]
+    leftovers = [f.path for f in listed_files(filesystem, path) if is_temp_file(f)]
     for leftover in leftovers:
         filesystem.delete_file(leftover)
     return len(leftovers)
-
-
-def delete_output(output_path: str) -> None:
-    """Delete an earlier output (--overwrite). Only a folder that holds nothing but output goes, so a
-    mistyped path cannot wipe a folder of other files."""
-    filesystem, path = resolve(output_path)
-    foreign = [f.path[len(path) + 1:] for f in _files(filesystem, path) if not (
-        f.base_name.endswith(tuple(EXTENSIONS.values())) or _is_temp(f)
-        or f.path[len(path) + 1:].startswith("_"))]  # the run's own records: manifest, report, _preflight/
-    if foreign:
-        raise InputError(f"--overwrite deletes only earlier output, but {output_path} also holds "
-                         f"{', '.join(sorted(foreign)[:5])}; move those away or choose another --output-path")
-    if not isinstance(filesystem, pafs.LocalFileSystem):
-        # delete_dir would leave a folder-marker object in the parent prefix; this leaves one here at most
-        filesystem.delete_dir_contents(path, missing_dir_ok=True)
-    elif os.path.isdir(path):
-        filesystem.delete_dir(path)
 
 
 def write_results(ds: ray.data.Dataset, output_path: str, output_format: str = "parquet",
@@ -216,13 +260,13 @@ def write_results(ds: ray.data.Dataset, output_path: str, output_format: str = "
     sink = ResultsDatasink(output_path, output_format, write_id, rows_per_file)
     existed = sink.filesystem.get_file_info(sink.path).type != pafs.FileType.NotFound
     try:
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": TASK_CPUS})
     except BaseException:
         # A run that failed before writing a row leaves no empty output folder that looks like a result.
         # Folders are made only for a file's sake (object stores have none), so only a local one can be left.
         remove_temp_files(output_path)
         if not existed and sink.filesystem.get_file_info(sink.path).type == pafs.FileType.Directory \
-                and not _files(sink.filesystem, sink.path):
+                and not listed_files(sink.filesystem, sink.path):
             sink.filesystem.delete_dir(sink.path)
         raise
     return sink.written
@@ -275,7 +319,7 @@ def sample_rows(output_path: str, output_format: str = "parquet", count: int = 3
 def summarize(ds: ray.data.Dataset) -> dict:
     """Row and token counts of a finished run's output."""
     stats = {"rows": 0, "ok": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
-    for batch in ds.select_columns(["error", "num_input_tokens", "num_generated_tokens"]).iter_batches(
+    for batch in ds.select_columns([col.ERROR, col.NUM_INPUT_TOKENS, col.NUM_GENERATED_TOKENS]).iter_batches(
             batch_format="pyarrow", batch_size=4096):
         counts = row_counts(batch)
         stats["rows"] += batch.num_rows

@@ -1,55 +1,149 @@
-"""The pipeline, chained in one place: read -> drop rows already done -> format -> predict.
+"""The pipeline, chained in one place: read -> drop rows already done -> format -> cut blocks -> predict.
 
-    from util.pipeline import build_pipeline
-    ds = build_pipeline(cfg, choice, done)                      # lazy; util.output.write_results runs it
-    ds = build_pipeline(cfg, choice, done, until="format")      # stop after the formatter (--preflight)
-    ds = build_pipeline(cfg, choice, source=rows)               # in-memory rows instead of cfg.input_path
-    ds = build_pipeline(cfg, choice, predictor=StandIn)         # another class in a stage (bench/scale.py)
+    from util.pipeline import build_pipeline, pipeline_stages
+    ds = build_pipeline(plan, done)                             # lazy; util.output.write_results runs it
+    ds = build_pipeline(plan, done, stages=pipeline_stages(plan, done, until="format"))   # --preflight
+    ds = build_pipeline(plan, source=rows)                      # in-memory rows instead of the input path
+    ds = build_pipeline(plan, stages=pipeline_stages(plan, predictor=StandIn))   # another predictor class
 
-main.py, --preflight (util/preflight.py), the benchmark (bench/run.py) and the notebook all build it here.
+main.py, --preflight (util/preflight.py), the benchmarks and the notebook all build it here.
+
+Each stage declares the columns it needs and the columns it adds (and drops). `check_contracts` walks
+the chain when the pipeline is built, before anything runs: a stage put before the one that adds its
+column fails then, with a message naming the stage and the column, not halfway through a run.
 
 Blocks: the reader yields blocks of bounded size, the formatter (Ray tasks, as many as there are free
-CPUs) works in the predictor's batches, and a streaming repartition, which Ray fuses into the
-formatting task so that it takes no CPU of its own, cuts them to `batch_size` rows. Every replica then takes work a batch at a time, so one input file spreads
-over all of them, and a replica holds at most `batch_size x batches_in_flight` rows.
+CPUs) works in the predictor's batches, and a streaming repartition, which Ray fuses into the formatting
+task so that it takes no CPU of its own, cuts them to `batch_size` rows. Every replica then takes work a
+batch at a time, so one input file spreads over all of them, and a replica holds at most
+`batch_size x batches_in_flight` rows.
 """
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import ray
 
-from util.accelerator import AcceleratorChoice
-from util.config import Config
+from util import columns as col
 from util.predictor import LLMPredictor
 from util.prompt_format import format_prompts
 from util.reading import SAMPLE_PROMPTS, read_prompts
-from util.resume import DoneIndex, drop_done_rows
-from util.stages import TASK_CPUS, check_cluster_fits, formatter_stage, predictor_stage
+from util.resources import TASK_CPUS
+
+if TYPE_CHECKING:
+    from util.plan import Plan
+    from util.resume import DoneIndex
+
+PREDICTOR_ADDS = (col.GENERATED_TEXT, col.FINISH_REASON, col.NUM_GENERATED_TOKENS, col.MODEL,
+                  col.STRUCTURED_OUTPUT_ERROR)
 
 
-def build_pipeline(cfg: Config, choice: AcceleratorChoice, done: DoneIndex | None = None,
-                   source: str | list | None = None, until: str = "predict", predictor=LLMPredictor,
-                   formatter=format_prompts, cluster: dict | None = None) -> ray.data.Dataset:
-    """The lazy dataset of output rows (or, with until="format", of formatted rows)."""
-    check_cluster_fits(cfg, choice.use_gpu, ray.cluster_resources() if cluster is None else cluster)
-    # Rows already written are dropped as they are read; with --limit, after it, so that a rerun takes
-    # the same first rows. The filter works in the formatter's batches, so Ray fuses the three.
-    ds = read_prompts(source if source is not None else cfg.input_path or SAMPLE_PROMPTS,
-                      cfg.input_format, cfg.text_column, cfg.id_column, cfg.limit,
-                      done=None if cfg.limit else done)
-    if cfg.limit and done is not None:
-        ds = ds.map_batches(drop_done_rows, fn_kwargs={"index_ref": [done.ref]}, batch_size=cfg.batch_size,
-                            batch_format="pyarrow", num_cpus=TASK_CPUS)
-    ds = ds.map_batches(**formatter_stage(cfg, choice.use_gpu, formatter))
-    if until == "format":
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline: its contract (columns it needs, adds and drops) and how it runs."""
+    name: str
+    needs: tuple[str, ...]
+    adds: tuple[str, ...]
+    apply: Callable[[ray.data.Dataset], ray.data.Dataset] = field(repr=False)
+    drops: tuple[str, ...] = ()
+
+
+def map_stage(name: str, needs: tuple, adds: tuple, drops: tuple = (), **map_batches) -> Stage:
+    """A stage that runs as `ds.map_batches(**map_batches)`."""
+    return Stage(name, needs, adds, lambda ds: ds.map_batches(**map_batches), drops)
+
+
+def check_contracts(stages: list[Stage], columns: tuple[str, ...]) -> None:
+    """ValueError naming the first stage whose needed column no stage before it adds. `columns`: what
+    the reader gives (the id and the prompt column; the input's other columns are not known yet)."""
+    have = list(columns)
+    for stage in stages:
+        for needed in stage.needs:
+            if needed not in have:
+                raise ValueError(f"stage '{stage.name}' needs column '{needed}', which no stage before it "
+                                 f"adds (it gets: {', '.join(have)})")
+        have = [c for c in have if c not in stage.drops] + [c for c in stage.adds if c not in have]
+
+
+def drop_done_stage(plan: "Plan", done: "DoneIndex") -> Stage:
+    """Rows already written, dropped after --limit so that a rerun takes the same first rows. (Without
+    --limit the read tasks drop them as they read.) In the formatter's batches, so Ray fuses the two."""
+    return map_stage("drop_done", needs=(col.ID,), adds=(), fn=done.drop_done, batch_size=plan.cfg.batch_size,
+                     batch_format="pyarrow", num_cpus=TASK_CPUS)
+
+
+def formatter_stage(plan: "Plan", formatter=format_prompts) -> Stage:
+    """The prompt formatter: tasks of the predictor's batch size, each worker loading the tokenizer once,
+    as many at a time as there are free CPUs (util/prompt_format.py)."""
+    cfg = plan.cfg
+    return map_stage(
+        "format", needs=(cfg.text_column,),
+        adds=(col.PROMPT, col.PROMPT_TOKEN_IDS, col.NUM_INPUT_TOKENS, col.ERROR),
+        fn=formatter,
+        fn_kwargs={"model": cfg.model, "text_column": cfg.text_column, "system_prompt": cfg.system_prompt,
+                   "prompt_format": plan.prompt_format, "revision": cfg.revision,
+                   "max_model_len": plan.max_model_len},
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=TASK_CPUS)  # as the read's: Ray fuses read, format and the block cut into one task
+
+
+def cut_blocks_stage(rows: int) -> Stage:
+    """Blocks of about `rows` rows: Ray Data's streaming repartition. Its tasks ask for a whole CPU, which
+    `repartition` takes no argument to change; a repartition task waiting for a whole CPU beside the
+    replicas and paused read tasks would wait forever on a small machine. With the data tasks' share it
+    also fuses into the formatting task before it."""
+    def cut(ds: ray.data.Dataset) -> ray.data.Dataset:
+        ds = ds.repartition(target_num_rows_per_block=rows)
+        ds._logical_plan.dag.ray_remote_args["num_cpus"] = TASK_CPUS  # Ray 2.60: the op just added
         return ds
-    ds = cut_blocks(ds, cfg.batch_size)
-    return ds.map_batches(**predictor_stage(cfg, choice, predictor=predictor))
+
+    return Stage("cut_blocks", needs=(), adds=(), apply=cut)
 
 
-def cut_blocks(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
-    """`ds` in blocks of about `rows` rows: Ray Data's streaming repartition. Its tasks ask for a whole
-    CPU, which `repartition` takes no argument to change; a repartition task waiting for a whole CPU
-    beside the replicas and paused read tasks would wait forever on a small machine. With the data
-    tasks' share it also fuses into the formatting task before it."""
-    ds = ds.repartition(target_num_rows_per_block=rows)
-    ds._logical_plan.dag.ray_remote_args["num_cpus"] = TASK_CPUS  # Ray 2.60: the op just added
+def predictor_stage_kwargs(plan: "Plan", predictor=LLMPredictor) -> dict:
+    """`ds.map_batches` arguments for the vLLM stage: `concurrency` replicas, each on its own GPUs."""
+    cfg = plan.cfg
+    return {
+        "fn": predictor,
+        "fn_constructor_kwargs": {"model": cfg.model, "engine_kwargs": plan.engine_kwargs,
+                                  "sampling": plan.sampling},
+        # Several batches in flight per replica keep the engine's queue full between batches: Ray
+        # sends up to `batches_in_flight` tasks to each actor, and the async actor runs them together.
+        "compute": ray.data.ActorPoolStrategy(size=cfg.concurrency,
+                                              max_tasks_in_flight_per_actor=cfg.batches_in_flight),
+        "max_concurrency": cfg.batches_in_flight,
+        "batch_size": cfg.batch_size,
+        "batch_format": "pyarrow",
+        **plan.replica_resources,
+    }
+
+
+def predictor_stage(plan: "Plan", predictor=LLMPredictor) -> Stage:
+    return map_stage("predict", needs=(col.ID, col.PROMPT_TOKEN_IDS, col.ERROR), adds=PREDICTOR_ADDS,
+                     drops=(col.PROMPT_TOKEN_IDS,), **predictor_stage_kwargs(plan, predictor))
+
+
+def pipeline_stages(plan: "Plan", done: "DoneIndex | None" = None, until: str = "predict",
+                    formatter=format_prompts, predictor=LLMPredictor) -> list[Stage]:
+    """The stages after the read, in order; until="format" stops after the formatter (--preflight)."""
+    stages = [drop_done_stage(plan, done)] if plan.cfg.limit and done is not None else []
+    stages.append(formatter_stage(plan, formatter))
+    if until == "format":
+        return stages
+    return stages + [cut_blocks_stage(plan.cfg.batch_size), predictor_stage(plan, predictor)]
+
+
+def build_pipeline(plan: "Plan", done: "DoneIndex | None" = None, source: str | list | None = None,
+                   stages: list[Stage] | None = None) -> ray.data.Dataset:
+    """The lazy dataset of output rows (or what `stages` make of the input), its contracts checked."""
+    cfg = plan.cfg
+    stages = pipeline_stages(plan, done) if stages is None else stages
+    check_contracts(stages, columns=(col.ID, cfg.text_column))
+    # Without --limit, rows already written are dropped as they are read, in the read tasks.
+    row_filter = done.drop_done if done is not None and not cfg.limit else None
+    ds = read_prompts(source if source is not None else cfg.input_path or SAMPLE_PROMPTS, cfg.input_format,
+                      cfg.text_column, cfg.id_column, cfg.limit, row_filter=row_filter)
+    for stage in stages:
+        ds = stage.apply(ds)
     return ds

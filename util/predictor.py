@@ -32,6 +32,8 @@ import weakref
 
 import pyarrow as pa
 
+from util import columns as col
+from util.errors import INVALID_SAMPLING, row_error
 from util.prompt_format import set_columns
 from util.structured_output import output_error, row_spec, vllm_params
 
@@ -53,8 +55,8 @@ def row_sampling(job_sampling: dict, row_override) -> dict:
 
 def rows_sampling(batch: pa.Table, job_sampling: dict) -> list[tuple[bool, dict | str]]:
     """Per row: (False, sampling kwargs) when it can go to the engine, else (True, why not)."""
-    errors = batch["error"].to_pylist()
-    overrides = batch["sampling_params"].to_pylist() if "sampling_params" in batch.column_names else None
+    errors = batch[col.ERROR].to_pylist()
+    overrides = batch[col.SAMPLING_PARAMS].to_pylist() if col.SAMPLING_PARAMS in batch.column_names else None
     rows = []
     for i, error in enumerate(errors):
         if error is not None:  # refused before the engine (empty, too long, ...)
@@ -63,7 +65,7 @@ def rows_sampling(batch: pa.Table, job_sampling: dict) -> list[tuple[bool, dict 
         try:
             rows.append((False, row_sampling(job_sampling, None if overrides is None else overrides[i])))
         except (ValueError, TypeError) as bad:
-            rows.append((True, f"invalid sampling_params: {bad}"))
+            rows.append((True, row_error(INVALID_SAMPLING, reason=bad)))
     return rows
 
 
@@ -127,14 +129,15 @@ async def _cancel(task: asyncio.Task) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
-def _finish(batch: pa.Table, results: list[dict], model: str) -> pa.Table:
-    return set_columns(batch.drop_columns(["prompt_token_ids"]), {
-        "generated_text": pa.array([r.get("generated_text") for r in results], pa.string()),
-        "finish_reason": pa.array([r.get("finish_reason") for r in results], pa.string()),
-        "num_generated_tokens": pa.array([r.get("num_generated_tokens", 0) for r in results], pa.int64()),
-        "error": pa.array([r.get("error") for r in results], pa.string()),
-        "model": pa.array([model] * len(results), pa.string()),
-        "structured_output_error": pa.array([r.get("structured_output_error") for r in results], pa.string()),
+def finish_batch(batch: pa.Table, results: list[dict], model: str) -> pa.Table:
+    """The batch with each row's result as columns (PREDICTOR_ADDS of util/pipeline.py); token ids dropped."""
+    return set_columns(batch.drop_columns([col.PROMPT_TOKEN_IDS]), {
+        col.GENERATED_TEXT: pa.array([r.get("generated_text") for r in results], pa.string()),
+        col.FINISH_REASON: pa.array([r.get("finish_reason") for r in results], pa.string()),
+        col.NUM_GENERATED_TOKENS: pa.array([r.get("num_generated_tokens", 0) for r in results], pa.int64()),
+        col.ERROR: pa.array([r.get("error") for r in results], pa.string()),
+        col.MODEL: pa.array([model] * len(results), pa.string()),
+        col.STRUCTURED_OUTPUT_ERROR: pa.array([r.get("structured_output_error") for r in results], pa.string()),
     })
 
 
@@ -161,7 +164,8 @@ class LLMPredictor:
 
         self.progress = ProgressClient.connect()  # the run's progress actor, if one is listening
 
-    async def _generate(self, row_id: str, token_ids, sampling: dict) -> dict:
+    async def generate_row(self, row_id: str, token_ids, sampling: dict) -> dict:
+        """One row as one engine request: its generated text, finish reason and token count, or its error."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -222,12 +226,12 @@ class LLMPredictor:
         self.shutdown()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        ids, token_ids = batch["id"].to_pylist(), batch["prompt_token_ids"].to_pylist()
-        tasks = [asyncio.sleep(0, {"error": sampling}) if error else self._generate(ids[i], token_ids[i], sampling)
+        ids, token_ids = batch[col.ID].to_pylist(), batch[col.PROMPT_TOKEN_IDS].to_pylist()
+        tasks = [asyncio.sleep(0, {"error": sampling}) if error else self.generate_row(ids[i], token_ids[i], sampling)
                  for i, (error, sampling) in enumerate(rows_sampling(batch, self.sampling))]
         results = await asyncio.gather(*tasks)
         self.progress.batch_done(len(results), sum(r.get("num_generated_tokens", 0) for r in results))
-        return _finish(batch, results, self.model_name)
+        return finish_batch(batch, results, self.model_name)
 
 
 class SyncLLMPredictor:
@@ -245,7 +249,7 @@ class SyncLLMPredictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from vllm import SamplingParams
 
-        token_ids, rows = batch["prompt_token_ids"].to_pylist(), rows_sampling(batch, self.sampling)
+        token_ids, rows = batch[col.PROMPT_TOKEN_IDS].to_pylist(), rows_sampling(batch, self.sampling)
         ready = [i for i, (error, _) in enumerate(rows) if not error]
         prompts = [{"prompt_token_ids": token_ids[i]} for i in ready]
         params = [SamplingParams(**{**rows[i][1], "structured_outputs": vllm_params(rows[i][1].get("structured_outputs"))})
@@ -258,4 +262,4 @@ class SyncLLMPredictor:
                           "num_generated_tokens": len(completion.token_ids),
                           "structured_output_error": output_error(rows[i][1].get("structured_outputs"),
                                                                   completion.text, completion.finish_reason)}
-        return _finish(batch, results, self.model_name)
+        return finish_batch(batch, results, self.model_name)

@@ -6,8 +6,8 @@ fail, how many tokens would it generate, and how many GPU-hours and replicas wou
     python main.py --preflight --input-path prompts.jsonl --throughput-tok-per-s 2500 --preflight-report-dir pre/
 
 It reads the input as the run would (util.reading), applies the run's checks (output path writable, same
-settings as an earlier output, file errors, duplicate ids: util.validation), and formats and tokenizes
-every row with the run's formatter stage through Ray Data. It prints, and writes as preflight.json and
+settings as an earlier output, file errors, duplicate ids: util.scan.check_before_run), and formats and
+tokenizes every row with the run's own stages (util.pipeline), then counts each row's token budget. It prints, and writes as preflight.json and
 input_tokens.png: rows, an input-token histogram, rows that would fail (empty, over max_model_len,
 invalid sampling_params) by reason, and the estimates. Reports go to --preflight-report-dir, else to
 <output-path>/_preflight/, which readers of the output skip (a leading `_`, like the manifest's).
@@ -29,17 +29,22 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from util.accelerator import AcceleratorChoice
-from util.config import Config
-from util.output import commit_file, output_counts
+from typing import TYPE_CHECKING
+
+from util import columns as col
+from util.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, refusal_reason, row_error, row_error_kind
+from util.errors import INVALID_SAMPLING
+from util.output import output_counts
+from util.pipeline import build_pipeline, map_stage, pipeline_stages
 from util.predictor import rows_sampling
-from util.prompt_format import model_max_length
-from util.reading import refusal_reason
-from util.report import REPORT_NAME, gpus_per_replica
-from util.pipeline import build_pipeline
-from util.stages import engine_kwargs
-from util.storage import generate_output_path, join, resolve
-from util.validation import check_before_run
+from util.report import REPORT_NAME
+from util.resources import TASK_CPUS
+from util.scan import check_before_run
+from util.storage import commit_file, join, resolve
+
+if TYPE_CHECKING:
+    from util.config import Config
+    from util.plan import Plan
 
 PREFLIGHT_FOLDER = "_preflight"
 # BENCHMARKS.md's measured number for this pipeline's shipped defaults: one replica on 1x H100, a
@@ -47,13 +52,7 @@ PREFLIGHT_FOLDER = "_preflight"
 # current code; smaller GPUs (A10G, L4) are several times slower, so pass --throughput-tok-per-s for them.
 DEFAULT_TOK_PER_S = 19_443.0
 DEFAULT_TOK_PER_S_SOURCE = "default: BENCHMARKS.md, this pipeline on 1x H100, Mistral-7B shape"
-FAILURE_KINDS = {"empty prompt": "empty", "prompt has ": "over max length",
-                 "invalid sampling_params": "invalid sampling_params"}
-
-
-def failure_kind(error: str) -> str:
-    """The reason a row would fail, without its row-specific numbers: `empty`, `over max length`, ..."""
-    return next((kind for prefix, kind in FAILURE_KINDS.items() if error.startswith(prefix)), error)
+MAX_OUTPUT_TOKENS = "max_output_tokens"  # the column the budget stage adds
 
 
 def row_budgets(batch: pa.Table, job_sampling: dict, max_model_len: int | None) -> pa.Table:
@@ -61,7 +60,7 @@ def row_budgets(batch: pa.Table, job_sampling: dict, max_model_len: int | None) 
     Runs on the workers, so only these small columns reach the driver."""
     errors, budgets = [], []
     for (failed, sampling), input_tokens in zip(rows_sampling(batch, job_sampling),
-                                                batch["num_input_tokens"].to_pylist()):
+                                                batch[col.NUM_INPUT_TOKENS].to_pylist()):
         if not failed:
             try:
                 budget = int(sampling["max_tokens"])
@@ -69,11 +68,11 @@ def row_budgets(batch: pa.Table, job_sampling: dict, max_model_len: int | None) 
                 errors.append(None)
                 continue
             except (TypeError, ValueError) as bad:
-                sampling = f"invalid sampling_params: max_tokens {sampling['max_tokens']!r} ({bad})"
+                sampling = row_error(INVALID_SAMPLING, reason=f"max_tokens {sampling['max_tokens']!r} ({bad})")
         errors.append(sampling)
         budgets.append(0)
-    return pa.table({"id": batch["id"], "num_input_tokens": batch["num_input_tokens"],
-                     "error": pa.array(errors, pa.string()), "max_output_tokens": pa.array(budgets, pa.int64())})
+    return pa.table({col.ID: batch[col.ID], col.NUM_INPUT_TOKENS: batch[col.NUM_INPUT_TOKENS],
+                     col.ERROR: pa.array(errors, pa.string()), MAX_OUTPUT_TOKENS: pa.array(budgets, pa.int64())})
 
 
 def token_histogram(values: np.ndarray, counted: bool = False) -> list[dict]:
@@ -102,7 +101,7 @@ def estimate(output_tokens: int, tok_per_s: float, gpus_per_replica: float, conc
             "gpus_for_deadline": None if replicas is None else replicas * gpus_per_replica}
 
 
-def replica_throughput(cfg: Config, output_path: str) -> tuple[float, str]:
+def replica_throughput(cfg: "Config", output_path: str) -> tuple[float, str]:
     """Output tok/s of one replica, and where the number comes from."""
     if cfg.throughput_tok_per_s is not None:
         if not cfg.throughput_tok_per_s > 0:
@@ -121,37 +120,37 @@ def replica_throughput(cfg: Config, output_path: str) -> tuple[float, str]:
     return DEFAULT_TOK_PER_S, DEFAULT_TOK_PER_S_SOURCE
 
 
-def inspect_input(cfg: Config, choice: AcceleratorChoice, output_path: str) -> dict:
+def budget_stage(plan: "Plan"):
+    """After the formatter: per row, why it would fail, or the most tokens it may generate. Runs on the
+    workers, so only these small columns reach the driver."""
+    return map_stage("budget", needs=(col.ID, col.NUM_INPUT_TOKENS, col.ERROR),
+                     adds=(MAX_OUTPUT_TOKENS,), drops=(col.PROMPT, col.PROMPT_TOKEN_IDS),
+                     fn=row_budgets, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                     fn_kwargs={"job_sampling": plan.sampling, "max_model_len": plan.max_model_len})
+
+
+def inspect_input(plan: "Plan") -> dict:
     """Everything a run checks before it starts, then every row formatted and tokenized. Raises
     InputError (or ValueError for a bad flag) where the run would be refused."""
-    if cfg.deadline_hours is not None and not cfg.deadline_hours > 0:
-        raise ValueError(f"--deadline-hours must be > 0, got {cfg.deadline_hours}")
-    use_gpu = choice.use_gpu
-    checked = check_before_run(cfg, use_gpu, output_path)  # as main.py checks before a run
-    scan = checked.scan
-    max_model_len = model_max_length(cfg.model, cfg.revision, engine_kwargs(cfg, use_gpu).get("max_model_len"))
-
-    ds = build_pipeline(cfg, choice, checked.done, until="format")
-    ds = ds.map_batches(row_budgets, batch_format="pyarrow", num_cpus=0.5,
-                        fn_kwargs={"job_sampling": cfg.sampling(), "max_model_len": max_model_len})
+    checked = check_before_run(plan)  # as main.py checks before a run
+    stages = pipeline_stages(plan, checked.done, until="format") + [budget_stage(plan)]
+    ds = build_pipeline(plan, checked.done, stages=stages)
     # Rows per input-token count: its size grows with the longest prompt, not with the rows.
     counts, output_tokens, failing, examples = np.zeros(0, np.int64), 0, {}, {}
-    for batch in ds.select_columns(["id", "num_input_tokens", "error", "max_output_tokens"]).iter_batches(
-            batch_format="pyarrow", batch_size=None):
-        batch_counts = np.bincount(batch["num_input_tokens"].to_numpy(zero_copy_only=False))
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        batch_counts = np.bincount(batch[col.NUM_INPUT_TOKENS].to_numpy(zero_copy_only=False))
         counts = np.pad(counts, (0, max(0, len(batch_counts) - len(counts))))
         counts[: len(batch_counts)] += batch_counts
-        output_tokens += int(batch["max_output_tokens"].to_numpy().sum())
-        for row_id, error in zip(batch["id"].to_pylist(), batch["error"].to_pylist()):
+        output_tokens += int(batch[MAX_OUTPUT_TOKENS].to_numpy().sum())
+        for row_id, error in zip(batch[col.ID].to_pylist(), batch[col.ERROR].to_pylist()):
             if error is not None:
-                kind = failure_kind(error)
+                kind = row_error_kind(error)
                 failing[kind] = failing.get(kind, 0) + 1
                 if len(examples.setdefault(kind, [])) < 5:  # a few ids to look at, not a second output
                     examples[kind].append(row_id)
     rows, present = int(counts.sum()), np.flatnonzero(counts)
-    return {"rows": scan.rows, "already_done": scan.already_done, "to_run": rows, "use_gpu": use_gpu,
-            "duplicate_ids": 0,  # any duplicate refuses the input (InputError above)
-            "max_model_len": max_model_len,
+    return {"rows": checked.rows, "already_done": checked.already_done, "to_run": rows,
+            "use_gpu": plan.choice.use_gpu, "max_model_len": plan.max_model_len,
             "input_tokens": {"total": int((counts * np.arange(len(counts))).sum()),
                              "min": int(present[0]) if rows else None,
                              "median": median_of_counts(counts) if rows else None,
@@ -202,8 +201,7 @@ def format_preflight(result: dict) -> str:
     tokens, failing, est = result["input_tokens"], result["failing"], result["estimate"]
     lines += [f"  engine         {'GPU' if result['use_gpu'] else 'CPU (no GPU in this Ray cluster: the CPU engine settings apply)'}",
               f"  rows           {result['rows']:,} ({result['already_done']:,} already done, "
-              f"{result['to_run']:,} to run)",
-              f"  duplicate ids  {result['duplicate_ids']}"]
+              f"{result['to_run']:,} to run)"]
     if result["to_run"]:
         lines.append(f"  input tokens   {tokens['total']:,} (min {tokens['min']:,}, median {tokens['median']:,.0f}, "
                      f"max {tokens['max']:,}; max_model_len {result['max_model_len']})")
@@ -243,19 +241,25 @@ def save_preflight(report_dir: str, result: dict) -> list[str]:
     return [join(report_dir, name) for name in files]
 
 
-def run_preflight(cfg: Config, choice: AcceleratorChoice) -> int:
-    """`main.py --preflight`: check, estimate, print, write the report; the exit code the run would have."""
-    output_path = cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
+def run_preflight(cfg: "Config") -> int:
+    """`main.py --preflight`: plan, check, estimate, print, write the report; the exit code the run would
+    have. A refusal is reported (verdict "refused") and raised again, for main.py's exit code 2."""
+    from util.plan import make_plan, output_path_of
+
+    output_path = output_path_of(cfg)
     report_dir = cfg.preflight_report_dir or join(output_path, PREFLIGHT_FOLDER)
     result = {"input_path": cfg.input_path or "(the sample prompts)", "output_path": output_path,
               "max_error_fraction": cfg.max_error_fraction}
     try:
+        if cfg.deadline_hours is not None and not cfg.deadline_hours > 0:
+            raise ValueError(f"--deadline-hours must be > 0, got {cfg.deadline_hours}")
         tok_per_s, source = replica_throughput(cfg, output_path)
-        result.update(inspect_input(cfg, choice, output_path))
+        plan = make_plan(cfg)
+        result.update(inspect_input(plan))
     except Exception as error:  # refused as the run would refuse it (main.py: exit code 2)
         reason = refusal_reason(error)
         if reason is not None:
-            result.update(verdict="refused", exit_code=2, reason=str(reason))
+            result.update(verdict="refused", exit_code=EXIT_REFUSED, reason=str(reason))
             print(format_preflight(result))
             try:
                 save_preflight(report_dir, result)
@@ -268,12 +272,11 @@ def run_preflight(cfg: Config, choice: AcceleratorChoice) -> int:
     failing["fraction"] = (earlier["error"] + failing["rows"]) / max(1, earlier["ok"] + earlier["error"] + result["to_run"])
     too_many = failing["fraction"] > cfg.max_error_fraction
     result.update(
-        verdict="too many failing rows" if too_many else "pass", exit_code=1 if too_many else 0,
+        verdict="too many failing rows" if too_many else "pass", exit_code=EXIT_FAILED if too_many else EXIT_OK,
         reason=(f"{failing['fraction']:.0%} of the output's rows would fail, more than --max-error-fraction "
                 f"{cfg.max_error_fraction} allows") if too_many else None,
         throughput_source=source,
-        estimate=estimate(output_tokens, tok_per_s, gpus_per_replica(cfg), cfg.concurrency,
-                          cfg.deadline_hours))
+        estimate=estimate(output_tokens, tok_per_s, plan.gpus_per_replica, cfg.concurrency, cfg.deadline_hours))
     print(format_preflight(result))
     print(f"  report         {', '.join(save_preflight(report_dir, result))}")
     return result["exit_code"]

@@ -22,6 +22,8 @@ import json
 import pyarrow as pa
 from transformers import AutoConfig, AutoTokenizer
 
+from util import columns as col
+from util.errors import EMPTY_PROMPT, TOO_LONG, row_error
 from util.models import table_prompt_format
 
 
@@ -95,20 +97,20 @@ class PromptFormatter:
             value = json.loads(value)  # messages kept as JSON text, as util/openai_batch.py does
         if isinstance(value, list):
             if not any(_has_content(m.get("content")) for m in value if isinstance(m, dict)):
-                return "", f"empty prompt in column '{self.text_column}'"
+                return "", row_error(EMPTY_PROMPT, column=self.text_column)
             try:
                 return self.format_messages(value), None
             except Exception as error:  # a template that refuses these roles, say: this row only
                 return "", f"cannot format the messages: {error}"
         if value is None or not str(value).strip():
-            return "", f"empty prompt in column '{self.text_column}'"
+            return "", row_error(EMPTY_PROMPT, column=self.text_column)
         return self.format(str(value)), None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # A row may arrive refused already (a bad OpenAI batch request line); it stays refused.
         earlier = [None] * batch.num_rows
-        if "request_error" in batch.column_names:
-            earlier, batch = batch["request_error"].to_pylist(), batch.drop_columns(["request_error"])
+        if col.REQUEST_ERROR in batch.column_names:
+            earlier, batch = batch[col.REQUEST_ERROR].to_pylist(), batch.drop_columns([col.REQUEST_ERROR])
         formatted = [("", reason) if reason else self._prompt(value)
                      for value, reason in zip(batch[self.text_column].to_pylist(), earlier)]
         prompts = [prompt for prompt, _ in formatted]
@@ -119,15 +121,15 @@ class PromptFormatter:
             if refused:
                 errors.append(refused)
             elif self.max_model_len and len(ids) >= self.max_model_len:
-                errors.append(f"prompt has {len(ids)} tokens; the model accepts at most "
-                              f"{self.max_model_len - 1} (max_model_len {self.max_model_len})")
+                errors.append(row_error(TOO_LONG, tokens=len(ids), most=self.max_model_len - 1,
+                                        max_model_len=self.max_model_len))
             else:
                 errors.append(None)
         return set_columns(batch, {
-            "prompt": pa.array(prompts, pa.string()),
-            "prompt_token_ids": pa.array(token_ids, pa.list_(pa.int32())),
-            "num_input_tokens": pa.array([len(ids) for ids in token_ids], pa.int64()),
-            "error": pa.array(errors, pa.string()),
+            col.PROMPT: pa.array(prompts, pa.string()),
+            col.PROMPT_TOKEN_IDS: pa.array(token_ids, pa.list_(pa.int32())),
+            col.NUM_INPUT_TOKENS: pa.array([len(ids) for ids in token_ids], pa.int64()),
+            col.ERROR: pa.array(errors, pa.string()),
         })
 
 

@@ -35,8 +35,10 @@ from ray.data.block import BlockMetadata
 from ray.data.context import DataContext
 from ray.data.datasource import Datasource, ReadTask
 
+from util import columns as col
+from util.errors import InputError
 from util.openai_batch import request_row, request_table
-from util.resume import drop_done_rows
+from util.resources import TASK_CPUS
 from util.storage import resolve
 
 SAMPLE_PROMPTS = [
@@ -50,41 +52,9 @@ EXTENSIONS = {"text": [".txt", ".text"], "jsonl": [".jsonl", ".json"], "csv": ["
               "parquet": [".parquet", ".pq"], "openai": [".jsonl", ".json"]}  # openai: never picked by auto
 CHUNK_BYTES = 16 * 1024**2  # a text or JSONL read task's share of a file: bounds its memory
 BLOCK_ROWS = 1024  # rows per block out of the reader
-READ_CPUS = 0.5  # a read task's CPU share: util/stages.py keeps this much free beside the replicas
 ID_SCHEME = "file:byte-offset(text,jsonl)|row(csv,parquet,openai):sha1[:8]"  # in the output's fingerprint
 # Hidden columns the reader adds when asked (util/scan.py): where a row is, to name duplicates.
 WHERE_COLUMN = "__where"
-
-
-class InputError(ValueError):
-    """Input that cannot be read as asked. The message names the file and line, or the column."""
-
-
-def unwrap_input_error(exc: BaseException) -> InputError | None:
-    """The InputError behind `exc`, which may be Ray's wrapper of an error in a worker; None if none."""
-    seen, todo = set(), [exc]
-    while todo:
-        error = todo.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, InputError) and not isinstance(error, ray.exceptions.RayError):
-            # Ray Data appends its retry advice to a read task's exception: our messages are one line.
-            return error if "\n" not in str(error) else InputError(str(error).split("\n")[0])
-        todo += [getattr(error, "cause", None), error.__cause__, error.__context__]
-    # Ray Data re-raises a worker's exception as a UserCodeException, and the pickled copy that reaches
-    # the driver loses its __cause__: only the worker's traceback text still holds the message.
-    text = str(exc)
-    start = text.rfind("InputError: ")
-    if start < 0:
-        return None
-    return InputError(text[start + len("InputError: "):].split("\n\n")[0].strip())
-
-
-def refusal_reason(exc: BaseException) -> Exception | None:
-    """Why a run is refused (exit code 2): bad input, a bad flag value, or a gated model without a
-    token. None for anything else, which is a crash."""
-    return unwrap_input_error(exc) or (exc if isinstance(exc, (ValueError, PermissionError)) else None)
 
 
 def _reason(error: OSError) -> str:
@@ -149,10 +119,10 @@ def _with_ids(table: pa.Table, positions: list[int], source: str, text_column: s
         ids = [None if v is None else str(v) for v in table[id_column].to_pylist()]
     else:
         ids = [row_id(source, p, t) for p, t in zip(positions, table[text_column].to_pylist())]
-    if "id" in table.column_names:
-        table = table.drop_columns(["id"]) if id_column == "id" else table.rename_columns(
-            ["input_id" if c == "id" else c for c in table.column_names])
-    table = table.add_column(0, "id", pa.array(ids, pa.string()))
+    if col.ID in table.column_names:  # the input's own `id`, when it is not the id column, is kept as input_id
+        table = table.drop_columns([col.ID]) if id_column == col.ID else table.rename_columns(
+            ["input_id" if c == col.ID else c for c in table.column_names])
+    table = table.add_column(0, col.ID, pa.array(ids, pa.string()))
     if with_where:
         table = table.append_column(WHERE_COLUMN, pa.array([where(source, p) for p in positions], pa.string()))
     return table
@@ -296,9 +266,9 @@ def _read_file(filesystem, path: str, source: str, input_format: str, text_colum
 
 
 def _read_task(filesystem, path: str, source: str, start: int | None, end: int | None, whole_file: bool,
-               done_ref: list | None, **options):
-    """One read task's blocks, without the rows an earlier run wrote (util/resume.py); a file with no
-    rows at all is refused (a write that failed, most likely)."""
+               row_filter, **options):
+    """One read task's blocks, through `row_filter` (resume's: without the rows an earlier run wrote); a
+    file with no rows at all is refused (a write that failed, most likely)."""
     if start is None:
         blocks = _read_file(filesystem, path, source, **options)
     else:
@@ -306,7 +276,8 @@ def _read_task(filesystem, path: str, source: str, start: int | None, end: int |
     rows = 0
     for table in blocks:
         rows += table.num_rows
-        table = drop_done_rows(table, done_ref)
+        if row_filter is not None:
+            table = row_filter(table)
         if table.num_rows:
             yield table
     if not rows and whole_file:
@@ -319,10 +290,9 @@ class PromptFiles(Datasource):
 
     def __init__(self, source: str, files: list[tuple[str, int]], root: str, input_format: str,
                  text_column: str, id_column: str | None, with_where: bool = False,
-                 chunk_bytes: int = CHUNK_BYTES, done=None):
+                 chunk_bytes: int = CHUNK_BYTES, row_filter=None):
         self.filesystem, _ = resolve(source)
-        # The ref travels in a list: Ray would otherwise resolve it into every task's arguments as a copy.
-        self.done_ref = [done.ref] if done is not None else None
+        self.row_filter = row_filter
         self.chunk_bytes = chunk_bytes
         self.files, self.root = files, root
         self.options = {"text_column": text_column, "id_column": id_column, "with_where": with_where}
@@ -342,7 +312,7 @@ class PromptFiles(Datasource):
                       if input_format in ("text", "jsonl") else [(None, None)])
             for start, end in ranges:
                 read = functools.partial(_read_task, self.filesystem, path, source, start, end,
-                                         whole_file=len(ranges) == 1, done_ref=self.done_ref,
+                                         whole_file=len(ranges) == 1, row_filter=self.row_filter,
                                          input_format=input_format, **self.options)
                 metadata = BlockMetadata(num_rows=None, exec_stats=None, input_files=[path],
                                          size_bytes=(end - start) if start is not None else size)
@@ -384,10 +354,10 @@ def list_files(source: str, input_format: str = "auto") -> tuple[list[tuple[str,
 
 def read_prompts(source: str | list, input_format: str = "auto", text_column: str = "text",
                  id_column: str | None = None, limit: int | None = None,
-                 with_where: bool = False, done=None) -> ray.data.Dataset:
+                 with_where: bool = False, row_filter=None) -> ray.data.Dataset:
     """The prompts as a lazy Dataset: `id` first, then the input's columns. `with_where` adds a hidden
-    WHERE_COLUMN (file and position) for naming duplicates. `done` (util.resume.DoneIndex): rows whose
-    ids are in it are dropped as they are read."""
+    WHERE_COLUMN (file and position) for naming duplicates. `row_filter` (a table -> table function, such
+    as util.resume.DoneIndex.drop_done) runs in each read task, so rows it drops are never passed on."""
     if input_format == "openai":  # OpenAI Batch API requests (util/openai_batch.py)
         text_column, id_column = "messages", "custom_id"
     context = DataContext.get_current().copy()  # this dataset's own: a global change would outlive the call
@@ -401,13 +371,13 @@ def read_prompts(source: str | list, input_format: str = "auto", text_column: st
             positions = list(range(1, len(rows) + 1))
             table = _with_ids(_table_from_rows(rows, "items"), positions, "items", text_column, id_column,
                               with_where)
-            table = drop_done_rows(table, [done.ref] if done is not None else None)
+            table = table if row_filter is None else row_filter(table)
             ds = ray.data.from_arrow([table.slice(i, BLOCK_ROWS) for i in range(0, len(table), BLOCK_ROWS)])
         else:
             files, root = list_files(source, input_format)
             datasource = PromptFiles(source, files, root, input_format, text_column, id_column, with_where,
-                                     done=done)
-            ds = ray.data.read_datasource(datasource, num_cpus=READ_CPUS)
+                                     row_filter=row_filter)
+            ds = ray.data.read_datasource(datasource, num_cpus=TASK_CPUS)
         if limit is not None:
             ds = ds.limit(limit)
     return ds

@@ -1,11 +1,13 @@
 """How a run is going, and how it went: a progress line while it runs, a report when it is done.
 
-    from util.report import ProgressReporter, format_report, gpus_held, write_report
-    with ProgressReporter(total_rows=10_000, interval_s=30, gpus=gpus_held(cfg, choice)) as progress:
+    from util.report import ProgressReporter, check_accounting, format_report, over_error_budget, write_report
+    with ProgressReporter(total_rows=10_000, interval_s=30, gpus=plan.gpus_held) as progress:
         written = write_results(ds, output_path)       # prints `progress: 1,234/10,000 rows (12%), ...`
     report = progress.report(written)                   # a dict: rows, tokens, tok/s per replica, GPU-hours
     print(format_report(report))
     write_report(output_path, report)                   # <output>/_report.json and _throughput.png
+    check_accounting(input_rows=10_000, written=written, already_done=0)  # RuntimeError if a row is lost
+    over_error_budget(output_counts, max_error_fraction=0.1, output_path=output_path)  # why exit 1, or None
 
 While the pipeline runs, a small named Ray actor (PROGRESS_ACTOR) collects what each vLLM replica
 reports after every batch: rows, output tokens, time. Replicas find it by name (`ProgressClient`),
@@ -25,8 +27,7 @@ import time
 
 import ray
 
-from util.output import commit_file
-from util.storage import resolve
+from util.storage import commit_file, resolve
 
 PROGRESS_ACTOR = "batch-llm-progress"
 REPORT_NAME = "_report.json"
@@ -82,15 +83,20 @@ class ProgressClient:
             self.actor.batch_done.remote(self.replica, rows, output_tokens, time.time())
 
 
-def progress_line(rows_done: int, total_rows: int, output_tok_per_s: float, eta_s: float | None) -> str:
-    """`progress: 1,234/10,000 rows (12%), 5,678 output tok/s, ETA 0:12:34`"""
+def progress_line(rows_done: int, total_rows: int | None, output_tok_per_s: float, eta_s: float | None) -> str:
+    """`progress: 1,234/10,000 rows (12%), 5,678 output tok/s, ETA 0:12:34`; without a total (the rows
+    were not counted beforehand): `progress: 1,234 rows, 5,678 output tok/s`"""
+    if total_rows is None:
+        return f"progress: {rows_done:,} rows, {output_tok_per_s:,.0f} output tok/s"
     percent = 100 if total_rows <= 0 else min(100, math.floor(100 * rows_done / total_rows))
     eta = "unknown" if eta_s is None else str(datetime.timedelta(seconds=round(eta_s)))
     return f"progress: {rows_done:,}/{total_rows:,} rows ({percent}%), {output_tok_per_s:,.0f} output tok/s, ETA {eta}"
 
 
-def eta_seconds(rows_done: int, total_rows: int, first_ready: float | None, now: float) -> float | None:
+def eta_seconds(rows_done: int, total_rows: int | None, first_ready: float | None, now: float) -> float | None:
     """Rows left at the pace since the first engine was ready (engine start is no guide to what is left)."""
+    if total_rows is None:
+        return None
     if rows_done >= total_rows:
         return 0.0
     if not rows_done or first_ready is None or now <= first_ready:
@@ -98,21 +104,11 @@ def eta_seconds(rows_done: int, total_rows: int, first_ready: float | None, now:
     return (total_rows - rows_done) * (now - first_ready) / rows_done
 
 
-def gpus_per_replica(cfg) -> float:
-    """GPUs one replica holds, as util.stages.replica_placement reserves them."""
-    return max(cfg.gpus_per_replica, cfg.tensor_parallel_size * cfg.pipeline_parallel_size)
-
-
-def gpus_held(cfg, choice) -> float:
-    """GPUs the run holds while it runs: every replica's, for the whole wall time."""
-    return cfg.concurrency * gpus_per_replica(cfg) if choice.use_gpu else 0.0
-
-
 class ProgressReporter:
     """Creates the progress actor and prints a progress line every `interval_s` seconds from a driver
     thread while the `with` block runs; Ray Data's own progress bars are left as they are."""
 
-    def __init__(self, total_rows: int, interval_s: float = 30.0, gpus: float = 0.0, write=None):
+    def __init__(self, total_rows: int | None, interval_s: float = 30.0, gpus: float = 0.0, write=None):
         self.total_rows, self.interval_s, self.gpus = total_rows, interval_s, gpus
         self.write = write or (lambda line: print(line, flush=True))
         self.started = self.finished = None
@@ -159,16 +155,36 @@ class ProgressReporter:
             ray.kill(self.actor)
 
     def _wait_for_final_reports(self) -> None:
-        deadline = time.time() + FINAL_REPORTS_WAIT_S
+        deadline, last = time.time() + FINAL_REPORTS_WAIT_S, -1
         while time.time() < deadline:
             totals = ray.get(self.actor.totals.remote(), timeout=30)
-            if not totals["replicas"] or totals["rows"] >= self.total_rows:
+            if not totals["replicas"] or self.total_rows is not None and totals["rows"] >= self.total_rows:
                 return  # no replica reports here (stand-in stages), or every row is in
-            time.sleep(0.1)
+            if self.total_rows is None and totals["rows"] == last:
+                return  # rows not counted beforehand: in once the count stops moving
+            last = totals["rows"]
+            time.sleep(0.1 if self.total_rows is not None else 0.5)
 
     def report(self, written: dict) -> dict:
         """The run report; `written` is util.output.write_results' counts."""
         return build_report(self.snapshot, written, self.started, self.finished, self.gpus)
+
+
+def check_accounting(input_rows: int, written: dict, already_done: int) -> None:
+    """Every input row is written now (ok or failed) or was already: anything else is a bug, loudly."""
+    if input_rows != written["ok"] + written["error"] + already_done:
+        raise RuntimeError(f"row accounting is off: {input_rows} input rows, but {written['ok']} ok + "
+                           f"{written['error']} errors + {already_done} already done")
+
+
+def over_error_budget(output: dict, max_error_fraction: float, output_path: str) -> str | None:
+    """Why the run fails although every row is written (too many failed rows in the output), or None."""
+    rows = output["ok"] + output["error"]
+    failed_share = output["error"] / max(1, rows)
+    if failed_share <= max_error_fraction:
+        return None
+    return (f"{output['error']} of {rows} output rows failed ({failed_share:.0%}), more than "
+            f"--max-error-fraction {max_error_fraction} allows; they are in {output_path}/errors")
 
 
 def _iso(at: float) -> str:

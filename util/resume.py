@@ -1,8 +1,15 @@
-"""Resume: which input rows an earlier run already wrote, found without holding ids on the driver.
+"""Resume: an output path is its own checkpoint. A re-run skips the rows it holds, if it was made with
+the same settings; --overwrite deletes it instead.
 
-    from util.resume import DoneIndex
-    done = DoneIndex.build("outputs/run", "parquet")    # None when the output holds no rows yet
-    ds = read_prompts("prompts.jsonl", done=done)       # each read task drops the rows already written
+    from util.resume import DoneIndex, check_fingerprint, delete_output, fingerprint
+    settings = fingerprint(cfg, sampling, engine_kwargs)  # what decides a row's output
+    check_fingerprint("outputs/run", settings)            # InputError if the output was made otherwise
+    done = DoneIndex.build("outputs/run", "parquet")      # None when the output holds no rows yet
+    ds = read_prompts("prompts.jsonl", row_filter=done.drop_done)  # each read task drops rows written
+    delete_output("outputs/run")                          # --overwrite: only a folder of output goes
+
+Resuming into an output generated with other settings would mix two configurations in one result, so
+a run refuses to, and says exactly what changed (`sampling.max_tokens: 32 -> 64`).
 
 The output's ids are hashed to 128 bits (two 64-bit SipHash keys), sorted, and held once in Ray's object
 store, 16 bytes a row, by a task that reads the output's id column a file at a time. Each filter task maps
@@ -12,11 +19,23 @@ with a chance of about n² / 2^129 (1e-25 for ten million rows), so the filter i
 run's accounting (util/manifest.py) would catch a lost row all the same.
 """
 
+import functools
+import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
+
+from util import columns as col
+from util.errors import InputError
+from util.manifest import read_manifest
+from util.output import EXTENSIONS, is_temp_file, listed_files, output_dataset
+from util.reading import ID_SCHEME
+from util.resources import TASK_CPUS
+from util.storage import resolve
 
 
 # Two SipHash keys (16 bytes each): one hash to search on, the other to confirm a match.
@@ -33,8 +52,6 @@ def id_hashes(ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sorted_hashes(output_path: str, output_format: str) -> tuple[np.ndarray, np.ndarray]:
-    from util.output import output_dataset
-
     files, id_column = output_dataset(output_path, output_format)
     first, second = [], []
     if files is not None:
@@ -48,7 +65,7 @@ def _sorted_hashes(output_path: str, output_format: str) -> tuple[np.ndarray, np
     return first[order], second[order]
 
 
-@ray.remote(num_cpus=0.5, num_returns=2)
+@ray.remote(num_cpus=TASK_CPUS, num_returns=2)
 def _build(output_path: str, output_format: str):
     first, second = _sorted_hashes(output_path, output_format)
     return len(first), (first, second)
@@ -79,6 +96,16 @@ class DoneIndex:
     rows: int
     ref: ray.ObjectRef
 
+    @property
+    def drop_done(self) -> functools.partial:
+        """A row filter for the reader: drops the rows an earlier run wrote."""
+        return functools.partial(drop_done_rows, index_ref=[self.ref])
+
+    @property
+    def mark_done(self) -> functools.partial:
+        """For the input scan: adds the `done` column."""
+        return functools.partial(mark_done, index_ref=[self.ref])
+
     @classmethod
     def build(cls, output_path: str, output_format: str) -> "DoneIndex | None":
         rows, ref = _build.remote(output_path, output_format)  # the driver fetches the count, not the ids
@@ -86,15 +113,77 @@ class DoneIndex:
         return cls(rows, ref) if rows else None
 
 
-def drop_done_rows(table: pa.Table, index_ref: list | None) -> pa.Table:
-    """`table` without the rows whose ids are in the index (a one-item list holding its ref)."""
-    if index_ref is None:
-        return table
-    index = ray.get(index_ref[0])  # zero-copy from the object store
-    return table.filter(pa.array(~contains(index, table["id"])))
+def done_mask(table: pa.Table, index_ref: list) -> np.ndarray:
+    """Which rows of `table` have ids in the index (a one-item list holding its ref, so that Ray passes
+    the ref, not a copy of the index, into each task)."""
+    return contains(ray.get(index_ref[0]), table[col.ID])  # zero-copy from the object store
 
 
-def mark_done(batch: pa.Table, index_ref: list | None) -> pa.Table:
-    """Adds a `done` column (1 where the row's id is in the output) for the input scan."""
-    done = contains(ray.get(index_ref[0]), batch["id"]) if index_ref else np.zeros(batch.num_rows, bool)
-    return batch.append_column("done", pa.array(done.astype(np.int64)))
+def drop_done_rows(table: pa.Table, index_ref: list) -> pa.Table:
+    """`table` without the rows an earlier run wrote: a read task's row filter."""
+    return table.filter(pa.array(~done_mask(table, index_ref)))
+
+
+def mark_done(table: pa.Table, index_ref: list | None) -> pa.Table:
+    """`table` with a `done` column (1 where an earlier run wrote the row), for the input scan's counts."""
+    done = done_mask(table, index_ref) if index_ref else np.zeros(table.num_rows, bool)
+    return table.append_column("done", pa.array(done.astype(np.int64)))
+
+
+# --- the settings an output was made with ---
+
+def fingerprint(cfg, sampling: dict, engine_kwargs: dict) -> dict:
+    """The settings that decide a row's output; a run that resumes an output must have the same."""
+    settings = {"model": cfg.model, "revision": cfg.revision, "prompt_format": cfg.prompt_format,
+                "system_prompt": cfg.system_prompt, "text_column": cfg.text_column, "id_column": cfg.id_column,
+                "id_scheme": None if cfg.id_column else ID_SCHEME,
+                "output_format": cfg.output_format, "sampling": sampling, "engine": engine_kwargs}
+    return json.loads(json.dumps(settings, default=str))  # as it reads back from the file: tuples are lists
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def fingerprint_changes(before: dict, after: dict) -> list[str]:
+    """What differs, one `name: old -> new` each, e.g. `sampling.max_tokens: 32 -> 64`."""
+    old, new = _flatten(before), _flatten(after)
+    show = lambda flat, key: json.dumps(flat[key]) if key in flat else "(unset)"
+    return [f"{key}: {show(old, key)} -> {show(new, key)}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key, ...) != new.get(key, ...)]
+
+
+def check_fingerprint(output_path: str, settings: dict) -> None:
+    """Raise an InputError if `output_path` holds output generated with other settings. An output
+    without a manifest (written by hand, or by an older version) is resumed as it is."""
+    earlier = read_manifest(output_path)
+    changes = fingerprint_changes(earlier.get("fingerprint", {}), settings) if earlier else []
+    if changes:
+        raise InputError(f"{output_path} holds output generated with other settings ({'; '.join(changes)}); "
+                         "pass --overwrite to delete the earlier output and start over, "
+                         "or choose another --output-path")
+
+
+# --- --overwrite ---
+
+def delete_output(output_path: str) -> None:
+    """Delete an earlier output (--overwrite). Only a folder that holds nothing but output goes, so a
+    mistyped path cannot wipe a folder of other files."""
+    filesystem, path = resolve(output_path)
+    foreign = [f.path[len(path) + 1:] for f in listed_files(filesystem, path) if not (
+        f.base_name.endswith(tuple(EXTENSIONS.values())) or is_temp_file(f)
+        or f.path[len(path) + 1:].startswith("_"))]  # the run's own records: manifest, report, _preflight/
+    if foreign:
+        raise InputError(f"--overwrite deletes only earlier output, but {output_path} also holds "
+                         f"{', '.join(sorted(foreign)[:5])}; move those away or choose another --output-path")
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        # delete_dir would leave a folder-marker object in the parent prefix; this leaves one here at most
+        filesystem.delete_dir_contents(path, missing_dir_ok=True)
+    elif os.path.isdir(path):
+        filesystem.delete_dir(path)

@@ -1,8 +1,10 @@
-"""The input scan: one distributed pass over the input before any GPU is taken.
+"""The checks before a run, ending in the input scan: one distributed pass over the input before any
+GPU is taken.
 
-    from util.scan import scan_input
-    scan = scan_input(ids_ds, id_column="uid", done=done_index)   # InputError on bad input
-    print(scan.rows, scan.already_done)
+    from util.scan import check_before_run, scan_input
+    checked = check_before_run(plan)        # InputError where the run must be refused
+    print(checked.rows, checked.already_done, checked.done)     # done: util.resume.DoneIndex or None
+    scan = scan_input(read_prompts(...), id_column="uid", done=done_index)   # the scan alone
 
 It reads and parses every row, so every file-level error (malformed JSONL, non-UTF-8, a missing column,
 an empty or unreadable file) stops the run before an engine starts. It counts the rows, and the rows
@@ -16,21 +18,46 @@ the object store (a 10M-row file is several GB), and one that feeds the run dire
 bad file before the engines start. BENCHMARKS.md gives what the scan costs.
 """
 
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data.aggregate import Count, Max, Min, Sum
 
-from util.reading import WHERE_COLUMN, InputError, describe_where, unwrap_input_error
-from util.resume import DoneIndex, mark_done
+from util import columns as col
+from util.errors import InputError, unwrap_input_error
+from util.output import check_output_writable
+from util.reading import SAMPLE_PROMPTS, WHERE_COLUMN, describe_where, read_prompts
+from util.resources import TASK_CPUS
+from util.resume import DoneIndex, check_fingerprint, mark_done
+
+if TYPE_CHECKING:
+    from util.plan import Plan
 
 
 @dataclass
 class InputScan:
     rows: int  # input rows (after --limit)
     already_done: int  # how many of them have ids in the output
+    done: DoneIndex | None = None  # the output's ids, for the run to skip
+
+
+def check_before_run(plan: "Plan") -> InputScan:
+    """Everything a run checks before it writes a row or takes a GPU, in order: the input's files are
+    listed (a missing path stops here), the output path can be written, an earlier output there was
+    made with the same settings (unless --overwrite), and the input reads cleanly, with unique ids."""
+    cfg = plan.cfg
+    ds = read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column, cfg.id_column,
+                      cfg.limit, with_where=bool(cfg.id_column))
+    check_output_writable(plan.output_path)
+    if not cfg.overwrite:
+        check_fingerprint(plan.output_path, plan.fingerprint)
+    done = None if cfg.overwrite else DoneIndex.build(plan.output_path, cfg.output_format)
+    scan = scan_input(ds, cfg.id_column, done, cfg.input_path, cfg.input_format)
+    return InputScan(scan.rows, scan.already_done, done)
 
 
 def _block_counts(batch: pa.Table) -> pa.Table:
@@ -45,15 +72,14 @@ def _keep_duplicates(batch):
 def scan_input(ds: ray.data.Dataset, id_column: str | None, done: DoneIndex | None,
                input_path: str | None = None, input_format: str = "auto") -> InputScan:
     """`ds`: the input as util.reading.read_prompts gives it (with_where=True when there is an id column)."""
-    columns = ["id", WHERE_COLUMN] if id_column else ["id"]
-    ids = ds.select_columns(columns).map_batches(
-        mark_done, fn_kwargs={"index_ref": [done.ref] if done else None}, batch_format="pyarrow",
-        batch_size=None, num_cpus=0.5)
+    columns = [col.ID, WHERE_COLUMN] if id_column else [col.ID]
+    mark = done.mark_done if done else functools.partial(mark_done, index_ref=None)  # a `done` column
+    ids = ds.select_columns(columns).map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS)
     try:
         if not id_column:  # derived ids cannot repeat: counting is all, and a per-block sum needs no shuffle
             rows = done_rows = 0
             for partial in ids.map_batches(_block_counts, batch_format="pyarrow", batch_size=None,
-                                           num_cpus=0.5).iter_batches(batch_format="pyarrow", batch_size=None):
+                                           num_cpus=TASK_CPUS).iter_batches(batch_format="pyarrow", batch_size=None):
                 rows += pc.sum(partial["rows"]).as_py()
                 done_rows += pc.sum(partial["done"]).as_py()
             return InputScan(rows=rows, already_done=done_rows)

@@ -1,6 +1,7 @@
 """Structured output: vLLM's guided decoding for a whole job or for one row, and a check of each row's text.
 
-    from util.structured_output import job_spec, row_spec, vllm_params, output_error
+    from util.structured_output import check_job_flags, job_spec, row_spec, vllm_params, output_error
+    check_job_flags(json_schema="schema.json", regex=None, choice=[])    # the flags' checks that read no file
     spec = job_spec(json_schema="schema.json", regex=None, choice=[])     # {"json": {...schema...}}
     spec = row_spec({"response_format": {"type": "json_object"}}, job=spec)  # {"json_object": True}
     SamplingParams(max_tokens=256, structured_outputs=vllm_params(spec))
@@ -149,6 +150,13 @@ def job_spec(json_schema: str | None, regex: str | None, choice: list[str] | Non
         return {kind: CHECKS[kind](value)}
     except ValueError as error:
         raise ValueError(f"{flag}: {error}") from None
+
+
+def check_job_flags(json_schema: str | None, regex: str | None, choice: list[str] | None) -> None:
+    """job_spec's checks that need no file, for the Config: at most one flag, and an inline schema, a
+    regex or choices that are valid. A schema file is read once, by job_spec, when the run is planned."""
+    inline = json_schema is None or json_schema.lstrip().startswith("{")
+    job_spec(json_schema if inline else "{}", regex, choice)
 
 
 def from_response_format(response_format) -> dict | None:

@@ -1,0 +1,135 @@
+"""The run's plan: everything the Config leaves open, resolved once, before anything reads a row.
+
+    from util.config import Config
+    from util.plan import make_plan
+    ray.init()
+    plan = make_plan(Config(model="google/gemma-7b-it", max_tokens=256))
+    plan.output_path, plan.engine_kwargs, plan.sampling, plan.prompt_format   # what the stages receive
+
+Resolved here, once: the output path, the accelerator, the engine arguments, the
+job's sampling (a --json-schema file is read here, and only here), the prompt format that "auto" stands
+for, the model's max_model_len, where a replica runs, the fingerprint that a resumed output must match,
+and the provenance the manifest records. A CPU-only cluster too small for the replicas is refused here
+(InputError), since Ray would otherwise wait forever for a CPU that never frees.
+"""
+
+import dataclasses
+import hashlib
+import os
+
+import ray
+
+from util.accelerator import AcceleratorChoice, choose_accelerator
+from util.config import Config
+from util.engine import CPU_ENV_VARS, engine_kwargs, gpus_per_replica, replica_placement
+from util.errors import InputError
+from util.prompt_format import choose_prompt_format, model_max_length
+from util.resources import CPU_REPLICA_CPUS, TASK_CPUS
+from util.resume import fingerprint
+from util.storage import generate_output_path
+from util.structured_output import job_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    cfg: Config
+    output_path: str
+    choice: AcceleratorChoice  # GPU or CPU, and which accelerator type the replicas ask for
+    engine_kwargs: dict  # vLLM engine arguments of every replica
+    sampling: dict  # the job's SamplingParams keyword arguments; a row's sampling_params go on top
+    prompt_format: str  # chat_template, table or plain: what "auto" resolved to
+    max_model_len: int | None  # the longest prompt plus output the engine takes (None: not known here)
+    replica_resources: dict  # ds.map_batches resource arguments for one replica
+    gpus_per_replica: float
+    fingerprint: dict  # the settings that decide a row's output (util/resume.py)
+    provenance: dict  # versions, model commit and prompt format, for the manifest
+
+    @property
+    def gpus_held(self) -> float:
+        """GPUs the run holds while it runs: every replica's, for the whole wall time."""
+        return self.cfg.concurrency * self.gpus_per_replica if self.choice.use_gpu else 0.0
+
+
+def job_sampling(cfg: Config) -> dict:
+    """Keyword arguments for vLLM's SamplingParams, shared by every row unless a row overrides them."""
+    sampling = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "stop": list(cfg.stop), "seed": cfg.seed}
+    structured = job_spec(cfg.json_schema, cfg.regex, cfg.choice)  # reads a schema file
+    return {**sampling, "structured_outputs": structured} if structured else sampling
+
+
+def check_cluster_fits(concurrency: int, use_gpu: bool, cluster: dict) -> None:
+    """Raises InputError when a CPU-only cluster cannot hold the replicas and one formatting or reading
+    task at a time beside them. A GPU cluster may be autoscaling, so there Ray Data waits for the nodes."""
+    cpus = float(cluster.get("CPU", 0))
+    need = concurrency * CPU_REPLICA_CPUS + TASK_CPUS
+    if not use_gpu and need > cpus:
+        raise InputError(
+            f"--concurrency {concurrency} needs {need:g} CPUs on this CPU-only cluster: {CPU_REPLICA_CPUS:g} "
+            f"for each of {concurrency} replica(s) and {TASK_CPUS:g} for reading, formatting and writing; "
+            f"the cluster has {cpus:g}. Lower --concurrency, or add CPUs")
+
+
+def resolve_model(cfg: Config, engine: dict) -> tuple[str, int | None, dict]:
+    """The prompt format "auto" stands for, max_model_len, and the model's provenance: its hub commit and
+    a hash of its chat template. The tokenizer is loaded once, here. A model whose tokenizer cannot be
+    loaded on the driver is left to the formatter, which reports the problem with the rows it meets."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    record = {"torch": torch.__version__, "transformers": transformers.__version__, "model_commit": None,
+              "prompt_format": None, "chat_template_sha256": None}
+    prompt_format, max_model_len = cfg.prompt_format, engine.get("max_model_len")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
+    except Exception:
+        return prompt_format, max_model_len, record
+    prompt_format = choose_prompt_format(cfg.model, tokenizer, cfg.prompt_format)  # ValueError: refused
+    record["prompt_format"] = prompt_format
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        record["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest()[:16]
+    try:
+        max_model_len = model_max_length(cfg.model, cfg.revision, max_model_len)
+    except Exception:  # a tokenizer without a model config: the formatter looks again
+        pass
+    if not os.path.isdir(cfg.model):
+        try:
+            from huggingface_hub import HfApi
+
+            record["model_commit"] = HfApi().model_info(cfg.model, revision=cfg.revision, timeout=10).sha
+        except Exception:  # offline: the revision asked for is in the fingerprint all the same
+            pass
+    return prompt_format, max_model_len, record
+
+
+def output_path_of(cfg: Config) -> str:
+    """--output-path, else a path made from the run name and the model, the same on every re-run."""
+    return cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
+
+
+def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: bool = True) -> Plan:
+    """The plan for `cfg` on this Ray cluster (`cluster`: its resources, else ray.cluster_resources()).
+    resolve_model_files=False skips the tokenizer and the hub, for stand-in stages that need no model."""
+    import vllm
+
+    cluster = ray.cluster_resources() if cluster is None else cluster
+    choice = choose_accelerator(cfg.accelerator_type, cluster)
+    check_cluster_fits(cfg.concurrency, choice.use_gpu, cluster)
+    engine = engine_kwargs(cfg, choice.use_gpu)
+    sampling = job_sampling(cfg)
+    if resolve_model_files:
+        prompt_format, max_model_len, model_record = resolve_model(cfg, engine)
+    else:
+        prompt_format, max_model_len, model_record = cfg.prompt_format, engine.get("max_model_len"), {}
+    resources = replica_placement(cfg, choice, engine)
+    if not choice.use_gpu:
+        resources = {**resources, "runtime_env": {"env_vars": CPU_ENV_VARS}}
+    accelerator = choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU")
+    return Plan(cfg=cfg, output_path=output_path_of(cfg),
+                choice=choice, engine_kwargs=engine, sampling=sampling, prompt_format=prompt_format,
+                max_model_len=max_model_len, replica_resources=resources, gpus_per_replica=gpus_per_replica(cfg),
+                fingerprint=fingerprint(cfg, sampling, engine),
+                provenance={"vllm": vllm.__version__, "ray": ray.__version__, "accelerator": accelerator,
+                            **model_record})
