@@ -5,6 +5,7 @@
     ds = build_pipeline(plan, done, stages=pipeline_stages(plan, done, until="format"))   # --preflight
     ds = build_pipeline(plan, source=rows)                      # in-memory rows instead of the input path
     ds = build_pipeline(plan, stages=pipeline_stages(plan, predictor=StandIn))   # another predictor class
+    ds = build_pipeline(plan, stages=pipeline_stages(plan, pool=pool))  # engines kept warm (replica_pool)
 
 main.py, --preflight (util/preflight.py), the benchmarks and the notebook all build it here.
 
@@ -111,27 +112,30 @@ def predictor_stage_kwargs(plan: "Plan", predictor=LLMPredictor) -> dict:
         # Several batches in flight per replica keep the engine's queue full between batches: Ray
         # sends up to `batches_in_flight` tasks to each actor, and the async actor runs them together.
         "compute": ray.data.ActorPoolStrategy(size=cfg.concurrency,
-                                              max_tasks_in_flight_per_actor=cfg.batches_in_flight),
-        "max_concurrency": cfg.batches_in_flight,
+                                              max_tasks_in_flight_per_actor=cfg.batches_in_flight,
+                                              max_concurrent_calls_per_actor=cfg.batches_in_flight),
         "batch_size": cfg.batch_size,
         "batch_format": "pyarrow",
         **plan.replica_resources,
     }
 
 
-def predictor_stage(plan: "Plan", predictor=LLMPredictor) -> Stage:
+def predictor_stage(plan: "Plan", predictor=LLMPredictor, pool=None) -> Stage:
+    """The vLLM stage: Ray Data's own pool of replicas for this run, or, given a `pool`
+    (util/replica_pool.py), forwarders to replicas that are already running and stay."""
+    kwargs = pool.map_batches_kwargs() if pool is not None else predictor_stage_kwargs(plan, predictor)
     return map_stage("predict", needs=(col.ID, col.PROMPT_TOKEN_IDS, col.ERROR), adds=PREDICTOR_ADDS,
-                     drops=(col.PROMPT_TOKEN_IDS,), **predictor_stage_kwargs(plan, predictor))
+                     drops=(col.PROMPT_TOKEN_IDS,), **kwargs)
 
 
 def pipeline_stages(plan: "Plan", done: "DoneIndex | None" = None, until: str = "predict",
-                    formatter=format_prompts, predictor=LLMPredictor) -> list[Stage]:
+                    formatter=format_prompts, predictor=LLMPredictor, pool=None) -> list[Stage]:
     """The stages after the read, in order; until="format" stops after the formatter (--preflight)."""
     stages = [drop_done_stage(plan, done)] if plan.cfg.limit and done is not None else []
     stages.append(formatter_stage(plan, formatter))
     if until == "format":
         return stages
-    return stages + [cut_blocks_stage(plan.cfg.batch_size), predictor_stage(plan, predictor)]
+    return stages + [cut_blocks_stage(plan.cfg.batch_size), predictor_stage(plan, predictor, pool)]
 
 
 def build_pipeline(plan: "Plan", done: "DoneIndex | None" = None, source: str | list | None = None,

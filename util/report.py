@@ -60,27 +60,37 @@ class ProgressLog:
 
 
 class ProgressClient:
-    """A replica's side: finds the progress actor by name once, then reports each batch without waiting."""
+    """A replica's side: reports each batch to the run's progress actor, without waiting. The actor is
+    looked up by name at each batch (a millisecond), so a replica kept warm across runs
+    (util/replica_pool.py) reports to each run's own actor, and tells it first that it is ready."""
 
-    def __init__(self, actor=None, replica: str = ""):
-        self.actor, self.replica = actor, replica
+    def __init__(self, replica: str = ""):
+        self.replica = replica
+        self.reporting_to = None  # the progress actor this replica last said it was ready to
 
     @classmethod
     def connect(cls) -> "ProgressClient":
         """Call when the engine is ready: that time starts the replica's own tok/s."""
         if not ray.is_initialized():
             return cls()
+        client = cls((ray.get_runtime_context().get_actor_id() or "driver")[:8])
+        client._actor()
+        return client
+
+    def _actor(self):
         try:
             actor = ray.get_actor(PROGRESS_ACTOR)
-        except ValueError:  # no run is reporting: the notebook, the benchmark
-            return cls()
-        replica = (ray.get_runtime_context().get_actor_id() or "driver")[:8]
-        actor.replica_ready.remote(replica, time.time())
-        return cls(actor, replica)
+        except ValueError:  # no run is reporting: the benchmark, a pipeline run without a reporter
+            return None
+        if actor != self.reporting_to:  # a new run: this replica is ready for it from now on
+            self.reporting_to = actor
+            actor.replica_ready.remote(self.replica, time.time())
+        return actor
 
     def batch_done(self, rows: int, output_tokens: int) -> None:
-        if self.actor is not None:
-            self.actor.batch_done.remote(self.replica, rows, output_tokens, time.time())
+        actor = self._actor() if self.replica else None
+        if actor is not None:
+            actor.batch_done.remote(self.replica, rows, output_tokens, time.time())
 
 
 def progress_line(rows_done: int, total_rows: int | None, output_tok_per_s: float, eta_s: float | None) -> str:

@@ -1,0 +1,42 @@
+"""Engines kept warm (util/replica_pool.py): a second pipeline run on the same pool starts no replica and
+no engine, every row is answered once per run, and shutdown ends the replicas. The scale harness's
+stand-ins (bench/scale.py) stand for the formatter and the engine, so this runs in seconds.
+
+    .venv/bin/python -m pytest tests/test_replica_pool.py
+"""
+
+import pytest
+import ray
+
+from bench.scale import StandInPredictor, stand_in_formatter
+from util import columns as col
+from util.config import Config
+from util.pipeline import build_pipeline, pipeline_stages
+from util.plan import make_plan
+from util.replica_pool import ReplicaPool
+
+
+@pytest.fixture
+def plan(ray_local, tmp_path):
+    cfg = Config(model="stand-in", input_path=None, concurrency=2, batch_size=2, batches_in_flight=2)
+    return make_plan(cfg, resolve_model_files=False)
+
+
+def run_once(plan, pool) -> list[dict]:
+    stages = pipeline_stages(plan, formatter=stand_in_formatter, pool=pool)
+    return build_pipeline(plan, stages=stages).select_columns([col.ID, "replica"]).take_all()
+
+
+def test_a_second_run_on_a_warm_pool_starts_no_engine(plan):
+    with ReplicaPool(plan, predictor=StandInPredictor) as pool:
+        started = {replica._actor_id.hex()[:8] for replica in pool.replicas}  # each holds its engine
+        first, second = run_once(plan, pool), run_once(plan, pool)
+        replicas = list(pool.replicas)
+    assert len(started) == plan.cfg.concurrency
+    assert sorted(r[col.ID] for r in first) == sorted(r[col.ID] for r in second)
+    assert len(first) == 5  # the five sample prompts, each answered once per run
+    # Both runs were answered by the replicas started before the first, and by no other: no engine start.
+    assert {r["replica"] for r in first + second} <= started
+    for replica in replicas:  # shut down: the replicas are gone, and so are their reservations
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(replica.__ray_ready__.remote(), timeout=30)

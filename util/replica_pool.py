@@ -1,0 +1,107 @@
+"""Engines kept warm: replicas that outlive one pipeline run, so that a driver which runs the pipeline
+again (a notebook, a script looping over inputs) starts no engine the second time.
+
+    from util.pipeline import build_pipeline, pipeline_stages
+    from util.replica_pool import ReplicaPool
+    with ReplicaPool(plan) as pool:                     # starts `concurrency` engines, once
+        for path in ["a.jsonl", "b.jsonl"]:
+            ds = build_pipeline(plan, source=path, stages=pipeline_stages(plan, pool=pool))
+            write_results(ds, f"out/{os.path.basename(path)}")    # the same engines, every time
+    # leaving the block (or pool.shutdown()) stops the engines and gives their GPUs back
+
+Ray Data's actor pool (the default stage, util/pipeline.py) creates its replicas when a dataset starts
+and ends them when it is done, so each run pays the engine start again. Here the replicas are plain Ray
+actors that the pool owns: each holds one predictor (LLMPredictor by default) with its engine, and
+takes up to `batches_in_flight` batches at once. The pipeline's predict stage is then a pool of light
+forwarders, a hundredth of a CPU each and no GPU, that hand each batch to the replica with the fewest
+batches of theirs in flight, and await its answer. The replicas live as long as the pool, at most as
+long as the driver: they are not detached, so a driver that exits takes them, and their GPUs, with it.
+"""
+
+import inspect
+
+import pyarrow as pa
+import ray
+
+from util.predictor import LLMPredictor
+
+FORWARDER_CPUS = 0.01  # a forwarder only awaits its replica's answer
+
+
+def replica_class(predictor: type) -> type:
+    """`predictor` as a plain Ray actor: `predict` calls its __call__ (sync or async), `release` stops
+    its engine before the actor is killed."""
+
+    class WarmReplica(predictor):
+        async def predict(self, batch: pa.Table) -> pa.Table:
+            result = predictor.__call__(self, batch)
+            return await result if inspect.isawaitable(result) else result
+
+        def release(self) -> None:
+            if hasattr(self, "shutdown"):
+                self.shutdown()
+
+    WarmReplica.__name__ = WarmReplica.__qualname__ = f"Warm{predictor.__name__}"
+    return WarmReplica
+
+
+class ReplicaClient:
+    """The predict stage when replicas are kept warm: one per replica in Ray Data's actor pool."""
+
+    def __init__(self, replicas: list):
+        self.replicas = replicas
+        self.in_flight = [0] * len(replicas)
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        index = self.in_flight.index(min(self.in_flight))
+        self.in_flight[index] += 1
+        try:
+            return await self.replicas[index].predict.remote(batch)
+        finally:
+            self.in_flight[index] -= 1
+
+
+class ReplicaPool:
+    """`plan.cfg.concurrency` replicas of `predictor`, started now, placed as the plan says."""
+
+    def __init__(self, plan, predictor: type = LLMPredictor):
+        cfg = plan.cfg
+        self.batch_size, self.batches_in_flight = cfg.batch_size, cfg.batches_in_flight
+        options = dict(plan.replica_resources)
+        make_placement = options.pop("ray_remote_args_fn", None)  # a placement group per replica (TP x PP)
+        actor = ray.remote(replica_class(predictor))
+        self.replicas = []
+        for _ in range(cfg.concurrency):
+            placement = make_placement() if make_placement else {}
+            self.replicas.append(actor.options(max_concurrency=cfg.batches_in_flight, **options, **placement).remote(
+                model=cfg.model, engine_kwargs=plan.engine_kwargs, sampling=plan.sampling))
+        ray.get([replica.__ray_ready__.remote() for replica in self.replicas])  # every engine has started
+
+    def map_batches_kwargs(self) -> dict:
+        """`ds.map_batches` arguments for the predict stage: forwarders to these replicas."""
+        return {
+            "fn": ReplicaClient,
+            "fn_constructor_kwargs": {"replicas": self.replicas},
+            "compute": ray.data.ActorPoolStrategy(size=len(self.replicas),
+                                                  max_tasks_in_flight_per_actor=self.batches_in_flight,
+                                                  max_concurrent_calls_per_actor=self.batches_in_flight),
+            "batch_size": self.batch_size,
+            "batch_format": "pyarrow",
+            "num_cpus": FORWARDER_CPUS,
+        }
+
+    def shutdown(self) -> None:
+        """Stop every engine and end the replicas: their GPUs are free when this returns."""
+        replicas, self.replicas = self.replicas, []
+        try:
+            ray.get([replica.release.remote() for replica in replicas], timeout=60)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass  # a replica already gone has no engine to stop
+        for replica in replicas:
+            ray.kill(replica)
+
+    def __enter__(self) -> "ReplicaPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
