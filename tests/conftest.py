@@ -1,4 +1,5 @@
-"""Shared fixtures for the reading, storage and output tests.
+"""Shared fixtures and helpers of the test suite: one place for each, imported by the tests as
+`from conftest import REPO, run_main, ...`.
 
 - `s3_server` (session): moto's S3 server on 127.0.0.1, a free port; yields its endpoint URL. While it
   runs, os.environ points every S3 client at it (AWS_ENDPOINT_URL, fake keys, us-east-1), so boto3,
@@ -8,19 +9,34 @@
   environment when ray.init() starts them, which is why the S3 settings must be in place first.
   Tests that monkeypatch os.environ reach the driver only, not workers that are already running.
 - `s3_bucket`: a fresh, uniquely named bucket on the moto server; yields its name.
-- `ids_in(path, fmt)`: a plain helper, imported by tests (`from conftest import ids_in`): the set of ids
-  an output folder holds, read on the driver the way resume reads them (util.output.output_dataset).
+- `main_in_process` (needs `ray_local`): main.main in this process, on the test session's Ray, with no
+  Hugging Face token asked for; call it with main.py's arguments, it returns the exit code.
+- `few_parquet_footer_readers`: fewer of Ray's Parquet footer-reading actors, for files that read Parquet
+  with Ray Data (`pytestmark = pytest.mark.usefixtures("few_parquet_footer_readers")`).
+
+Plain helpers: REPO, PROMPTS (assets/prompts_100.txt), `run_main(*args)` (main.py in a subprocess),
+`line_ids` (the ids the reader gives a text file's lines), `ids_in` (the ids an output folder holds),
+`h8` (the content part of an id), `write_jsonl`, `data_listing` (an output's data files with size and
+mtime), `scan_error` (the message the input scan refuses an input with), `done_index` (the index of an
+output holding given ids) and `closed_local_port_url`.
 
 Nothing here may contact anything but 127.0.0.1.
 """
 
+import hashlib
+import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = (REPO / "assets" / "prompts_100.txt").read_text().splitlines()
 
 # Exactly these are set (or, where None, removed) while the S3 fixtures are up.
 S3_ENV = {
@@ -42,6 +58,73 @@ def _restore(environ: dict) -> None:
     for name, value in environ.items():
         if os.environ.get(name) != value:
             os.environ[name] = value
+
+
+def run_main(*args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """`python main.py *args` in the repository; stdout and stderr captured as text unless `kwargs`
+    redirect them (e.g. stdout=subprocess.PIPE, stderr=subprocess.STDOUT for one stream in order)."""
+    options = {"cwd": REPO, "text": True, "timeout": timeout, **kwargs}
+    if "stdout" not in options and "stderr" not in options:
+        options["capture_output"] = True
+    return subprocess.run([sys.executable, "main.py", *map(str, args)], **options)
+
+
+def h8(text: str) -> str:
+    """The content part of an id, computed here independently of util.reading.row_id."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+def write_jsonl(path, rows: list[dict]) -> str:
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def data_listing(path) -> list[tuple[str, int, int]]:
+    """An output folder's files, errors/ included, with size and mtime; not the manifest, which every
+    run rewrites. Equal before and after a run: the run changed no data file."""
+    from util.manifest import MANIFEST_NAME
+
+    path = Path(path)
+    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def scan_error(source, **read_args) -> str:
+    """The message the input scan refuses `source` (a path or a list of items) with, read as
+    util.scan.check_before_run reads it (each row's file and position when there is an id column). It
+    must be an InputError itself, not Ray's wrapper of one."""
+    from util.errors import InputError
+    from util.reading import read_prompts
+    from util.scan import scan_input
+
+    id_column = read_args.get("id_column")
+    source = source if isinstance(source, list) else str(source)
+    with pytest.raises(InputError) as info:
+        scan_input(read_prompts(source, with_where=bool(id_column), **read_args), id_column, None,
+                   None if isinstance(source, list) else source, read_args.get("input_format", "auto"))
+    assert type(info.value) is InputError
+    return str(info.value)
+
+
+def done_index(folder, ids: list[str]):
+    """The util.resume.DoneIndex of a new output folder that holds exactly `ids`, as an earlier run would
+    have left it (needs `ray_local`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from util.output import conform
+    from util.resume import DoneIndex
+
+    Path(folder).mkdir()
+    pq.write_table(conform(pa.table({"id": pa.array(ids, pa.string())})), Path(folder) / "part-x-000000.parquet")
+    return DoneIndex.build(str(folder), "parquet")
+
+
+def closed_local_port_url() -> str:
+    """A 127.0.0.1 URL on which nothing listens (the port was just freed), so connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def ids_in(path: str, fmt: str = "parquet") -> set:
@@ -82,7 +165,7 @@ def ray_local(s3_server):
     if ray.is_initialized():  # started without our environment: its workers would miss the S3 settings
         ray.shutdown()
     # Workers unpickle util.* functions by reference, so they must import this repo whatever their cwd.
-    python_path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     environ = dict(os.environ)  # ray.init() sets RAY_AUTH_MODE, PYTHONBREAKPOINT and others in os.environ
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              object_store_memory=256 * 1024**2, runtime_env={"env_vars": {"PYTHONPATH": python_path}})
@@ -103,6 +186,24 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def few_parquet_footer_readers(monkeypatch):
+    """Ray 2.60's read_parquet starts 32 footer-reading actors per read (read in the driver when the
+    read is planned); on 2 CPUs starting them takes 20-40 s a read. Two are plenty for a few files."""
+    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
+
+
+@pytest.fixture
+def main_in_process(ray_local, monkeypatch):
+    """main.main in this process, on the test session's Ray (2 CPUs: pass --concurrency 1), without
+    asking for a Hugging Face token. Call it with main.py's arguments; it returns the exit code."""
+    import main
+
+    monkeypatch.setattr(main, "prompt_for_hugging_face_token", lambda model, interactive: None)
+    monkeypatch.setattr(main.ray, "init", lambda **kwargs: None)  # the test session's Ray is already up
+    return lambda *args: main.main([str(a) for a in args])
 
 
 def line_ids(source: str, lines: list[str]) -> list[str]:

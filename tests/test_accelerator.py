@@ -1,6 +1,5 @@
 """Tests for util/accelerator.py with fake cluster resources and fake metadata servers on 127.0.0.1 only."""
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -8,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import closed_local_port_url
 from util import accelerator
 from util.accelerator import AcceleratorChoice, choose_accelerator, get_a10g_or_equivalent_accelerator_type
 
@@ -41,14 +41,6 @@ def fake_metadata_server(status: int = 200, headers: dict[str, str] | None = Non
     finally:
         server.shutdown()
         server.server_close()
-
-
-def closed_local_port_url() -> str:
-    """A 127.0.0.1 URL on which nothing listens (the port was just freed), so connections are refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(autouse=True)

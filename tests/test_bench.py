@@ -3,11 +3,9 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from bench.workload import make_workload
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def test_workload_is_deterministic_and_in_range():

@@ -12,7 +12,6 @@ Each run gets its own RAY_TMPDIR, so its Ray session logs can be searched, and i
 (start_new_session), so every process it starts, Ray's workers and vLLM's included, can be found.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -26,12 +25,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from util.output import MANIFEST_NAME
-from conftest import line_ids
+from conftest import PROMPTS, REPO, line_ids
+from util.manifest import MANIFEST_NAME, read_manifest
 from util.tiny_model import tiny_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
-PROMPTS = (REPO / "assets" / "prompts_100.txt").read_text().splitlines()
 SENTINEL = f"hf_SENTINEL{uuid.uuid4().hex}"  # stands in for a real token; must appear nowhere
 ACTOR_TITLE = "ray::MapWorker(MapBatches(LLMPredictor))"  # Ray titles an actor's process after its class
 ENGINE_TITLE = "VLLM::EngineCore"
@@ -131,10 +128,6 @@ def output_ids(out: Path) -> list[str]:
     return pads.dataset(out, format="parquet").to_table(columns=["id"])["id"].to_pylist()
 
 
-def read_manifest(out: Path) -> dict:
-    return json.loads((out / MANIFEST_NAME).read_text())
-
-
 def files_containing(text: str, *roots: Path) -> list[str]:
     """Every file under `roots`, but in .venv and .git, whose bytes contain `text`."""
     needle, found = text.encode(), []
@@ -186,7 +179,7 @@ def crash_and_resume(tmp_path_factory, input_folder):
         committed = {p.relative_to(out).as_posix(): whole_file_rows(p) for p in committed_files(out)}
         others = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
                         if p.is_file() and p not in committed_files(out))
-        manifest_after_crash = read_manifest(out) if (out / MANIFEST_NAME).exists() else None
+        manifest_after_crash = read_manifest(str(out))
     finally:
         crashed.kill_leftovers()
     resumed = start(tmp_path_factory, "r", folder, out, {"HF_TOKEN": SENTINEL})
@@ -274,7 +267,7 @@ def test_rerun_writes_exactly_the_missing_rows(crash_and_resume, input_folder):
     assert len(ids) == len(set(ids)) == len(input_ids)
     assert set(ids) == input_ids
     done_before = sum(footer_rows for footer_rows, _ in crash_and_resume["committed"].values())
-    manifest = read_manifest(out)
+    manifest = read_manifest(str(out))
     assert manifest["status"] == "complete"
     assert manifest["counts"] == {"input": len(input_ids), "ok": len(input_ids) - done_before, "error": 0,
                                   "already_done": done_before}
@@ -292,7 +285,7 @@ def test_killed_replica_is_restarted_and_every_row_written_once(actor_killed, in
     ids = output_ids(run.out)
     assert len(ids) == len(set(ids)) == len(input_ids)
     assert set(ids) == input_ids
-    manifest = read_manifest(run.out)
+    manifest = read_manifest(str(run.out))
     assert manifest["status"] == "complete"
     assert manifest["counts"] == {"input": len(input_ids), "ok": len(input_ids), "error": 0, "already_done": 0}
 
@@ -304,7 +297,7 @@ def test_dead_engine_fails_the_run(engine_killed):
     assert run.process.returncode == 1, run.stderr()[-3000:]
     assert "summary:" not in run.stdout()
     assert "EngineDeadError" in run.stderr()
-    manifest = read_manifest(run.out)
+    manifest = read_manifest(str(run.out))
     assert manifest["status"] == "failed"
     assert "EngineDeadError" in manifest["reason"]
 

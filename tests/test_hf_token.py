@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import huggingface_hub.constants
 import pytest
 
+from conftest import closed_local_port_url
 from util import hf_token
 from util.hf_token import model_access, prompt_for_hugging_face_token, resolve_hugging_face_token, worker_runtime_env
 
@@ -88,12 +88,6 @@ def hub(monkeypatch):
     HubStandIn.release.set()
     server.shutdown()
     server.server_close()
-
-
-def closed_local_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"  # freed on exit: connections are refused
 
 
 def store_token(tmp_path, token: str) -> None:

@@ -7,17 +7,14 @@ its field validators and rejects unknown keys. Nothing here logs in or contacts 
 import os
 import re
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from anyscale.job.models import JobConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-JOB_YAML = REPO_ROOT / "job.yaml"
-MAIN_PY = REPO_ROOT / "main.py"
+from conftest import REPO, run_main
+
+JOB_YAML = REPO / "job.yaml"
 
 # Parts of an env var name that mark it as a credential (TOKENIZERS_PARALLELISM is fine:
 # names are split on "_" and compared part by part).
@@ -59,7 +56,7 @@ def test_entrypoint_runs_main_py(config):
 def test_entrypoint_input_file_exists(config):
     args = shlex.split(config.entrypoint)
     input_path = args[args.index("--input-path") + 1]
-    assert (REPO_ROOT / input_path).is_file(), f"{input_path} is missing from the repository"
+    assert (REPO / input_path).is_file(), f"{input_path} is missing from the repository"
 
 
 def test_working_dir(config):
@@ -68,7 +65,7 @@ def test_working_dir(config):
 
 def test_requirements_file_exists(config):
     assert isinstance(config.requirements, str), "requirements should be a path to a file"
-    assert (REPO_ROOT / config.requirements).is_file(), (
+    assert (REPO / config.requirements).is_file(), (
         f"{config.requirements} is missing from the repository"
     )
 
@@ -88,22 +85,11 @@ def test_env_vars_hold_no_secrets(config):
         )
 
 
-@pytest.mark.skipif(not MAIN_PY.exists(), reason="main.py is not in the repository yet")
 def test_entrypoint_flags_are_accepted_by_main_py(config):
     flags = _entrypoint_flags(config.entrypoint)
     assert flags, "expected the entrypoint to pass flags to main.py"
 
-    venv_python = REPO_ROOT / ".venv" / "bin" / "python"
-    python = str(venv_python) if venv_python.exists() else sys.executable
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    result = subprocess.run(
-        [python, "main.py", "--help"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_main("--help", env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"), timeout=300)
     assert result.returncode == 0, f"main.py --help failed:\n{result.stderr}"
     help_text = result.stdout
     for flag in flags:

@@ -5,22 +5,22 @@ Every output line is checked against the openai package's own types.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from openai.types import BatchError
 from openai.types.chat import ChatCompletion
 from openai.types.shared import ErrorObject
 
+from conftest import run_main, scan_error
 from util.openai_batch import output_record, preview, request_row
+from util.output import write_results
 from util.prompt_format import join_text_parts
-from util.reading import InputError, read_prompts
+from util.reading import read_prompts
+from util.resume import DoneIndex
 from util.scan import scan_input
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def request(custom_id: str, content: str | list[dict], **body) -> str:
@@ -131,9 +131,29 @@ def test_reading_a_batch_file_keys_rows_on_custom_id(ray_local, tmp_path):
 def test_duplicate_custom_ids_are_refused(ray_local, tmp_path):
     path = tmp_path / "batch.jsonl"
     path.write_text(request("a", "Hi") + "\n" + request("b", "Hey") + "\n" + request("a", "Yo") + "\n")
-    with pytest.raises(InputError) as error:  # the input scan refuses it, as main.py and --preflight run it
-        scan_input(read_prompts(str(path), "openai", with_where=True), "custom_id", None, str(path), "openai")
-    assert str(error.value) == "duplicate id 'a' in column 'custom_id': batch.jsonl:1 and batch.jsonl:3"
+    # The input scan refuses it, as main.py and --preflight run it; lines are named by number.
+    assert scan_error(path, input_format="openai", id_column="custom_id") == (
+        "duplicate id 'a' in column 'custom_id': batch.jsonl:1 and batch.jsonl:3")
+
+
+def test_a_batch_resumes_on_custom_id(ray_local, tmp_path):
+    """The custom_ids of an earlier run's output records, in the output and in its error file, count as
+    done, and a re-run reads only the other requests."""
+    path = tmp_path / "batch.jsonl"
+    path.write_text("\n".join(request(c, "Hi") for c in ("a", "b", "c", "d")) + "\n")
+    rows = [{"id": "a", "prompt": "p", "generated_text": "Hello.", "finish_reason": "stop", "num_input_tokens": 3,
+             "num_generated_tokens": 2, "error": None, "model": "m"},
+            {"id": "c", "prompt": "", "generated_text": None, "finish_reason": None, "num_input_tokens": 0,
+             "num_generated_tokens": 0, "error": "empty prompt in column 'messages'", "model": "m"}]
+    out = tmp_path / "out"
+    write_results(ray_local.data.from_arrow(pa.Table.from_pylist(rows)), str(out), "openai")
+    # One record in the output file, one in the error file.
+    assert (len(list(out.glob("*.jsonl"))), len(list((out / "errors").glob("*.jsonl")))) == (1, 1)
+    done = DoneIndex.build(str(out), "openai")
+    assert done.rows == 2
+    scan = scan_input(read_prompts(str(path), "openai", with_where=True), "custom_id", done, str(path), "openai")
+    assert (scan.rows, scan.already_done) == (4, 2)
+    assert sorted(r["id"] for r in read_prompts(str(path), "openai", row_filter=done.drop_done).take_all()) == ["b", "d"]
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +173,7 @@ def batch_run(tmp_path_factory):
     out = folder / "out"
     args = ["--smoke", "--input-path", str(source), "--input-format", "openai", "--output-path", str(out),
             "--max-error-fraction", "0.5"]
-    first = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
-    again = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
-    return first, again, out
+    return run_main(*args), out
 
 
 def _records(folder: Path) -> dict[str, dict]:
@@ -164,7 +182,7 @@ def _records(folder: Path) -> dict[str, dict]:
 
 
 def test_a_batch_file_round_trips_and_joins_back_on_custom_id(batch_run):
-    first, _, out = batch_run
+    first, out = batch_run
     assert first.returncode == 0, first.stderr[-3000:]
     assert "summary: 7 rows: 4 ok, 3 errors, 0 already done" in first.stdout
     output, errors = _records(out), _records(out / "errors")
@@ -188,10 +206,3 @@ def test_a_batch_file_round_trips_and_joins_back_on_custom_id(batch_run):
     assert errors["batch_input.jsonl:3"]["error"]["message"].startswith("batch_input.jsonl:3: malformed JSON")
     assert errors["q-3"]["error"]["message"] == "empty prompt in column 'messages'"
     assert errors["q-3"]["response"]["status_code"] == 400
-
-
-def test_a_finished_batch_resumes_on_custom_id_and_does_nothing(batch_run):
-    _, again, out = batch_run
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "summary: 7 rows: 0 ok, 0 errors, 7 already done" in again.stdout
-    assert len(_records(out)) + len(_records(out / "errors")) == 7

@@ -19,23 +19,21 @@ import pytest
 from ray.data._internal.execution.interfaces import TaskContext
 
 import main
-from conftest import ids_in
-from util.accelerator import AcceleratorChoice
+from conftest import data_listing, ids_in
 from util.config import Config
-from util.manifest import Manifest, check_fingerprint, fingerprint, read_manifest
-from util.output import (MANIFEST_NAME, ResultsDatasink, commit_file, delete_output, output_counts,
-                         read_results, summarize, write_results)
-from util.pipeline import build_pipeline
-from util.reading import ID_SCHEME, InputError
-from util.storage import resolve
+from util.errors import InputError
+from util.manifest import MANIFEST_NAME, Manifest, read_manifest
+from util.output import ResultsDatasink, output_counts, read_results, summarize, write_results
+from util.pipeline import build_pipeline, pipeline_stages
+from util.plan import make_plan
+from util.reading import ID_SCHEME
+from util.resume import check_fingerprint, delete_output
+from util.storage import commit_file, resolve
 
 IDS = [f"row-{i}" for i in range(5)]
+PROVENANCE = {"vllm": "0.0.0", "ray": "0.0.0", "accelerator": "CPU"}
 
-
-@pytest.fixture(autouse=True)
-def few_parquet_footer_readers(monkeypatch):
-    """Ray 2.60's read_parquet starts 32 footer-reading actors per read; on 2 CPUs that takes 20-40 s."""
-    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
+pytestmark = pytest.mark.usefixtures("few_parquet_footer_readers")
 
 
 def predictor_rows(start: int, count: int, failed: bool) -> pa.Table:
@@ -91,7 +89,7 @@ def test_every_reader_reads_every_row_once_and_never_the_manifest(ray_local, tmp
 
     out = tmp_path / "out"
     write_results(results_dataset(), str(out))
-    Manifest(str(out), {"model": "org/model"}, "CPU").start(input=5, already_done=0)
+    Manifest(str(out), {"model": "org/model"}, PROVENANCE).start(input=5, already_done=0)
     assert (out / MANIFEST_NAME).is_file()
     for table in (pq.read_table(out), pads.dataset(out, format="parquet").to_table(),
                   pa.Table.from_pandas(pd.read_parquet(out))):
@@ -102,7 +100,7 @@ def test_every_reader_reads_every_row_once_and_never_the_manifest(ray_local, tmp
 def test_jsonl_readers_read_only_jsonl_files(ray_local, tmp_path):
     out = tmp_path / "out"
     write_results(results_dataset(), str(out), "jsonl")
-    Manifest(str(out), {"model": "org/model"}, "CPU").start(input=5, already_done=0)
+    Manifest(str(out), {"model": "org/model"}, PROVENANCE).start(input=5, already_done=0)
     (out / "notes.json").write_text('{"id": "not-a-row"}\n')
     assert sorted(r["id"] for r in read_results(str(out), "jsonl").take_all()) == IDS
     assert ids_in(out, "jsonl") == set(IDS)
@@ -177,7 +175,7 @@ def test_a_run_that_fails_before_writing_a_row_leaves_no_folder(ray_local, tmp_p
 def test_on_s3_files_are_written_directly_with_no_temporary_objects(ray_local, s3_bucket):
     uri = f"s3://{s3_bucket}/run/out"
     write_results(results_dataset(), uri)
-    Manifest(uri, {"model": "org/model"}, "CPU").start(input=5, already_done=0)
+    Manifest(uri, {"model": "org/model"}, PROVENANCE).start(input=5, already_done=0)
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).list_objects_v2(
         Bucket=s3_bucket)["Contents"]]
     assert f"run/out/{MANIFEST_NAME}" in keys
@@ -218,8 +216,14 @@ def test_a_resumed_run_adds_files_beside_the_earlier_ones(ray_local, tmp_path):
 
 # --- manifest ---
 
+def plan(**changes):
+    """The plan of a run on a CPU-only cluster, resolved as main.py resolves it (no model files)."""
+    return make_plan(Config(**{"model": "org/model", "max_tokens": 32, **changes}), cluster={"CPU": 8.0},
+                     resolve_model_files=False)
+
+
 def settings(**changes) -> dict:
-    return fingerprint(Config(**{"model": "org/model", "max_tokens": 32, **changes}), use_gpu=False)
+    return plan(**changes).fingerprint
 
 
 def test_manifest_round_trip(tmp_path):
@@ -227,7 +231,7 @@ def test_manifest_round_trip(tmp_path):
     import vllm
 
     out = str(tmp_path / "out")
-    manifest = Manifest(out, settings(), "CPU")
+    manifest = Manifest(out, settings(), plan().provenance)
     manifest.start(input=5, already_done=2)
     running = read_manifest(out)
     assert running["status"] == "running" and running["finished"] is None
@@ -246,7 +250,7 @@ def test_manifest_round_trip(tmp_path):
     assert complete["counts"] == {"input": 5, "ok": 2, "error": 1, "already_done": 2}
     assert complete["output"] == {"ok": 4, "error": 1}
     assert complete["started"] <= complete["finished"]
-    assert Manifest(out, settings(max_tokens=64), "CPU").record["fingerprint_hash"] != complete["fingerprint_hash"]
+    assert Manifest(out, settings(max_tokens=64), PROVENANCE).record["fingerprint_hash"] != complete["fingerprint_hash"]
 
     manifest.fail("RuntimeError: the engine died")
     assert (read_manifest(out)["status"], read_manifest(out)["reason"]) == ("failed", "RuntimeError: the engine died")
@@ -256,10 +260,9 @@ def test_manifest_round_trip(tmp_path):
 def test_changed_settings_are_refused_with_what_changed(tmp_path):
     out = str(tmp_path / "out")
     check_fingerprint(out, settings())  # no output yet
-    Manifest(out, settings(), "CPU").start(input=5, already_done=0)
+    Manifest(out, settings(), PROVENANCE).start(input=5, already_done=0)
     check_fingerprint(out, settings())  # the same settings resume
-    check_fingerprint(out, fingerprint(Config(model="org/model", max_tokens=32, concurrency=8, limit=3),
-                                       use_gpu=False))  # scaling and row limits may change
+    check_fingerprint(out, settings(concurrency=8, limit=3))  # scaling and row limits may change
     with pytest.raises(InputError) as refused:
         check_fingerprint(out, settings(max_tokens=64))
     assert str(refused.value) == (
@@ -274,7 +277,7 @@ def test_changed_settings_are_refused_with_what_changed(tmp_path):
 def test_overwrite_deletes_only_an_earlier_output(ray_local, tmp_path):
     out = tmp_path / "out"
     write_results(results_dataset(), str(out))
-    Manifest(str(out), {"model": "org/model"}, "CPU").start(input=5, already_done=0)
+    Manifest(str(out), {"model": "org/model"}, PROVENANCE).start(input=5, already_done=0)
     (out / "errors" / ".part-old-000001.parquet.0123abcd.tmp").write_bytes(b"PAR1")
     delete_output(str(out))
     assert not out.exists()
@@ -292,12 +295,31 @@ def test_overwrite_deletes_only_an_earlier_output(ray_local, tmp_path):
 
 # --- main.py: accounting and exit codes, with stand-in stages ---
 
-def stand_in_stages(monkeypatch, crash: bool = False, drop_a_row: bool = False):
-    """Replace the engine-backed pieces of main.py: the pipeline is util.pipeline's own (read, drop rows
-    already done, format, repartition, predict), with stand-ins in the two model stages. Ray Data calls the
-    formatter with the stage's keyword arguments and makes the predictor with its constructor arguments;
-    both ignore them. They are made here, not at module level, so that Ray ships them to its workers by
-    value (this test module is not importable there)."""
+@pytest.fixture
+def stand_in_main(main_in_process, monkeypatch, tmp_path):
+    """main.main in this process with util.pipeline's own pipeline (read, drop rows already done, format,
+    cut blocks, predict) and stand-ins in its two model stages, on a prompts file of five rows, two of
+    which the stand-in predictor fails. Call it with `crash=` or `drop_a_row=` to change the predictor,
+    then with main.py's arguments; it returns the exit code."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("alpha\nbad beta\ngamma\nbad delta\nepsilon\n")
+
+    def run(out, *args: str, crash: bool = False, drop_a_row: bool = False) -> int:
+        formatter, predictor = stand_ins(crash, drop_a_row)
+        monkeypatch.setattr(main, "build_pipeline", lambda plan, done=None, **kwargs: build_pipeline(
+            plan, done, stages=pipeline_stages(plan, done, formatter=formatter, predictor=predictor), **kwargs))
+        monkeypatch.setattr(main, "make_plan", functools.partial(make_plan, resolve_model_files=False))  # no model
+        # One replica: the test session's Ray has 2 CPUs (util.plan.check_cluster_fits refuses more than fit).
+        return main_in_process("--input-path", prompts, "--output-path", out, "--model", "org/model",
+                               "--max-tokens", "32", "--concurrency", "1", *args)
+    return run
+
+
+def stand_ins(crash: bool, drop_a_row: bool):
+    """A formatter and a predictor with the columns of the real ones. Ray Data calls the formatter with the
+    stage's keyword arguments and makes the predictor with its constructor arguments; both ignore them.
+    They are made here, not at module level, so that Ray ships them to its workers by value (this test
+    module is not importable there)."""
 
     def stand_in_format(batch: pa.Table, **stage_kwargs) -> pa.Table:
         texts = batch["text"].to_pylist()
@@ -323,35 +345,12 @@ def stand_in_stages(monkeypatch, crash: bool = False, drop_a_row: bool = False):
                     name, pa.array(values, pa.int64() if name == "num_generated_tokens" else pa.string()))
             return batch
 
-    monkeypatch.setattr(main, "prompt_for_hugging_face_token", lambda model, interactive: None)
-    monkeypatch.setattr(main.ray, "init", lambda **kwargs: None)  # the test session's Ray is already up
-    monkeypatch.setattr(main, "choose_accelerator", lambda requested: AcceleratorChoice(False, None, 0.0))
-    monkeypatch.setattr(main, "build_pipeline", functools.partial(
-        build_pipeline, formatter=stand_in_format, predictor=StandInPredictor))
+    return stand_in_format, StandInPredictor
 
 
-@pytest.fixture
-def prompts(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("alpha\nbad beta\ngamma\nbad delta\nepsilon\n")
-    return path
-
-
-def run_main(prompts, out, *args: str) -> int:
-    # One replica: the test session's Ray has 2 CPUs (util.stages.check_cluster_fits refuses more than fit).
-    return main.main(["--input-path", str(prompts), "--output-path", str(out), "--model", "org/model",
-                      "--max-tokens", "32", "--concurrency", "1", *args])
-
-
-def data_listing(out) -> list[tuple[str, int, int]]:
-    return sorted((f, (out / f).stat().st_size, (out / f).stat().st_mtime_ns)
-                  for f in files_under(out) if f != MANIFEST_NAME)
-
-
-def test_too_many_failed_rows_exit_1_after_writing_every_row(ray_local, monkeypatch, prompts, tmp_path, capsys):
-    stand_in_stages(monkeypatch)
+def test_too_many_failed_rows_exit_1_after_writing_every_row(stand_in_main, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run_main(prompts, out) == 1
+    assert stand_in_main(out) == 1
     printed = capsys.readouterr()
     reason = (f"2 of 5 output rows failed (40%), more than --max-error-fraction 0.1 allows; "
               f"they are in {out}/errors")
@@ -360,54 +359,42 @@ def test_too_many_failed_rows_exit_1_after_writing_every_row(ray_local, monkeypa
     manifest = read_manifest(str(out))
     assert (manifest["status"], manifest["reason"]) == ("failed", reason)
     assert manifest["counts"] == {"input": 5, "ok": 3, "error": 2, "already_done": 0}
+    assert manifest["output"] == {"ok": 3, "error": 2}
     assert output_counts(str(out)) == {"ok": 3, "error": 2}  # everything was written all the same
 
-    # A finished job re-run processes nothing, changes no data file, and still reports the counts.
-    before = data_listing(out)
-    assert run_main(prompts, out, "--max-error-fraction", "0.5") == 0
-    assert "summary: 5 rows: 0 ok, 0 errors, 5 already done; " in capsys.readouterr().out
-    assert data_listing(out) == before
-    manifest = read_manifest(str(out))
-    assert (manifest["status"], manifest["reason"]) == ("complete", None)
-    assert manifest["counts"] == {"input": 5, "ok": 0, "error": 0, "already_done": 5}
-    assert manifest["output"] == {"ok": 3, "error": 2}
 
-
-def test_changed_settings_exit_2_until_overwrite(ray_local, monkeypatch, prompts, tmp_path, capsys):
-    stand_in_stages(monkeypatch)
+def test_changed_settings_exit_2_until_overwrite(stand_in_main, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run_main(prompts, out, "--max-error-fraction", "0.5") == 0
+    assert stand_in_main(out, "--max-error-fraction", "0.5") == 0
     before = data_listing(out)
     capsys.readouterr()
 
-    assert run_main(prompts, out, "--max-error-fraction", "0.5", "--max-tokens", "64") == 2
+    assert stand_in_main(out, "--max-error-fraction", "0.5", "--max-tokens", "64") == 2
     assert capsys.readouterr().err == (
         f"error: {out} holds output generated with other settings (sampling.max_tokens: 32 -> 64); pass "
         "--overwrite to delete the earlier output and start over, or choose another --output-path\n")
     assert data_listing(out) == before and read_manifest(str(out))["fingerprint"]["sampling"]["max_tokens"] == 32
 
-    assert run_main(prompts, out, "--max-error-fraction", "0.5", "--max-tokens", "64", "--overwrite") == 0
+    assert stand_in_main(out, "--max-error-fraction", "0.5", "--max-tokens", "64", "--overwrite") == 0
     assert "summary: 5 rows: 3 ok, 2 errors, 0 already done; " in capsys.readouterr().out
-    assert not set(before) & set(data_listing(out))  # the earlier files are gone
-    assert sorted(pq.read_table(out)["id"].to_pylist()) == sorted(ids_in(out))
-    assert pq.read_table(out).num_rows == 5
+    data_files = lambda listing: {name for name, _, _ in listing if name.endswith(".parquet")}
+    assert data_files(before) and not data_files(before) & data_files(data_listing(out))  # the earlier files are gone
+    assert pq.read_table(out).num_rows == len(ids_in(out)) == 5
     assert read_manifest(str(out))["fingerprint"]["sampling"]["max_tokens"] == 64
 
 
-def test_a_crash_leaves_the_manifest_failed_with_the_reason(ray_local, monkeypatch, prompts, tmp_path):
-    stand_in_stages(monkeypatch, crash=True)
+def test_a_crash_leaves_the_manifest_failed_with_the_reason(stand_in_main, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(Exception, match="the engine died"):
-        run_main(prompts, out)
+        stand_in_main(out, crash=True)
     manifest = read_manifest(str(out))
     assert (manifest["status"], manifest["reason"]) == ("failed", "RuntimeError: the engine died")
     assert manifest["counts"] == {"input": 5, "ok": None, "error": None, "already_done": 0}
     assert files_under(out) == [MANIFEST_NAME]
 
 
-def test_a_lost_row_fails_the_run_loudly(ray_local, monkeypatch, prompts, tmp_path):
-    stand_in_stages(monkeypatch, drop_a_row=True)
+def test_a_lost_row_fails_the_run_loudly(stand_in_main, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match=r"row accounting is off: 5 input rows, but 2 ok \+ 2 errors \+ 0 already done"):
-        run_main(prompts, out)
+        stand_in_main(out, drop_a_row=True)
     assert read_manifest(str(out))["status"] == "failed"

@@ -3,7 +3,7 @@ bad ones fail that row only."""
 
 import pyarrow as pa
 
-from util.predictor import _finish, row_sampling, rows_sampling
+from util.predictor import finish_batch, row_sampling, rows_sampling
 
 JOB = {"temperature": 0.0, "max_tokens": 64, "stop": ["###"]}
 
@@ -51,7 +51,7 @@ def test_rows_with_a_bad_structured_output_or_a_non_object_become_errors():
 
 def test_structured_output_error_is_a_string_column_even_when_every_value_is_null():
     batch = pa.table({"id": ["a", "b"], "prompt_token_ids": [[1], [1]], "error": [None, None]})
-    flagged = _finish(batch, [{"generated_text": "{}"}, {"generated_text": "{", "structured_output_error": "cut"}], "m")
+    flagged = finish_batch(batch, [{"generated_text": "{}"}, {"generated_text": "{", "structured_output_error": "cut"}], "m")
     assert flagged["structured_output_error"].to_pylist() == [None, "cut"]
-    assert _finish(batch, [{}, {}], "m").schema.field("structured_output_error").type == pa.string()
+    assert finish_batch(batch, [{}, {}], "m").schema.field("structured_output_error").type == pa.string()
     assert "prompt_token_ids" not in flagged.column_names

@@ -8,16 +8,17 @@ only its tokenizer is loaded, through the pipeline's own formatter stage.
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import main
-from util.preflight import (DEFAULT_TOK_PER_S, PREFLIGHT_FOLDER, estimate, failure_kind, median_of_counts,
-                            row_budgets, token_histogram)
+from conftest import write_jsonl
+from util.errors import EMPTY_PROMPT, INVALID_SAMPLING, TOO_LONG, row_error_kind
+from util.predictor import rows_sampling
+from util.preflight import (DEFAULT_TOK_PER_S, PREFLIGHT_FOLDER, estimate, median_of_counts, row_budgets,
+                            token_histogram)
 from util.prompt_format import PromptFormatter
 from util.report import REPORT_NAME
 from util.tiny_model import tiny_model_dir
@@ -31,24 +32,17 @@ ROWS = [
 ]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def test_failure_kinds_match_the_formatter_and_predictor_messages():
-    """The messages are those the real stages write: the formatter's (the tiny model's tokenizer,
-    max_model_len 64) for empty and too long prompts, then row_budgets' sampling check (the predictor's)."""
-    formatter = PromptFormatter(tiny_model_dir(), "text", max_model_len=64)
-    batch = formatter(pa.table({"id": ["a", "b", "c", "d"],
-                                "text": ["Hello there", "   ", "word " * 100, "Short one"],
+def test_row_error_kinds_of_the_formatters_and_the_predictors_messages():
+    """The messages the real stages write, each of the kind preflight counts it as: the formatter's
+    (the tiny model's tokenizer, max_model_len 16) for an empty and a too long prompt, then the
+    predictor's check of each row's sampling_params."""
+    formatter = PromptFormatter(tiny_model_dir(), "text", max_model_len=16)
+    batch = formatter(pa.table({"id": ["a", "b", "c", "d"], "text": ["Hi", "   ", "word " * 40, "Hi"],
                                 "sampling_params": [None, None, None, '{"max_tokens": 7']}))
-    errors = row_budgets(batch, {"max_tokens": 20}, max_model_len=64)["error"].to_pylist()
-    assert errors[:3] == [None, "empty prompt in column 'text'",
-                          "prompt has 109 tokens; the model accepts at most 63 (max_model_len 64)"]
-    assert errors[3].startswith("invalid sampling_params: ")
-    assert [failure_kind(e) for e in errors[1:]] == ["empty", "over max length", "invalid sampling_params"]
-    assert failure_kind("something new") == "something new"  # an unknown message is its own kind
+    rows = rows_sampling(batch, {"max_tokens": 20})
+    assert [failed for failed, _ in rows] == [False, True, True, True]
+    assert [row_error_kind(message) for _, message in rows[1:]] == [EMPTY_PROMPT, TOO_LONG, INVALID_SAMPLING]
+    assert row_error_kind("RuntimeError: the engine died") == "RuntimeError: the engine died"  # its own kind
 
 
 def test_row_budgets_cap_each_rows_max_tokens_by_what_max_model_len_leaves():
@@ -95,15 +89,12 @@ def test_gpu_hours_and_replicas_for_a_deadline():
 
 
 @pytest.fixture
-def engine_free_main(ray_local, monkeypatch):
-    """main.main in this process, on the test session's Ray, with the tiny model's tokenizer."""
-    monkeypatch.setattr(main, "prompt_for_hugging_face_token", lambda model, interactive: None)
-    monkeypatch.setattr(main.ray, "init", lambda **kwargs: None)
-
+def engine_free_main(main_in_process):
+    """main.py --preflight in this process, on the test session's Ray, with the tiny model's tokenizer."""
     def run(*args: str) -> int:
         # One replica: the session's Ray has 2 CPUs, and a preflight sizes the pipeline as the run would.
-        return main.main(["--preflight", "--model", tiny_model_dir(), "--id-column", "uid", "--max-tokens", "20",
-                          "--engine-arg", "max_model_len=64", "--concurrency", "1", *args])
+        return main_in_process("--preflight", "--model", tiny_model_dir(), "--id-column", "uid", "--max-tokens",
+                               "20", "--engine-arg", "max_model_len=64", "--concurrency", "1", *args)
     return run
 
 
@@ -180,7 +171,6 @@ def test_preflight_refuses_a_duplicate_id_with_exit_2(engine_free_main, tmp_path
     printed = capsys.readouterr()
     assert printed.err == f"error: {reason}\n"
     assert f"  verdict        refused (exit 2): {reason}" in printed.out.splitlines()
-    assert "duplicate ids" not in printed.out  # a duplicate refuses the input: there is no count to print
     result = json.loads((reports / "preflight.json").read_text())
     assert (result["verdict"], result["exit_code"], result["reason"]) == ("refused", 2, reason)
     assert not (reports / "input_tokens.png").exists()

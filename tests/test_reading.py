@@ -3,35 +3,25 @@
 Local files only (S3 reads are in test_storage.py); Ray runs locally through the `ray_local` fixture.
 """
 
-import hashlib
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
 
-from util.reading import PromptFiles, InputError, list_files, read_prompts, unwrap_input_error
-from util.scan import scan_input
+from conftest import REPO, h8, scan_error, write_jsonl
+from util.errors import InputError, unwrap_input_error
+from util.reading import PromptFiles, list_files, read_prompts
+from util.scan import InputScan, scan_input
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS_100 = str(REPO / "assets" / "prompts_100.txt")
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-def h8(text: str) -> str:
-    """The content part of an id, computed here independently of util.reading.row_id."""
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
-
-
 def rows(ds) -> list[dict]:
     return ds.take_all()
-
-
-def write_jsonl(path, records) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return str(path)
 
 
 def input_error(ds) -> InputError:
@@ -122,12 +112,12 @@ def test_one_file_reaches_the_model_stage_in_batches(tmp_path):
 def test_limit_leaves_the_global_data_context_alone(tmp_path):
     context = ray.data.DataContext.get_current()
     before = context.execution_options.preserve_order
-    assert len(rows(read_prompts(os.path.join(REPO, "assets", "prompts_100.txt"), limit=3))) == 3
+    assert len(rows(read_prompts(PROMPTS_100, limit=3))) == 3
     assert ray.data.DataContext.get_current().execution_options.preserve_order == before
 
 
 def test_prompts_100_asset_gives_100_unique_ids():
-    out = rows(read_prompts(os.path.join(REPO, "assets", "prompts_100.txt")))
+    out = rows(read_prompts(PROMPTS_100))
     assert len(out) == 100
     assert len({r["id"] for r in out}) == 100
     assert all(r["id"].startswith("prompts_100.txt:") for r in out)
@@ -212,12 +202,11 @@ def test_limit_takes_the_first_rows_in_file_order(tmp_path):
     assert [r["text"] for r in rows(read_prompts(str(folder), limit=3))] == expected
 
 
-# --- errors ---
+# --- errors: as the input scan before a run refuses the input (util/scan.py) ---
 
 def test_missing_text_column_lists_available_columns(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": "a", "lang": "en"}])
-    error = input_error(read_prompts(path))
-    assert str(error) == "q.jsonl: no column 'text'; columns are: question, lang"
+    assert scan_error(path) == "q.jsonl: no column 'text'; columns are: question, lang"
     with pytest.raises(InputError, match=r"^items: no column 'prompt'; columns are: text$"):
         read_prompts([{"text": "a"}], text_column="prompt")
 
@@ -225,47 +214,37 @@ def test_missing_text_column_lists_available_columns(tmp_path):
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"text": broken}\n', encoding="utf-8")
-    error = input_error(read_prompts(str(path)))
-    assert str(error) == f"{path}:3: malformed JSON (Expecting value at column 10)"
+    assert scan_error(path) == f"{path}:3: malformed JSON (Expecting value at column 10)"
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path):
     path = tmp_path / "list.jsonl"
     path.write_text('{"text": "ok"}\n["a"]\n', encoding="utf-8")
-    assert str(input_error(read_prompts(str(path)))) == f"{path}:2: each line must be a JSON object, got list"
+    assert scan_error(path) == f"{path}:2: each line must be a JSON object, got list"
 
 
 def test_non_utf8_text_names_file_and_line(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("fine\nalso fine\ncaf\u00e9\n".encode("latin-1"))
-    error = input_error(read_prompts(str(path)))
-    assert str(error) == f"{path}:3: not valid UTF-8 (invalid continuation byte at byte 18)"
+    assert scan_error(path) == f"{path}:3: not valid UTF-8 (invalid continuation byte at byte 18)"
 
 
 def test_empty_file_is_an_input_error_naming_it(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", [{"text": "a"}])
-    (folder / "b.jsonl").write_text("\n\n", encoding="utf-8")
-    assert str(input_error(read_prompts(str(folder)))) == f"{folder}/b.jsonl: empty file, no prompts in it"
+    (folder / "b.jsonl").write_text("", encoding="utf-8")  # found empty when the files are listed
+    assert scan_error(folder) == f"{folder}/b.jsonl: empty file, no prompts in it"
+    (folder / "b.jsonl").write_text("\n  \n\n", encoding="utf-8")  # only blank lines: found when it is read
+    assert scan_error(folder) == f"{folder}/b.jsonl: empty file, no prompts in it"
     with pytest.raises(InputError, match=r"^items: the list holds no prompts$"):
         read_prompts([])
-
-
-def scan_error(source, **options) -> str:
-    with pytest.raises(InputError) as info:
-        source = source if isinstance(source, list) else str(source)
-        scan_input(read_prompts(source, with_where=True, **options), options.get("id_column"), None,
-                   None if isinstance(source, list) else str(source))
-    return str(info.value)
 
 
 def test_duplicate_id_names_both_rows_by_line(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("key,text\n007,a\n7,b\n8,c\n7,d\n", encoding="utf-8")  # "007" and "7" differ
     assert scan_error(path, id_column="key") == "duplicate id '7' in column 'key': p.csv:2 and p.csv:4"
-    jsonl = write_jsonl(tmp_path / "d.jsonl", [{"uid": 1, "text": "a"}, {"uid": 2, "text": "b"}, {"uid": 1, "text": "c"}])
-    assert scan_error(jsonl, id_column="uid") == "duplicate id '1' in column 'uid': d.jsonl:1 and d.jsonl:3"
     nulls = write_jsonl(tmp_path / "n.jsonl", [{"uid": 1, "text": "a"}, {"text": "b"}, {"text": "c"}])
     assert [r["id"] for r in rows(read_prompts(nulls, id_column="uid"))] == ["1", None, None]
     scan = scan_input(read_prompts(nulls, id_column="uid", with_where=True), "uid", None, nulls)
@@ -280,6 +259,8 @@ def test_duplicate_id_across_files_names_both(tmp_path):
     write_jsonl(folder / "a.jsonl", [{"uid": "x", "text": "1"}, {"uid": "y", "text": "2"}])
     write_jsonl(folder / "b.jsonl", [{"uid": "z", "text": "3"}, {"uid": "y", "text": "4"}])
     assert scan_error(folder, id_column="uid") == "duplicate id 'y' in column 'uid': a.jsonl:2 and b.jsonl:2"
+    # Without an id column the ids are derived from file and position, so the same rows are fine.
+    assert scan_input(read_prompts(str(folder)), None, None) == InputScan(rows=4, already_done=0)
 
 
 def test_corrupt_parquet_is_an_input_error(tmp_path):
@@ -304,6 +285,9 @@ def test_unknown_extension_with_auto_format(tmp_path):
 
 def test_folder_without_input_files(tmp_path):
     (tmp_path / "README.md").write_text("no prompts here\n", encoding="utf-8")
+    with pytest.raises(InputError) as info:
+        read_prompts(str(tmp_path))
+    assert str(info.value) == f"{tmp_path}: no files ending in .txt, .text, .jsonl, .json, .csv, .parquet, .pq in this folder"
     with pytest.raises(InputError, match=rf"^{tmp_path}: no files ending in \.csv in this folder$"):
         read_prompts(str(tmp_path), input_format="csv")
     with pytest.raises(InputError, match=r"^unknown input format 'xml'; use auto, text, jsonl, csv, parquet, openai$"):

@@ -6,14 +6,14 @@ prompts are the tokenizer's chat template, a short answer stops by itself, and t
 """
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PROMPTS = (REPO / "assets" / "prompts_100.txt").read_text().splitlines()[:8]
+import conftest
+from conftest import run_main
+
+PROMPTS = conftest.PROMPTS[:8]
 CAPITAL = "What is the capital of France?"
 MAX_TOKENS = 32  # --smoke's
 
@@ -24,9 +24,8 @@ def smoke_run(tmp_path_factory):
     the order they were printed, for the check of what follows the report."""
     folder = tmp_path_factory.mktemp("real")
     (folder / "prompts.txt").write_text("\n".join([*PROMPTS, CAPITAL]) + "\n")
-    run = subprocess.run([sys.executable, "main.py", "--smoke", "--input-path", str(folder / "prompts.txt"),
-                          "--engine-arg", "dtype=float32", "--output-path", str(folder / "out")],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    run = run_main("--smoke", "--input-path", folder / "prompts.txt", "--engine-arg", "dtype=float32",
+                   "--output-path", folder / "out", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert run.returncode == 0, run.stdout[-5000:]
     rows = {row["text"]: row for row in pq.read_table(folder / "out").to_pylist()}
     return run.stdout, rows

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ids_in
-from util.output import delete_output, read_results
+from util.output import read_results
+from util.resume import delete_output
 from util.report import (PLOT_NAME, REPORT_NAME, ProgressLog, ProgressReporter, build_report, eta_seconds,
                          format_report, progress_line, throughput_series, write_report)
 
@@ -27,6 +28,8 @@ def test_progress_line_format():
     assert progress_line(0, 10, 0.0, None) == "progress: 0/10 rows (0%), 0 output tok/s, ETA unknown"
     assert progress_line(9_999, 10_000, 1.0, 1) == "progress: 9,999/10,000 rows (99%), 1 output tok/s, ETA 0:00:01"
     assert progress_line(10, 10, 0.0, 0) == "progress: 10/10 rows (100%), 0 output tok/s, ETA 0:00:00"
+    # Rows not counted beforehand: no share, no ETA.
+    assert progress_line(1234, None, 5678.4, None) == "progress: 1,234 rows, 5,678 output tok/s"
 
 
 def test_eta_goes_by_the_pace_since_the_first_engine_was_ready():
@@ -34,6 +37,7 @@ def test_eta_goes_by_the_pace_since_the_first_engine_was_ready():
     assert eta_seconds(0, 1000, first_ready=10.0, now=60.0) is None  # no pace yet
     assert eta_seconds(5, 1000, first_ready=None, now=60.0) is None
     assert eta_seconds(1000, 1000, first_ready=10.0, now=60.0) == 0.0
+    assert eta_seconds(100, None, first_ready=10.0, now=60.0) is None
 
 
 def test_progress_log_totals_and_snapshot():
@@ -90,8 +94,8 @@ def test_a_replica_finds_no_actor_outside_a_reporting_run(ray_local):
     from util.report import ProgressClient
 
     client = ProgressClient.connect()
-    assert client.actor is None
     client.batch_done(3, 30)  # nothing to report to, and no error
+    assert client.reporting_to is None
 
 
 def synthetic_report() -> dict:

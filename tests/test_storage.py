@@ -4,7 +4,6 @@ The `s3_server` fixture points AWS_ENDPOINT_URL at moto for this process and, th
 for Ray's workers; nothing here contacts real AWS.
 """
 
-import hashlib
 import json
 import os
 
@@ -13,20 +12,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
+from conftest import h8
 from util.output import OUTPUT_SCHEMA, read_results, summarize, write_results
 from util.reading import read_prompts
-from util.storage import generate_output_path, resolve
+from util.storage import S3Location, generate_output_path, resolve, s3_location
 
-
-@pytest.fixture(autouse=True)
-def few_parquet_footer_readers(monkeypatch):
-    """Ray 2.60's read_parquet starts 32 footer-reading actors per read (read in the driver when the
-    read is planned); on 2 CPUs starting them takes 20-40 s a read. Two are plenty for a few files."""
-    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
-
-
-def h8(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+pytestmark = pytest.mark.usefixtures("few_parquet_footer_readers")
 
 
 def s3_options(filesystem: pafs.S3FileSystem) -> dict:
@@ -62,7 +53,19 @@ def test_output_path_base_from_anyscale_artifact_storage_and_explicit_base_wins(
     assert generate_output_path("org/model", "run") == "outputs/run/org--model"
 
 
-# --- resolve ---
+# --- s3_location, resolve ---
+
+@pytest.mark.parametrize("uri, location", [
+    ("s3://bucket/key", S3Location("bucket", "key", False)),
+    ("s3://Legacy-Bucket/Some/Deeper/Key/", S3Location("Legacy-Bucket", "Some/Deeper/Key", False)),  # case kept
+    ("s3://anonymous@air-example-data/prompts_100.txt", S3Location("air-example-data", "prompts_100.txt", True)),
+    ("s3://bucket", S3Location("bucket", "", False)),
+    ("s3://bucket/", S3Location("bucket", "", False)),
+    ("s3://someone@bucket//a//", S3Location("bucket", "a", False)),  # a user other than anonymous signs
+])
+def test_s3_location_parts(uri, location):
+    assert s3_location(uri) == location
+
 
 def test_resolve_local_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from util.config import Config, parse_args
+from util.plan import job_sampling
 from util.structured_output import output_error, row_spec
 
 # Small enough for a 135M model to finish well within max_tokens.
@@ -30,27 +31,30 @@ PROMPTS = ["Describe a person.", "Who are you?", "Tell me about Ada.", "Name som
 # --- the job's flags ---
 
 def test_each_flag_becomes_the_jobs_spec_and_part_of_its_sampling(tmp_path):
+    def spec(cfg: Config) -> dict:
+        return job_sampling(cfg)["structured_outputs"]
+
     schema_file = tmp_path / "person.json"
     schema_file.write_text(json.dumps(PERSON))
-    assert Config(json_schema=str(schema_file)).sampling()["structured_outputs"] == {"json": PERSON}
-    assert Config(json_schema=json.dumps(COLOR)).sampling()["structured_outputs"] == {"json": COLOR}
-    assert Config(json_schema='{"const": null}').sampling()["structured_outputs"] == {"json": {"const": None}}
-    assert Config(regex=r"\d+").sampling()["structured_outputs"] == {"regex": r"\d+"}
-    assert parse_args(["--choice", "yes", "--choice", "no"]).sampling()["structured_outputs"] == {
-        "choice": ["yes", "no"]}
-    assert "structured_outputs" not in Config().sampling()  # earlier outputs' fingerprints still match
+    assert spec(Config(json_schema=str(schema_file))) == {"json": PERSON}
+    assert spec(Config(json_schema=json.dumps(COLOR))) == {"json": COLOR}
+    assert spec(Config(json_schema='{"const": null}')) == {"json": {"const": None}}
+    assert spec(Config(regex=r"\d+")) == {"regex": r"\d+"}
+    assert spec(parse_args(["--choice", "yes", "--choice", "no"])) == {"choice": ["yes", "no"]}
+    assert "structured_outputs" not in job_sampling(Config())  # earlier outputs' fingerprints still match
 
 
 def test_the_spec_is_in_the_runs_fingerprint():
-    from util.manifest import fingerprint, fingerprint_changes
+    from util.plan import make_plan
+    from util.resume import fingerprint_changes
 
-    changes = fingerprint_changes(fingerprint(Config(regex="a+")), fingerprint(Config(regex="b+")))
-    assert changes == ['sampling.structured_outputs.regex: "a+" -> "b+"']
+    def settings(regex: str) -> dict:
+        return make_plan(Config(regex=regex, concurrency=1), cluster={"CPU": 2.0}, resolve_model_files=False).fingerprint
+
+    assert fingerprint_changes(settings("a+"), settings("b+")) == ['sampling.structured_outputs.regex: "a+" -> "b+"']
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"json_schema": "no/such/schema.json"},
-     "--json-schema: no such file no/such/schema.json (pass a schema inline or a .json file)"),
+@pytest.mark.parametrize("kwargs, message", [  # a schema file is read when the run is planned: test_plan.py
     ({"json_schema": '{"type": '}, "--json-schema: not valid JSON: Expecting value: line 1 column 10 (char 9)"),
     ({"json_schema": '{"type": "objekt"}'},
      "--json-schema: not a valid JSON schema: 'objekt' is not valid under any of the given schemas"),
@@ -62,16 +66,6 @@ def test_bad_flags_are_refused_at_start_naming_the_flag(kwargs, message):
     with pytest.raises(ValueError) as refused:
         Config(**kwargs)
     assert str(refused.value) == message
-
-
-def test_a_schema_file_that_is_not_json_is_named(tmp_path, capsys):
-    bad = tmp_path / "schema.json"
-    bad.write_text("{not json")
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--json-schema", str(bad)])
-    assert exit_info.value.code == 2
-    assert (f"--json-schema: {bad} is not valid JSON: Expecting property name enclosed in double quotes: "
-            "line 1 column 2 (char 1)") in capsys.readouterr().err
 
 
 # --- a row's own spec ---
@@ -153,7 +147,7 @@ def generate(tmp_path_factory):
     from util.predictor import LLMPredictor
     from util.prompt_format import PromptFormatter
     from util.smol_model import smol_model_dir
-    from util.stages import CPU_ENV_VARS, engine_kwargs
+    from util.engine import CPU_ENV_VARS, engine_kwargs
 
     model = smol_model_dir()
     schema_file = tmp_path_factory.mktemp("schema") / "person.json"
@@ -167,7 +161,7 @@ def generate(tmp_path_factory):
     saved = {name: os.environ.get(name) for name in CPU_ENV_VARS}
     os.environ.update(CPU_ENV_VARS)
     loop = asyncio.new_event_loop()
-    predictor = LLMPredictor(model, kwargs, cfg.sampling())
+    predictor = LLMPredictor(model, kwargs, job_sampling(cfg))
     formatter = PromptFormatter(model, "text")
 
     def run(sampling_params=None, texts=PROMPTS) -> list[dict]:
@@ -203,7 +197,7 @@ def test_the_jobs_json_schema_guides_every_row(generate):
 
 def test_a_choice_list_yields_only_those_choices(generate):
     choices = ["yes", "no", "maybe not"]
-    spec = parse_args(["--choice", "yes", "--choice", "no", "--choice", "maybe not"]).sampling()["structured_outputs"]
+    spec = job_sampling(parse_args(["--choice", "yes", "--choice", "no", "--choice", "maybe not"]))["structured_outputs"]
     rows = generate([json.dumps({"structured_outputs": spec})] * len(PROMPTS))  # as --choice guides every row
     assert len(rows) == len(PROMPTS)
     assert all(r["error"] is None and r["structured_output_error"] is None for r in rows)

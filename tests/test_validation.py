@@ -1,12 +1,13 @@
-"""Bad input is refused before any engine starts, with a message that names the file and line, the column,
-the path or the flag, and with nothing left behind. One test per refused case, then main.py end to end.
+"""The checks before a run: bad input is refused before any engine starts, with a message that names the
+path, the column or the flag, and with nothing left behind; and the input scan's counts. The reader's
+own refusals (a file's malformed line, a missing column, duplicate ids) are in test_reading.py.
 
     .venv/bin/python -m pytest tests/test_validation.py -q
 
 Ray runs locally (`ray_local`), S3 is moto's server (`s3_bucket`). Permission cases run in a child
 process with permission bits in force: root ignores them, so as root the child drops the two
-capabilities that let it (`setpriv`, from util-linux). The main.py cases run it as a subprocess with
-the tiny local model and must stop before any engine starts.
+capabilities that let it (`setpriv`, from util-linux). main.py's refusals run it in this process
+(`main_in_process`), and once as a subprocess, with the tiny local model; none may reach the pipeline.
 """
 
 import json
@@ -17,43 +18,19 @@ import sys
 from pathlib import Path
 
 import boto3
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+import main
+from conftest import REPO, done_index, run_main, write_jsonl
 from util import hf_token
 from util.config import Config, parse_args
+from util.errors import InputError
 from util.hf_token import prompt_for_hugging_face_token
-from util.output import conform
-from util.reading import InputError, read_prompts, row_id
+from util.output import check_output_writable
+from util.reading import read_prompts, row_id
 from util.resume import DoneIndex
 from util.scan import InputScan, scan_input
-from util.stages import check_cluster_fits, engine_kwargs
-from util.validation import check_output_writable
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return str(path)
-
-
-def scan_error(source, **read_args) -> str:
-    """The message scan_input refuses `source` with; it must be an InputError itself, not Ray's wrapper.
-    Read as check_before_run reads it: with each row's file and position when there is an id column."""
-    id_column = read_args.get("id_column")
-    with pytest.raises(InputError) as info:
-        scan_input(read_prompts(source, with_where=bool(id_column), **read_args), id_column, None, source)
-    assert type(info.value) is InputError
-    return str(info.value)
-
-
-def done_index(folder: Path, ids: list[str]) -> DoneIndex:
-    """The DoneIndex of an output folder that holds exactly `ids`, as an earlier run would have left it."""
-    folder.mkdir()
-    pq.write_table(conform(pa.table({"id": pa.array(ids, pa.string())})), folder / "part-x-000000.parquet")
-    return DoneIndex.build(str(folder), "parquet")
+from util.tiny_model import tiny_model_dir
 
 
 def tree(folder: Path) -> list[str]:
@@ -90,22 +67,7 @@ def locked(tmp_path):
         path.chmod(0o755)
 
 
-# --- the text column is missing ---
-
-def test_missing_text_column_lists_the_columns(ray_local, tmp_path):
-    path = write_jsonl(tmp_path / "q.jsonl", [{"question": "a", "lang": "en"}])
-    assert scan_error(path) == "q.jsonl: no column 'text'; columns are: question, lang"
-
-
-# --- the input path is unreadable, or has no files ---
-
-def test_input_folder_without_input_files(tmp_path):
-    (tmp_path / "README.md").write_text("no prompts here\n", encoding="utf-8")
-    with pytest.raises(InputError) as info:
-        read_prompts(str(tmp_path))
-    extensions = ".txt, .text, .jsonl, .json, .csv, .parquet, .pq"
-    assert str(info.value) == f"{tmp_path}: no files ending in {extensions} in this folder"
-
+# --- the input path is unreadable ---
 
 def test_unreadable_input_file_and_folder(tmp_path, locked):
     (tmp_path / "secret.txt").write_text("a prompt\n", encoding="utf-8")
@@ -119,7 +81,8 @@ def test_unreadable_input_file_and_folder(tmp_path, locked):
     locked(tmp_path / "mixed" / "b.txt", 0o000)
     messages = run_with_permissions(f"""
 import json, ray
-from util.reading import InputError, read_prompts
+from util.errors import InputError
+from util.reading import read_prompts
 from util.scan import scan_input
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 ray.data.DataContext.get_current().enable_progress_bars = False
@@ -143,51 +106,6 @@ print(json.dumps(messages))
     ]
 
 
-# --- an empty file ---
-
-def test_empty_file_is_named(ray_local, tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    write_jsonl(folder / "a.jsonl", [{"text": "a prompt"}])
-    (folder / "b.jsonl").write_text("", encoding="utf-8")
-    assert scan_error(str(folder)) == f"{folder}/b.jsonl: empty file, no prompts in it"
-    blank = tmp_path / "blank.txt"
-    blank.write_text("\n  \n\n", encoding="utf-8")  # only blank lines: no prompts either
-    assert scan_error(str(blank)) == f"{blank}: empty file, no prompts in it"
-
-
-# --- malformed JSONL, non-UTF-8 text ---
-
-def test_malformed_jsonl_names_file_and_line(ray_local, tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "ok"}\n\n{"text": broken}\n', encoding="utf-8")
-    assert scan_error(str(path)) == f"{path}:3: malformed JSON (Expecting value at column 10)"
-
-
-def test_non_utf8_text_names_file_and_line(ray_local, tmp_path):
-    path = tmp_path / "latin1.txt"
-    path.write_bytes("fine\ncaf\u00e9\n".encode("latin-1"))
-    assert scan_error(str(path)) == f"{path}:2: not valid UTF-8 (invalid continuation byte at byte 8)"
-
-
-# --- duplicate ids when an id column is given ---
-
-def test_duplicate_id_in_one_file_names_both_lines(ray_local, tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"uid": 7, "text": "a"}, {"uid": 8, "text": "b"},
-                                              {"uid": 7, "text": "c"}])
-    assert scan_error(path, id_column="uid") == "duplicate id '7' in column 'uid': d.jsonl:1 and d.jsonl:3"
-
-
-def test_duplicate_id_across_files(ray_local, tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    write_jsonl(folder / "a.jsonl", [{"uid": "x", "text": "a"}, {"uid": "y", "text": "b"}])
-    write_jsonl(folder / "b.jsonl", [{"uid": "z", "text": "c"}, {"uid": "x", "text": "d"}])
-    assert scan_error(str(folder), id_column="uid") == "duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:2"
-    # Without an id column the ids are derived from file and position, so the same rows are fine.
-    assert scan_input(read_prompts(str(folder)), None, None) == InputScan(rows=4, already_done=0)
-
-
 # --- an output path that is not writable ---
 
 def test_output_path_under_a_regular_file(tmp_path):
@@ -204,8 +122,8 @@ def test_output_path_in_a_read_only_folder_leaves_nothing(tmp_path, locked):
     locked(tmp_path, 0o555)
     messages = run_with_permissions(f"""
 import json
-from util.reading import InputError
-from util.validation import check_output_writable
+from util.errors import InputError
+from util.output import check_output_writable
 messages = []
 for path in ("{tmp_path}", "{tmp_path}/out/deeper"):
     try:
@@ -260,20 +178,7 @@ def test_valid_sampling_edges_and_a_negative_seed_pass():
     assert (cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed) == (0.0, 1.0, 1, -1)
 
 
-def test_invalid_sampling_flag_exits_2(capsys):
-    with pytest.raises(SystemExit) as info:
-        parse_args(["--top-p", "0"])
-    assert info.value.code == 2
-    assert "error: --top-p must be in (0, 1], got 0.0" in capsys.readouterr().err
-
-
-# --- unknown --engine-arg keys, a gated model with no token ---
-
-def test_unknown_engine_arg_keys():
-    with pytest.raises(ValueError) as info:
-        engine_kwargs(Config(engine_arg={"max_num_seqz": 4, "max_num_seqs": 8}))
-    assert str(info.value) == "unknown --engine-arg key(s): max_num_seqz; see vLLM's EngineArgs"
-
+# --- a gated model with no token ---
 
 def test_gated_model_without_a_token_says_how_to_give_one(monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -287,7 +192,7 @@ def test_gated_model_without_a_token_says_how_to_give_one(monkeypatch):
     assert "`export HF_TOKEN=hf_...`" in message and "`hf auth login`" in message
 
 
-# --- scan_input counts ---
+# --- the input scan's counts, and the resume filter ---
 
 def test_scan_input_counts_rows_and_rows_already_done(ray_local, tmp_path):
     path = tmp_path / "p.txt"
@@ -301,6 +206,8 @@ def test_scan_input_counts_rows_and_rows_already_done(ray_local, tmp_path):
     assert scan_input(read_prompts(str(path), limit=3), None, done) == InputScan(rows=3, already_done=1)
     assert scan_input(read_prompts(str(path), limit=10), None, done) == InputScan(rows=5, already_done=2)
     assert scan_input(read_prompts(str(path)), None, None) == InputScan(rows=5, already_done=0)
+    # A run reads them again through the index's filter, in its read tasks: only the rows not yet written.
+    assert [r["id"] for r in read_prompts(str(path), row_filter=done.drop_done).take_all()] == ids[0::2]
     assert DoneIndex.build(str(tmp_path / "no-output-yet"), "parquet") is None
 
     keyed = write_jsonl(tmp_path / "k.jsonl", [{"uid": f"u{n}", "text": t} for n, t in enumerate("abcde", 1)])
@@ -310,56 +217,57 @@ def test_scan_input_counts_rows_and_rows_already_done(ray_local, tmp_path):
                       keyed) == InputScan(2, 1)
 
 
-# --- a CPU-only cluster too small for the replicas ---
+# --- main.py: exit code 2, the message on stderr, no output folder, no pipeline ---
 
-def test_a_cpu_only_cluster_too_small_for_the_replicas_is_refused():
-    with pytest.raises(InputError) as info:
-        check_cluster_fits(Config(concurrency=4), use_gpu=False, cluster={"CPU": 2})
-    assert str(info.value) == (
-        "--concurrency 4 needs 2.5 CPUs on this CPU-only cluster: 0.5 for each of 4 replica(s) and 0.5 for "
-        "reading, formatting and writing; the cluster has 2. Lower --concurrency, or add CPUs")
-    check_cluster_fits(Config(concurrency=3), use_gpu=False, cluster={"CPU": 2})  # exactly fits: 1.5 + 0.5
-    check_cluster_fits(Config(concurrency=2), use_gpu=False, cluster={"CPU": 2})
-    # With GPUs an autoscaling cluster may still add nodes, and Ray Data waits for them.
-    check_cluster_fits(Config(concurrency=8), use_gpu=True, cluster={"CPU": 2, "GPU": 1})
-
-
-# --- main.py: exit code 2, the message on stderr, no output folder, no engine ---
-
-def run_main(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-
-
-def main_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
-    """Each case: main.py's arguments and the error line it must print."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    write_jsonl(folder / "a.jsonl", [{"uid": "x", "text": "a"}])
-    write_jsonl(folder / "b.jsonl", [{"uid": "x", "text": "b"}])
+def refused_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Each case: main.py's arguments and the error it must print. Refused, in main.py's order, when the
+    run is planned (flags: util/plan.py), then by the checks before it (util/scan.py check_before_run)."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Hi", "topic": "greeting"}])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
     (tmp_path / "file").write_text("x", encoding="utf-8")
     return {
-        "sampling": (["--temperature", "-1"], "error: --temperature must be >= 0, got -1.0"),
-        "duplicate_ids": (["--input-path", str(folder), "--id-column", "uid"],
-                          "error: duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:1"),
-        "empty_file": (["--input-path", str(empty)], f"error: {empty}: empty file, no prompts in it"),
+        "engine_arg": (["--engine-arg", "max_num_seqz=4", "--engine-arg", "max_num_seqs=8"],
+                       "unknown --engine-arg key(s): max_num_seqz; see vLLM's EngineArgs"),
+        # The Config takes a schema file's name; the plan reads it, once.
+        "schema_file": (["--json-schema", str(tmp_path / "no-schema.json")],
+                        f"--json-schema: no such file {tmp_path}/no-schema.json (pass a schema inline or a .json file)"),
+        "missing_path": (["--input-path", str(tmp_path / "nothing.txt")], f"{tmp_path}/nothing.txt: no such file or folder"),
+        "empty_file": (["--input-path", str(empty)], f"{empty}: empty file, no prompts in it"),
         "output_not_writable": (["--output-path", str(tmp_path / "file" / "out")],
-                                f"error: output path {tmp_path}/file/out is not writable: Not a directory"),
+                                f"output path {tmp_path}/file/out is not writable: Not a directory"),
+        "missing_column": (["--input-path", rows, "--text-column", "question"],
+                           "rows.jsonl: no column 'question'; columns are: prompt, topic"),
     }
 
 
-@pytest.mark.parametrize("case", ["sampling", "duplicate_ids", "empty_file", "output_not_writable"])
-def test_main_refuses_bad_input_with_exit_code_2(case, tmp_path):
-    from util.tiny_model import tiny_model_dir
+@pytest.mark.parametrize("case", ["engine_arg", "schema_file", "missing_path", "empty_file", "output_not_writable",
+                                  "missing_column"])
+def test_main_refuses_bad_input_with_exit_code_2(case, main_in_process, tmp_path, monkeypatch, capsys):
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("a refused run built its pipeline")
 
-    args, error_line = main_cases(tmp_path)[case]
+    monkeypatch.setattr(main, "build_pipeline", no_pipeline)
+    args, message = refused_cases(tmp_path)[case]
     output = tmp_path / "out"
     if "--output-path" not in args:
         args = [*args, "--output-path", str(output)]
-    run = run_main("--model", tiny_model_dir(), "--concurrency", "1", *args)
+    assert main_in_process("--model", tiny_model_dir(), "--concurrency", "1", *args) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not output.exists()
+
+
+def test_main_py_refuses_duplicate_ids_with_exit_code_2_before_any_engine_starts(tmp_path):
+    """The refusal as a process gives it: exit code 2, `error: ...` last on stderr. Duplicate ids are
+    found by the distributed scan, on Ray's workers."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"uid": "x", "text": "a"}])
+    write_jsonl(folder / "b.jsonl", [{"uid": "x", "text": "b"}])
+    output = tmp_path / "out"
+    run = run_main("--model", tiny_model_dir(), "--concurrency", "1", "--input-path", folder, "--id-column", "uid",
+                   "--output-path", output)
     assert run.returncode == 2, run.stderr[-3000:]
-    assert error_line in run.stderr.splitlines()[-1]
+    assert run.stderr.splitlines()[-1] == "error: duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:1"
     assert not output.exists()
     assert "Initializing a V1 LLM engine" not in run.stdout + run.stderr  # refused before any engine started
