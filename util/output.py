@@ -51,6 +51,7 @@ from ray.data.block import BlockAccessor
 
 from util.openai_batch import output_record, preview
 from util.reading import InputError
+from util.request_output import COMPLETIONS, TIMINGS, TOKEN_LOGPROBS
 from util.storage import resolve
 
 OUTPUT_SCHEMA = pa.schema([
@@ -63,6 +64,12 @@ OUTPUT_SCHEMA = pa.schema([
     ("error", pa.string()),
     ("model", pa.string()),
     ("structured_output_error", pa.string()),  # null unless a structured-output row does not conform
+    # Richer outputs (util/request_output.py), each null unless the row asked for it.
+    ("completions", COMPLETIONS),  # every sample when n > 1, each with its text, finish reason, tokens, ...
+    ("logprobs", TOKEN_LOGPROBS),  # per generated token (of generated_text): token, logprob, top K
+    ("prompt_logprobs", TOKEN_LOGPROBS),  # per prompt token; the first one's logprob is null
+    ("reasoning_content", pa.string()),  # a reasoning parser's thinking; generated_text holds the rest
+    *((name, pa.float64()) for name in TIMINGS),  # seconds in queue, to first token, generating
 ])
 ERRORS_FOLDER = "errors"
 EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}
