@@ -15,9 +15,10 @@
 - `logprobs`: per generated token, {token, token_id, logprob, top_logprobs: the K likeliest, by rank},
   when the row asked for them (`logprobs: K`, K = 0 for the chosen token's alone); `prompt_logprobs`
   the same per prompt token (`prompt_logprobs: K`), the first token's logprob null (nothing precedes it).
-  Log-probabilities are the model's, before temperature and guided decoding (vLLM's default
-  logprobs_mode); one that is -inf is written as -9999.0, as vLLM's OpenAI server writes it, so that
-  every output stays valid JSON.
+  Log-probabilities are the model's before temperature and top-p (vLLM's default logprobs_mode,
+  raw_logprobs) but after guided decoding's mask: a guided row's are over the tokens its grammar allows,
+  and a token it forbids has -inf, written as -9999.0, as vLLM's OpenAI server writes it, so that every
+  output stays valid JSON.
 - `time_in_queue_s`, `time_to_first_token_s`, `generation_time_s`: from the request's metrics where
   the running vLLM gives them (vLLM v1: RequestStateStats; older: RequestMetrics), else null. Queue:
   arrival in the engine's scheduler to first scheduled; first token: since the request reached the
