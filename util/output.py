@@ -51,6 +51,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from util import columns as col
+from util.columns import COMPLETIONS_TYPE, TIMINGS, TOKEN_LOGPROBS
 from util.errors import InputError
 from util.openai_batch import output_record, preview
 from util.resources import TASK_CPUS
@@ -66,6 +67,12 @@ OUTPUT_SCHEMA = pa.schema([
     (col.ERROR, pa.string()),
     (col.MODEL, pa.string()),
     (col.STRUCTURED_OUTPUT_ERROR, pa.string()),  # null unless a structured-output row does not conform
+    # Richer outputs (util/request_output.py), each null unless the row asked for it.
+    (col.COMPLETIONS, COMPLETIONS_TYPE),  # every sample when n > 1, each with its text, finish reason, tokens, ...
+    (col.LOGPROBS, TOKEN_LOGPROBS),  # per generated token (of generated_text): token, logprob, top K
+    (col.PROMPT_LOGPROBS, TOKEN_LOGPROBS),  # per prompt token; the first one's logprob is null
+    (col.REASONING_CONTENT, pa.string()),  # a reasoning parser's thinking; generated_text holds the rest
+    *((name, pa.float64()) for name in TIMINGS),  # seconds in queue, to first token, generating
 ])
 ERRORS_FOLDER = "errors"
 EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}
