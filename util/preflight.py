@@ -16,7 +16,8 @@ Exit codes, the run's own: 0 it would pass; 1 more rows would fail than --max-er
 2 it would be refused (bad input), with `error: <message>` on stderr.
 
 Estimates. Output tokens are an upper bound: each row's max_tokens (the job's, or the row's own
-`sampling_params`), capped at what max_model_len leaves after the prompt, as vLLM caps it. GPU-hours =
+`sampling_params`), capped at what max_model_len leaves after the prompt, as vLLM caps it, times the
+row's n samples. GPU-hours =
 output tokens / (output tok/s of one replica) x GPUs per replica; engine start (about a minute,
 BENCHMARKS.md) is not included. The replica throughput is --throughput-tok-per-s, else the one measured
 by the earlier run into the same output (its _report.json, same settings), else DEFAULT_TOK_PER_S.
@@ -64,7 +65,8 @@ def row_budgets(batch: pa.Table, job_sampling: dict, max_model_len: int | None) 
         if not failed:
             try:
                 budget = int(sampling["max_tokens"])
-                budgets.append(budget if max_model_len is None else min(budget, max(0, max_model_len - input_tokens)))
+                budget = budget if max_model_len is None else min(budget, max(0, max_model_len - input_tokens))
+                budgets.append(budget * int(sampling.get("n") or 1))  # each of the row's n samples
                 errors.append(None)
                 continue
             except (TypeError, ValueError) as bad:
