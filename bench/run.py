@@ -12,7 +12,7 @@
 
 Designs:
   raw       vLLM `LLM.generate` on the whole workload in one call, in a fresh process per run
-  pipeline  this project's pipeline with its shipped defaults (util/stages.py, as main.py runs it)
+  pipeline  this project's pipeline with its shipped defaults (util/pipeline.py, as main.py runs it)
   seed      the original template: synchronous `LLM.generate` per batch of 5 (on --seed-prompts rows)
   ray_llm   ray.data.llm `build_processor` (batch 256, the same engine arguments)
   NAME      a variant, `--variant NAME=BASE:key=value;key=value` (BASE one of the above): keys that are
@@ -58,8 +58,9 @@ from util.accelerator import choose_accelerator
 from util.config import Config, parse_engine_arg
 from util.predictor import LLMPredictor, SyncLLMPredictor, row_sampling, wait_for_replicas_to_exit
 from util.prompt_format import PromptFormatter
-from util.pipeline import build_pipeline
-from util.stages import CPU_ENV_VARS, engine_kwargs
+from util.engine import CPU_ENV_VARS, engine_kwargs
+from util.pipeline import build_pipeline, pipeline_stages
+from util.plan import job_sampling, make_plan
 from util.tiny_model import build_model_dir, tiny_model_dir
 
 # vLLM arguments every design shares: dummy weights, and the offline batch limits for an 80 GB card.
@@ -221,9 +222,9 @@ def raw_child(spec_path: str) -> None:
 
 
 def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor) -> dict:
-    choice = choose_accelerator("any")
     began = time.time()
-    ds = build_pipeline(dataclasses.replace(cfg, id_column="id"), choice, source=rows, predictor=predictor)
+    plan = make_plan(dataclasses.replace(cfg, id_column="id"))  # as main.py plans a run: part of its start
+    ds = build_pipeline(plan, source=rows, stages=pipeline_stages(plan, predictor=predictor))
     executing = time.time()
     refs = ds.select_columns(["num_generated_tokens", "t_start", "t_end", *START_MARKS]).to_arrow_refs()
     table = pa.concat_tables(ray.get(refs))
@@ -347,7 +348,7 @@ def main() -> None:
     model = tiny_model_dir() if args.tiny else build_model_dir(args.model_dir or f"/tmp/bench-{args.shape}", args.shape)
     num_prompts = args.num_prompts or WORKLOADS[args.workload]
     rows = make_workload(num_prompts, max_tokens=args.max_output)
-    if args.tiny:  # the raw design's process inherits this; the Ray designs get it from util/stages.py
+    if args.tiny:  # the raw design's process inherits this; the Ray designs get it from util/engine.py
         os.environ.update(CPU_ENV_VARS)
     ray.init()
     use_gpu = choose_accelerator("any").use_gpu
@@ -388,10 +389,10 @@ def main() -> None:
         waited = _wait_gpu_free(use_gpu)
         print(f"--- {design} (round {repeat + 1}) at {time.strftime('%H:%M:%S')}", flush=True)
         if design == "warmup":
-            new = run_raw("raw", model, warmup, args.max_output, engine, cfg.sampling(), 1, out, "warmup")
+            new = run_raw("raw", model, warmup, args.max_output, engine, job_sampling(cfg), 1, out, "warmup")
             new = [{**r, "warmup": True} for r in new]
         elif base == "raw":
-            new = run_raw(design, model, len(rows), args.max_output, engine, design_cfg.sampling(),
+            new = run_raw(design, model, len(rows), args.max_output, engine, job_sampling(design_cfg),
                           int(own.get("generates", 1)), out, f"{index}")
         elif base == "pipeline":
             new = [run_pipeline(design, model, rows, design_cfg, ForkTimed if own.get("start") == "fork" else AsyncTimed)]
@@ -399,7 +400,7 @@ def main() -> None:
             seed_cfg = dataclasses.replace(design_cfg, batch_size=5, batches_in_flight=1)
             new = [run_pipeline(design, model, rows[: args.seed_prompts], seed_cfg, SyncTimed)]
         else:
-            new = [run_ray_llm(design, model, rows, engine, design_cfg.sampling(), use_gpu, design_cfg.concurrency)]
+            new = [run_ray_llm(design, model, rows, engine, job_sampling(design_cfg), use_gpu, design_cfg.concurrency)]
         for run in new:
             run.update(round=repeat + 1, gpu_wait_s=waited, engine_kwargs=engine)
             runs.append(run)
