@@ -7,6 +7,7 @@ it needs and adds (util/pipeline.py), and the output's schema lists them in orde
 import pyarrow as pa
 
 ID = "id"  # the row's id: the input's --id-column, else file, position and a hash of the text
+ID_SCHEME = "file:byte-offset(text,jsonl)|row(csv,parquet,openai):sha1[:8]"  # how util/reading.py derives ids
 PROMPT = "prompt"  # the text sent to the model, its prompt format applied
 PROMPT_TOKEN_IDS = "prompt_token_ids"  # the prompt, tokenized once by the formatter; not written
 NUM_INPUT_TOKENS = "num_input_tokens"

@@ -46,6 +46,8 @@ import typing
 
 import pyarrow as pa
 
+from util import columns as col
+
 CHAT_URL = "/v1/chat/completions"
 # Body parameters and the SamplingParams field each one sets (response_format: util/structured_output.py).
 SAMPLING_PARAMETERS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
@@ -77,7 +79,7 @@ DEFAULT_ONLY_PARAMETERS = {
 }
 # Columns the reader gives each request; `messages` is what the prompt formatter reads.
 # `request_error`: why a line is not a valid request; the formatter turns it into the row's `error`.
-REQUEST_COLUMNS = ("custom_id", "messages", "sampling_params", "request_model", "request_error")
+REQUEST_COLUMNS = ("custom_id", "messages", col.SAMPLING_PARAMS, "request_model", col.REQUEST_ERROR)
 
 
 @functools.cache
@@ -119,8 +121,8 @@ def logprob_sampling(logprobs, top_logprobs) -> dict:
 
 
 def _refused(custom_id: str, reason: str) -> dict:
-    return {"custom_id": custom_id, "messages": None, "sampling_params": None, "request_model": None,
-            "request_error": reason}
+    return {"custom_id": custom_id, "messages": None, col.SAMPLING_PARAMS: None, "request_model": None,
+            col.REQUEST_ERROR: reason}
 
 
 def request_row(line: str, where: str) -> dict:
@@ -161,8 +163,8 @@ def request_row(line: str, where: str) -> dict:
     except ValueError as error:
         return _refused(custom_id, f"{where}: {error}")
     return {"custom_id": custom_id, "messages": json.dumps(messages, ensure_ascii=False),
-            "sampling_params": json.dumps(sampling, ensure_ascii=False) if sampling else None,
-            "request_model": body.get("model"), "request_error": None}
+            col.SAMPLING_PARAMS: json.dumps(sampling, ensure_ascii=False) if sampling else None,
+            "request_model": body.get("model"), col.REQUEST_ERROR: None}
 
 
 def request_table(rows: list[dict]) -> pa.Table:
@@ -172,24 +174,25 @@ def request_table(rows: list[dict]) -> pa.Table:
 def output_record(row: dict, created: int | None = None) -> dict:
     """One output row (util/output.py's columns) → the Batch API's output or error record."""
     # Derived from the row's id, so a record's ids are the same in every run.
-    request_id = hashlib.sha1(row["id"].encode("utf-8", "surrogatepass")).hexdigest()[:24]
-    record = {"id": f"batch_req_{request_id}", "custom_id": row["id"]}
-    if row["error"] is not None:
-        body = {"error": {"message": row["error"], "type": "invalid_request_error", "param": None, "code": None}}
+    request_id = hashlib.sha1(row[col.ID].encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    record = {"id": f"batch_req_{request_id}", "custom_id": row[col.ID]}
+    if row[col.ERROR] is not None:
+        body = {"error": {"message": row[col.ERROR], "type": "invalid_request_error", "param": None, "code": None}}
         return {**record, "response": {"status_code": 400, "request_id": request_id, "body": body},
-                "error": {"code": "invalid_request", "message": row["error"]}}
-    prompt_tokens, completion_tokens = row["num_input_tokens"] or 0, row["num_generated_tokens"] or 0
-    samples = row.get("completions") or [{"text": row["generated_text"], "finish_reason": row["finish_reason"],
-                                          "reasoning_content": row.get("reasoning_content"),
-                                          "logprobs": row.get("logprobs"),
-                                          "structured_output_error": row.get("structured_output_error")}]
+                "error": {"code": "invalid_request", "message": row[col.ERROR]}}
+    prompt_tokens, completion_tokens = row[col.NUM_INPUT_TOKENS] or 0, row[col.NUM_GENERATED_TOKENS] or 0
+    # Each sample in the shape of a `completions` entry (util/columns.py COMPLETION): n of them, or the row's one.
+    samples = row.get(col.COMPLETIONS) or [{"text": row[col.GENERATED_TEXT], "finish_reason": row[col.FINISH_REASON],
+                                            "reasoning_content": row.get(col.REASONING_CONTENT),
+                                            "logprobs": row.get(col.LOGPROBS),
+                                            "structured_output_error": row.get(col.STRUCTURED_OUTPUT_ERROR)}]
     body = {"id": f"chatcmpl-{request_id}", "object": "chat.completion",
             "created": int(time.time()) if created is None else created, "model": row["model"],
             "choices": [_choice(index, sample) for index, sample in enumerate(samples)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
-    if row.get("prompt_logprobs") is not None:  # --prompt-logprobs: where vLLM's server puts them
-        body["prompt_logprobs"] = row["prompt_logprobs"]
+    if row.get(col.PROMPT_LOGPROBS) is not None:  # --prompt-logprobs: where vLLM's server puts them
+        body["prompt_logprobs"] = row[col.PROMPT_LOGPROBS]
     return {**record, "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
 
 
@@ -220,7 +223,7 @@ def preview(record: dict) -> dict:
     """An output record, read back, in the shape of an output row: for a glance at the results."""
     body = (record.get("response") or {}).get("body") or {}
     choice = (body.get("choices") or [{}])[0]
-    return {"id": record.get("custom_id"), "generated_text": (choice.get("message") or {}).get("content"),
-            "finish_reason": choice.get("finish_reason"),
-            "num_generated_tokens": (body.get("usage") or {}).get("completion_tokens", 0),
-            "error": (record.get("error") or {}).get("message")}
+    return {col.ID: record.get("custom_id"), col.GENERATED_TEXT: (choice.get("message") or {}).get("content"),
+            col.FINISH_REASON: choice.get("finish_reason"),
+            col.NUM_GENERATED_TOKENS: (body.get("usage") or {}).get("completion_tokens", 0),
+            col.ERROR: (record.get("error") or {}).get("message")}

@@ -259,6 +259,23 @@ def remove_temp_files(output_path: str) -> int:
     return len(leftovers)
 
 
+def delete_output(output_path: str) -> None:
+    """Delete an earlier output (--overwrite). Only a folder that holds nothing but output goes, so a
+    mistyped path cannot wipe a folder of other files."""
+    filesystem, path = resolve(output_path)
+    foreign = [f.path[len(path) + 1:] for f in listed_files(filesystem, path) if not (
+        f.base_name.endswith(tuple(EXTENSIONS.values())) or is_temp_file(f)
+        or f.path[len(path) + 1:].startswith("_"))]  # the run's own records: manifest, report, _preflight/
+    if foreign:
+        raise InputError(f"--overwrite deletes only earlier output, but {output_path} also holds "
+                         f"{', '.join(sorted(foreign)[:5])}; move those away or choose another --output-path")
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        # delete_dir would leave a folder-marker object in the parent prefix; this leaves one here at most
+        filesystem.delete_dir_contents(path, missing_dir_ok=True)
+    elif os.path.isdir(path):
+        filesystem.delete_dir(path)
+
+
 def write_results(ds: ray.data.Dataset, output_path: str, output_format: str = "parquet",
                   write_id: str | None = None, rows_per_file: int = ROWS_PER_FILE) -> dict:
     """Run the pipeline and commit its rows under `output_path`. Returns the rows written by this call:

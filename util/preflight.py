@@ -243,12 +243,10 @@ def save_preflight(report_dir: str, result: dict) -> list[str]:
     return [join(report_dir, name) for name in files]
 
 
-def run_preflight(cfg: "Config") -> int:
-    """`main.py --preflight`: plan, check, estimate, print, write the report; the exit code the run would
-    have. A refusal is reported (verdict "refused") and raised again, for main.py's exit code 2."""
-    from util.plan import make_plan, output_path_of
-
-    output_path = output_path_of(cfg)
+def run_preflight(plan: "Plan") -> int:
+    """`main.py --preflight`: check, estimate, print, write the report; the exit code the run would have.
+    A refusal is reported (verdict "refused") and raised again, for main.py's exit code 2."""
+    cfg, output_path = plan.cfg, plan.output_path
     report_dir = cfg.preflight_report_dir or join(output_path, PREFLIGHT_FOLDER)
     result = {"input_path": cfg.input_path or "(the sample prompts)", "output_path": output_path,
               "max_error_fraction": cfg.max_error_fraction}
@@ -256,7 +254,6 @@ def run_preflight(cfg: "Config") -> int:
         if cfg.deadline_hours is not None and not cfg.deadline_hours > 0:
             raise ValueError(f"--deadline-hours must be > 0, got {cfg.deadline_hours}")
         tok_per_s, source = replica_throughput(cfg, output_path)
-        plan = make_plan(cfg)
         result.update(inspect_input(plan))
     except Exception as error:  # refused as the run would refuse it (main.py: exit code 2)
         reason = refusal_reason(error)
