@@ -26,13 +26,12 @@ from util.config import Config, parse_args, smoke_config
 from util.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, failure_reason, refusal_reason
 from util.hf_token import prompt_for_hugging_face_token, worker_runtime_env
 from util.manifest import Manifest
-from util.output import output_counts, sample_rows, write_results
+from util.output import delete_output, output_counts, sample_rows, write_results
 from util.pipeline import build_pipeline
 from util.plan import make_plan
 from util.predictor import wait_for_replicas_to_exit
 from util.preflight import run_preflight
 from util.report import ProgressReporter, check_accounting, format_report, over_error_budget, write_report
-from util.resume import delete_output
 from util.scan import check_before_run
 from util.worker_env import ray_init_kwargs
 
@@ -44,8 +43,6 @@ def run(cfg: Config) -> int:
     #    in Ray's runtime environment, never through a file that a job uploads or a logged variable.
     token = prompt_for_hugging_face_token(cfg.model, interactive=False)
     ray.init(**ray_init_kwargs(worker_runtime_env(token), cfg.verbose))  # vLLM and Ray: warnings up
-    if cfg.preflight:  # check the input and estimate the run, on CPU, without an engine (util/preflight.py)
-        return run_preflight(cfg)
 
     # 2. Plan: the output path, accelerator, engine arguments, sampling, prompt format and fingerprint,
     #    resolved once (util/plan.py). Then check everything before any output is written or any GPU
@@ -53,6 +50,8 @@ def run(cfg: Config) -> int:
     #    the input reads cleanly with unique ids (one distributed pass). The output path has no random
     #    part, so a re-run (or a job retry) resumes its output, skipping ids already written.
     plan = make_plan(cfg)
+    if cfg.preflight:  # check the input and estimate the run, on CPU, without an engine (util/preflight.py)
+        return run_preflight(plan)
     scan = check_before_run(plan)
     if cfg.overwrite:
         delete_output(plan.output_path)

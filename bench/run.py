@@ -1,28 +1,52 @@
-"""Throughput benchmark: one workload, four designs, the same GPU, one invocation.
+"""Throughput benchmark: one workload, several designs, the same GPU, one invocation, every design repeated.
 
-    python -m bench.run --out bench-results                     # GPU: Mistral-7B-shaped dummy model, 4000 prompts
-    python -m bench.run --designs raw,pipeline --out results    # a subset of the designs
-    python -m bench.run --tiny --num-prompts 24 --out /tmp/b    # CPU: tiny model (what the tests run)
-    python -m bench.run --designs pipeline --concurrency 2 --out dp2                  # 2 data-parallel replicas
-    python -m bench.run --designs pipeline --shape mixtral-8x7b --tensor-parallel-size 2 --out tp2
+    python -m bench.run --out bench-results                     # GPU: warm-up, then raw, pipeline, ray_llm x 3
+    python -m bench.run --designs raw,pipeline --repeats 5 --out r          # a subset, more repeats
+    python -m bench.run --workload large --designs raw,pipeline --out large # 20,000 prompts: steady state
+    python -m bench.run --then seed --seed-prompts 100 --out r              # the seed design once, after the rounds
+    python -m bench.run --designs raw,raw_s2048 --variant 'raw_s2048=raw:max_num_seqs=2048' --out levers
+    python -m bench.run --then raw_g --variant 'raw_g=raw:generates=2;compilation_config={"max_cudagraph_capture_size":1024}' --out g
+    python -m bench.run --tiny --num-prompts 24 --repeats 1 --out /tmp/b    # CPU: tiny model (what the tests run)
+    python -m bench.run --designs pipeline --concurrency 2 --repeats 1 --out dp2          # 2 data-parallel replicas
+    python -m bench.run --designs pipeline --shape mixtral-8x7b --tensor-parallel-size 2 --repeats 1 --out tp2
 
 Designs:
-  raw       vLLM `LLM.generate` on the whole workload in one call
-  pipeline  this project's pipeline with its shipped defaults (util/stages.py, as main.py runs it)
+  raw       vLLM `LLM.generate` on the whole workload in one call, in a fresh process per run
+  pipeline  this project's pipeline with its shipped defaults (util/pipeline.py, as main.py runs it)
   seed      the original template: synchronous `LLM.generate` per batch of 5 (on --seed-prompts rows)
-  ray_llm   ray.data.llm `build_processor` (batch 256, max_num_seqs 1024)
+  ray_llm   ray.data.llm `build_processor` (batch 256, the same engine arguments)
+  NAME      a variant, `--variant NAME=BASE:key=value;key=value` (BASE one of the above): keys that are
+            job settings (batch_size, batches_in_flight) change the job, `generates=N` (raw only) runs the
+            workload N times in one engine (prefix cache reset between), `start=fork` (pipeline only) forks
+            the replica's engine process instead of spawning it (a prototype, ForkTimed), and any other key
+            is an engine argument.
+
+Order: an untimed warm-up (raw on --warmup-prompts rows) fills vLLM's compile cache, so that no timed
+run pays for compiling the shared engine configuration; then --repeats rounds of --designs, interleaved
+(raw, pipeline, ray_llm, raw, ...) so that a drift of the machine hits every design alike; then each of
+--then once.
 
 The workload (bench/workload.py): prompts of about 100 tokens, output lengths 16-512 fixed per prompt with
-ignore_eos, so every design generates exactly the same number of tokens. Every design is timed the same
-way: output tokens / (last output - first request), so engine start is excluded; engine start is reported
-separately (the LLM constructor for raw; first request - execution start for the Ray designs).
-Writes results.json and throughput.png under --out.
+ignore_eos, so every design generates exactly the same number of tokens. Every run is timed the same way:
+output tokens / (last output - first request), so engine start is excluded. Time to first request (TTFT
+below: the first token follows within the first prefill step) is measured from the run's start: for raw
+the launch of its process (imports, engine start, tokenizing the prompts); for the Ray designs the call
+that builds the dataset (actor start, imports, tokenizer load, engine start). For the pipeline each
+replica also stamps when it started, entered __init__, imported vLLM, loaded its tokenizer and had its
+engine ready, so the start can be broken down.
+
+Writes results.json (every run, and per design the median and min-max, and ratios of medians) and
+throughput.png under --out.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,72 +56,198 @@ import ray
 from bench.workload import make_workload
 from util.accelerator import choose_accelerator
 from util.config import Config, parse_engine_arg
-from util.predictor import LLMPredictor, SyncLLMPredictor, row_sampling
+from util.predictor import LLMPredictor, SyncLLMPredictor, row_sampling, wait_for_replicas_to_exit
 from util.prompt_format import PromptFormatter
-from util.pipeline import build_pipeline
-from util.stages import CPU_ENV_VARS, engine_kwargs
+from util.engine import CPU_ENV_VARS, engine_kwargs
+from util.pipeline import build_pipeline, pipeline_stages
+from util.plan import job_sampling, make_plan
 from util.tiny_model import build_model_dir, tiny_model_dir
 
 # vLLM arguments every design shares: dummy weights, and the offline batch limits for an 80 GB card.
 GPU_ENGINE_ARGS = {"load_format": "dummy", "max_model_len": 4096, "max_num_seqs": 1024}
+WORKLOADS = {"standard": 4000, "large": 20000}
+BASES = ("raw", "pipeline", "seed", "ray_llm")
+# A replica's start, in order; each a column of the predictor's output (the same value on every row).
+START_MARKS = ("t_process_start", "t_init_entered", "t_vllm_imported", "t_tokenizer_loaded", "t_engine_ready")
 
 
-def _stamp(table: pa.Table, start: float) -> pa.Table:
+def _stamp(table: pa.Table, start: float, marks: dict) -> pa.Table:
     n = table.num_rows
-    return table.append_column("t_start", pa.array([start] * n)).append_column("t_end", pa.array([time.time()] * n))
+    table = table.append_column("t_start", pa.array([start] * n)).append_column("t_end", pa.array([time.time()] * n))
+    for name in START_MARKS:
+        table = table.append_column(name, pa.array([marks.get(name)] * n, pa.float64()))
+    return table
+
+
+def _process_start() -> float | None:
+    """When this process was created (wall clock), to tell the worker's own start from Ray's scheduling."""
+    try:
+        import psutil
+
+        return psutil.Process(os.getpid()).create_time()
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def _mark_tokenizer_load(marks: dict):
+    """Stamps the end of the replica's tokenizer load (util/predictor.py `_tokenizer`, when it has one)."""
+    import util.predictor as predictor
+
+    load = getattr(predictor, "_tokenizer", None)
+    if load is None:
+        yield
+        return
+
+    def timed(*args, **kwargs):
+        tokenizer = load(*args, **kwargs)
+        marks["t_tokenizer_loaded"] = time.time()
+        return tokenizer
+
+    predictor._tokenizer = timed
+    try:
+        yield
+    finally:
+        predictor._tokenizer = load
+
+
+def _start_marks() -> dict:
+    marks = {"t_init_entered": time.time(), "t_process_start": _process_start()}
+    import vllm  # noqa: F401  (the import the parent's __init__ does first, timed on its own)
+    from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
+
+    marks["t_vllm_imported"] = time.time()
+    return marks
 
 
 class AsyncTimed(LLMPredictor):
+    def __init__(self, *args, **kwargs):
+        marks = _start_marks()
+        with _mark_tokenizer_load(marks):
+            super().__init__(*args, **kwargs)
+        self.marks = {**marks, "t_engine_ready": time.time()}
+
     async def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.time()
-        return _stamp(await super().__call__(batch), start)
+        return _stamp(await super().__call__(batch), start, self.marks)
+
+
+class ForkTimed(AsyncTimed):
+    """A prototype of one cut of the replica's start: vLLM spawns its engine process from a Ray actor
+    (a fresh interpreter that imports torch and vLLM again) where a plain process forks it. Told that
+    this is no Ray actor, vLLM forks the replica, whose imports are done. Its engine runs in one process
+    (one GPU) and never talks to Ray, which is what makes the fork of a Ray worker workable here."""
+
+    def __init__(self, *args, **kwargs):
+        from vllm.utils import system_utils
+
+        system_utils.is_in_ray_actor = lambda: False
+        super().__init__(*args, **kwargs)
 
 
 class SyncTimed(SyncLLMPredictor):
+    def __init__(self, *args, **kwargs):
+        marks = _start_marks()
+        super().__init__(*args, **kwargs)
+        self.marks = {**marks, "t_engine_ready": time.time()}
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.time()
-        return _stamp(super().__call__(batch), start)
+        return _stamp(super().__call__(batch), start, self.marks)
 
 
-def _result(name: str, tokens: int, rows: int, first: float, last: float, engine_start: float, wall: float) -> dict:
+def _result(name: str, tokens: int, rows: int, first: float, last: float, began: float, wall: float,
+            **extra) -> dict:
     return {"design": name, "rows": rows, "output_tokens": tokens, "generate_s": round(last - first, 2),
-            "output_tok_per_s": round(tokens / (last - first), 1), "engine_start_s": round(engine_start, 1),
-            "wall_s": round(wall, 1)}
+            "output_tok_per_s": round(tokens / (last - first), 1), "ttft_s": round(first - began, 1),
+            "wall_s": round(wall, 1), **extra}
 
 
-def run_raw(model: str, rows: list[dict], engine: dict, sampling: dict) -> dict:
+def _wait_gpu_free(use_gpu: bool, timeout_s: float = 120.0) -> float:
+    """Seconds waited until the GPUs hold under 2 GiB: the last run's engine must be gone before the next
+    one sizes its KV cache from the free memory."""
+    if not use_gpu:
+        return 0.0
+    began = time.time()
+    while time.time() - began < timeout_s:
+        used = os.popen("nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits").read().split()
+        if not used or max(float(u) for u in used) < 2048:
+            break
+        time.sleep(1)
+    return round(time.time() - began, 1)
+
+
+def run_raw(name: str, model: str, num_prompts: int, max_output: int, engine: dict, sampling: dict,
+            generates: int, out: Path, tag: str) -> list[dict]:
+    """Raw vLLM in a fresh process, so that its TTFT counts the imports as the Ray designs' does, and its
+    engine is surely gone (GPU memory and all) when the process ends."""
+    spec, result = out / f"raw-{tag}.spec.json", out / f"raw-{tag}.result.json"
+    began = time.time()
+    spec.write_text(json.dumps({"name": name, "model": model, "num_prompts": num_prompts, "max_output": max_output,
+                                "engine": engine, "sampling": sampling, "generates": generates, "began": began,
+                                "result": str(result)}))
+    code = subprocess.run([sys.executable, "-m", "bench.run", "--child", str(spec)]).returncode
+    if code != 0:
+        raise SystemExit(f"{name}: the raw process exited with {code}")
+    return json.loads(result.read_text())
+
+
+def raw_child(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    began = spec["began"]
     from vllm import LLM, SamplingParams
 
-    began = time.time()
-    llm = LLM(model=model, **engine)
+    imported = time.time()
+    rows = make_workload(spec["num_prompts"], max_tokens=spec["max_output"])
+    llm = LLM(model=spec["model"], **spec["engine"])
     ready = time.time()
     # The same prompts, token for token, as the pipeline sends: the chat template, tokenized once.
-    token_ids = PromptFormatter(model, "text")(pa.Table.from_pylist([{"text": r["text"]} for r in rows]))
+    token_ids = PromptFormatter(spec["model"], "text")(pa.Table.from_pylist([{"text": r["text"]} for r in rows]))
     prompts = [{"prompt_token_ids": ids} for ids in token_ids["prompt_token_ids"].to_pylist()]
-    params = [SamplingParams(**row_sampling(sampling, r["sampling_params"])) for r in rows]
-    first = time.time()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    last = time.time()
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    params = [SamplingParams(**row_sampling(spec["sampling"], r["sampling_params"])) for r in rows]
+    results = []
+    for i in range(spec["generates"]):
+        if i:  # the same prompts again: without the reset their prefill would come from the cache
+            llm.reset_prefix_cache()
+        first = time.time()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        last = time.time()
+        marks = {"vllm_imported": round(imported - began, 1), "engine_ready": round(ready - began, 1)} if not i else {}
+        results.append(_result(spec["name"], sum(len(o.outputs[0].token_ids) for o in outputs), len(outputs),
+                               first, last, began, last - began, generate_index=i, start_marks=marks))
+        if i:
+            results[-1]["ttft_s"] = None  # the engine was started by the first pass
+    Path(spec["result"]).write_text(json.dumps(results))
     del llm
-    return _result("raw", tokens, len(outputs), first, last, ready - began, last - began)
 
 
 def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor) -> dict:
-    choice = choose_accelerator("any")
     began = time.time()
-    ds = build_pipeline(dataclasses.replace(cfg, id_column="id"), choice, source=rows, predictor=predictor)
-    table = ds.select_columns(["num_generated_tokens", "t_start", "t_end"]).to_arrow_refs()
-    table = pa.concat_tables(ray.get(table))
+    plan = make_plan(dataclasses.replace(cfg, id_column="id"))  # as main.py plans a run: part of its start
+    ds = build_pipeline(plan, source=rows, stages=pipeline_stages(plan, predictor=predictor))
+    executing = time.time()
+    refs = ds.select_columns(["num_generated_tokens", "t_start", "t_end", *START_MARKS]).to_arrow_refs()
+    table = pa.concat_tables(ray.get(refs))
+    ended = time.time()
+    wait_for_replicas_to_exit()
     first, last = min(table["t_start"].to_pylist()), max(table["t_end"].to_pylist())
-    tokens = sum(table["num_generated_tokens"].to_pylist())
-    return _result(name, tokens, table.num_rows, first, last, first - began, time.time() - began)
+    # Time since the run's start: the first replica's marks (with several replicas, each mark's earliest).
+    marks = {"execution_start": executing - began}
+    for mark in START_MARKS:
+        values = [v for v in table[mark].to_pylist() if v is not None]
+        if values:
+            marks[mark[2:]] = min(values) - began
+    marks.update(first_batch_in=first - began, first_batch_out=min(table["t_end"].to_pylist()) - began)
+    marks = {k: round(v, 1) for k, v in marks.items()}
+    return _result(name, sum(table["num_generated_tokens"].to_pylist()), table.num_rows, first, last, began,
+                   ended - began, start_marks=marks)
 
 
-def run_ray_llm(model: str, rows: list[dict], engine: dict, sampling: dict, use_gpu: bool, concurrency: int) -> dict:
+def run_ray_llm(name: str, model: str, rows: list[dict], engine: dict, sampling: dict, use_gpu: bool,
+                concurrency: int, batch_size: int = 256) -> dict:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    config = vLLMEngineProcessorConfig(model_source=model, engine_kwargs=dict(engine), batch_size=256,
+    config = vLLMEngineProcessorConfig(model_source=model, engine_kwargs=dict(engine), batch_size=batch_size,
                                        concurrency=concurrency,
                                        **({} if use_gpu else {"placement_group_config": {"bundles": [{"CPU": 0.5}]}}))
     processor = build_processor(
@@ -108,20 +258,58 @@ def run_ray_llm(model: str, rows: list[dict], engine: dict, sampling: dict, use_
                                  "time_taken_llm": row["time_taken_llm"]})
     began = time.time()
     out = processor(ray.data.from_items(rows)).to_pandas()
+    ended = time.time()
+    wait_for_replicas_to_exit()
     first = float((out["t_end"] - out["time_taken_llm"]).min())
-    return _result("ray_llm", int(out["num_generated_tokens"].sum()), len(out), first, float(out["t_end"].max()),
-                   first - began, time.time() - began)
+    return _result(name, int(out["num_generated_tokens"].sum()), len(out), first, float(out["t_end"].max()),
+                   began, ended - began, start_marks={"first_batch_out": round(float(out["t_end"].min()) - began, 1)})
 
 
-def plot(results: list[dict], path: Path, title: str) -> None:
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """`NAME=BASE:key=value;key=value` -> (name, base, settings)."""
+    name, _, rest = text.partition("=")
+    base, _, settings = rest.partition(":")
+    if not name or base not in BASES:
+        raise SystemExit(f"--variant takes NAME=BASE:key=value;..., BASE one of {', '.join(BASES)}; got {text!r}")
+    return name, base, dict(parse_engine_arg(kv) for kv in settings.split(";") if kv.strip())
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
+            "max": round(max(values), 1), "n": len(values)} if values else {}
+
+
+def summarize(runs: list[dict]) -> dict:
+    designs = {}
+    for run in runs:
+        if run.get("warmup"):
+            continue
+        designs.setdefault(run["design"], []).append(run)
+    summary = {name: {"output_tok_per_s": _spread([r["output_tok_per_s"] for r in rs]),
+                      "ttft_s": _spread([r["ttft_s"] for r in rs if r.get("ttft_s") is not None])}
+               for name, rs in designs.items()}
+    medians = {name: s["output_tok_per_s"]["median"] for name, s in summary.items()}
+    ratios = {f"{name}/raw": round(m / medians["raw"], 3) for name, m in medians.items()
+              if "raw" in medians and name != "raw"}
+    for base in ("ray_llm", "seed"):
+        if "pipeline" in medians and base in medians:
+            ratios[f"pipeline/{base}"] = round(medians["pipeline"] / medians[base], 3)
+    return {"designs": summary, "ratios_of_medians": ratios}
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bars = ax.bar([r["design"] for r in results], [r["output_tok_per_s"] for r in results], color="#4c72b0")
-    ax.bar_label(bars, labels=[f"{r['output_tok_per_s']:,.0f}" for r in results])
-    ax.set_ylabel("output tokens / s (engine start excluded)")
+    names = list(summary["designs"])
+    stats = [summary["designs"][n]["output_tok_per_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(names)), 4))
+    medians = [s["median"] for s in stats]
+    errors = [[m - s["min"] for m, s in zip(medians, stats)], [s["max"] - m for m, s in zip(medians, stats)]]
+    bars = ax.bar(names, medians, yerr=errors, capsize=4, color="#4c72b0")
+    ax.bar_label(bars, labels=[f"{m:,.0f}" for m in medians], label_type="center", color="white")
+    ax.set_ylabel("output tokens / s (median, min-max)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -129,9 +317,15 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--designs", default="raw,pipeline,seed,ray_llm")
-    parser.add_argument("--num-prompts", type=int, default=4000)
+    parser.add_argument("--out")
+    parser.add_argument("--designs", default="raw,pipeline,ray_llm", help="run in this order, every round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of --designs")
+    parser.add_argument("--then", default="", help="designs run once each, after the rounds")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=BASE:key=value;key=value")
+    parser.add_argument("--warmup-prompts", type=int, default=None,
+                        help="rows of the untimed raw warm-up (default 256 on GPU, 0 with --tiny; 0: none)")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="standard")
+    parser.add_argument("--num-prompts", type=int, default=None, help="default: the workload's")
     parser.add_argument("--seed-prompts", type=int, default=100, help="rows for the slow seed design")
     parser.add_argument("--max-output", type=int, default=512)
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU instead of a 7B shape on GPU")
@@ -141,13 +335,20 @@ def main() -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--stop", action="append", default=[], help="stop strings for every row")
     parser.add_argument("--engine-arg", action="append", default=[], help="key=value for every design")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one raw run, in its own process
     args = parser.parse_args()
-    out = Path(args.out)
+    if args.child:
+        raw_child(args.child)
+        return
+    if not args.out:
+        parser.error("--out is required")
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
     model = tiny_model_dir() if args.tiny else build_model_dir(args.model_dir or f"/tmp/bench-{args.shape}", args.shape)
-    rows = make_workload(args.num_prompts, max_tokens=args.max_output)
-    if args.tiny:  # the raw design runs vLLM in this process; the Ray designs get it from util/stages.py
+    num_prompts = args.num_prompts or WORKLOADS[args.workload]
+    rows = make_workload(num_prompts, max_tokens=args.max_output)
+    if args.tiny:  # the raw design's process inherits this; the Ray designs get it from util/engine.py
         os.environ.update(CPU_ENV_VARS)
     ray.init()
     use_gpu = choose_accelerator("any").use_gpu
@@ -155,36 +356,71 @@ def main() -> None:
                  accelerator_type="any", temperature=0, stop=args.stop,
                  engine_arg={**({} if args.tiny else GPU_ENGINE_ARGS),
                              **dict(parse_engine_arg(kv) for kv in args.engine_arg)})
-    engine = engine_kwargs(cfg, use_gpu)
-    results = []
-    for design in args.designs.split(","):
-        print(f"--- {design}", flush=True)
-        if design == "raw":
-            results.append(run_raw(model, rows, engine, cfg.sampling()))
-        elif design == "pipeline":
-            results.append(run_pipeline("pipeline", model, rows, cfg, AsyncTimed))
-        elif design == "seed":
-            seed_cfg = dataclasses.replace(cfg, batch_size=5, batches_in_flight=1)
-            results.append(run_pipeline("seed", model, rows[: args.seed_prompts], seed_cfg, SyncTimed))
-        elif design == "ray_llm":
-            results.append(run_ray_llm(model, rows, engine, cfg.sampling(), use_gpu, cfg.concurrency))
+    variants = {name: (name, {}) for name in BASES}
+    for text in args.variant:
+        name, base, settings = parse_variant(text)
+        variants[name] = (base, settings)
+    rounds = [d for d in args.designs.split(",") if d]
+    schedule = [(r, d) for r in range(args.repeats) for d in rounds] + \
+               [(0, d) for d in args.then.split(",") if d]
+    for _, design in schedule:
+        if design not in variants:
+            raise SystemExit(f"unknown design {design!r}: one of {', '.join(variants)}, or define it with --variant")
+    warmup = args.warmup_prompts if args.warmup_prompts is not None else (0 if args.tiny else 256)
+    if warmup:
+        schedule.insert(0, (0, "warmup"))
+
+    def setup(design: str) -> tuple[str, Config, dict, dict]:
+        """(base design, job settings, engine arguments, the bench's own settings) of a design or variant."""
+        base, settings = variants.get(design, ("raw", {}))
+        fields = {f.name for f in dataclasses.fields(Config)}
+        job = {k: v for k, v in settings.items() if k in fields}
+        own = {k: v for k, v in settings.items() if k in ("generates", "start")}
+        engine_args = {k: v for k, v in settings.items() if k not in fields and k not in own}
+        design_cfg = dataclasses.replace(cfg, **job, engine_arg={**cfg.engine_arg, **engine_args})
+        return base, design_cfg, engine_kwargs(design_cfg, use_gpu), own
+
+    runs = []
+    header = {"num_prompts": len(rows), "workload": args.workload, "shape": args.shape,
+              "concurrency": cfg.concurrency, "engine_kwargs": engine_kwargs(cfg, use_gpu),
+              "variants": {k: v for k, v in variants.items() if k not in BASES}, "schedule": schedule}
+    for index, (repeat, design) in enumerate(schedule):
+        base, design_cfg, engine, own = setup(design)
+        waited = _wait_gpu_free(use_gpu)
+        print(f"--- {design} (round {repeat + 1}) at {time.strftime('%H:%M:%S')}", flush=True)
+        if design == "warmup":
+            new = run_raw("raw", model, warmup, args.max_output, engine, job_sampling(cfg), 1, out, "warmup")
+            new = [{**r, "warmup": True} for r in new]
+        elif base == "raw":
+            new = run_raw(design, model, len(rows), args.max_output, engine, job_sampling(design_cfg),
+                          int(own.get("generates", 1)), out, f"{index}")
+        elif base == "pipeline":
+            new = [run_pipeline(design, model, rows, design_cfg, ForkTimed if own.get("start") == "fork" else AsyncTimed)]
+        elif base == "seed":
+            seed_cfg = dataclasses.replace(design_cfg, batch_size=5, batches_in_flight=1)
+            new = [run_pipeline(design, model, rows[: args.seed_prompts], seed_cfg, SyncTimed)]
         else:
-            raise SystemExit(f"unknown design {design!r}")
-        print(json.dumps(results[-1]), flush=True)
-        (out / "results.json").write_text(json.dumps({"engine_kwargs": engine, "num_prompts": len(rows),
-                                                      "shape": args.shape, "concurrency": cfg.concurrency,
-                                                      "results": results}, indent=2))
+            new = [run_ray_llm(design, model, rows, engine, job_sampling(design_cfg), use_gpu, design_cfg.concurrency)]
+        for run in new:
+            run.update(round=repeat + 1, gpu_wait_s=waited, engine_kwargs=engine)
+            runs.append(run)
+            print(json.dumps({k: v for k, v in run.items() if k != "engine_kwargs"}), flush=True)
+        (out / "results.json").write_text(json.dumps({**header, "runs": runs, "summary": summarize(runs)}, indent=2))
+
+    summary = summarize(runs)
     device = "CPU" if not use_gpu else ", ".join(sorted(set(
         os.popen("nvidia-smi --query-gpu=name --format=csv,noheader").read().split("\n")) - {""}))
     layout = f"{cfg.concurrency} replica(s) x TP {cfg.tensor_parallel_size}" if cfg.concurrency > 1 or \
         cfg.tensor_parallel_size > 1 else "1 GPU"
-    plot(results, out / "throughput.png",
+    plot(summary, out / "throughput.png",
          f"{args.shape if not args.tiny else 'tiny'}, {len(rows)} prompts, 16-{args.max_output} output tokens, "
          f"{layout}, {device}")
-    print(f"{'design':10} {'rows':>6} {'out tok':>9} {'tok/s':>9} {'start s':>8} {'wall s':>7}")
-    for r in results:
-        print(f"{r['design']:10} {r['rows']:>6} {r['output_tokens']:>9} {r['output_tok_per_s']:>9.0f} "
-              f"{r['engine_start_s']:>8.1f} {r['wall_s']:>7.1f}")
+    print(f"{'design':14} {'runs':>4} {'tok/s median':>12} {'min-max':>15} {'TTFT median':>11} {'min-max':>13}")
+    for name, s in summary["designs"].items():
+        t, f = s["output_tok_per_s"], s["ttft_s"]
+        ttft = (f"{f['median']:>11.1f} {f['min']:>6.1f}-{f['max']:<6.1f}" if f else f"{'':>11} {'':>13}")
+        print(f"{name:14} {t['n']:>4} {t['median']:>12.0f} {t['min']:>7.0f}-{t['max']:<7.0f} {ttft}")
+    print(json.dumps(summary["ratios_of_medians"]))
 
 
 if __name__ == "__main__":

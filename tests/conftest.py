@@ -112,12 +112,12 @@ def done_index(folder, ids: list[str]):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from util.output import conform
+    from util.output import conform, output_dataset
     from util.resume import DoneIndex
 
     Path(folder).mkdir()
     pq.write_table(conform(pa.table({"id": pa.array(ids, pa.string())})), Path(folder) / "part-x-000000.parquet")
-    return DoneIndex.build(str(folder), "parquet")
+    return DoneIndex.build(*output_dataset(str(folder), "parquet"))
 
 
 def closed_local_port_url() -> str:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PROMPTS, REPO, line_ids
+from util.output import OUTPUT_SCHEMA
 
 SMOKE_ROWS = 20  # --smoke's limit
 
@@ -42,6 +43,7 @@ def test_the_notebook_writes_one_row_per_input_row_with_mains_ids(notebook):
     printed = "".join(o.get("text", "") for cell in executed.cells if cell.cell_type == "code" for o in cell.outputs)
     assert f"{{'rows': {SMOKE_ROWS}, 'ok': {SMOKE_ROWS}, 'errors': 0" in printed
     table = pq.read_table(out)
+    assert table.schema.names[:len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names  # main.py's columns, in its order
     assert sorted(table["id"].to_pylist()) == sorted(line_ids("prompts_100.txt", PROMPTS)[:SMOKE_ROWS])
     assert all(table["generated_text"].to_pylist())
 

@@ -16,7 +16,7 @@ from openai.types.shared import ErrorObject
 
 from conftest import run_main, scan_error
 from util.openai_batch import output_record, preview, request_row
-from util.output import write_results
+from util.output import output_dataset, write_results
 from util.prompt_format import join_text_parts
 from util.reading import read_prompts
 from util.resume import DoneIndex
@@ -43,13 +43,14 @@ def test_body_parameters_become_the_rows_sampling_params():
      "in.jsonl:4: only POST /v1/chat/completions is supported, got POST /v1/embeddings"),
     (json.dumps({"custom_id": "q-1", "url": "/v1/chat/completions", "body": {"messages": []}}), "q-1",
      "in.jsonl:4: body.messages must be a non-empty list of messages"),
-    (request("q-1", "Hi", n=2), "q-1", "in.jsonl:4: n=2 is not supported (one choice per request; n may be null or 1)"),
-    (request("q-1", "Hi", n=True), "q-1",
-     "in.jsonl:4: n=true is not supported (one choice per request; n may be null or 1)"),
+    (request("q-1", "Hi", n=0), "q-1", "in.jsonl:4: n=0 must be a positive integer"),
+    (request("q-1", "Hi", n=True), "q-1", "in.jsonl:4: n=true must be a positive integer"),
     (request("q-1", "Hi", stream=True), "q-1",
      "in.jsonl:4: stream=true is not supported (a batch is answered whole; stream may be null or false)"),
-    (request("q-1", "Hi", logprobs=True, top_logprobs=2), "q-1",
-     "in.jsonl:4: logprobs=true is not supported (no log probabilities in the output; logprobs may be null or false)"),
+    (request("q-1", "Hi", top_logprobs=2), "q-1", "in.jsonl:4: top_logprobs=2 needs logprobs=true"),
+    (request("q-1", "Hi", logprobs=True, top_logprobs=21), "q-1",
+     "in.jsonl:4: top_logprobs=21 must be an integer from 0 to 20"),
+    (request("q-1", "Hi", logprobs=1), "q-1", "in.jsonl:4: logprobs=1 must be true or false"),
     (request("q-1", "Hi", tools=[{"type": "function", "function": {"name": "f"}}]), "q-1",
      'in.jsonl:4: tools=[{"type": "function", "function": {"name": "f"}}] is not supported '
      "(no tool calls; tools may be null or [])"),
@@ -77,6 +78,18 @@ def test_what_asks_for_no_unsupported_feature_is_accepted(body):
     row = request_row(request("q-1", "Hi", max_tokens=None, **body), "in.jsonl:4")
     assert (row["request_error"], json.loads(row["messages"]), row["sampling_params"]) == (
         None, [{"role": "user", "content": "Hi"}], None)
+
+
+@pytest.mark.parametrize("body, sampling", [
+    ({"n": 3, "temperature": 0.7}, {"n": 3, "temperature": 0.7}),
+    ({"logprobs": True}, {"logprobs": 0}),  # the chosen token's logprob, no alternatives
+    ({"logprobs": True, "top_logprobs": 5}, {"logprobs": 5}),
+    ({"logprobs": False, "top_logprobs": 0}, None),
+])
+def test_n_and_logprobs_become_the_rows_sampling(body, sampling):
+    row = request_row(request("q-1", "Hi", **body), "in.jsonl:4")
+    assert row["request_error"] is None
+    assert (json.loads(row["sampling_params"]) if row["sampling_params"] else None) == sampling
 
 
 def test_logit_bias_becomes_a_sampling_parameter():
@@ -149,7 +162,7 @@ def test_a_batch_resumes_on_custom_id(ray_local, tmp_path):
     write_results(ray_local.data.from_arrow(pa.Table.from_pylist(rows)), str(out), "openai")
     # One record in the output file, one in the error file.
     assert (len(list(out.glob("*.jsonl"))), len(list((out / "errors").glob("*.jsonl")))) == (1, 1)
-    done = DoneIndex.build(str(out), "openai")
+    done = DoneIndex.build(*output_dataset(str(out), "openai"))
     assert done.rows == 2
     scan = scan_input(read_prompts(str(path), "openai", with_where=True), "custom_id", done, str(path), "openai")
     assert (scan.rows, scan.already_done) == (4, 2)
@@ -168,7 +181,9 @@ def batch_run(tmp_path_factory):
              request("q-3", "   "),
              request("q-4", "Count to three."),
              request("q-5", parts, max_tokens=None, n=None, logprobs=False, tools=None, stream=False),
-             request("q-6", "Hi", n=2)]
+             request("q-6", "Hi", n=2),
+             request("q-7", "Name a fruit.", n=2, temperature=0.8, seed=1, logprobs=True, top_logprobs=2,
+                     max_tokens=5)]
     source.write_text("\n".join(lines) + "\n")
     out = folder / "out"
     args = ["--smoke", "--input-path", str(source), "--input-format", "openai", "--output-path", str(out),
@@ -184,9 +199,9 @@ def _records(folder: Path) -> dict[str, dict]:
 def test_a_batch_file_round_trips_and_joins_back_on_custom_id(batch_run):
     first, out = batch_run
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "summary: 7 rows: 4 ok, 3 errors, 0 already done" in first.stdout
+    assert "summary: 8 rows: 5 ok, 3 errors, 0 already done" in first.stdout
     output, errors = _records(out), _records(out / "errors")
-    assert sorted(output) == ["q-1", "q-2", "q-4", "q-5"] and sorted(errors) == ["batch_input.jsonl:3", "q-3", "q-6"]
+    assert sorted(output) == ["q-1", "q-2", "q-4", "q-5", "q-7"] and sorted(errors) == ["batch_input.jsonl:3", "q-3", "q-6"]
     for record in output.values():  # each line as the openai package reads an answer
         ChatCompletion.model_validate(record["response"]["body"])
     for record in errors.values():  # ... and an error
@@ -196,7 +211,17 @@ def test_a_batch_file_round_trips_and_joins_back_on_custom_id(batch_run):
     answer = output["q-5"]["response"]["body"]["choices"][0]
     assert (answer["message"]["content"], answer["finish_reason"]) == ("The capital of France is Paris.", "stop")
     assert errors["q-6"]["error"]["message"] == (
-        "batch_input.jsonl:7: n=2 is not supported (one choice per request; n may be null or 1)")
+        "invalid sampling_params: n=2 needs temperature > 0: greedy sampling gives one answer")
+    # n=2 with logprobs: two choices, each with a logprob and the top 2 per token; usage counts both.
+    body = output["q-7"]["response"]["body"]
+    assert [choice["index"] for choice in body["choices"]] == [0, 1]
+    for choice in body["choices"]:
+        tokens = choice["logprobs"]["content"]
+        assert 0 < len(tokens) <= 5 and all(len(token["top_logprobs"]) == 2 for token in tokens)
+        # The tokens spell the answer; one that stopped by itself ends with the end-of-turn token too.
+        spelled = "".join(token["token"] for token in tokens)
+        assert spelled in (choice["message"]["content"], choice["message"]["content"] + "<|im_end|>")
+    assert body["usage"]["completion_tokens"] == sum(len(c["logprobs"]["content"]) for c in body["choices"])
     for custom_id, limit in (("q-1", 6), ("q-2", 3), ("q-4", 32)):  # the body's max_tokens, else the job's
         body = output[custom_id]["response"]["body"]
         assert output[custom_id]["response"]["status_code"] == 200 and output[custom_id]["error"] is None

@@ -23,11 +23,11 @@ from conftest import data_listing, ids_in
 from util.config import Config
 from util.errors import InputError
 from util.manifest import MANIFEST_NAME, Manifest, read_manifest
-from util.output import ResultsDatasink, output_counts, read_results, summarize, write_results
+from util.output import ResultsDatasink, delete_output, output_counts, read_results, summarize, write_results
 from util.pipeline import build_pipeline, pipeline_stages
 from util.plan import make_plan
-from util.reading import ID_SCHEME
-from util.resume import check_fingerprint, delete_output
+from util.columns import ID_SCHEME
+from util.resume import check_fingerprint
 from util.storage import commit_file, resolve
 
 IDS = [f"row-{i}" for i in range(5)]

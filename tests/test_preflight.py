@@ -54,6 +54,9 @@ def test_row_budgets_cap_each_rows_max_tokens_by_what_max_model_len_leaves():
     assert out["error"].to_pylist()[:4] == [None, None, "empty prompt in column 'text'", "prompt has 100 tokens; ..."]
     assert out["error"][4].as_py().startswith("invalid sampling_params: ")
     assert row_budgets(batch.slice(0, 1), {"max_tokens": 20}, None)["max_output_tokens"].to_pylist() == [20]
+    # n samples: each row may generate its max_tokens n times
+    sampled = batch.slice(0, 2).set_column(3, "sampling_params", pa.array(['{"n": 3, "temperature": 1}', None]))
+    assert row_budgets(sampled, {"max_tokens": 20}, max_model_len=64)["max_output_tokens"].to_pylist() == [60, 4]
 
 
 def test_token_histogram_ranges_double():

@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ids_in
-from util.output import read_results
-from util.resume import delete_output
+from util.output import delete_output, read_results
 from util.report import (PLOT_NAME, REPORT_NAME, ProgressLog, ProgressReporter, build_report, eta_seconds,
                          format_report, progress_line, throughput_series, write_report)
 

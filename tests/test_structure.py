@@ -8,7 +8,7 @@ import ast
 import functools
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 MOST_MODULES_DEEP = 6
 
 

@@ -26,7 +26,7 @@ from util import hf_token
 from util.config import Config, parse_args
 from util.errors import InputError
 from util.hf_token import prompt_for_hugging_face_token
-from util.output import check_output_writable
+from util.output import check_output_writable, output_dataset
 from util.reading import read_prompts, row_id
 from util.resume import DoneIndex
 from util.scan import InputScan, scan_input
@@ -208,7 +208,7 @@ def test_scan_input_counts_rows_and_rows_already_done(ray_local, tmp_path):
     assert scan_input(read_prompts(str(path)), None, None) == InputScan(rows=5, already_done=0)
     # A run reads them again through the index's filter, in its read tasks: only the rows not yet written.
     assert [r["id"] for r in read_prompts(str(path), row_filter=done.drop_done).take_all()] == ids[0::2]
-    assert DoneIndex.build(str(tmp_path / "no-output-yet"), "parquet") is None
+    assert DoneIndex.build(*output_dataset(str(tmp_path / "no-output-yet"), "parquet")) is None
 
     keyed = write_jsonl(tmp_path / "k.jsonl", [{"uid": f"u{n}", "text": t} for n, t in enumerate("abcde", 1)])
     done = done_index(tmp_path / "keyed-out", ["u1", "u5"])

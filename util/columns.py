@@ -4,7 +4,10 @@ it needs and adds (util/pipeline.py), and the output's schema lists them in orde
     from util.columns import ID, PROMPT_TOKEN_IDS, GENERATED_TEXT
 """
 
+import pyarrow as pa
+
 ID = "id"  # the row's id: the input's --id-column, else file, position and a hash of the text
+ID_SCHEME = "file:byte-offset(text,jsonl)|row(csv,parquet,openai):sha1[:8]"  # how util/reading.py derives ids
 PROMPT = "prompt"  # the text sent to the model, its prompt format applied
 PROMPT_TOKEN_IDS = "prompt_token_ids"  # the prompt, tokenized once by the formatter; not written
 NUM_INPUT_TOKENS = "num_input_tokens"
@@ -16,3 +19,16 @@ FINISH_REASON = "finish_reason"
 NUM_GENERATED_TOKENS = "num_generated_tokens"
 MODEL = "model"
 STRUCTURED_OUTPUT_ERROR = "structured_output_error"
+COMPLETIONS = "completions"  # every sample when n > 1 (util/request_output.py)
+LOGPROBS = "logprobs"
+PROMPT_LOGPROBS = "prompt_logprobs"
+REASONING_CONTENT = "reasoning_content"
+TIMINGS = ("time_in_queue_s", "time_to_first_token_s", "generation_time_s")  # seconds, from vLLM's metrics
+
+# Arrow types of the richer columns, so that every file of a run has the same schema (util/output.py).
+TOP_LOGPROB = pa.struct([("token", pa.string()), ("token_id", pa.int64()), ("logprob", pa.float64())])
+TOKEN_LOGPROBS = pa.list_(pa.struct([*TOP_LOGPROB, pa.field("top_logprobs", pa.list_(TOP_LOGPROB))]))
+COMPLETION = pa.struct([("text", pa.string()), ("reasoning_content", pa.string()),
+                        ("finish_reason", pa.string()), ("num_generated_tokens", pa.int64()),
+                        ("logprobs", TOKEN_LOGPROBS), ("structured_output_error", pa.string())])
+COMPLETIONS_TYPE = pa.list_(COMPLETION)

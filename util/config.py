@@ -48,6 +48,17 @@ class Config:
                             "end-of-turn tokens (from its generation config) end a row already.",
                             default_factory=list)
     seed: int = _help("Sampling seed, for reproducible runs at temperature > 0.", default=0)
+    # --- richer outputs (util/request_output.py; a row's sampling_params may set n, logprobs, ...) ---
+    n: int = _help("Samples per row, all in the `completions` column (`generated_text` is the first); one "
+                   "output row per input row still. Needs --temperature > 0.", default=1)
+    logprobs: int | None = _help("Log-probabilities of the generated tokens, in the `logprobs` column: per "
+                                 "token its logprob and the K likeliest tokens (0: the chosen token's only).",
+                                 default=None)
+    prompt_logprobs: int | None = _help("Log-probabilities of the prompt's tokens, in `prompt_logprobs`, with "
+                                        "the K likeliest at each position: to score a given text.", default=None)
+    reasoning_parser: str | None = _help("vLLM reasoning parser (deepseek_r1, qwen3, ...): a reasoning model's "
+                                         "thinking goes to `reasoning_content`, the rest to `generated_text`.",
+                                         default=None)
     # --- structured output (at most one; a row's sampling_params may carry its own) ---
     json_schema: str | None = _help("Guide every row's text to this JSON schema: inline JSON, or a .json file "
                                     "(local, s3:// or gs://). Rows whose text does not parse and validate "
@@ -121,6 +132,22 @@ class Config:
             raise ValueError(f"--max-tokens must be > 0, got {self.max_tokens}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.n >= 1:
+            raise ValueError(f"--n must be >= 1, got {self.n}")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"--n {self.n} needs --temperature > 0: greedy sampling gives one answer")
+        # vLLM refuses more than its max_logprobs (an engine argument, 20 by default; -1: no limit).
+        most = self.engine_arg.get("max_logprobs", 20)
+        for flag, k in (("--logprobs", self.logprobs), ("--prompt-logprobs", self.prompt_logprobs)):
+            if k is not None and not k >= 0:
+                raise ValueError(f"{flag} must be >= 0, got {k}")
+            if k is not None and most != -1 and k > most:
+                raise ValueError(f"{flag} must be <= {most} (the engine's max_logprobs; raise it with "
+                                 f"--engine-arg max_logprobs=N), got {k}")
+        if self.reasoning_parser is not None:
+            from util.reasoning import check_parser_name
+
+            check_parser_name(self.reasoning_parser)  # known to this vLLM, before any engine starts
         if not 0 <= self.max_error_fraction <= 1:
             raise ValueError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
         check_job_flags(self.json_schema, self.regex, self.choice)  # a bad regex or mix: ValueError now

@@ -13,12 +13,12 @@ Every request the `openai` package's chat-completions types accept is served, wi
 does. Its `messages` go through the model's chat template (content given as a list of text parts is
 joined with "\n", as vLLM's OpenAI server joins it), and its body parameters become the row's own
 sampling parameters (`max_tokens`, `max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed`,
-`presence_penalty`, `frequency_penalty`, `logit_bias`, `response_format`). A null parameter counts as
-not given; one that asks for no unsupported feature is accepted (`"n": 1`, `"stream": false`,
-`"logprobs": false`, `"tools": []`, `parallel_tool_calls`, ...). A line that is not a valid request (not
-JSON, no custom_id, another url, a parameter the openai package does not know, a value that asks for
-something unsupported, such as `"n": 2`, named in the message) becomes an error record instead of
-stopping the job, as the Batch API's error file has it. `custom_id`s must be unique: the run resumes,
+`presence_penalty`, `frequency_penalty`, `logit_bias`, `response_format`, `n`, and `logprobs` with
+`top_logprobs`). A null parameter counts as not given; one that asks for no unsupported feature is
+accepted (`"stream": false`, `"tools": []`, `parallel_tool_calls`, ...). A line that is not a valid
+request (not JSON, no custom_id, another url, a parameter the openai package does not know, a value that
+asks for something unsupported, such as `"stream": true`, named in the message) becomes an error record
+instead of stopping the job, as the Batch API's error file has it. `custom_id`s must be unique: the run resumes,
 and joins back, on them.
 
 An output record:
@@ -27,6 +27,11 @@ An output record:
      "response": {"status_code": 200, "request_id": "...", "body": {"object": "chat.completion", "model": ...,
        "choices": [{"index": 0, "message": {"role": "assistant", "content": "..."}, "finish_reason": "stop"}],
        "usage": {"prompt_tokens": 12, "completion_tokens": 64, "total_tokens": 76}}}}
+
+`"n": 2` gives two choices (usage.completion_tokens counts both); `"logprobs": true, "top_logprobs": 3`
+gives each choice `logprobs.content`, as the SDK's ChatCompletionTokenLogprob has it; a job run with
+--reasoning-parser gives each message its `reasoning_content` (thinking) beside `content` (the answer),
+and one run with --prompt-logprobs the body's `prompt_logprobs`, as vLLM's server names them.
 
 A failed request's record has status_code 400, the reason in `response.body.error.message`, and
 `error: {"code", "message"}`. A request that asked for JSON (`response_format`) and got text that does not
@@ -41,12 +46,16 @@ import typing
 
 import pyarrow as pa
 
+from util import columns as col
+
 CHAT_URL = "/v1/chat/completions"
 # Body parameters and the SamplingParams field each one sets (response_format: util/structured_output.py).
 SAMPLING_PARAMETERS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
                        "temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
                        "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-                       "logit_bias": "logit_bias", "response_format": "response_format"}
+                       "logit_bias": "logit_bias", "response_format": "response_format", "n": "n"}
+# OpenAI's logprobs (a flag) and top_logprobs (how many alternatives) become vLLM's one `logprobs`: K.
+LOGPROB_PARAMETERS = ("logprobs", "top_logprobs")
 # Parameters that change nothing in the answer: who asked, caching and billing hints, the model (the
 # job's model answers every request), and settings that only matter beside a feature refused below.
 IGNORED_PARAMETERS = {"model", "messages", "user", "metadata", "store", "service_tier", "safety_identifier",
@@ -55,10 +64,7 @@ IGNORED_PARAMETERS = {"model", "messages", "user", "metadata", "store", "service
 # Features this runner does not have, and the values of each that ask for none of it (null always does).
 # Any other value refuses the request, naming the parameter and its value.
 DEFAULT_ONLY_PARAMETERS = {
-    "n": ([1], "one choice per request"),
     "stream": ([False], "a batch is answered whole"),
-    "logprobs": ([False], "no log probabilities in the output"),
-    "top_logprobs": ([0], "no log probabilities in the output"),
     "tools": ([[]], "no tool calls"),
     "tool_choice": (["none", "auto"], "no tool calls"),  # "auto" with no tools calls none
     "functions": ([[]], "no function calls"),
@@ -73,7 +79,7 @@ DEFAULT_ONLY_PARAMETERS = {
 }
 # Columns the reader gives each request; `messages` is what the prompt formatter reads.
 # `request_error`: why a line is not a valid request; the formatter turns it into the row's `error`.
-REQUEST_COLUMNS = ("custom_id", "messages", "sampling_params", "request_model", "request_error")
+REQUEST_COLUMNS = ("custom_id", "messages", col.SAMPLING_PARAMS, "request_model", col.REQUEST_ERROR)
 
 
 @functools.cache
@@ -88,7 +94,7 @@ def chat_parameters() -> frozenset[str]:
 
 def unsupported_value(name: str, value) -> str | None:
     """Why `name: value` asks for something this runner cannot do, or None. null means not given."""
-    if value is None or name in SAMPLING_PARAMETERS or name in IGNORED_PARAMETERS:
+    if value is None or name in SAMPLING_PARAMETERS or name in IGNORED_PARAMETERS or name in LOGPROB_PARAMETERS:
         return None
     if name not in DEFAULT_ONLY_PARAMETERS:  # one the openai package has learnt since this table was made
         return f"{name}={json.dumps(value, ensure_ascii=False)} is not supported"
@@ -100,9 +106,23 @@ def unsupported_value(name: str, value) -> str | None:
     return f"{name}={json.dumps(value, ensure_ascii=False)} is not supported ({why}; {name} may be {accepted})"
 
 
+def logprob_sampling(logprobs, top_logprobs) -> dict:
+    """OpenAI's `logprobs` and `top_logprobs` as vLLM's sampling: {"logprobs": K}, or {} for none."""
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise ValueError(f"logprobs={json.dumps(logprobs)} must be true or false")
+    if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
+                                     or not 0 <= top_logprobs <= 20):
+        raise ValueError(f"top_logprobs={json.dumps(top_logprobs)} must be an integer from 0 to 20")
+    if not logprobs:
+        if top_logprobs:  # as OpenAI's API refuses it
+            raise ValueError(f"top_logprobs={top_logprobs} needs logprobs=true")
+        return {}
+    return {"logprobs": top_logprobs or 0}
+
+
 def _refused(custom_id: str, reason: str) -> dict:
-    return {"custom_id": custom_id, "messages": None, "sampling_params": None, "request_model": None,
-            "request_error": reason}
+    return {"custom_id": custom_id, "messages": None, col.SAMPLING_PARAMS: None, "request_model": None,
+            col.REQUEST_ERROR: reason}
 
 
 def request_row(line: str, where: str) -> dict:
@@ -133,9 +153,18 @@ def request_row(line: str, where: str) -> dict:
     sampling = {SAMPLING_PARAMETERS[k]: v for k, v in body.items() if k in SAMPLING_PARAMETERS and v is not None}
     if isinstance(sampling.get("stop"), str):
         sampling["stop"] = [sampling["stop"]]
+    n = sampling.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return _refused(custom_id, f"{where}: n={json.dumps(n)} must be a positive integer")
+    if n == 1:  # the default: left out, as any parameter not given
+        sampling.pop("n", None)
+    try:
+        sampling.update(logprob_sampling(body.get("logprobs"), body.get("top_logprobs")))
+    except ValueError as error:
+        return _refused(custom_id, f"{where}: {error}")
     return {"custom_id": custom_id, "messages": json.dumps(messages, ensure_ascii=False),
-            "sampling_params": json.dumps(sampling, ensure_ascii=False) if sampling else None,
-            "request_model": body.get("model"), "request_error": None}
+            col.SAMPLING_PARAMS: json.dumps(sampling, ensure_ascii=False) if sampling else None,
+            "request_model": body.get("model"), col.REQUEST_ERROR: None}
 
 
 def request_table(rows: list[dict]) -> pa.Table:
@@ -145,30 +174,56 @@ def request_table(rows: list[dict]) -> pa.Table:
 def output_record(row: dict, created: int | None = None) -> dict:
     """One output row (util/output.py's columns) → the Batch API's output or error record."""
     # Derived from the row's id, so a record's ids are the same in every run.
-    request_id = hashlib.sha1(row["id"].encode("utf-8", "surrogatepass")).hexdigest()[:24]
-    record = {"id": f"batch_req_{request_id}", "custom_id": row["id"]}
-    if row["error"] is not None:
-        body = {"error": {"message": row["error"], "type": "invalid_request_error", "param": None, "code": None}}
+    request_id = hashlib.sha1(row[col.ID].encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    record = {"id": f"batch_req_{request_id}", "custom_id": row[col.ID]}
+    if row[col.ERROR] is not None:
+        body = {"error": {"message": row[col.ERROR], "type": "invalid_request_error", "param": None, "code": None}}
         return {**record, "response": {"status_code": 400, "request_id": request_id, "body": body},
-                "error": {"code": "invalid_request", "message": row["error"]}}
-    prompt_tokens, completion_tokens = row["num_input_tokens"] or 0, row["num_generated_tokens"] or 0
-    choice = {"index": 0, "message": {"role": "assistant", "content": row["generated_text"]},
-              "logprobs": None, "finish_reason": row["finish_reason"]}
-    if row.get("structured_output_error"):  # asked for JSON (response_format) and the text does not parse
-        choice["structured_output_error"] = row["structured_output_error"]
+                "error": {"code": "invalid_request", "message": row[col.ERROR]}}
+    prompt_tokens, completion_tokens = row[col.NUM_INPUT_TOKENS] or 0, row[col.NUM_GENERATED_TOKENS] or 0
+    # Each sample in the shape of a `completions` entry (util/columns.py COMPLETION): n of them, or the row's one.
+    samples = row.get(col.COMPLETIONS) or [{"text": row[col.GENERATED_TEXT], "finish_reason": row[col.FINISH_REASON],
+                                            "reasoning_content": row.get(col.REASONING_CONTENT),
+                                            "logprobs": row.get(col.LOGPROBS),
+                                            "structured_output_error": row.get(col.STRUCTURED_OUTPUT_ERROR)}]
     body = {"id": f"chatcmpl-{request_id}", "object": "chat.completion",
             "created": int(time.time()) if created is None else created, "model": row["model"],
-            "choices": [choice],
+            "choices": [_choice(index, sample) for index, sample in enumerate(samples)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
+    if row.get(col.PROMPT_LOGPROBS) is not None:  # --prompt-logprobs: where vLLM's server puts them
+        body["prompt_logprobs"] = row[col.PROMPT_LOGPROBS]
     return {**record, "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
+
+def _token_logprob(token: dict) -> dict:
+    return {"token": token["token"], "logprob": token["logprob"], "bytes": list(token["token"].encode("utf-8"))}
+
+
+def openai_logprobs(tokens: list[dict] | None) -> dict | None:
+    """A sample's `logprobs` column (util/request_output.py) as a choice's ChoiceLogprobs."""
+    if tokens is None:
+        return None
+    return {"content": [{**_token_logprob(token), "top_logprobs": [_token_logprob(top) for top in token["top_logprobs"]]}
+                        for token in tokens], "refusal": None}
+
+
+def _choice(index: int, sample: dict) -> dict:
+    message = {"role": "assistant", "content": sample["text"]}
+    if sample.get("reasoning_content") is not None:  # a reasoning parser ran: the thinking, apart
+        message["reasoning_content"] = sample["reasoning_content"]
+    choice = {"index": index, "message": message, "logprobs": openai_logprobs(sample.get("logprobs")),
+              "finish_reason": sample["finish_reason"]}
+    if sample.get("structured_output_error"):  # asked for JSON (response_format) and the text does not parse
+        choice["structured_output_error"] = sample["structured_output_error"]
+    return choice
 
 
 def preview(record: dict) -> dict:
     """An output record, read back, in the shape of an output row: for a glance at the results."""
     body = (record.get("response") or {}).get("body") or {}
     choice = (body.get("choices") or [{}])[0]
-    return {"id": record.get("custom_id"), "generated_text": (choice.get("message") or {}).get("content"),
-            "finish_reason": choice.get("finish_reason"),
-            "num_generated_tokens": (body.get("usage") or {}).get("completion_tokens", 0),
-            "error": (record.get("error") or {}).get("message")}
+    return {col.ID: record.get("custom_id"), col.GENERATED_TEXT: (choice.get("message") or {}).get("content"),
+            col.FINISH_REASON: choice.get("finish_reason"),
+            col.NUM_GENERATED_TOKENS: (body.get("usage") or {}).get("completion_tokens", 0),
+            col.ERROR: (record.get("error") or {}).get("message")}

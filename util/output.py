@@ -51,6 +51,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from util import columns as col
+from util.columns import COMPLETIONS_TYPE, TIMINGS, TOKEN_LOGPROBS
 from util.errors import InputError
 from util.openai_batch import output_record, preview
 from util.resources import TASK_CPUS
@@ -66,6 +67,12 @@ OUTPUT_SCHEMA = pa.schema([
     (col.ERROR, pa.string()),
     (col.MODEL, pa.string()),
     (col.STRUCTURED_OUTPUT_ERROR, pa.string()),  # null unless a structured-output row does not conform
+    # Richer outputs (util/request_output.py), each null unless the row asked for it.
+    (col.COMPLETIONS, COMPLETIONS_TYPE),  # every sample when n > 1, each with its text, finish reason, tokens, ...
+    (col.LOGPROBS, TOKEN_LOGPROBS),  # per generated token (of generated_text): token, logprob, top K
+    (col.PROMPT_LOGPROBS, TOKEN_LOGPROBS),  # per prompt token; the first one's logprob is null
+    (col.REASONING_CONTENT, pa.string()),  # a reasoning parser's thinking; generated_text holds the rest
+    *((name, pa.float64()) for name in TIMINGS),  # seconds in queue, to first token, generating
 ])
 ERRORS_FOLDER = "errors"
 EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}
@@ -250,6 +257,23 @@ def remove_temp_files(output_path: str) -> int:
     for leftover in leftovers:
         filesystem.delete_file(leftover)
     return len(leftovers)
+
+
+def delete_output(output_path: str) -> None:
+    """Delete an earlier output (--overwrite). Only a folder that holds nothing but output goes, so a
+    mistyped path cannot wipe a folder of other files."""
+    filesystem, path = resolve(output_path)
+    foreign = [f.path[len(path) + 1:] for f in listed_files(filesystem, path) if not (
+        f.base_name.endswith(tuple(EXTENSIONS.values())) or is_temp_file(f)
+        or f.path[len(path) + 1:].startswith("_"))]  # the run's own records: manifest, report, _preflight/
+    if foreign:
+        raise InputError(f"--overwrite deletes only earlier output, but {output_path} also holds "
+                         f"{', '.join(sorted(foreign)[:5])}; move those away or choose another --output-path")
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        # delete_dir would leave a folder-marker object in the parent prefix; this leaves one here at most
+        filesystem.delete_dir_contents(path, missing_dir_ok=True)
+    elif os.path.isdir(path):
+        filesystem.delete_dir(path)
 
 
 def write_results(ds: ray.data.Dataset, output_path: str, output_format: str = "parquet",

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from util.resume import DoneIndex
 
 PREDICTOR_ADDS = (col.GENERATED_TEXT, col.FINISH_REASON, col.NUM_GENERATED_TOKENS, col.MODEL,
-                  col.STRUCTURED_OUTPUT_ERROR)
+                  col.STRUCTURED_OUTPUT_ERROR, col.COMPLETIONS, col.LOGPROBS, col.PROMPT_LOGPROBS,
+                  col.REASONING_CONTENT)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ and the provenance the manifest records. A CPU-only cluster too small for the re
 
 import dataclasses
 import hashlib
+import json
 import os
 
 import ray
@@ -26,7 +27,7 @@ from util.errors import InputError
 from util.prompt_format import choose_prompt_format, model_max_length
 from util.resources import CPU_REPLICA_CPUS, TASK_CPUS
 from util.resume import fingerprint
-from util.storage import generate_output_path
+from util.storage import generate_output_path, resolve
 from util.structured_output import job_spec
 
 
@@ -50,11 +51,33 @@ class Plan:
         return self.cfg.concurrency * self.gpus_per_replica if self.choice.use_gpu else 0.0
 
 
+def read_json_schema(json_schema: str | None):
+    """--json-schema as given: inline JSON (left for job_spec to parse), or a file (local, s3:// or
+    gs://), read and parsed here, once per run."""
+    if json_schema is None or json_schema.lstrip().startswith("{"):
+        return json_schema
+    filesystem, path = resolve(json_schema)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            text = stream.read().decode("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--json-schema: no such file {json_schema} (pass a schema inline or a .json file)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--json-schema: {json_schema} is not valid JSON: {error}") from None
+
+
 def job_sampling(cfg: Config) -> dict:
-    """Keyword arguments for vLLM's SamplingParams, shared by every row unless a row overrides them."""
+    """Keyword arguments for vLLM's SamplingParams, shared by every row unless a row overrides them;
+    `reasoning_parser` among them is the predictor's (util/reasoning.py), not the engine's."""
     sampling = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                 "stop": list(cfg.stop), "seed": cfg.seed}
-    structured = job_spec(cfg.json_schema, cfg.regex, cfg.choice)  # reads a schema file
+    # Only when asked for, so that an output made before these flags existed still resumes.
+    richer = {"n": cfg.n if cfg.n != 1 else None, "logprobs": cfg.logprobs,
+              "prompt_logprobs": cfg.prompt_logprobs, "reasoning_parser": cfg.reasoning_parser}
+    sampling.update({k: v for k, v in richer.items() if v is not None})
+    structured = job_spec(read_json_schema(cfg.json_schema), cfg.regex, cfg.choice)
     return {**sampling, "structured_outputs": structured} if structured else sampling
 
 

@@ -13,8 +13,9 @@ teaching and for comparison; each of its batches waits for its slowest row.
 
 Needs the columns id, prompt, prompt_token_ids, error (from util/prompt_format.py) and, optionally,
 `sampling_params` (a dict or JSON object per row, overriding the job's sampling). Adds
-generated_text, finish_reason, num_generated_tokens, model and structured_output_error; drops
-prompt_token_ids.
+generated_text, finish_reason, num_generated_tokens, model and structured_output_error, and the richer
+outputs of util/request_output.py (completions for n > 1, logprobs, prompt_logprobs, reasoning_content,
+per-row timings); drops prompt_token_ids.
 
 Structured output (util/structured_output.py): the job's sampling may hold `structured_outputs` (from
 --json-schema, --regex or --choice), and a row's sampling_params its own `structured_outputs` or
@@ -33,9 +34,15 @@ import weakref
 import pyarrow as pa
 
 from util import columns as col
+from util.columns import COMPLETIONS_TYPE, TIMINGS, TOKEN_LOGPROBS
 from util.errors import INVALID_SAMPLING, row_error
 from util.prompt_format import set_columns
-from util.structured_output import output_error, row_spec, vllm_params
+from util.reasoning import ReasoningSplitter, check_parser_name
+from util.request_output import row_result
+from util.structured_output import row_spec, vllm_params
+
+# Sampling keys that are the predictor's, not SamplingParams'.
+OWN_KEYS = ("reasoning_parser",)
 
 
 def row_sampling(job_sampling: dict, row_override) -> dict:
@@ -48,9 +55,22 @@ def row_sampling(job_sampling: dict, row_override) -> dict:
         raise ValueError(f"must be a JSON object, got {type(override).__name__}")
     override = {k: v for k, v in override.items() if v is not None}
     spec = row_spec(override, job_sampling.get("structured_outputs"))
+    if "reasoning_parser" in override:
+        check_parser_name(override["reasoning_parser"], "reasoning_parser")
     sampling = {k: v for k, v in {**job_sampling, **override}.items()
                 if k not in ("structured_outputs", "response_format")}
+    n = sampling.get("n", 1)
+    # vLLM refuses it too, but only in the replica; preflight counts it this way.
+    if isinstance(n, int) and n > 1 and sampling.get("temperature", 1.0) == 0:
+        raise ValueError(f"n={n} needs temperature > 0: greedy sampling gives one answer")
     return {**sampling, "structured_outputs": spec} if spec else sampling
+
+
+def engine_params(sampling: dict) -> dict:
+    """A row's sampling as SamplingParams' keyword arguments: the structured-output spec as vLLM's
+    type, the predictor's own keys left out."""
+    params = {k: v for k, v in sampling.items() if k not in OWN_KEYS}
+    return {**params, "structured_outputs": vllm_params(sampling.get("structured_outputs"))}
 
 
 def rows_sampling(batch: pa.Table, job_sampling: dict) -> list[tuple[bool, dict | str]]:
@@ -131,14 +151,44 @@ async def _cancel(task: asyncio.Task) -> None:
 
 def finish_batch(batch: pa.Table, results: list[dict], model: str) -> pa.Table:
     """The batch with each row's result as columns (PREDICTOR_ADDS of util/pipeline.py); token ids dropped."""
+    column = lambda name, kind: pa.array([r.get(name) for r in results], kind)
     return set_columns(batch.drop_columns([col.PROMPT_TOKEN_IDS]), {
-        col.GENERATED_TEXT: pa.array([r.get("generated_text") for r in results], pa.string()),
-        col.FINISH_REASON: pa.array([r.get("finish_reason") for r in results], pa.string()),
+        col.GENERATED_TEXT: column("generated_text", pa.string()),
+        col.FINISH_REASON: column("finish_reason", pa.string()),
         col.NUM_GENERATED_TOKENS: pa.array([r.get("num_generated_tokens", 0) for r in results], pa.int64()),
-        col.ERROR: pa.array([r.get("error") for r in results], pa.string()),
+        col.ERROR: column("error", pa.string()),
         col.MODEL: pa.array([model] * len(results), pa.string()),
-        col.STRUCTURED_OUTPUT_ERROR: pa.array([r.get("structured_output_error") for r in results], pa.string()),
+        col.STRUCTURED_OUTPUT_ERROR: column("structured_output_error", pa.string()),
+        col.COMPLETIONS: column("completions", COMPLETIONS_TYPE),
+        col.LOGPROBS: column("logprobs", TOKEN_LOGPROBS),
+        col.PROMPT_LOGPROBS: column("prompt_logprobs", TOKEN_LOGPROBS),
+        col.REASONING_CONTENT: column("reasoning_content", pa.string()),
+        **{name: column(name, pa.float64()) for name in TIMINGS},
     })
+
+
+class _Spelling:
+    """Token ids to text, for the predictor's own decoding, its log-probabilities and its reasoning
+    parsers (built once per replica, each parser on first use)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: dict[int, str] = {}
+        self.splitters: dict[str, ReasoningSplitter] = {}
+
+    def token(self, token_id: int) -> str:
+        """One token's text, as vLLM's logprobs spell it: the token decoded on its own."""
+        text = self.tokens.get(token_id)
+        if text is None:
+            text = self.tokens[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def reasoning(self, name: str | None):
+        if name is None:
+            return None
+        if name not in self.splitters:
+            self.splitters[name] = ReasoningSplitter(name, self.tokenizer)
+        return self.splitters[name]
 
 
 class LLMPredictor:
@@ -153,6 +203,9 @@ class LLMPredictor:
         self.model_name = model_name or model
         self.sampling = dict(sampling or {})
         self.tokenizer = _tokenizer(model, engine_kwargs or {})
+        self.spelling = _Spelling(self.tokenizer)
+        # The job's reasoning parser, built now: a tokenizer without its tags fails before the engine starts.
+        self.spelling.reasoning(self.sampling.get("reasoning_parser"))
         # LLM_CLASS selects vLLM's offline defaults (on an H100: 1024 sequences, 16k batched tokens);
         # the engine's own default context is sized for online serving and halves throughput here.
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **(engine_kwargs or {})),
@@ -176,20 +229,17 @@ class LLMPredictor:
             # Rows without stop strings are decoded once, at the end, here: the engine's own
             # detokenizer works token by token for every running row, on the process that feeds it.
             decode_here = not sampling.get("stop")
-            spec = sampling.get("structured_outputs")
-            params = SamplingParams(**{**sampling, "structured_outputs": vllm_params(spec)},
-                                    output_kind=RequestOutputKind.FINAL_ONLY, detokenize=not decode_here)
+            reasoning = self.spelling.reasoning(sampling.get("reasoning_parser"))
+            params = SamplingParams(**engine_params(sampling), output_kind=RequestOutputKind.FINAL_ONLY,
+                                    detokenize=not decode_here)
             final = None
             request = {"prompt_token_ids": token_ids}
             # A fresh request id per attempt: a retried batch must not collide with its first try.
             async for output in self.engine.generate(request, params, f"{row_id}-{uuid.uuid4().hex[:8]}"):
                 final = output
-            completion = final.outputs[0]
-            text = (self.tokenizer.decode(completion.token_ids, skip_special_tokens=params.skip_special_tokens)
-                    if decode_here else completion.text)
-            return {"generated_text": text, "finish_reason": completion.finish_reason,
-                    "num_generated_tokens": len(completion.token_ids),
-                    "structured_output_error": output_error(spec, text, completion.finish_reason)}
+            decode = ((lambda c: self.tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens))
+                      if decode_here else (lambda c: c.text))
+            return row_result(final, sampling, decode, self.spelling.token, reasoning)
         except EngineDeadError:
             raise  # not a row's fault: fail the job loudly
         except Exception as error:  # a request the engine refuses (bad sampling values, ...) fails one row
@@ -245,6 +295,7 @@ class SyncLLMPredictor:
         self.model_name = model_name or model
         self.sampling = dict(sampling or {})
         self.llm = LLM(model=model, **(engine_kwargs or {}))
+        self.spelling = _Spelling(self.llm.get_tokenizer())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from vllm import SamplingParams
@@ -252,14 +303,13 @@ class SyncLLMPredictor:
         token_ids, rows = batch[col.PROMPT_TOKEN_IDS].to_pylist(), rows_sampling(batch, self.sampling)
         ready = [i for i, (error, _) in enumerate(rows) if not error]
         prompts = [{"prompt_token_ids": token_ids[i]} for i in ready]
-        params = [SamplingParams(**{**rows[i][1], "structured_outputs": vllm_params(rows[i][1].get("structured_outputs"))})
-                  for i in ready]
+        params = [SamplingParams(**engine_params(rows[i][1])) for i in ready]
         outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
         results = [{"error": sampling if error else None} for error, sampling in rows]
         for i, output in zip(ready, outputs):
-            completion = output.outputs[0]
-            results[i] = {"generated_text": completion.text, "finish_reason": completion.finish_reason,
-                          "num_generated_tokens": len(completion.token_ids),
-                          "structured_output_error": output_error(rows[i][1].get("structured_outputs"),
-                                                                  completion.text, completion.finish_reason)}
+            try:
+                results[i] = row_result(output, rows[i][1], lambda c: c.text, self.spelling.token,
+                                        self.spelling.reasoning(rows[i][1].get("reasoning_parser")))
+            except Exception as error:  # a row's reasoning parser that cannot be built: that row fails
+                results[i] = {"error": f"{type(error).__name__}: {error}"}
         return finish_batch(batch, results, self.model_name)

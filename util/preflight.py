@@ -16,7 +16,8 @@ Exit codes, the run's own: 0 it would pass; 1 more rows would fail than --max-er
 2 it would be refused (bad input), with `error: <message>` on stderr.
 
 Estimates. Output tokens are an upper bound: each row's max_tokens (the job's, or the row's own
-`sampling_params`), capped at what max_model_len leaves after the prompt, as vLLM caps it. GPU-hours =
+`sampling_params`), capped at what max_model_len leaves after the prompt, as vLLM caps it, times the
+row's n samples. GPU-hours =
 output tokens / (output tok/s of one replica) x GPUs per replica; engine start (about a minute,
 BENCHMARKS.md) is not included. The replica throughput is --throughput-tok-per-s, else the one measured
 by the earlier run into the same output (its _report.json, same settings), else DEFAULT_TOK_PER_S.
@@ -64,7 +65,8 @@ def row_budgets(batch: pa.Table, job_sampling: dict, max_model_len: int | None) 
         if not failed:
             try:
                 budget = int(sampling["max_tokens"])
-                budgets.append(budget if max_model_len is None else min(budget, max(0, max_model_len - input_tokens)))
+                budget = budget if max_model_len is None else min(budget, max(0, max_model_len - input_tokens))
+                budgets.append(budget * int(sampling.get("n") or 1))  # each of the row's n samples
                 errors.append(None)
                 continue
             except (TypeError, ValueError) as bad:
@@ -241,12 +243,10 @@ def save_preflight(report_dir: str, result: dict) -> list[str]:
     return [join(report_dir, name) for name in files]
 
 
-def run_preflight(cfg: "Config") -> int:
-    """`main.py --preflight`: plan, check, estimate, print, write the report; the exit code the run would
-    have. A refusal is reported (verdict "refused") and raised again, for main.py's exit code 2."""
-    from util.plan import make_plan, output_path_of
-
-    output_path = output_path_of(cfg)
+def run_preflight(plan: "Plan") -> int:
+    """`main.py --preflight`: check, estimate, print, write the report; the exit code the run would have.
+    A refusal is reported (verdict "refused") and raised again, for main.py's exit code 2."""
+    cfg, output_path = plan.cfg, plan.output_path
     report_dir = cfg.preflight_report_dir or join(output_path, PREFLIGHT_FOLDER)
     result = {"input_path": cfg.input_path or "(the sample prompts)", "output_path": output_path,
               "max_error_fraction": cfg.max_error_fraction}
@@ -254,7 +254,6 @@ def run_preflight(cfg: "Config") -> int:
         if cfg.deadline_hours is not None and not cfg.deadline_hours > 0:
             raise ValueError(f"--deadline-hours must be > 0, got {cfg.deadline_hours}")
         tok_per_s, source = replica_throughput(cfg, output_path)
-        plan = make_plan(cfg)
         result.update(inspect_input(plan))
     except Exception as error:  # refused as the run would refuse it (main.py: exit code 2)
         reason = refusal_reason(error)

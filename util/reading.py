@@ -52,7 +52,6 @@ EXTENSIONS = {"text": [".txt", ".text"], "jsonl": [".jsonl", ".json"], "csv": ["
               "parquet": [".parquet", ".pq"], "openai": [".jsonl", ".json"]}  # openai: never picked by auto
 CHUNK_BYTES = 16 * 1024**2  # a text or JSONL read task's share of a file: bounds its memory
 BLOCK_ROWS = 1024  # rows per block out of the reader
-ID_SCHEME = "file:byte-offset(text,jsonl)|row(csv,parquet,openai):sha1[:8]"  # in the output's fingerprint
 # Hidden columns the reader adds when asked (util/scan.py): where a row is, to name duplicates.
 WHERE_COLUMN = "__where"
 

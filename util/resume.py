@@ -1,12 +1,11 @@
 """Resume: an output path is its own checkpoint. A re-run skips the rows it holds, if it was made with
-the same settings; --overwrite deletes it instead.
+the same settings (--overwrite deletes it instead: util.output.delete_output).
 
-    from util.resume import DoneIndex, check_fingerprint, delete_output, fingerprint
+    from util.resume import DoneIndex, check_fingerprint, fingerprint
     settings = fingerprint(cfg, sampling, engine_kwargs)  # what decides a row's output
     check_fingerprint("outputs/run", settings)            # InputError if the output was made otherwise
-    done = DoneIndex.build("outputs/run", "parquet")      # None when the output holds no rows yet
+    done = DoneIndex.build(*output_dataset("outputs/run", "parquet"))  # None when it holds no rows yet
     ds = read_prompts("prompts.jsonl", row_filter=done.drop_done)  # each read task drops rows written
-    delete_output("outputs/run")                          # --overwrite: only a folder of output goes
 
 Resuming into an output generated with other settings would mix two configurations in one result, so
 a run refuses to, and says exactly what changed (`sampling.max_tokens: 32 -> 64`).
@@ -21,21 +20,17 @@ run's accounting (util/manifest.py) would catch a lost row all the same.
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import ray
 
 from util import columns as col
+from util.columns import ID_SCHEME
 from util.errors import InputError
 from util.manifest import read_manifest
-from util.output import EXTENSIONS, is_temp_file, listed_files, output_dataset
-from util.reading import ID_SCHEME
 from util.resources import TASK_CPUS
-from util.storage import resolve
 
 
 # Two SipHash keys (16 bytes each): one hash to search on, the other to confirm a match.
@@ -51,8 +46,7 @@ def id_hashes(ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return hash_array(values, hash_key=HASH_KEYS[0]), hash_array(values, hash_key=HASH_KEYS[1])
 
 
-def _sorted_hashes(output_path: str, output_format: str) -> tuple[np.ndarray, np.ndarray]:
-    files, id_column = output_dataset(output_path, output_format)
+def _sorted_hashes(files, id_column: str) -> tuple[np.ndarray, np.ndarray]:
     first, second = [], []
     if files is not None:
         for batch in files.to_batches(columns=[id_column]):
@@ -66,8 +60,8 @@ def _sorted_hashes(output_path: str, output_format: str) -> tuple[np.ndarray, np
 
 
 @ray.remote(num_cpus=TASK_CPUS, num_returns=2)
-def _build(output_path: str, output_format: str):
-    first, second = _sorted_hashes(output_path, output_format)
+def _build(files, id_column: str):
+    first, second = _sorted_hashes(files, id_column)
     return len(first), (first, second)
 
 
@@ -107,8 +101,11 @@ class DoneIndex:
         return functools.partial(mark_done, index_ref=[self.ref])
 
     @classmethod
-    def build(cls, output_path: str, output_format: str) -> "DoneIndex | None":
-        rows, ref = _build.remote(output_path, output_format)  # the driver fetches the count, not the ids
+    def build(cls, files, id_column: str = col.ID) -> "DoneIndex | None":
+        """From the output's committed files (util.output.output_dataset: a pyarrow dataset, or None)."""
+        if files is None:
+            return None
+        rows, ref = _build.remote(files, id_column)  # the driver fetches the count, not the ids
         rows = ray.get(rows)
         return cls(rows, ref) if rows else None
 
@@ -168,22 +165,3 @@ def check_fingerprint(output_path: str, settings: dict) -> None:
         raise InputError(f"{output_path} holds output generated with other settings ({'; '.join(changes)}); "
                          "pass --overwrite to delete the earlier output and start over, "
                          "or choose another --output-path")
-
-
-# --- --overwrite ---
-
-def delete_output(output_path: str) -> None:
-    """Delete an earlier output (--overwrite). Only a folder that holds nothing but output goes, so a
-    mistyped path cannot wipe a folder of other files."""
-    filesystem, path = resolve(output_path)
-    foreign = [f.path[len(path) + 1:] for f in listed_files(filesystem, path) if not (
-        f.base_name.endswith(tuple(EXTENSIONS.values())) or is_temp_file(f)
-        or f.path[len(path) + 1:].startswith("_"))]  # the run's own records: manifest, report, _preflight/
-    if foreign:
-        raise InputError(f"--overwrite deletes only earlier output, but {output_path} also holds "
-                         f"{', '.join(sorted(foreign)[:5])}; move those away or choose another --output-path")
-    if not isinstance(filesystem, pafs.LocalFileSystem):
-        # delete_dir would leave a folder-marker object in the parent prefix; this leaves one here at most
-        filesystem.delete_dir_contents(path, missing_dir_ok=True)
-    elif os.path.isdir(path):
-        filesystem.delete_dir(path)

@@ -29,7 +29,7 @@ from ray.data.aggregate import Count, Max, Min, Sum
 
 from util import columns as col
 from util.errors import InputError, unwrap_input_error
-from util.output import check_output_writable
+from util.output import check_output_writable, output_dataset
 from util.reading import SAMPLE_PROMPTS, WHERE_COLUMN, describe_where, read_prompts
 from util.resources import TASK_CPUS
 from util.resume import DoneIndex, check_fingerprint, mark_done
@@ -55,7 +55,7 @@ def check_before_run(plan: "Plan") -> InputScan:
     check_output_writable(plan.output_path)
     if not cfg.overwrite:
         check_fingerprint(plan.output_path, plan.fingerprint)
-    done = None if cfg.overwrite else DoneIndex.build(plan.output_path, cfg.output_format)
+    done = None if cfg.overwrite else DoneIndex.build(*output_dataset(plan.output_path, cfg.output_format))
     scan = scan_input(ds, cfg.id_column, done, cfg.input_path, cfg.input_format)
     return InputScan(scan.rows, scan.already_done, done)
 

@@ -112,29 +112,19 @@ def check_spec(spec, where: str = "structured_outputs") -> dict:
         raise ValueError(f"{where}.{kind}: {error}") from None
 
 
-def _read_schema(json_schema: str):
-    """Inline JSON when it starts with `{`, else a file: local, s3:// or gs://."""
-    if json_schema.lstrip().startswith("{"):
-        try:
-            return json.loads(json_schema)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--json-schema: not valid JSON: {error}") from None
-    from util.storage import resolve
-
-    filesystem, path = resolve(json_schema)
+def _parse_inline(json_schema):
+    """--json-schema given inline (a string starting with `{`), parsed; a schema already read, as it is."""
+    if not isinstance(json_schema, str):
+        return json_schema
     try:
-        with filesystem.open_input_stream(path) as stream:
-            text = stream.read().decode("utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"--json-schema: no such file {json_schema} (pass a schema inline or a .json file)") from None
-    try:
-        return json.loads(text)
+        return json.loads(json_schema)
     except json.JSONDecodeError as error:
-        raise ValueError(f"--json-schema: {json_schema} is not valid JSON: {error}") from None
+        raise ValueError(f"--json-schema: not valid JSON: {error}") from None
 
 
-def job_spec(json_schema: str | None, regex: str | None, choice: list[str] | None) -> dict | None:
-    """The job's spec from its flags (at most one of them), or None; ValueError naming the flag."""
+def job_spec(json_schema: str | dict | None, regex: str | None, choice: list[str] | None) -> dict | None:
+    """The job's spec from its flags (at most one of them), or None; ValueError naming the flag.
+    `json_schema`: inline JSON text, or the schema a file held (util/plan.py reads the file, once)."""
     given = {flag: value for flag, value in (("--json-schema", json_schema), ("--regex", regex),
                                              ("--choice", choice or None)) if value is not None}
     if len(given) > 1:
@@ -145,7 +135,7 @@ def job_spec(json_schema: str | None, regex: str | None, choice: list[str] | Non
     (flag, value), = given.items()
     kind = {"--json-schema": "json", "--regex": "regex", "--choice": "choice"}[flag]
     if flag == "--json-schema":
-        value = _read_schema(value)
+        value = _parse_inline(value)
     try:
         return {kind: CHECKS[kind](value)}
     except ValueError as error:

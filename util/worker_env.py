@@ -32,7 +32,7 @@ def quiet_driver() -> None:
 def ray_init_kwargs(runtime_env: dict | None = None, verbose: bool = False) -> dict:
     """`ray.init` keyword arguments: `runtime_env` with the workers' variables added (log levels unless
     verbose), and the level of the "ray" logger in this process. Actors that set their own env_vars
-    (the CPU settings of util/stages.py) keep these: Ray merges a child's env_vars into the job's."""
+    (the CPU settings of util/engine.py) keep these: Ray merges a child's env_vars into the job's."""
     runtime_env = dict(runtime_env or {})
     if verbose:
         return {"runtime_env": runtime_env}

@@ -1,0 +1,259 @@
+"""Richer outputs: n samples per row, log-probabilities of the answer and of the prompt, a reasoning
+model's thinking kept apart, per-row timings, and structured output checked per sample. One main.py run
+with the real small model (SmolLM2, util/smol_model.py) serves the whole file, in float32 so that its
+log-probabilities can match transformers'. Its tokenizer gets the think tags `<think>` and `</think>`
+(two unused special tokens renamed), and a regex forces the reasoning shape through guided decoding.
+
+    .venv/bin/python -m pytest tests/test_richer_outputs.py
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from openai.types.chat import ChatCompletion
+
+from conftest import run_main
+from util.config import Config, parse_args
+from util.openai_batch import output_record
+from util.output import OUTPUT_SCHEMA
+from util.plan import job_sampling
+from util.predictor import finish_batch, row_sampling
+from util.request_output import TIMINGS, timings
+
+MAX_TOKENS, TOP_K, PROMPT_K = 16, 3, 2
+THINK = "<think>[a-z ]{20,40}</think>[a-z ]{1,20}"
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "pattern": "^[A-Za-z]{1,12}$"},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+JSON_N2 = {"n": 2, "temperature": 1.0, "seed": 7,
+           "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}}
+ROWS = [
+    {"id": "capital", "text": "What is the capital of France?"},  # the job's sampling: greedy, logprobs
+    {"id": "sky", "text": "Why is the sky blue?"},
+    {"id": "think", "text": "Think, then answer: what is two plus two?",
+     "sampling_params": {"reasoning_parser": "deepseek_r1", "structured_outputs": {"regex": THINK}, "max_tokens": 40}},
+    {"id": "think-cut", "text": "Think, then answer: what is two plus two?",
+     "sampling_params": {"reasoning_parser": "deepseek_r1", "structured_outputs": {"regex": THINK}, "max_tokens": 9}},
+    {"id": "json", "text": "Give a person's name and age as JSON.", "sampling_params": {**JSON_N2, "max_tokens": 40}},
+    {"id": "json-cut", "text": "Give a person's name and age as JSON.", "sampling_params": {**JSON_N2, "max_tokens": 3}},
+]
+END_OF_TURN = "<|im_end|>"
+
+
+def think_model_dir(source: str, directory: Path) -> str:
+    """SmolLM2 whose tokenizer spells two unused special tokens (ids 11 and 12) `<think>` and `</think>`,
+    as ordinary tokens, so that deepseek_r1's parser finds them and decoding keeps them. The weights are
+    a link to the original's: the model is the same."""
+    directory.mkdir(parents=True)
+    for path in Path(source).iterdir():
+        if path.name == "model.safetensors":
+            os.symlink(path, directory / path.name)
+        elif path.name != "tokenizer.json":
+            shutil.copy(path, directory / path.name)
+    tokenizer = json.loads((Path(source) / "tokenizer.json").read_text())
+    renames = {"<jupyter_start>": "<think>", "<jupyter_text>": "</think>"}
+    for added in tokenizer["added_tokens"]:
+        if added["content"] in renames:
+            added["content"], added["special"] = renames[added["content"]], False
+    vocab = tokenizer["model"]["vocab"]
+    for old, new in renames.items():
+        vocab[new] = vocab.pop(old)
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from util.smol_model import smol_model_dir
+
+    return think_model_dir(smol_model_dir(), tmp_path_factory.mktemp("think") / "model")
+
+
+@pytest.fixture(scope="module")
+def rows(model_dir, tmp_path_factory):
+    """The run's output rows by id. Rows carry their sampling_params as JSON text."""
+    folder = tmp_path_factory.mktemp("richer")
+    lines = [json.dumps({**row, "sampling_params": json.dumps(row["sampling_params"])} if "sampling_params" in row
+                        else row) for row in ROWS]
+    (folder / "in.jsonl").write_text("\n".join(lines) + "\n")
+    run = run_main("--smoke", "--model", model_dir, "--input-path", folder / "in.jsonl", "--id-column", "id",
+                   "--max-tokens", MAX_TOKENS, "--logprobs", TOP_K, "--prompt-logprobs", PROMPT_K,
+                   "--engine-arg", "dtype=float32", "--output-path", folder / "out",
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert run.returncode == 0, run.stdout[-5000:]
+    assert f"summary: {len(ROWS)} rows: {len(ROWS)} ok, 0 errors" in run.stdout, run.stdout[-3000:]
+    table = pq.read_table(folder / "out")
+    assert table.schema.names[:len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+    return {row["id"]: row for row in table.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # One thread: on a busy 2-core machine torch's two OpenMP threads wait on each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    yield model, AutoTokenizer.from_pretrained(model_dir)
+    torch.set_num_threads(threads)
+
+
+def spelled(tokens: list[dict]) -> str:
+    return "".join(token["token"] for token in tokens)
+
+
+def test_greedy_logprobs_and_prompt_logprobs_match_transformers(rows, hf_model):
+    import torch
+
+    model, tokenizer = hf_model
+    for row_id in ("capital", "sky"):
+        row = rows[row_id]
+        prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        generated = [token["token_id"] for token in row["logprobs"]]
+        assert len(generated) == row["num_generated_tokens"] and row["completions"] is None
+        assert row["generated_text"] == tokenizer.decode(generated, skip_special_tokens=True)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + generated])).logits[0].float()
+        expected = torch.log_softmax(logits, dim=-1)
+        # Each generated token: the argmax (greedy), its logprob, and the top K in rank order.
+        for position, token in enumerate(row["logprobs"]):
+            at = expected[len(prompt_ids) + position - 1]
+            top = torch.topk(at, TOP_K)
+            assert token["token_id"] == top.indices[0].item(), (row_id, position)
+            assert abs(token["logprob"] - at[token["token_id"]].item()) < 1e-3, (row_id, position)
+            assert [t["token_id"] for t in token["top_logprobs"]] == top.indices.tolist(), (row_id, position)
+            for t, value in zip(token["top_logprobs"], top.values.tolist()):
+                assert abs(t["logprob"] - value) < 1e-3 and t["token"] == tokenizer.decode([t["token_id"]])
+        # Each prompt token as the model scores it after the ones before it; nothing precedes the first.
+        assert [t["token_id"] for t in row["prompt_logprobs"]] == prompt_ids
+        assert (row["prompt_logprobs"][0]["logprob"], row["prompt_logprobs"][0]["top_logprobs"]) == (None, [])
+        for position, token in enumerate(row["prompt_logprobs"][1:], start=1):
+            at = expected[position - 1]
+            assert abs(token["logprob"] - at[token["token_id"]].item()) < 1e-3, (row_id, position)
+            assert [t["token_id"] for t in token["top_logprobs"]] == torch.topk(at, PROMPT_K).indices.tolist()
+
+
+def test_reasoning_is_kept_apart_from_the_answer(rows):
+    think = rows["think"]
+    assert re.fullmatch("[a-z ]{20,40}", think["reasoning_content"]), think["reasoning_content"]
+    assert re.fullmatch("[a-z ]{1,20}", think["generated_text"]), think["generated_text"]
+    assert (think["finish_reason"], think["structured_output_error"]) == ("stop", None)
+    # The whole text, as the tokens spell it, is the two parts in their tags.
+    whole = f"<think>{think['reasoning_content']}</think>{think['generated_text']}"
+    assert spelled(think["logprobs"]) in (whole, whole + END_OF_TURN)
+    # Cut by max_tokens inside the thinking: all of it is thinking, no answer, and the check says why.
+    cut = rows["think-cut"]
+    assert (cut["finish_reason"], cut["num_generated_tokens"], cut["generated_text"]) == ("length", 9, "")
+    assert spelled(cut["logprobs"]) == "<think>" + cut["reasoning_content"] and cut["reasoning_content"]
+    assert cut["structured_output_error"] == f"does not match the regex {THINK!r} (finish_reason length)"
+    # Rows that named no reasoning parser keep their text whole.
+    assert rows["capital"]["reasoning_content"] is None
+
+
+def test_n_samples_in_one_row_each_checked_against_the_schema(rows):
+    from jsonschema import validate
+
+    row = rows["json"]
+    samples = row["completions"]
+    assert len(samples) == 2
+    assert (row["generated_text"], row["finish_reason"]) == (samples[0]["text"], samples[0]["finish_reason"])
+    assert row["num_generated_tokens"] == sum(s["num_generated_tokens"] for s in samples)
+    assert row["logprobs"] == samples[0]["logprobs"]
+    for sample in samples:
+        validate(json.loads(sample["text"]), PERSON)
+        assert (sample["finish_reason"], sample["structured_output_error"]) == ("stop", None)
+        assert len(sample["logprobs"]) == sample["num_generated_tokens"]
+    # Cut at 3 tokens, each sample is flagged on its own.
+    cut = rows["json-cut"]
+    assert [s["num_generated_tokens"] for s in cut["completions"]] == [3, 3]
+    for sample in cut["completions"]:
+        assert sample["structured_output_error"].startswith("not valid JSON: ")
+        assert sample["structured_output_error"].endswith(" (finish_reason length)")
+    assert cut["structured_output_error"] == cut["completions"][0]["structured_output_error"]
+
+
+def test_every_row_has_its_timings(rows):
+    for row in rows.values():
+        assert row["time_in_queue_s"] >= 0 and row["generation_time_s"] >= 0, row["id"]
+        assert 0 < row["time_to_first_token_s"] < 600, row["id"]
+    # Cut at 9 tokens, the thinking row generated for a shorter time than the same prompt's 40.
+    assert rows["think-cut"]["generation_time_s"] < rows["think"]["generation_time_s"]
+
+
+def test_every_row_is_an_openai_chat_completion(rows):
+    for row in rows.values():
+        body = output_record(row, created=1)["response"]["body"]
+        completion = ChatCompletion.model_validate(body)
+        samples = row["completions"] or [{"text": row["generated_text"], "logprobs": row["logprobs"],
+                                          "reasoning_content": row["reasoning_content"]}]
+        assert len(completion.choices) == len(samples) and body["usage"]["completion_tokens"] == row["num_generated_tokens"]
+        for choice, sample in zip(completion.choices, samples):
+            assert choice.message.content == sample["text"]
+            assert [(t.token, t.logprob) for t in choice.logprobs.content] == [
+                (t["token"], t["logprob"]) for t in sample["logprobs"]]
+            assert all(len(t.top_logprobs) == TOP_K for t in choice.logprobs.content)
+            assert getattr(choice.message, "reasoning_content", None) == sample["reasoning_content"]
+        assert len(body["prompt_logprobs"]) == row["num_input_tokens"]
+
+
+# Without an engine: flags, row overrides, and columns that are null, not missing.
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n": 0}, "--n must be >= 1, got 0"),
+    ({"n": 2}, "--n 2 needs --temperature > 0: greedy sampling gives one answer"),
+    ({"logprobs": -1}, "--logprobs must be >= 0, got -1"),
+    ({"prompt_logprobs": 21}, "--prompt-logprobs must be <= 20 (the engine's max_logprobs; raise it with "
+                              "--engine-arg max_logprobs=N), got 21"),
+])
+def test_bad_flag_values_are_refused(kwargs, message):
+    with pytest.raises(ValueError) as refused:
+        Config(**kwargs)
+    assert str(refused.value) == message
+
+
+def test_the_flags_enter_the_jobs_sampling_only_when_given():
+    assert not {"n", "logprobs", "prompt_logprobs", "reasoning_parser"} & set(job_sampling(Config()))
+    cfg = Config(n=3, temperature=0.7, logprobs=0, prompt_logprobs=1, reasoning_parser="deepseek_r1",
+                 engine_arg={"max_logprobs": 50})
+    assert {k: job_sampling(cfg)[k] for k in ("n", "logprobs", "prompt_logprobs", "reasoning_parser")} == {
+        "n": 3, "logprobs": 0, "prompt_logprobs": 1, "reasoning_parser": "deepseek_r1"}
+    assert Config(logprobs=50, engine_arg={"max_logprobs": 50}).logprobs == 50
+
+
+def test_an_unknown_reasoning_parser_exits_2_before_anything_starts(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--reasoning-parser", "deepseek"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert re.fullmatch(r".+: error: --reasoning-parser: unknown reasoning parser 'deepseek'; vLLM \S+ has "
+                        r"(\w+, )*deepseek_r1(, \w+)*", error), error
+
+
+def test_row_overrides_of_n_and_reasoning_parser_are_checked():
+    job = {"temperature": 0.0, "max_tokens": 8}
+    assert row_sampling(job, {"n": 2, "temperature": 0.5}) == {"temperature": 0.5, "max_tokens": 8, "n": 2}
+    with pytest.raises(ValueError) as greedy:
+        row_sampling(job, {"n": 2})
+    assert str(greedy.value) == "n=2 needs temperature > 0: greedy sampling gives one answer"
+    with pytest.raises(ValueError) as unknown:
+        row_sampling(job, {"reasoning_parser": "r1"})
+    assert str(unknown.value).startswith("reasoning_parser: unknown reasoning parser 'r1'; vLLM ")
+
+
+def test_without_metrics_the_timings_are_null_columns_not_missing():
+    import pyarrow as pa
+
+    assert timings(None) == dict.fromkeys(TIMINGS)
+    batch = pa.table({"id": ["a"], "prompt_token_ids": [[1]], "error": [None]})
+    table = finish_batch(batch, [{"generated_text": "x", **timings(None)}], "m")
+    for name in (*TIMINGS, "completions", "logprobs", "prompt_logprobs", "reasoning_content"):
+        assert table[name].type == OUTPUT_SCHEMA.field(name).type and table[name].to_pylist() == [None], name
