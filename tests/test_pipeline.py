@@ -64,7 +64,7 @@ def test_a_column_a_stage_drops_is_gone_for_the_stages_after_it(plan):
     assert str(info.value) == (
         "stage 'reads_tokens' needs column 'prompt_token_ids', which no stage before it adds (it gets: id, text, "
         "prompt, num_input_tokens, error, generated_text, finish_reason, num_generated_tokens, model, "
-        "structured_output_error)")
+        "structured_output_error, completions, logprobs, prompt_logprobs, reasoning_content)")
 
 
 def test_the_formatter_needs_the_text_column(plan):

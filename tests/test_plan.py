@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from util import storage
+from util import plan as planning
 from util.accelerator import AcceleratorChoice
 from util.config import Config
 from util.engine import CPU_ENGINE_KWARGS, CPU_ENV_VARS, engine_kwargs, replica_placement
@@ -90,8 +90,8 @@ def test_a_cpu_only_cluster_too_small_for_the_replicas_is_refused_when_the_run_i
 def test_the_plan_reads_a_json_schema_file_once(tmp_path, monkeypatch):
     schema = tmp_path / "person.json"
     schema.write_text(json.dumps(PERSON))
-    opened, resolve = [], storage.resolve
-    monkeypatch.setattr(storage, "resolve", lambda uri: opened.append(uri) or resolve(uri))
+    opened, resolve = [], planning.resolve
+    monkeypatch.setattr(planning, "resolve", lambda uri: opened.append(uri) or resolve(uri))  # the file opened
     cfg = Config(json_schema=str(schema), concurrency=1)
     assert opened == []  # the Config checks the flags, but reads no file
     plan = make_plan(cfg, cluster=CPU_CLUSTER, resolve_model_files=False)
