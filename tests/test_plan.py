@@ -69,6 +69,8 @@ def test_gpus_held_are_every_replicas_for_the_whole_run():
     plan = plan_of({"CPU": 16.0, "GPU": 8.0}, concurrency=3, tensor_parallel_size=2, accelerator_type="any")
     assert (plan.gpus_per_replica, plan.gpus_held) == (2, 6)
     assert plan.provenance["accelerator"] == "GPU"
+    shared = plan_of({"CPU": 16.0, "GPU": 1.0}, concurrency=2, gpus_per_replica=0.5, accelerator_type="any")
+    assert (shared.gpus_per_replica, shared.gpus_held, shared.replica_resources) == (0.5, 1.0, {"num_gpus": 0.5})
 
 
 # --- a CPU-only cluster too small ---

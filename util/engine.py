@@ -57,8 +57,10 @@ def replica_gpus(cfg: "Config") -> int:
 
 
 def gpus_per_replica(cfg: "Config") -> float:
-    """GPUs one replica holds, as replica_placement reserves them."""
-    return max(cfg.gpus_per_replica, replica_gpus(cfg))
+    """GPUs one replica holds, as replica_placement reserves them: --gpus-per-replica (a share of one GPU
+    is allowed) for a one-GPU replica; at least a whole GPU per shard for tensor x pipeline parallel."""
+    shards = replica_gpus(cfg)
+    return cfg.gpus_per_replica if shards == 1 else max(cfg.gpus_per_replica, shards)
 
 
 def _placement_group(bundles: list[dict], strategy: str) -> dict:
