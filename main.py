@@ -9,6 +9,7 @@ vLLM on every GPU of the Ray cluster, and write one output row per input row.
     python main.py --preflight --input-path prompts.jsonl --deadline-hours 4   # check and estimate, no GPU
     python main.py --input-path batch_input.jsonl --input-format openai       # an OpenAI Batch API file
     python main.py --input-path prompts.jsonl --json-schema schema.json       # structured (JSON) output
+    python main.py --input-path corpus.jsonl --task embed                    # an `embedding` per row
     anyscale job submit -f job.yaml                      # the same as an Anyscale job
     python main.py --help                                # every knob
 
@@ -87,7 +88,11 @@ def run(cfg: Config) -> int:
     wait_for_replicas_to_exit()
     if written["ok"] + written["error"]:
         for row in sample_rows(plan.output_path, cfg.output_format):
-            print({k: row[k] for k in ("id", "generated_text", "finish_reason", "num_generated_tokens", "error")})
+            shown = {k: row.get(k) for k in ("id", "generated_text", "finish_reason", "num_generated_tokens", "error")}
+            if row.get("embedding") is not None:  # --task embed: the vector's size and first values
+                shown = {"id": row["id"], "embedding": f"{len(row['embedding'])} floats {row['embedding'][:3]} ...",
+                         "error": row["error"]}
+            print(shown)
     print(f"summary: {scan.rows} rows: {written['ok']} ok, {written['error']} errors, {scan.already_done} "
           f"already done; {written['input_tokens']} input tokens, {written['output_tokens']} output tokens in "
           f"{elapsed:.1f} s ({written['output_tokens'] / elapsed:.0f} output tok/s, engine start included) "

@@ -23,6 +23,7 @@ COMPLETIONS = "completions"  # every sample when n > 1 (util/request_output.py)
 LOGPROBS = "logprobs"
 PROMPT_LOGPROBS = "prompt_logprobs"
 REASONING_CONTENT = "reasoning_content"
+EMBEDDING = "embedding"  # --task embed: the prompt's embedding vector (util/predictor.py EmbeddingPredictor)
 TIMINGS = ("time_in_queue_s", "time_to_first_token_s", "generation_time_s")  # seconds, from vLLM's metrics
 
 # Arrow types of the richer columns, so that every file of a run has the same schema (util/output.py).
@@ -32,3 +33,4 @@ COMPLETION = pa.struct([("text", pa.string()), ("reasoning_content", pa.string()
                         ("finish_reason", pa.string()), ("num_generated_tokens", pa.int64()),
                         ("logprobs", TOKEN_LOGPROBS), ("structured_output_error", pa.string())])
 COMPLETIONS_TYPE = pa.list_(COMPLETION)
+EMBEDDING_TYPE = pa.list_(pa.float32())

@@ -40,6 +40,10 @@ class Config:
     system_prompt: str | None = _help("System message for models with a chat template.", default=None)
     prompt_format: str = _help("auto (table, then chat template, then plain), chat_template, table or plain.",
                                default="auto")
+    # --- task ---
+    task: str = _help("generate (text, the default) or embed (one `embedding` vector per row, the text embedded "
+                      "as given, no chat template). An OpenAI batch file of /v1/embeddings requests is an "
+                      "embed job without this flag.", default="generate")
     # --- sampling ---
     max_tokens: int = _help("Most tokens generated per row.", default=2048)
     temperature: float = _help("0 is greedy and deterministic.", default=0.0)
@@ -118,7 +122,8 @@ class Config:
             self.text_column, self.id_column = "messages", "custom_id"
         if self.output_format is None:
             self.output_format = "openai" if self.input_format == "openai" else "parquet"
-        choices = {"input_format": ("auto", "text", "jsonl", "csv", "parquet", "openai"),
+        choices = {"task": ("generate", "embed"),
+                   "input_format": ("auto", "text", "jsonl", "csv", "parquet", "openai"),
                    "prompt_format": ("auto", "chat_template", "table", "plain"),
                    "output_format": ("parquet", "jsonl", "openai")}
         for name, allowed in choices.items():
@@ -151,6 +156,15 @@ class Config:
         if not 0 <= self.max_error_fraction <= 1:
             raise ValueError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
         check_job_flags(self.json_schema, self.regex, self.choice)  # a bad regex or mix: ValueError now
+        if self.task == "embed":  # flags that shape generated text mean nothing to an embedding
+            generation = {"--n": self.n != 1, "--logprobs": self.logprobs is not None,
+                          "--prompt-logprobs": self.prompt_logprobs is not None,
+                          "--reasoning-parser": self.reasoning_parser is not None,
+                          "--json-schema": self.json_schema is not None, "--regex": self.regex is not None,
+                          "--choice": bool(self.choice)}
+            given = [flag for flag, on in generation.items() if on]
+            if given:
+                raise ValueError(f"--task embed takes no generation flags; got {', '.join(given)}")
 
 
 def parse_engine_arg(text: str) -> tuple[str, typing.Any]:

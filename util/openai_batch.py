@@ -21,6 +21,12 @@ asks for something unsupported, such as `"stream": true`, named in the message) 
 instead of stopping the job, as the Batch API's error file has it. `custom_id`s must be unique: the run resumes,
 and joins back, on them.
 
+A `/v1/embeddings` request (`body.input`: one string, embedded as given; a list of inputs is refused on
+its line, one request line per input) makes the run an embedding job (util/plan.py resolve_task); a file
+must not mix the two urls. Its record's body is a CreateEmbeddingResponse: `{"object": "list", "data":
+[{"object": "embedding", "index": 0, "embedding": [...]}], "model": ..., "usage": {"prompt_tokens": N,
+"total_tokens": N}}`.
+
 An output record:
 
     {"id": "batch_req_...", "custom_id": "q-1", "error": null,
@@ -49,6 +55,13 @@ import pyarrow as pa
 from util import columns as col
 
 CHAT_URL = "/v1/chat/completions"
+EMBEDDINGS_URL = "/v1/embeddings"
+TASK_OF_URL = {CHAT_URL: "generate", EMBEDDINGS_URL: "embed"}  # the url says the job's task (Config.task)
+# Embeddings body parameters: ignored (who asked, the model), or accepted only at the value that asks for
+# what this runner gives: float vectors at the model's own size.
+EMBEDDING_IGNORED = {"model", "input", "user"}
+EMBEDDING_DEFAULT_ONLY = {"encoding_format": (["float"], "float vectors only"),
+                          "dimensions": ([], "the model's own size only")}
 # Body parameters and the SamplingParams field each one sets (response_format: util/structured_output.py).
 SAMPLING_PARAMETERS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
                        "temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
@@ -83,6 +96,14 @@ REQUEST_COLUMNS = ("custom_id", "messages", col.SAMPLING_PARAMS, "request_model"
 
 
 @functools.cache
+def embedding_parameters() -> frozenset[str]:
+    """Every body parameter the `openai` package's embeddings request type accepts."""
+    from openai.types.embedding_create_params import EmbeddingCreateParams
+
+    return frozenset(typing.get_type_hints(EmbeddingCreateParams))
+
+
+@functools.cache
 def chat_parameters() -> frozenset[str]:
     """Every body parameter the `openai` package's chat-completions request type accepts."""
     from openai.types.chat.completion_create_params import (CompletionCreateParamsNonStreaming,
@@ -92,13 +113,15 @@ def chat_parameters() -> frozenset[str]:
         typing.get_type_hints(CompletionCreateParamsStreaming))
 
 
-def unsupported_value(name: str, value) -> str | None:
-    """Why `name: value` asks for something this runner cannot do, or None. null means not given."""
-    if value is None or name in SAMPLING_PARAMETERS or name in IGNORED_PARAMETERS or name in LOGPROB_PARAMETERS:
+def unsupported_value(name: str, value, accepted=(*SAMPLING_PARAMETERS, *IGNORED_PARAMETERS, *LOGPROB_PARAMETERS),
+                      default_only: dict = DEFAULT_ONLY_PARAMETERS) -> str | None:
+    """Why `name: value` asks for something this runner cannot do, or None. null means not given.
+    `accepted`: the parameters taken as they come; `default_only`: those allowed only at these values."""
+    if value is None or name in accepted:
         return None
-    if name not in DEFAULT_ONLY_PARAMETERS:  # one the openai package has learnt since this table was made
+    if name not in default_only:  # one the openai package has learnt since this table was made
         return f"{name}={json.dumps(value, ensure_ascii=False)} is not supported"
-    allowed, why = DEFAULT_ONLY_PARAMETERS[name]
+    allowed, why = default_only[name]
     # Compared as JSON, so that true is not taken for 1, nor 0 for false.
     if json.dumps(value) in {json.dumps(a) for a in allowed}:
         return None
@@ -137,10 +160,12 @@ def request_row(line: str, where: str) -> dict:
     custom_id = request.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return _refused(where, f"{where}: no custom_id (a non-empty string)")
-    if request.get("method", "POST") != "POST" or request.get("url") != CHAT_URL:
-        return _refused(custom_id, f"{where}: only POST {CHAT_URL} is supported, got "
+    if request.get("method", "POST") != "POST" or request.get("url") not in TASK_OF_URL:
+        return _refused(custom_id, f"{where}: only POST {CHAT_URL} or POST {EMBEDDINGS_URL} is supported, got "
                                    f"{request.get('method', 'POST')} {request.get('url')}")
     body = request.get("body")
+    if request["url"] == EMBEDDINGS_URL:
+        return embedding_request_row(custom_id, body, where)
     messages = body.get("messages") if isinstance(body, dict) else None
     if not isinstance(messages, list) or not messages:
         return _refused(custom_id, f"{where}: body.messages must be a non-empty list of messages")
@@ -167,6 +192,34 @@ def request_row(line: str, where: str) -> dict:
             "request_model": body.get("model"), col.REQUEST_ERROR: None}
 
 
+def embedding_request_row(custom_id: str, body, where: str) -> dict:
+    """An embeddings request's body → a row whose `messages` holds its input, one string, as JSON. A list
+    of inputs (strings or token ids) is refused: one request line per text, so that one output row (and
+    one resumable id) stands for one embedding."""
+    text = body.get("input") if isinstance(body, dict) else None
+    if not isinstance(text, str):
+        kind = "missing" if text is None else f"a {type(text).__name__}"
+        return _refused(custom_id, f"{where}: body.input must be one string, got {kind} (a list of inputs is "
+                                   "not supported: one request line per input)")
+    unknown = sorted(set(body) - embedding_parameters())
+    if unknown:
+        return _refused(custom_id, f"{where}: unknown body parameter(s): {', '.join(unknown)}")
+    for name, value in body.items():
+        if reason := unsupported_value(name, value, EMBEDDING_IGNORED, EMBEDDING_DEFAULT_ONLY):
+            return _refused(custom_id, f"{where}: {reason}")
+    return {"custom_id": custom_id, "messages": json.dumps(text, ensure_ascii=False), col.SAMPLING_PARAMS: None,
+            "request_model": body.get("model"), col.REQUEST_ERROR: None}
+
+
+def request_url(line: str) -> str | None:
+    """A request line's url, or None for a line that is not a request (the reader reports those)."""
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return request.get("url") if isinstance(request, dict) else None
+
+
 def request_table(rows: list[dict]) -> pa.Table:
     return pa.table({name: pa.array([row[name] for row in rows], pa.string()) for name in REQUEST_COLUMNS})
 
@@ -180,6 +233,12 @@ def output_record(row: dict, created: int | None = None) -> dict:
         body = {"error": {"message": row[col.ERROR], "type": "invalid_request_error", "param": None, "code": None}}
         return {**record, "response": {"status_code": 400, "request_id": request_id, "body": body},
                 "error": {"code": "invalid_request", "message": row[col.ERROR]}}
+    if row.get(col.EMBEDDING) is not None:  # an embeddings request: CreateEmbeddingResponse's shape
+        tokens = row[col.NUM_INPUT_TOKENS] or 0
+        body = {"object": "list", "model": row["model"],
+                "data": [{"object": "embedding", "index": 0, "embedding": list(row[col.EMBEDDING])}],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {**record, "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
     prompt_tokens, completion_tokens = row[col.NUM_INPUT_TOKENS] or 0, row[col.NUM_GENERATED_TOKENS] or 0
     # Each sample in the shape of a `completions` entry (util/columns.py COMPLETION): n of them, or the row's one.
     samples = row.get(col.COMPLETIONS) or [{"text": row[col.GENERATED_TEXT], "finish_reason": row[col.FINISH_REASON],

@@ -51,7 +51,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from util import columns as col
-from util.columns import COMPLETIONS_TYPE, TIMINGS, TOKEN_LOGPROBS
+from util.columns import COMPLETIONS_TYPE, EMBEDDING_TYPE, TIMINGS, TOKEN_LOGPROBS
 from util.errors import InputError
 from util.openai_batch import output_record, preview
 from util.resources import TASK_CPUS
@@ -73,6 +73,7 @@ OUTPUT_SCHEMA = pa.schema([
     (col.PROMPT_LOGPROBS, TOKEN_LOGPROBS),  # per prompt token; the first one's logprob is null
     (col.REASONING_CONTENT, pa.string()),  # a reasoning parser's thinking; generated_text holds the rest
     *((name, pa.float64()) for name in TIMINGS),  # seconds in queue, to first token, generating
+    (col.EMBEDDING, EMBEDDING_TYPE),  # --task embed: the prompt's embedding; null for generated rows
 ])
 ERRORS_FOLDER = "errors"
 EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}

@@ -7,6 +7,9 @@
     ds = build_pipeline(plan, stages=pipeline_stages(plan, predictor=StandIn))   # another predictor class
     ds = build_pipeline(plan, stages=pipeline_stages(plan, pool=pool))  # engines kept warm (replica_pool)
 
+The last stage follows the plan's task: `predict` (LLMPredictor) for generate, `embed`
+(EmbeddingPredictor) for embed.
+
 main.py, --preflight (util/preflight.py), the benchmarks and the notebook all build it here.
 
 Each stage declares the columns it needs and the columns it adds (and drops). `check_contracts` walks
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 import ray
 
 from util import columns as col
-from util.predictor import LLMPredictor
+from util.predictor import EmbeddingPredictor, LLMPredictor
 from util.prompt_format import format_prompts
 from util.reading import SAMPLE_PROMPTS, read_prompts
 from util.resources import TASK_CPUS
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 PREDICTOR_ADDS = (col.GENERATED_TEXT, col.FINISH_REASON, col.NUM_GENERATED_TOKENS, col.MODEL,
                   col.STRUCTURED_OUTPUT_ERROR, col.COMPLETIONS, col.LOGPROBS, col.PROMPT_LOGPROBS,
                   col.REASONING_CONTENT)
+EMBEDDING_ADDS = (col.EMBEDDING, col.MODEL)  # --task embed's predictor (EmbeddingPredictor)
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,12 @@ def predictor_stage(plan: "Plan", predictor=LLMPredictor, pool=None) -> Stage:
                      drops=(col.PROMPT_TOKEN_IDS,), **kwargs)
 
 
+def embedding_stage(plan: "Plan", predictor=EmbeddingPredictor) -> Stage:
+    """--task embed's vLLM stage: the same replicas, placement and batches, as pooling engines."""
+    return map_stage("embed", needs=(col.ID, col.PROMPT_TOKEN_IDS, col.ERROR), adds=EMBEDDING_ADDS,
+                     drops=(col.PROMPT_TOKEN_IDS,), **predictor_stage_kwargs(plan, predictor))
+
+
 def pipeline_stages(plan: "Plan", done: "DoneIndex | None" = None, until: str = "predict",
                     formatter=format_prompts, predictor=LLMPredictor, pool=None) -> list[Stage]:
     """The stages after the read, in order; until="format" stops after the formatter (--preflight)."""
@@ -136,7 +146,9 @@ def pipeline_stages(plan: "Plan", done: "DoneIndex | None" = None, until: str = 
     stages.append(formatter_stage(plan, formatter))
     if until == "format":
         return stages
-    return stages + [cut_blocks_stage(plan.cfg.batch_size), predictor_stage(plan, predictor, pool)]
+    last = (embedding_stage(plan) if plan.task == "embed" and predictor is LLMPredictor
+            else predictor_stage(plan, predictor, pool))
+    return stages + [cut_blocks_stage(plan.cfg.batch_size), last]
 
 
 def build_pipeline(plan: "Plan", done: "DoneIndex | None" = None, source: str | list | None = None,

@@ -25,6 +25,7 @@ from util.config import Config
 from util.engine import CPU_ENV_VARS, engine_kwargs, gpus_per_replica, replica_placement
 from util.errors import InputError
 from util.prompt_format import choose_prompt_format, model_max_length
+from util.reading import openai_task
 from util.resources import CPU_REPLICA_CPUS, TASK_CPUS
 from util.resume import fingerprint
 from util.storage import generate_output_path, resolve
@@ -35,6 +36,7 @@ from util.structured_output import job_spec
 class Plan:
     cfg: Config
     output_path: str
+    task: str  # generate or embed: --task, or what an OpenAI batch file's urls ask for
     choice: AcceleratorChoice  # GPU or CPU, and which accelerator type the replicas ask for
     engine_kwargs: dict  # vLLM engine arguments of every replica
     sampling: dict  # the job's SamplingParams keyword arguments; a row's sampling_params go on top
@@ -127,6 +129,17 @@ def resolve_model(cfg: Config, engine: dict) -> tuple[str, int | None, dict]:
     return prompt_format, max_model_len, record
 
 
+def resolve_task(cfg: Config) -> str:
+    """--task, or for an OpenAI batch file the task its urls say (InputError for a file that mixes them,
+    or one that contradicts an explicit --task)."""
+    if cfg.input_format != "openai" or cfg.input_path is None:
+        return cfg.task
+    task = openai_task(cfg.input_path)
+    if cfg.task != "generate" and task != cfg.task:
+        raise InputError(f"--task {cfg.task}, but {cfg.input_path} holds requests for the {task} task")
+    return task
+
+
 def output_path_of(cfg: Config) -> str:
     """--output-path, else a path made from the run name and the model, the same on every re-run."""
     return cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
@@ -138,6 +151,7 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
     import vllm
 
     cluster = ray.cluster_resources() if cluster is None else cluster
+    task = resolve_task(cfg)  # before anything else: a mixed OpenAI file is refused without an engine
     choice = choose_accelerator(cfg.accelerator_type, cluster)
     check_cluster_fits(cfg.concurrency, choice.use_gpu, cluster)
     engine = engine_kwargs(cfg, choice.use_gpu)
@@ -146,13 +160,15 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
         prompt_format, max_model_len, model_record = resolve_model(cfg, engine)
     else:
         prompt_format, max_model_len, model_record = cfg.prompt_format, engine.get("max_model_len"), {}
+    if task == "embed" and cfg.prompt_format == "auto":  # the text embedded as given: no chat template
+        prompt_format = model_record["prompt_format"] = "plain"
     resources = replica_placement(cfg, choice, engine)
     if not choice.use_gpu:
         resources = {**resources, "runtime_env": {"env_vars": CPU_ENV_VARS}}
     accelerator = choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU")
-    return Plan(cfg=cfg, output_path=output_path_of(cfg),
+    return Plan(cfg=cfg, output_path=output_path_of(cfg), task=task,
                 choice=choice, engine_kwargs=engine, sampling=sampling, prompt_format=prompt_format,
                 max_model_len=max_model_len, replica_resources=resources, gpus_per_replica=gpus_per_replica(cfg),
-                fingerprint=fingerprint(cfg, sampling, engine),
+                fingerprint=fingerprint(cfg, sampling, engine, task),
                 provenance={"vllm": vllm.__version__, "ray": ray.__version__, "accelerator": accelerator,
                             **model_record})

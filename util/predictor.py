@@ -9,7 +9,8 @@
 several batches at once, and every row of every batch becomes its own engine request, so the engine's
 scheduler always has work queued: a short row frees its slot for a new one instead of waiting for the
 longest row of its batch. `SyncLLMPredictor` is the simpler, blocking `LLM.generate` form, kept for
-teaching and for comparison; each of its batches waits for its slowest row.
+teaching and for comparison; each of its batches waits for its slowest row. `EmbeddingPredictor`
+(--task embed) runs the same engine as a pooling model and writes each row's `embedding` instead.
 
 Needs the columns id, prompt, prompt_token_ids, error (from util/prompt_format.py) and, optionally,
 `sampling_params` (a dict or JSON object per row, overriding the job's sampling). Adds
@@ -34,7 +35,7 @@ import weakref
 import pyarrow as pa
 
 from util import columns as col
-from util.columns import COMPLETIONS_TYPE, TIMINGS, TOKEN_LOGPROBS
+from util.columns import COMPLETIONS_TYPE, EMBEDDING_TYPE, TIMINGS, TOKEN_LOGPROBS
 from util.errors import INVALID_SAMPLING, row_error
 from util.prompt_format import set_columns
 from util.reasoning import ReasoningSplitter, check_parser_name
@@ -208,7 +209,7 @@ class LLMPredictor:
         self.spelling.reasoning(self.sampling.get("reasoning_parser"))
         # LLM_CLASS selects vLLM's offline defaults (on an H100: 1024 sequences, 16k batched tokens);
         # the engine's own default context is sized for online serving and halves throughput here.
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **(engine_kwargs or {})),
+        self.engine = AsyncLLM.from_engine_args(self.engine_args(AsyncEngineArgs, model, engine_kwargs or {}),
                                                 usage_context=UsageContext.LLM_CLASS)
         # Exit hooks run last-registered first, so this one runs before multiprocessing's, which would
         # end the engine's processes under it. A weak reference: it must not keep the replica alive.
@@ -217,35 +218,47 @@ class LLMPredictor:
 
         self.progress = ProgressClient.connect()  # the run's progress actor, if one is listening
 
-    async def generate_row(self, row_id: str, token_ids, sampling: dict) -> dict:
-        """One row as one engine request: its generated text, finish reason and token count, or its error."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+    def engine_args(self, engine_args_class, model: str, engine_kwargs: dict):
+        return engine_args_class(model=model, **engine_kwargs)
+
+    async def row_or_error(self, request) -> dict:
+        """A row's result from the coroutine `request`, or, when the engine refuses the request (bad
+        sampling values, ...), the row's error; a dead engine is not a row's fault and fails the job."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            # FINAL_ONLY: one result per request, not a cumulative copy of the output at every step,
-            # which would cost the front-end process more CPU than the GPU needs to decode.
-            # Rows without stop strings are decoded once, at the end, here: the engine's own
-            # detokenizer works token by token for every running row, on the process that feeds it.
-            decode_here = not sampling.get("stop")
-            reasoning = self.spelling.reasoning(sampling.get("reasoning_parser"))
-            params = SamplingParams(**engine_params(sampling), output_kind=RequestOutputKind.FINAL_ONLY,
-                                    detokenize=not decode_here)
-            final = None
-            request = {"prompt_token_ids": token_ids}
-            # A fresh request id per attempt: a retried batch must not collide with its first try.
-            async for output in self.engine.generate(request, params, f"{row_id}-{uuid.uuid4().hex[:8]}"):
-                final = output
-            decode = ((lambda c: self.tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens))
-                      if decode_here else (lambda c: c.text))
-            return row_result(final, sampling, decode, self.spelling.token, reasoning)
+            return await request
         except EngineDeadError:
-            raise  # not a row's fault: fail the job loudly
-        except Exception as error:  # a request the engine refuses (bad sampling values, ...) fails one row
+            raise
+        except Exception as error:
             if getattr(self.engine, "errored", False):
                 raise
             return {"error": f"{type(error).__name__}: {error}"}
+
+    async def generate_row(self, row_id: str, token_ids, sampling: dict) -> dict:
+        """One row as one engine request: its generated text, finish reason and token count, or its error."""
+        return await self.row_or_error(self._generate(row_id, token_ids, sampling))
+
+    async def _generate(self, row_id: str, token_ids, sampling: dict) -> dict:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        # FINAL_ONLY: one result per request, not a cumulative copy of the output at every step,
+        # which would cost the front-end process more CPU than the GPU needs to decode.
+        # Rows without stop strings are decoded once, at the end, here: the engine's own
+        # detokenizer works token by token for every running row, on the process that feeds it.
+        decode_here = not sampling.get("stop")
+        reasoning = self.spelling.reasoning(sampling.get("reasoning_parser"))
+        params = SamplingParams(**engine_params(sampling), output_kind=RequestOutputKind.FINAL_ONLY,
+                                detokenize=not decode_here)
+        final = None
+        request = {"prompt_token_ids": token_ids}
+        # A fresh request id per attempt: a retried batch must not collide with its first try.
+        async for output in self.engine.generate(request, params, f"{row_id}-{uuid.uuid4().hex[:8]}"):
+            final = output
+        decode = ((lambda c: self.tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens))
+                  if decode_here else (lambda c: c.text))
+        return row_result(final, sampling, decode, self.spelling.token, reasoning)
 
     def shutdown(self) -> None:
         """Stop the engine and its processes, once: at the actor's exit (an exit hook, registered in
@@ -282,6 +295,45 @@ class LLMPredictor:
         results = await asyncio.gather(*tasks)
         self.progress.batch_done(len(results), sum(r.get("num_generated_tokens", 0) for r in results))
         return finish_batch(batch, results, self.model_name)
+
+
+class EmbeddingPredictor(LLMPredictor):
+    """--task embed: one AsyncLLM pooling engine per replica, each row one `encode` request whose pooled
+    vector (for a causal LM, vLLM's default embed pooling: the last token's hidden state, L2-normalized)
+    becomes the row's `embedding`. The same row contract as LLMPredictor: needs id, prompt_token_ids and
+    error, passes rows with an error through, keeps num_input_tokens, adds embedding and model and drops
+    prompt_token_ids (EMBEDDING_ADDS of util/pipeline.py)."""
+
+    def engine_args(self, engine_args_class, model: str, engine_kwargs: dict):
+        # vLLM 0.10.1 and later: runner and convert; before that one `task` argument. A model that is an
+        # embedding model already takes convert="embed" too. The user's --engine-arg keys win.
+        try:
+            return engine_args_class(model=model, **{"runner": "pooling", "convert": "embed", **engine_kwargs})
+        except TypeError:
+            return engine_args_class(model=model, **{"task": "embed", **engine_kwargs})
+
+    async def _embed(self, row_id: str, token_ids) -> dict:
+        from vllm import PoolingParams
+
+        final = None
+        params = PoolingParams(task="embed")
+        async for output in self.engine.encode({"prompt_token_ids": token_ids}, params,
+                                               f"{row_id}-{uuid.uuid4().hex[:8]}"):
+            final = output
+        data = final.outputs.data  # a tensor of the model's hidden size
+        return {"embedding": data.float().tolist() if hasattr(data, "float") else list(data)}
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        ids, token_ids = batch[col.ID].to_pylist(), batch[col.PROMPT_TOKEN_IDS].to_pylist()
+        tasks = [asyncio.sleep(0, {"error": error}) if error else self.row_or_error(self._embed(ids[i], token_ids[i]))
+                 for i, error in enumerate(batch[col.ERROR].to_pylist())]
+        results = await asyncio.gather(*tasks)
+        self.progress.batch_done(len(results), 0)
+        return set_columns(batch.drop_columns([col.PROMPT_TOKEN_IDS]), {
+            col.EMBEDDING: pa.array([r.get("embedding") for r in results], EMBEDDING_TYPE),
+            col.ERROR: pa.array([r.get("error") for r in results], pa.string()),
+            col.MODEL: pa.array([self.model_name] * len(results), pa.string()),
+        })
 
 
 class SyncLLMPredictor:

@@ -37,7 +37,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from util import columns as col
 from util.errors import InputError
-from util.openai_batch import request_row, request_table
+from util.openai_batch import TASK_OF_URL, request_row, request_table, request_url
 from util.resources import TASK_CPUS
 from util.storage import resolve
 
@@ -349,6 +349,30 @@ def list_files(source: str, input_format: str = "auto") -> tuple[list[tuple[str,
         if f.size == 0:
             raise InputError(f"{f.path}: empty file, no prompts in it")
     return sorted((f.path, f.size) for f in files), path
+
+
+def openai_task(source: str) -> str:
+    """The task an OpenAI batch input asks for, by its requests' urls: generate (/v1/chat/completions) or
+    embed (/v1/embeddings). One run is one task, so a request whose url differs from the first request's
+    refuses the input (InputError, naming its file and line) before any engine starts. One pass over the
+    files' lines on the driver: a Batch API file holds at most 50,000 requests (200 MB). Lines that are not
+    requests, or ask for another url, are left for the reader's error records."""
+    files, _ = list_files(source, "openai")
+    filesystem, _ = resolve(source)
+    first = None  # (url, file:line)
+    for path, _ in files:
+        with filesystem.open_input_stream(path) as stream:
+            lines = stream.read().decode("utf-8-sig", errors="replace").split("\n")
+        for number, line in enumerate(lines, start=1):
+            url = request_url(line) if line.strip() else None
+            if url not in TASK_OF_URL:
+                continue
+            if first is None:
+                first = (url, f"{path}:{number}")
+            elif url != first[0]:
+                raise InputError(f"{path}:{number}: a {url} request in a batch of {first[0]} requests (the "
+                                 f"first at {first[1]}); a run is one task: put them in separate files")
+    return TASK_OF_URL[first[0]] if first else "generate"
 
 
 def read_prompts(source: str | list, input_format: str = "auto", text_column: str = "text",

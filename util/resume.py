@@ -129,12 +129,15 @@ def mark_done(table: pa.Table, index_ref: list | None) -> pa.Table:
 
 # --- the settings an output was made with ---
 
-def fingerprint(cfg, sampling: dict, engine_kwargs: dict) -> dict:
-    """The settings that decide a row's output; a run that resumes an output must have the same."""
+def fingerprint(cfg, sampling: dict, engine_kwargs: dict, task: str = "generate") -> dict:
+    """The settings that decide a row's output; a run that resumes an output must have the same. The
+    task only when it is not the default, so that an output made before --task existed still resumes."""
     settings = {"model": cfg.model, "revision": cfg.revision, "prompt_format": cfg.prompt_format,
                 "system_prompt": cfg.system_prompt, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "id_scheme": None if cfg.id_column else ID_SCHEME,
                 "output_format": cfg.output_format, "sampling": sampling, "engine": engine_kwargs}
+    if task != "generate":
+        settings["task"] = task
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the file: tuples are lists
 
 
