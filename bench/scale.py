@@ -51,12 +51,16 @@ def stand_in_formatter(batch: pa.Table, text_column: str = "text", **_) -> pa.Ta
 class StandInPredictor:
     """The predictor's columns, plus the replica that answered, after SECONDS_PER_ROW a row: thousands
     of times faster than an engine, but not instant, or the replica that is asked first would answer
-    every batch before the next arrives, and no spread could be seen."""
+    every batch before the next arrives, and no spread could be seen. Like the real one it tells the run's
+    progress actor, when there is one (util/report.py), that it is ready and what each batch did."""
 
     def __init__(self, model_name: str = "stand-in", **_):
         import ray
 
+        from util.report import ProgressClient
+
         self.model_name, self.replica = model_name, ray.get_runtime_context().get_actor_id()[:8]
+        self.progress = ProgressClient.connect()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -67,6 +71,7 @@ class StandInPredictor:
         batch = batch.drop_columns(["prompt_token_ids"])
         for name, values in columns.items():
             batch = batch.append_column(name, values)
+        self.progress.batch_done(n, n)
         return batch
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import done_index
 from util.config import Config
 from util.pipeline import (build_pipeline, check_contracts, formatter_stage, map_stage, pipeline_stages,
-                           predictor_stage)
+                           predictor_stage, predictor_stage_kwargs)
 from util.plan import make_plan
 from util.preflight import budget_stage
 from util.reading import read_prompts
@@ -21,7 +21,7 @@ READ = ("id", "text")  # what the reader gives every stage after it
 
 
 def plan_of(**config):
-    cfg = Config(model=tiny_model_dir(), concurrency=1, **config)
+    cfg = Config(model=tiny_model_dir(), **{"concurrency": 1, **config})
     return make_plan(cfg, cluster={"CPU": 2.0}, resolve_model_files=False)
 
 
@@ -87,3 +87,14 @@ def test_rows_already_written_are_dropped_before_the_formatter_with_or_without_l
     assert formatted(plan_of()) == [(ids[0], True), (ids[2], True), (ids[4], True)]
     # --limit 3 takes the first three rows, as the first run did, then drops the one already written.
     assert formatted(plan_of(limit=3)) == [(ids[0], True), (ids[2], True)]
+
+
+@pytest.mark.parametrize("max_concurrency, least, most, tasks_per_replica", [
+    (None, 3, 3, 4),  # --concurrency 3, a fixed pool: each replica gets the batches it runs together
+    (5, 3, 5, 7),  # --concurrency 3-5: 1.75x as many, so that a busy pool shows Ray Data the demand to grow
+])
+def test_the_predict_stage_is_a_fixed_or_an_autoscaling_pool(max_concurrency, least, most, tasks_per_replica):
+    plan = plan_of(concurrency=3, max_concurrency=max_concurrency, batches_in_flight=4)
+    compute = predictor_stage_kwargs(plan)["compute"]
+    assert (compute.min_size, compute.max_size) == (least, most)
+    assert (compute.max_tasks_in_flight_per_actor, compute.max_concurrent_calls_per_actor) == (tasks_per_replica, 4)

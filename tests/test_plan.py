@@ -73,6 +73,13 @@ def test_gpus_held_are_every_replicas_for_the_whole_run():
     assert (shared.gpus_per_replica, shared.gpus_held, shared.replica_resources) == (0.5, 1.0, {"num_gpus": 0.5})
 
 
+def test_an_autoscaling_pool_holds_at_most_its_max_and_resumes_a_fixed_pools_output():
+    grows = plan_of({"CPU": 16.0, "GPU": 8.0}, concurrency=1, max_concurrency=4, accelerator_type="any")
+    assert grows.gpus_held == 4  # a bound on GPU-hours: the pool may stay smaller
+    fixed = plan_of({"CPU": 16.0, "GPU": 8.0}, concurrency=4, accelerator_type="any")
+    assert grows.fingerprint == fixed.fingerprint  # replicas do not change a row's output
+
+
 # --- a CPU-only cluster too small ---
 
 def test_a_cpu_only_cluster_too_small_for_the_replicas_is_refused_when_the_run_is_planned():
@@ -83,6 +90,7 @@ def test_a_cpu_only_cluster_too_small_for_the_replicas_is_refused_when_the_run_i
         "reading, formatting and writing; the cluster has 2. Lower --concurrency, or add CPUs")
     check_cluster_fits(3, use_gpu=False, cluster={"CPU": 2})  # exactly fits: 1.5 + 0.5
     check_cluster_fits(2, use_gpu=False, cluster={"CPU": 2})
+    plan_of({"CPU": 2.0}, concurrency=1, max_concurrency=8)  # a range must fit its MIN; it grows as CPUs free
     # With GPUs an autoscaling cluster may still add nodes, and Ray Data waits for them.
     check_cluster_fits(8, use_gpu=True, cluster={"CPU": 2, "GPU": 1})
 

@@ -22,6 +22,13 @@ def plan(ray_local, tmp_path):
     return make_plan(cfg, resolve_model_files=False)
 
 
+def test_a_pool_refuses_a_range_of_replicas(ray_local):
+    plan = make_plan(Config(model="stand-in", concurrency=1, max_concurrency=2), cluster={"CPU": 2.0},
+                     resolve_model_files=False)
+    with pytest.raises(ValueError, match=r"a ReplicaPool starts a fixed number of replicas, not --concurrency 1-2"):
+        ReplicaPool(plan, predictor=StandInPredictor)
+
+
 def run_once(plan, pool) -> list[dict]:
     stages = pipeline_stages(plan, formatter=stand_in_formatter, pool=pool)
     return build_pipeline(plan, stages=stages).select_columns([col.ID, "replica"]).take_all()

@@ -140,7 +140,7 @@ def test_format_report_prints_the_summary_table():
         "  output tok/s   5.0 overall (wall time, engine start included)",
         "  wall time      0:01:40",
         "  GPU-hours      0.056 (2 GPUs x wall time)",
-        "  replica          rows  output tokens  output tok/s  ready at",
+        "  replica          rows  output tokens  output tok/s joined at",
     ]
     assert text.splitlines()[8].split() == ["a", "6", "300", "6.0", "10.0s"]
 

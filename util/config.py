@@ -11,14 +11,15 @@ Unknown flags and values of the wrong type are rejected before anything starts.
 import argparse
 import ast
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 
 from util.structured_output import check_job_flags
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, metadata: dict | None = None, **kwargs):
+    return field(metadata={"help": text, **(metadata or {})}, **kwargs)
 
 
 @dataclass
@@ -71,7 +72,11 @@ class Config:
     choice: list[str] = _help("Guide every row's text to exactly one of these strings (repeat the flag for "
                               "each).", default_factory=list)
     # --- engine and scaling ---
-    concurrency: int = _help("Number of model replicas (vLLM engines).", default=4)
+    concurrency: int = _help("Number of model replicas (vLLM engines): N for a fixed pool, or MIN-MAX (e.g. 1-8) "
+                             "for a pool that starts as soon as one replica is ready and grows to MAX as "
+                             "the cluster adds GPUs (Ray Data's autoscaling actor pool).", default=4)
+    max_concurrency: int | None = _help("The most replicas; set by --concurrency MIN-MAX (None: a fixed pool "
+                                        "of `concurrency`).", default=None, metadata={"flag": False})
     gpus_per_replica: float = _help("GPUs each replica reserves.", default=1.0)
     tensor_parallel_size: int = _help("GPUs a replica shards each layer across (one node).", default=1)
     pipeline_parallel_size: int = _help("Stages a replica splits the layers into, one GPU group each; "
@@ -153,6 +158,9 @@ class Config:
             from util.reasoning import check_parser_name
 
             check_parser_name(self.reasoning_parser)  # known to this vLLM, before any engine starts
+        check_concurrency(self.concurrency, self.max_concurrency)
+        if self.max_concurrency == self.concurrency:  # 4-4 is a fixed pool of 4
+            self.max_concurrency = None
         if not 0 <= self.max_error_fraction <= 1:
             raise ValueError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
         check_job_flags(self.json_schema, self.regex, self.choice)  # a bad regex or mix: ValueError now
@@ -165,6 +173,33 @@ class Config:
             given = [flag for flag, on in generation.items() if on]
             if given:
                 raise ValueError(f"--task embed takes no generation flags; got {', '.join(given)}")
+
+
+    @property
+    def most_replicas(self) -> int:
+        """The replicas the pool may grow to: MAX of --concurrency MIN-MAX, else the fixed N."""
+        return self.max_concurrency or self.concurrency
+
+
+def concurrency_text(least: int, most: int | None) -> str:
+    """--concurrency as written: "4", or "1-8" for an autoscaling pool."""
+    return f"{least}" if most is None else f"{least}-{most}"
+
+
+def check_concurrency(least: int, most: int | None) -> None:
+    if not least >= 1:
+        raise ValueError(f"--concurrency needs at least 1 replica, got {concurrency_text(least, most)}")
+    if most is not None and not most >= least:
+        raise ValueError(f"--concurrency MIN-MAX needs MIN <= MAX, got {concurrency_text(least, most)}")
+
+
+def parse_concurrency(text: str) -> tuple[int, int | None]:
+    """--concurrency N (a fixed pool) or MIN-MAX (an autoscaling one): (N, None) or (MIN, MAX)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--concurrency takes N or MIN-MAX (e.g. 4, or 1-8 to autoscale), "
+                                         f"got {text!r}")
+    return int(match[1]), None if match[2] is None else int(match[2])
 
 
 def parse_engine_arg(text: str) -> tuple[str, typing.Any]:
@@ -183,7 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         kind = hints[f.name]
-        if kind is bool:
+        if not f.metadata.get("flag", True):
+            continue  # set through another flag
+        if f.name == "concurrency":
+            parser.add_argument(flag, type=parse_concurrency, default=argparse.SUPPRESS, metavar="N|MIN-MAX",
+                                help=help_text)
+        elif kind is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
         elif f.name == "engine_arg":
             parser.add_argument(flag, type=parse_engine_arg, action="append", default=[], help=help_text)
@@ -198,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> Config:
     args = vars(build_parser().parse_args(argv))
     args["engine_arg"] = dict(args["engine_arg"])
+    if "concurrency" in args:
+        args["concurrency"], args["max_concurrency"] = args["concurrency"]
     args = {name: value for name, value in args.items() if value is not None}  # list flags not given
     try:
         return Config(**args)

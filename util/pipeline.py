@@ -23,6 +23,7 @@ batch at a time, so one input file spreads over all of them, and a replica holds
 `batch_size x batches_in_flight` rows.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -107,8 +108,22 @@ def cut_blocks_stage(rows: int) -> Stage:
     return Stage("cut_blocks", needs=(), adds=(), apply=cut)
 
 
+def tasks_in_flight(cfg) -> int:
+    """Batches Ray Data sends each replica: `batches_in_flight`, which it runs together; an autoscaling
+    pool's replicas get more, queued behind those. Ray Data starts another replica only while the pool's
+    batches exceed its running slots by the DataContext's autoscaling_config.actor_pool_util_upscaling_threshold (1.75x by
+    default): with no batch queued, it would never grow past MIN."""
+    if cfg.max_concurrency is None:
+        return cfg.batches_in_flight
+    threshold = ray.data.DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
+    return max(cfg.batches_in_flight, math.ceil(threshold * cfg.batches_in_flight))
+
+
 def predictor_stage_kwargs(plan: "Plan", predictor=LLMPredictor) -> dict:
-    """`ds.map_batches` arguments for the vLLM stage: `concurrency` replicas, each on its own GPUs."""
+    """`ds.map_batches` arguments for the vLLM stage: `concurrency` replicas, each on its own GPUs; with
+    --concurrency MIN-MAX, Ray Data's autoscaling pool. Its work starts with the first replica ready
+    (DataContext.wait_for_min_actors_s is -1 by default: no waiting for MIN), and it starts another
+    replica, up to MAX, while every replica is busy; one that waits for a GPU joins when a node brings it."""
     cfg = plan.cfg
     return {
         "fn": predictor,
@@ -116,8 +131,8 @@ def predictor_stage_kwargs(plan: "Plan", predictor=LLMPredictor) -> dict:
                                   "sampling": plan.sampling},
         # Several batches in flight per replica keep the engine's queue full between batches: Ray
         # sends up to `batches_in_flight` tasks to each actor, and the async actor runs them together.
-        "compute": ray.data.ActorPoolStrategy(size=cfg.concurrency,
-                                              max_tasks_in_flight_per_actor=cfg.batches_in_flight,
+        "compute": ray.data.ActorPoolStrategy(min_size=cfg.concurrency, max_size=cfg.most_replicas,
+                                              max_tasks_in_flight_per_actor=tasks_in_flight(cfg),
                                               max_concurrent_calls_per_actor=cfg.batches_in_flight),
         "batch_size": cfg.batch_size,
         "batch_format": "pyarrow",

@@ -10,7 +10,8 @@ Resolved here, once: the output path, the accelerator, the engine arguments, the
 job's sampling (a --json-schema file is read here, and only here), the prompt format that "auto" stands
 for, the model's max_model_len, where a replica runs, the fingerprint that a resumed output must match,
 and the provenance the manifest records. A CPU-only cluster too small for the replicas is refused here
-(InputError), since Ray would otherwise wait forever for a CPU that never frees.
+(InputError), since Ray would otherwise wait forever for a CPU that never frees; an autoscaling pool
+(--concurrency MIN-MAX) must fit its MIN.
 """
 
 import dataclasses
@@ -49,8 +50,9 @@ class Plan:
 
     @property
     def gpus_held(self) -> float:
-        """GPUs the run holds while it runs: every replica's, for the whole wall time."""
-        return self.cfg.concurrency * self.gpus_per_replica if self.choice.use_gpu else 0.0
+        """GPUs the run holds while it runs: every replica's, for the whole wall time. An autoscaling
+        pool (--concurrency MIN-MAX) holds at most its MAX replicas' GPUs: GPU-hours from this are a bound."""
+        return self.cfg.most_replicas * self.gpus_per_replica if self.choice.use_gpu else 0.0
 
 
 def read_json_schema(json_schema: str | None):
@@ -84,8 +86,9 @@ def job_sampling(cfg: Config) -> dict:
 
 
 def check_cluster_fits(concurrency: int, use_gpu: bool, cluster: dict) -> None:
-    """Raises InputError when a CPU-only cluster cannot hold the replicas and one formatting or reading
-    task at a time beside them. A GPU cluster may be autoscaling, so there Ray Data waits for the nodes."""
+    """Raises InputError when a CPU-only cluster cannot hold the replicas (an autoscaling pool's MIN: it
+    grows as CPUs free or nodes join) and one formatting or reading task at a time beside them. A GPU
+    cluster may be autoscaling, so there Ray Data waits for the nodes."""
     cpus = float(cluster.get("CPU", 0))
     need = concurrency * CPU_REPLICA_CPUS + TASK_CPUS
     if not use_gpu and need > cpus:

@@ -91,7 +91,8 @@ def token_histogram(values: np.ndarray, counted: bool = False) -> list[dict]:
 
 def estimate(output_tokens: int, tok_per_s: float, gpus_per_replica: float, concurrency: int,
              deadline_hours: float | None) -> dict:
-    """GPU-hours for `output_tokens` at `tok_per_s` per replica, and the replicas a deadline needs
+    """GPU-hours for `output_tokens` at `tok_per_s` per replica, the hours with `concurrency` replicas
+    (an autoscaling pool's most: once grown, it runs at that), and the replicas a deadline needs
     (data-parallel replicas scale about linearly: 1.81x for two, BENCHMARKS.md)."""
     replica_hours = output_tokens / tok_per_s / 3600
     replicas = None if deadline_hours is None else max(1, math.ceil(round(replica_hours / deadline_hours, 9)))
@@ -220,8 +221,8 @@ def format_preflight(result: dict) -> str:
               f"  throughput     {est['throughput_tok_per_s']:,.0f} output tok/s per replica "
               f"({result['throughput_source']})",
               f"  GPU-hours      {est['gpu_hours']:,.3f} at most ({est['gpus_per_replica']:g} GPU(s) per replica); "
-              f"{datetime.timedelta(seconds=round(est['hours_at_concurrency'] * 3600))} with --concurrency "
-              f"{est['concurrency']}, engine start excluded"]
+              f"{datetime.timedelta(seconds=round(est['hours_at_concurrency'] * 3600))} with {est['concurrency']} "
+              f"replica(s), engine start excluded"]
     if est["deadline_hours"] is not None:
         lines.append(f"  deadline       {est['deadline_hours']:g} h needs {est['replicas_for_deadline']:,} "
                      f"replica(s), {est['gpus_for_deadline']:g} GPU(s)")
@@ -275,7 +276,7 @@ def run_preflight(plan: "Plan") -> int:
         reason=(f"{failing['fraction']:.0%} of the output's rows would fail, more than --max-error-fraction "
                 f"{cfg.max_error_fraction} allows") if too_many else None,
         throughput_source=source,
-        estimate=estimate(output_tokens, tok_per_s, plan.gpus_per_replica, cfg.concurrency, cfg.deadline_hours))
+        estimate=estimate(output_tokens, tok_per_s, plan.gpus_per_replica, cfg.most_replicas, cfg.deadline_hours))
     print(format_preflight(result))
     print(f"  report         {', '.join(save_preflight(report_dir, result))}")
     return result["exit_code"]

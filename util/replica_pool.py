@@ -23,6 +23,7 @@ import inspect
 import pyarrow as pa
 import ray
 
+from util.config import concurrency_text
 from util.predictor import LLMPredictor
 
 FORWARDER_CPUS = 0.01  # a forwarder only awaits its replica's answer
@@ -66,6 +67,10 @@ class ReplicaPool:
 
     def __init__(self, plan, predictor: type = LLMPredictor):
         cfg = plan.cfg
+        if cfg.max_concurrency is not None:  # its replicas start here, all of them, and stay
+            raise ValueError(f"a ReplicaPool starts a fixed number of replicas, not --concurrency "
+                             f"{concurrency_text(cfg.concurrency, cfg.max_concurrency)}: pass one number, or leave the pool out "
+                             f"to let Ray Data's own pool autoscale")
         self.batch_size, self.batches_in_flight = cfg.batch_size, cfg.batches_in_flight
         options = dict(plan.replica_resources)
         make_placement = options.pop("ray_remote_args_fn", None)  # a placement group per replica (TP x PP)

@@ -218,7 +218,9 @@ def throughput_series(batches: list, started: float, finished: float, bins: int 
 def build_report(snapshot: dict, written: dict, started: float, finished: float, gpus: float) -> dict:
     wall = max(finished - started, 1e-9)
     replicas = []
-    for replica, ready in sorted(snapshot["ready"].items()):
+    # In the order the replicas joined: an autoscaling pool's later replicas come last, with their own
+    # join time (when each engine was ready, from the run's start) and pace from then on.
+    for replica, ready in sorted(snapshot["ready"].items(), key=lambda item: (item[1], item[0])):
         mine = [b for b in snapshot["batches"] if b[0] == replica]
         tokens, last = sum(b[2] for b in mine), max((b[3] for b in mine), default=None)
         # From its engine being ready to its last batch: the replica's own pace, engine start excluded.
@@ -251,7 +253,8 @@ def format_report(report: dict) -> str:
         f"  GPU-hours      {report['gpu_hours']:,.3f} ({report['gpus']:g} GPUs x wall time)",
     ]
     if report["replicas"]:
-        lines.append(f"  {'replica':<10} {'rows':>10} {'output tokens':>14} {'output tok/s':>13} {'ready at':>9}")
+        # "joined at": seconds from the run's start to the replica's engine being ready
+        lines.append(f"  {'replica':<10} {'rows':>10} {'output tokens':>14} {'output tok/s':>13} {'joined at':>9}")
         for r in report["replicas"]:
             speed = "-" if r["output_tok_per_s"] is None else f"{r['output_tok_per_s']:,.1f}"
             lines.append(f"  {r['replica']:<10} {r['rows']:>10,} {r['output_tokens']:>14,} {speed:>13} "
