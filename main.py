@@ -87,12 +87,8 @@ def run(cfg: Config) -> int:
     # 5. Report, once the replicas have shut their engines down (else vLLM's exit messages follow it).
     wait_for_replicas_to_exit()
     if written["ok"] + written["error"]:
-        for row in sample_rows(plan.output_path, cfg.output_format):
-            shown = {k: row.get(k) for k in ("id", "generated_text", "finish_reason", "num_generated_tokens", "error")}
-            if row.get("embedding") is not None:  # --task embed: the vector's size and first values
-                shown = {"id": row["id"], "embedding": f"{len(row['embedding'])} floats {row['embedding'][:3]} ...",
-                         "error": row["error"]}
-            print(shown)
+        for row in sample_rows(plan.output_path, cfg.output_format):  # id, text, finish reason, error
+            print(row)
     print(f"summary: {scan.rows} rows: {written['ok']} ok, {written['error']} errors, {scan.already_done} "
           f"already done; {written['input_tokens']} input tokens, {written['output_tokens']} output tokens in "
           f"{elapsed:.1f} s ({written['output_tokens'] / elapsed:.0f} output tok/s, engine start included) "

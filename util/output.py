@@ -331,14 +331,25 @@ def output_counts(output_path: str, output_format: str = "parquet") -> dict:
     return {"ok": files.count_rows() - errors, "error": errors}
 
 
+GLANCE_COLUMNS = (col.ID, col.GENERATED_TEXT, col.FINISH_REASON, col.NUM_GENERATED_TOKENS, col.ERROR)
+
+
+def glance(row: dict) -> dict:
+    """The columns of an output row worth a look; an embedding as its size and first values."""
+    vector = row.get(col.EMBEDDING)
+    if vector is not None:  # --task embed
+        return {col.ID: row[col.ID], col.EMBEDDING: f"{len(vector)} floats {vector[:3]} ...", col.ERROR: row[col.ERROR]}
+    return {k: row.get(k) for k in GLANCE_COLUMNS}
+
+
 def sample_rows(output_path: str, output_format: str = "parquet", count: int = 3) -> list[dict]:
-    """A few rows of the output, read on the driver: quicker than starting a Ray read for a glance."""
+    """A few rows of the output, each at a glance, read on the driver: quicker than starting a Ray read."""
     if output_format == "openai":
         filesystem, files = data_files(output_path, output_format)
         records = pads.dataset(files, filesystem=filesystem, format="json").head(count).to_pylist() if files else []
-        return [preview(record) for record in records]
+        return [glance(preview(record)) for record in records]
     files, _ = output_dataset(output_path, output_format)
-    return files.head(count).to_pylist() if files else []
+    return [glance(row) for row in files.head(count).to_pylist()] if files else []
 
 
 def summarize(ds: ray.data.Dataset) -> dict:

@@ -111,8 +111,9 @@ def cut_blocks_stage(rows: int) -> Stage:
 def tasks_in_flight(cfg) -> int:
     """Batches Ray Data sends each replica: `batches_in_flight`, which it runs together; an autoscaling
     pool's replicas get more, queued behind those. Ray Data starts another replica only while the pool's
-    batches exceed its running slots by the DataContext's autoscaling_config.actor_pool_util_upscaling_threshold (1.75x by
-    default): with no batch queued, it would never grow past MIN."""
+    batches exceed its running slots by the DataContext's
+    autoscaling_config.actor_pool_util_upscaling_threshold (1.75x by default): with no batch queued, it
+    would never grow past MIN."""
     if cfg.max_concurrency is None:
         return cfg.batches_in_flight
     threshold = ray.data.DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
@@ -130,7 +131,8 @@ def predictor_stage_kwargs(plan: "Plan", predictor=LLMPredictor) -> dict:
         "fn_constructor_kwargs": {"model": cfg.model, "engine_kwargs": plan.engine_kwargs,
                                   "sampling": plan.sampling},
         # Several batches in flight per replica keep the engine's queue full between batches: Ray
-        # sends up to `batches_in_flight` tasks to each actor, and the async actor runs them together.
+        # sends each actor up to tasks_in_flight(cfg) tasks, and the async actor runs
+        # `batches_in_flight` of them together.
         "compute": ray.data.ActorPoolStrategy(min_size=cfg.concurrency, max_size=cfg.most_replicas,
                                               max_tasks_in_flight_per_actor=tasks_in_flight(cfg),
                                               max_concurrent_calls_per_actor=cfg.batches_in_flight),
