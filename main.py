@@ -71,7 +71,7 @@ def run(cfg: Config) -> int:
             with ProgressReporter(scan.rows - scan.already_done, cfg.progress_interval_s,
                                   plan.gpus_held) as progress:  # replicas report each batch to it
                 written = write_results(ds, plan.output_path, cfg.output_format,
-                                        rows_per_file=cfg.batch_size * cfg.batches_in_flight)
+                                        rows_per_file=plan.rows_in_flight)
             report = progress.report(written)
         elapsed = time.perf_counter() - started
 

@@ -17,8 +17,8 @@ Designs:
   ray_llm   ray.data.llm `build_processor` (batch 256, the same engine arguments)
   NAME      a variant, `--variant NAME=BASE:key=value;key=value` (BASE one of the above): keys that are
             job settings (batch_size, batches_in_flight) change the job, `generates=N` (raw only) runs the
-            workload N times in one engine (prefix cache reset between), `start=fork` (pipeline only) forks
-            the replica's engine process instead of spawning it (a prototype, ForkTimed), and any other key
+            workload N times in one engine (prefix cache reset between), `start=spawn` (pipeline only) spawns
+            the replica's engine process, as before util/engine.py forked it (SpawnTimed), and any other key
             is an engine argument.
 
 Order: an untimed warm-up (raw on --warmup-prompts rows) fills vLLM's compile cache, so that no timed
@@ -62,7 +62,6 @@ from util.engine import CPU_ENV_VARS, engine_kwargs
 from util.pipeline import build_pipeline, pipeline_stages
 from util.plan import job_sampling, make_plan
 from util.tiny_model import build_model_dir, tiny_model_dir
-
 # vLLM arguments every design shares: dummy weights, and the offline batch limits for an 80 GB card.
 GPU_ENGINE_ARGS = {"load_format": "dummy", "max_model_len": 4096, "max_num_seqs": 1024}
 WORKLOADS = {"standard": 4000, "large": 20000}
@@ -132,17 +131,16 @@ class AsyncTimed(LLMPredictor):
         return _stamp(await super().__call__(batch), start, self.marks)
 
 
-class ForkTimed(AsyncTimed):
-    """A prototype of one cut of the replica's start: vLLM spawns its engine process from a Ray actor
-    (a fresh interpreter that imports torch and vLLM again) where a plain process forks it. Told that
-    this is no Ray actor, vLLM forks the replica, whose imports are done. Its engine runs in one process
-    (one GPU) and never talks to Ray, which is what makes the fork of a Ray worker workable here."""
+class SpawnTimed(AsyncTimed):
+    """The replica's start as it was before util/engine.py's engine_process_forked: vLLM spawns the engine
+    process from the Ray actor, and the new interpreter imports torch and vLLM again."""
 
     def __init__(self, *args, **kwargs):
-        from vllm.utils import system_utils
-
-        system_utils.is_in_ray_actor = lambda: False
-        super().__init__(*args, **kwargs)
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # vLLM's own switch; it then spawns regardless
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            os.environ.pop("VLLM_WORKER_MULTIPROC_METHOD", None)
 
 
 class SyncTimed(SyncLLMPredictor):
@@ -395,7 +393,7 @@ def main() -> None:
             new = run_raw(design, model, len(rows), args.max_output, engine, job_sampling(design_cfg),
                           int(own.get("generates", 1)), out, f"{index}")
         elif base == "pipeline":
-            new = [run_pipeline(design, model, rows, design_cfg, ForkTimed if own.get("start") == "fork" else AsyncTimed)]
+            new = [run_pipeline(design, model, rows, design_cfg, SpawnTimed if own.get("start") == "spawn" else AsyncTimed)]
         elif base == "seed":
             seed_cfg = dataclasses.replace(design_cfg, batch_size=5, batches_in_flight=1)
             new = [run_pipeline(design, model, rows[: args.seed_prompts], seed_cfg, SyncTimed)]

@@ -80,6 +80,23 @@ def test_an_autoscaling_pool_holds_at_most_its_max_and_resumes_a_fixed_pools_out
     assert grows.fingerprint == fixed.fingerprint  # replicas do not change a row's output
 
 
+def test_an_h200_cluster_gets_2048_sequences_and_batches_in_flight_for_twice_that():
+    h200 = {"CPU": 16.0, "GPU": 1.0, "accelerator_type:H200": 1.0}
+    plan = plan_of(h200, concurrency=1, accelerator_type="any")
+    assert plan.engine_kwargs["max_num_seqs"] == 2048
+    assert (plan.cfg.batches_in_flight, plan.rows_in_flight) == (32, 4096)  # 2 x 2048 rows at batch 128
+    # A scheduling default: it changes how fast rows come back, not what they say.
+    assert "max_num_seqs" not in plan.fingerprint["engine"]
+    assert plan.fingerprint == plan_of({"CPU": 16.0, "GPU": 1.0}, concurrency=1, accelerator_type="any").fingerprint
+    # The user's engine argument and batches in flight win; without a known GPU type, vLLM's defaults.
+    mine = plan_of(h200, concurrency=1, accelerator_type="any", engine_arg={"max_num_seqs": 256}, batch_size=8)
+    assert (mine.engine_kwargs["max_num_seqs"], mine.cfg.batches_in_flight) == (256, 64)
+    assert plan_of(h200, concurrency=1, accelerator_type="any", batches_in_flight=4).cfg.batches_in_flight == 4
+    h100 = plan_of({"CPU": 16.0, "GPU": 1.0, "accelerator_type:H100": 1.0}, concurrency=1, accelerator_type="any")
+    assert "max_num_seqs" not in h100.engine_kwargs and h100.cfg.batches_in_flight == 16
+    assert plan_of(concurrency=1).cfg.batches_in_flight == 16  # CPU: 32 sequences; at least 16 batches
+
+
 # --- a CPU-only cluster too small ---
 
 def test_a_cpu_only_cluster_too_small_for_the_replicas_is_refused_when_the_run_is_planned():

@@ -84,8 +84,9 @@ class Config:
                                         "nodes if need be.", default=1)
     batch_size: int = _help("Rows per batch handed to a replica; several batches are in flight at once.",
                             default=128)
-    batches_in_flight: int = _help("Batches each replica works on at once. batch_size x batches_in_flight "
-                                   "should exceed the engine's max_num_seqs, so it never runs dry.", default=16)
+    batches_in_flight: int | None = _help("Batches each replica works on at once. Default: enough that "
+                                          "batch_size x batches_in_flight is twice the engine's max_num_seqs "
+                                          "(so it never runs dry), and at least 16.", default=None)
     accelerator_type: str = _help("auto (A10G on AWS, L4 on GCP, or what the cluster advertises), "
                                   "any, or a Ray accelerator type such as A10G, L4, H100.", default="auto")
     engine_arg: dict = _help("Extra vLLM engine argument key=value (repeatable), e.g. max_num_seqs=256.",

@@ -3,13 +3,17 @@
     from util.engine import engine_kwargs, replica_placement
     kwargs = engine_kwargs(cfg, use_gpu=True)                 # {"max_model_len": 16832, "seed": 0, ...}
     ds.map_batches(..., **replica_placement(cfg, choice, kwargs))    # num_gpus=1, or a placement group
+    with engine_process_forked(kwargs):                       # in the replica, around the engine's start
+        engine = AsyncLLM.from_engine_args(...)
 
 Engine arguments, lowest precedence first: vLLM's defaults, the per-model table (util/models.py),
 the replica's parallelism, CPU settings when no GPU is present, then the user's --engine-arg keys.
 """
 
+import contextlib
 import dataclasses
 import functools
+import math
 from typing import TYPE_CHECKING
 
 import ray
@@ -20,6 +24,11 @@ from util.models import engine_defaults
 if TYPE_CHECKING:
     from util.accelerator import AcceleratorChoice
     from util.config import Config
+
+# Engine defaults per GPU type, where measured (BENCHMARKS.md): on a 141 GB H200, 2,048 sequences at
+# once gave 7% more output tokens/s than vLLM's 1,024 for a 7B model. Other GPUs keep vLLM's defaults.
+GPU_ENGINE_DEFAULTS = {"H200": {"max_num_seqs": 2048}}
+VLLM_MAX_NUM_SEQS = 1024  # vLLM's offline default on a large GPU, when the engine arguments name none
 
 # On CPU the KV cache lives in RAM: keep it small enough for a laptop or a CI runner.
 CPU_ENV_VARS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
@@ -49,6 +58,19 @@ def engine_kwargs(cfg: "Config", use_gpu: bool = True) -> dict:
         kwargs.update(CPU_ENGINE_KWARGS)
     kwargs["seed"] = cfg.seed
     return {**kwargs, **cfg.engine_arg}
+
+
+def with_gpu_defaults(engine: dict, gpu_type: str | None) -> dict:
+    """`engine` over the defaults of the replicas' GPU type (a Ray accelerator type such as "H200")."""
+    return {**GPU_ENGINE_DEFAULTS.get(gpu_type, {}), **engine}
+
+
+def batches_in_flight(cfg: "Config", engine: dict) -> int:
+    """--batches-in-flight, else enough batches for twice the engine's max_num_seqs (at least 16): the
+    engine's queue stays full while finished batches leave and new ones arrive."""
+    if cfg.batches_in_flight is not None:
+        return cfg.batches_in_flight
+    return max(16, math.ceil(2 * engine.get("max_num_seqs", VLLM_MAX_NUM_SEQS) / cfg.batch_size))
 
 
 def replica_gpus(cfg: "Config") -> int:
@@ -85,3 +107,27 @@ def replica_placement(cfg: "Config", choice: "AcceleratorChoice", engine: dict) 
         bundle[f"accelerator_type:{choice.accelerator_type}"] = 0.001
     strategy = "STRICT_PACK" if cfg.pipeline_parallel_size == 1 else "PACK"
     return {"num_gpus": 0, "ray_remote_args_fn": functools.partial(_placement_group, [bundle] * gpus, strategy)}
+
+
+@contextlib.contextmanager
+def engine_process_forked(engine: dict):
+    """Around the start of a one-GPU replica's engine: vLLM forks its engine process, as it does from a
+    plain script, instead of spawning it. From a Ray actor vLLM always spawns
+    (vllm/utils/system_utils.py, _maybe_force_spawn), and the new interpreter imports torch and vLLM
+    again: 21-23 s of every replica's start on an H200, against 1-2 s for the fork (BENCHMARKS.md).
+    vLLM spawns there so that an engine's Ray workers (several GPUs, the Ray executor) find the cluster;
+    a one-GPU engine runs in one process and never talks to Ray, so it is told, for the start alone, that
+    this is no Ray actor. Its other reasons to spawn still hold (CUDA already initialized in this process,
+    VLLM_WORKER_MULTIPROC_METHOD=spawn set by the user), and on CPU vLLM always spawns."""
+    from vllm.utils import system_utils
+
+    shards = engine.get("tensor_parallel_size", 1) * engine.get("pipeline_parallel_size", 1)
+    if shards > 1 or engine.get("distributed_executor_backend") is not None:
+        yield
+        return
+    in_ray_actor = system_utils.is_in_ray_actor
+    system_utils.is_in_ray_actor = lambda: False
+    try:
+        yield
+    finally:
+        system_utils.is_in_ray_actor = in_ray_actor

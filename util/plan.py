@@ -7,7 +7,8 @@
     plan.output_path, plan.engine_kwargs, plan.sampling, plan.prompt_format   # what the stages receive
 
 Resolved here, once: the output path, the accelerator, the engine arguments, the
-job's sampling (a --json-schema file is read here, and only here), the prompt format that "auto" stands
+job's sampling (a --json-schema file is read here, and only here), the batches each replica takes at
+once (plan.cfg.batches_in_flight, sized from the engine's max_num_seqs), the prompt format that "auto" stands
 for, the model's max_model_len, where a replica runs, the fingerprint that a resumed output must match,
 and the provenance the manifest records. A CPU-only cluster too small for the replicas is refused here
 (InputError), since Ray would otherwise wait forever for a CPU that never frees; an autoscaling pool
@@ -21,9 +22,10 @@ import os
 
 import ray
 
-from util.accelerator import AcceleratorChoice, choose_accelerator
+from util.accelerator import AcceleratorChoice, advertised_accelerator_types, choose_accelerator
 from util.config import Config
-from util.engine import CPU_ENV_VARS, engine_kwargs, gpus_per_replica, replica_placement
+from util.engine import (CPU_ENV_VARS, batches_in_flight, engine_kwargs, gpus_per_replica, replica_placement,
+                         with_gpu_defaults)
 from util.errors import InputError
 from util.prompt_format import choose_prompt_format, model_max_length
 from util.reading import openai_task
@@ -47,6 +49,11 @@ class Plan:
     gpus_per_replica: float
     fingerprint: dict  # the settings that decide a row's output (util/resume.py)
     provenance: dict  # versions, model commit and prompt format, for the manifest
+
+    @property
+    def rows_in_flight(self) -> int:
+        """Rows one replica holds at once: batch_size x batches_in_flight (both resolved here)."""
+        return self.cfg.batch_size * self.cfg.batches_in_flight
 
     @property
     def gpus_held(self) -> float:
@@ -143,6 +150,14 @@ def resolve_task(cfg: Config) -> str:
     return task
 
 
+def gpu_type(choice: AcceleratorChoice, cluster: dict) -> str | None:
+    """The replicas' GPU type: the one asked for, else the cluster's when all its GPU nodes advertise one."""
+    if choice.accelerator_type:
+        return choice.accelerator_type
+    advertised = advertised_accelerator_types(cluster)
+    return advertised[0] if len(advertised) == 1 else None
+
+
 def output_path_of(cfg: Config) -> str:
     """--output-path, else a path made from the run name and the model, the same on every re-run."""
     return cfg.output_path or generate_output_path(cfg.model, cfg.run_name)
@@ -158,6 +173,10 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
     choice = choose_accelerator(cfg.accelerator_type, cluster)
     check_cluster_fits(cfg.concurrency, choice.use_gpu, cluster)
     engine = engine_kwargs(cfg, choice.use_gpu)
+    # The GPU type's scheduling defaults go under every other engine argument, and stay out of the
+    # fingerprint: they change how fast rows come back, not what they say.
+    tuned = with_gpu_defaults(engine, gpu_type(choice, cluster)) if choice.use_gpu else engine
+    cfg = dataclasses.replace(cfg, batches_in_flight=batches_in_flight(cfg, tuned))
     sampling = job_sampling(cfg)
     if resolve_model_files:
         prompt_format, max_model_len, model_record = resolve_model(cfg, engine)
@@ -170,7 +189,7 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
         resources = {**resources, "runtime_env": {"env_vars": CPU_ENV_VARS}}
     accelerator = choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU")
     return Plan(cfg=cfg, output_path=output_path_of(cfg), task=task,
-                choice=choice, engine_kwargs=engine, sampling=sampling, prompt_format=prompt_format,
+                choice=choice, engine_kwargs=tuned, sampling=sampling, prompt_format=prompt_format,
                 max_model_len=max_model_len, replica_resources=resources, gpus_per_replica=gpus_per_replica(cfg),
                 fingerprint=fingerprint(cfg, sampling, engine, task),
                 provenance={"vllm": vllm.__version__, "ray": ray.__version__, "accelerator": accelerator,
