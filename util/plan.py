@@ -25,8 +25,8 @@ from util.accelerator import AcceleratorChoice, choose_accelerator
 from util.config import Config
 from util.engine import CPU_ENV_VARS, engine_kwargs, gpus_per_replica, replica_placement
 from util.errors import InputError
-from util.prompt_format import choose_prompt_format, model_max_length
-from util.reading import openai_task
+from util.prompt_format import TextOnlyModel, choose_prompt_format, model_max_length, model_processor
+from util.reading import OpenAIBatchKind, openai_batch_kind
 from util.resources import CPU_REPLICA_CPUS, TASK_CPUS
 from util.resume import fingerprint
 from util.storage import generate_output_path, resolve
@@ -47,6 +47,7 @@ class Plan:
     gpus_per_replica: float
     fingerprint: dict  # the settings that decide a row's output (util/resume.py)
     provenance: dict  # versions, model commit and prompt format, for the manifest
+    images: bool = False  # rows carry images (--image-column, or image_url parts in an OpenAI batch file)
 
     @property
     def gpus_held(self) -> float:
@@ -98,6 +99,23 @@ def check_cluster_fits(concurrency: int, use_gpu: bool, cluster: dict) -> None:
             f"the cluster has {cpus:g}. Lower --concurrency, or add CPUs")
 
 
+def check_takes_images(cfg: Config, image_request: str | None) -> None:
+    """ValueError (exit 2) when the job's rows carry images and the model takes none, or its prompt format
+    cannot place them: a vision job formats with the model's processor and its chat template. A model
+    whose processor cannot be loaded on the driver is left to the formatter, as its tokenizer is."""
+    given = f"--image-column {cfg.image_column}" if cfg.image_column else f"{image_request} has an image_url part"
+    try:
+        processor = model_processor(cfg.model, cfg.revision)
+    except TextOnlyModel as error:
+        raise ValueError(f"{given}, but {error}") from None
+    except Exception:
+        return
+    if choose_prompt_format(cfg.model, processor, cfg.prompt_format) != "chat_template":
+        raise ValueError(f"{given}, but images need the model's chat template to place them: "
+                         f"--prompt-format {cfg.prompt_format} and {cfg.model} has "
+                         f"{'a' if getattr(processor, 'chat_template', None) else 'no'} chat template")
+
+
 def resolve_model(cfg: Config, engine: dict) -> tuple[str, int | None, dict]:
     """The prompt format "auto" stands for, max_model_len, and the model's provenance: its hub commit and
     a hash of its chat template. The tokenizer is loaded once, here. A model whose tokenizer cannot be
@@ -132,12 +150,18 @@ def resolve_model(cfg: Config, engine: dict) -> tuple[str, int | None, dict]:
     return prompt_format, max_model_len, record
 
 
-def resolve_task(cfg: Config) -> str:
+def openai_kind(cfg: Config) -> OpenAIBatchKind | None:
+    """For an OpenAI batch file: its task and its first image (one pass over its lines); else None."""
+    return openai_batch_kind(cfg.input_path) if cfg.input_format == "openai" and cfg.input_path else None
+
+
+def resolve_task(cfg: Config, kind: OpenAIBatchKind | None = None) -> str:
     """--task, or for an OpenAI batch file the task its urls say (InputError for a file that mixes them,
-    or one that contradicts an explicit --task)."""
-    if cfg.input_format != "openai" or cfg.input_path is None:
+    or one that contradicts an explicit --task). `kind`: the file's openai_kind, if read already."""
+    kind = kind or openai_kind(cfg)
+    if kind is None:
         return cfg.task
-    task = openai_task(cfg.input_path)
+    task = kind.task
     if cfg.task != "generate" and task != cfg.task:
         raise InputError(f"--task {cfg.task}, but {cfg.input_path} holds requests for the {task} task")
     return task
@@ -154,10 +178,15 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
     import vllm
 
     cluster = ray.cluster_resources() if cluster is None else cluster
-    task = resolve_task(cfg)  # before anything else: a mixed OpenAI file is refused without an engine
+    kind = openai_kind(cfg)
+    task = resolve_task(cfg, kind)  # before anything else: a mixed OpenAI file is refused without an engine
+    image_request = kind.first_image if kind else None
+    images = cfg.image_column is not None or image_request is not None
+    if images and resolve_model_files:  # a text-only model given images: refused before any engine
+        check_takes_images(cfg, image_request)
     choice = choose_accelerator(cfg.accelerator_type, cluster)
     check_cluster_fits(cfg.concurrency, choice.use_gpu, cluster)
-    engine = engine_kwargs(cfg, choice.use_gpu)
+    engine = engine_kwargs(cfg, choice.use_gpu, images)
     sampling = job_sampling(cfg)
     if resolve_model_files:
         prompt_format, max_model_len, model_record = resolve_model(cfg, engine)
@@ -172,6 +201,6 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
     return Plan(cfg=cfg, output_path=output_path_of(cfg), task=task,
                 choice=choice, engine_kwargs=engine, sampling=sampling, prompt_format=prompt_format,
                 max_model_len=max_model_len, replica_resources=resources, gpus_per_replica=gpus_per_replica(cfg),
-                fingerprint=fingerprint(cfg, sampling, engine, task),
+                fingerprint=fingerprint(cfg, sampling, engine, task, images),
                 provenance={"vllm": vllm.__version__, "ray": ray.__version__, "accelerator": accelerator,
-                            **model_record})
+                            **model_record}, images=images)
