@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bench.images import write_workload
 from conftest import REPO, closed_local_port_url, run_main
 from util import columns as col
 from util.errors import row_error_kind
@@ -308,3 +309,38 @@ def test_pixel_limit_is_read_from_the_header():
     fetched = fetch_images([data_url(png(1)), "data:text/plain,hi"], most=10)
     assert str(fetched[0]) == f"{len(png(1))} bytes, over the limit of 10 bytes (--max-image-bytes)"
     assert str(fetched[1]) == "a data: URL must be data:<media type>;base64,<data>"
+
+
+def test_the_bench_workload_gives_each_row_its_own_image(tmp_path):
+    rows = [json.loads(line) for line in write_workload(tmp_path, 4, 32).read_text().splitlines()]
+    assert [row["id"] for row in rows] == [f"req-{i:06d}" for i in range(4)]
+    blobs = [open(row["image"], "rb").read() for row in rows]
+    assert len(set(blobs)) == 4 and all(open_image(blob).size == (336, 336) for blob in blobs)
+
+
+def test_a_chat_template_held_by_the_processor_alone_formats_the_images(tmp_path):
+    """As llava-hf/llava-1.5-7b-hf ships it: the template in the processor's chat_template.json, none in the
+    tokenizer. A vision job's plan and formatter take it from the processor."""
+    import shutil
+
+    from util.config import Config
+    from util.plan import make_plan
+
+    model = shutil.copytree(tiny_llava_dir(), tmp_path / "model")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "chat_template.json").write_text(json.dumps({"chat_template": config.pop("chat_template")}))
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink()
+    plan = make_plan(Config(model=str(model), image_column="image", concurrency=1), cluster={"CPU": 2.0})
+    assert (plan.prompt_format, plan.images, plan.engine_kwargs["limit_mm_per_prompt"]) == ("chat_template", True,
+                                                                                           {"image": 1})
+    out = PromptFormatter(str(model), "text", prompt_format=plan.prompt_format, images=True, image_column="image")(
+        pa.table({"text": [ASK], "image": [png(1)]}))
+    assert out["prompt"].to_pylist() == ["<s>[INST] <image>\nDescribe the image. [/INST]"]
+    text_plan = make_plan(Config(model=str(model), concurrency=1), cluster={"CPU": 2.0})  # a text job: as before
+    assert (text_plan.prompt_format, text_plan.images, "images" in text_plan.fingerprint) == ("plain", False, False)
+    with pytest.raises(ValueError) as refused:  # plain text has no place for an image
+        make_plan(Config(model=str(model), image_column="image", prompt_format="plain", concurrency=1),
+                  cluster={"CPU": 2.0})
+    assert str(refused.value) == (f"--image-column image, but images need the model's chat template to place them: "
+                                  f"--prompt-format plain and {model} has a chat template")

@@ -99,27 +99,30 @@ def check_cluster_fits(concurrency: int, use_gpu: bool, cluster: dict) -> None:
             f"the cluster has {cpus:g}. Lower --concurrency, or add CPUs")
 
 
-def check_takes_images(cfg: Config, image_request: str | None) -> None:
-    """ValueError (exit 2) when the job's rows carry images and the model takes none, or its prompt format
-    cannot place them: a vision job formats with the model's processor and its chat template. A model
-    whose processor cannot be loaded on the driver is left to the formatter, as its tokenizer is."""
+def image_processor(cfg: Config, image_request: str | None):
+    """The model's processor, for a job whose rows carry images: ValueError (exit 2) when the model takes
+    none, or its prompt format cannot place them (a vision job formats with the processor's chat
+    template). None for a processor that cannot be loaded on the driver: left to the formatter, as a
+    tokenizer is."""
     given = f"--image-column {cfg.image_column}" if cfg.image_column else f"{image_request} has an image_url part"
     try:
         processor = model_processor(cfg.model, cfg.revision)
     except TextOnlyModel as error:
         raise ValueError(f"{given}, but {error}") from None
     except Exception:
-        return
+        return None
     if choose_prompt_format(cfg.model, processor, cfg.prompt_format) != "chat_template":
         raise ValueError(f"{given}, but images need the model's chat template to place them: "
                          f"--prompt-format {cfg.prompt_format} and {cfg.model} has "
                          f"{'a' if getattr(processor, 'chat_template', None) else 'no'} chat template")
+    return processor
 
 
-def resolve_model(cfg: Config, engine: dict) -> tuple[str, int | None, dict]:
+def resolve_model(cfg: Config, engine: dict, processor=None) -> tuple[str, int | None, dict]:
     """The prompt format "auto" stands for, max_model_len, and the model's provenance: its hub commit and
-    a hash of its chat template. The tokenizer is loaded once, here. A model whose tokenizer cannot be
-    loaded on the driver is left to the formatter, which reports the problem with the rows it meets."""
+    a hash of its chat template (a vision job's `processor`'s, which formats its prompts, else the
+    tokenizer's). The tokenizer is loaded once, here. A model whose tokenizer cannot be loaded on the
+    driver is left to the formatter, which reports the problem with the rows it meets."""
     import torch
     import transformers
     from transformers import AutoTokenizer
@@ -131,9 +134,10 @@ def resolve_model(cfg: Config, engine: dict) -> tuple[str, int | None, dict]:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
     except Exception:
         return prompt_format, max_model_len, record
-    prompt_format = choose_prompt_format(cfg.model, tokenizer, cfg.prompt_format)  # ValueError: refused
+    templates = processor or tokenizer
+    prompt_format = choose_prompt_format(cfg.model, templates, cfg.prompt_format)  # ValueError: refused
     record["prompt_format"] = prompt_format
-    template = getattr(tokenizer, "chat_template", None)
+    template = getattr(templates, "chat_template", None)
     if isinstance(template, str):
         record["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest()[:16]
     try:
@@ -182,14 +186,14 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
     task = resolve_task(cfg, kind)  # before anything else: a mixed OpenAI file is refused without an engine
     image_request = kind.first_image if kind else None
     images = cfg.image_column is not None or image_request is not None
-    if images and resolve_model_files:  # a text-only model given images: refused before any engine
-        check_takes_images(cfg, image_request)
+    # A text-only model given images is refused here, before any engine.
+    processor = image_processor(cfg, image_request) if images and resolve_model_files else None
     choice = choose_accelerator(cfg.accelerator_type, cluster)
     check_cluster_fits(cfg.concurrency, choice.use_gpu, cluster)
     engine = engine_kwargs(cfg, choice.use_gpu, images)
     sampling = job_sampling(cfg)
     if resolve_model_files:
-        prompt_format, max_model_len, model_record = resolve_model(cfg, engine)
+        prompt_format, max_model_len, model_record = resolve_model(cfg, engine, processor)
     else:
         prompt_format, max_model_len, model_record = cfg.prompt_format, engine.get("max_model_len"), {}
     if task == "embed" and cfg.prompt_format == "auto":  # the text embedded as given: no chat template

@@ -14,6 +14,13 @@ How a prompt is formatted (`prompt_format`):
 Adds the columns `prompt`, `prompt_token_ids`, `num_input_tokens` and `error`. A row that cannot be
 sent to the engine (empty, or longer than the model allows) gets a reason in `error` instead of
 failing the batch; the predictor passes such rows through untouched.
+
+Images (`images=True`: a vision-language model; --image-column, or OpenAI `image_url` parts): the prompt
+is the model's processor's chat template with an image part ({"type": "image"}) per image, so the
+placeholder is the model's own; the images are fetched and checked here, on CPU (util/images.py), and a
+bad one fails its row, naming it. `prompt_token_ids` keeps one placeholder per image (vLLM expands it),
+`num_input_tokens` counts the prompt as the engine sees it, each image's tokens included (the
+processor's count), and `prompt_images` holds the images' encoded bytes for the replica.
 """
 
 import functools
