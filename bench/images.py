@@ -2,6 +2,7 @@
 ViT-L/14 at 336 px, 576 image tokens, on Mistral-7B; vLLM load_format=dummy), one image per row.
 
     python -m bench.images --out bench-images                                    # GPU: 2,000 rows, 1 GPU
+    python -m bench.images --out bench-text --without-images                     # GPU: the same rows, no image
     python -m bench.images --out /tmp/bi --tiny --num-prompts 8 --max-output 16  # CPU: the tiny LLaVA
 
 Writes --num-prompts images (336x336 JPEGs, each its own: a gradient and a stripe pattern from the row's
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny LLaVA on CPU instead of the 7B shape on GPU")
     parser.add_argument("--model-dir", default="/tmp/bench-llava-7b", help="where the 7B shape is built")
     parser.add_argument("--engine-arg", action="append", default=[], help="key=value, after the bench's own")
+    parser.add_argument("--without-images", action="store_true",
+                        help="the same rows and model with no image: the text-only baseline")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +85,8 @@ def main() -> None:
                                                           env.get("PYTHONPATH")]))
     output = out / "output"
     command = [sys.executable, "main.py", "--model", model, "--input-path", str(workload), "--id-column", "id",
-               "--image-column", "image", "--concurrency", "1", "--accelerator-type", "any",
+               *([] if args.without_images else ["--image-column", "image"]), "--concurrency", "1",
+               "--accelerator-type", "any",
                "--output-path", str(output), "--overwrite", "--progress-interval-s", "600", *engine,
                *(f"--engine-arg={kv}" for kv in args.engine_arg)]
     with open(out / "log.txt", "w") as log:
@@ -93,7 +97,8 @@ def main() -> None:
     replica = report["replicas"][0]
     busy = replica["last_batch_s"] - replica["ready_s"]
     rows = report["rows"]["ok"] + report["rows"]["error"]
-    result = {"model": "tiny-llava" if args.tiny else "llava-7b (dummy weights)", "rows": rows,
+    result = {"model": "tiny-llava" if args.tiny else "llava-7b (dummy weights)", "images": not args.without_images,
+              "rows": rows,
               "rows_ok": report["rows"]["ok"], "output_tokens": report["output_tokens"],
               "output_tok_per_s": round(generation_rate(report), 1), "rows_per_s": round(rows / busy, 2),
               "input_tokens_per_row": round(report["input_tokens"] / max(rows, 1), 1),

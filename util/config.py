@@ -39,10 +39,11 @@ class Config:
                                   default=None)
     limit: int | None = _help("Only process the first N rows (for trials).", default=None)
     # --- images (a vision-language model, such as LLaVA; util/images.py) ---
-    image_column: str | None = _help("Column holding each row's image: a local path, an s3:// or gs:// path, an "
-                                     "http(s):// or data: URL, or the image's bytes (a Parquet binary column), or "
-                                     "a list of them. The model must take images. OpenAI batch files need no "
-                                     "flag: their image_url parts are the images.", default=None)
+    image_column: str | None = _help("Column holding each row's image: a local path (read by the workers: on a "
+                                     "cluster, one every node has), an s3:// or gs:// path, an http(s):// or "
+                                     "data: URL, or the image's bytes (a Parquet binary column), or a list of "
+                                     "them. The model must take images. OpenAI batch files need no flag: their "
+                                     "image_url parts are the images.", default=None)
     max_images_per_row: int = _help("Most images one row may hold (vLLM's limit_mm_per_prompt); a row with more "
                                     "is an error row.", default=1)
     max_image_bytes: int = _help("Largest image accepted, in bytes, as a file or a download; a larger one is an "

@@ -95,18 +95,18 @@ class PromptFormatter:
             return table_prompt_format(self.model).format(text)
         if self.prompt_format == "plain":
             return text if not self.system_prompt else f"{self.system_prompt}\n\n{text}"
-        messages = [{"role": "user", "content": self.user_content(text, images)}]
+        messages = [{"role": "user", "content": self.content(text, images)}]
         if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.user_content(self.system_prompt)})
+            messages.insert(0, {"role": "system", "content": self.content(self.system_prompt)})
         try:
             return self.apply_chat_template(messages)
         except Exception:  # Some templates (Gemma's) refuse a system role: fold it into the user turn.
             if not self.system_prompt:
                 raise
-            merged = [{"role": "user", "content": self.user_content(f"{self.system_prompt}\n\n{text}", images)}]
+            merged = [{"role": "user", "content": self.content(f"{self.system_prompt}\n\n{text}", images)}]
             return self.apply_chat_template(merged)
 
-    def user_content(self, text: str, images: int = 0):
+    def content(self, text: str, images: int = 0):
         """A message's content: the text; for a vision job a list of parts, the images first (as LLaVA's
         prompts have them), since vision templates expect parts."""
         if self.processor is None:
@@ -123,7 +123,7 @@ class PromptFormatter:
         else:
             messages, sources = image_parts(messages)
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
-            messages = [{"role": "system", "content": self.user_content(self.system_prompt)}, *messages]
+            messages = [{"role": "system", "content": self.content(self.system_prompt)}, *messages]
         return self.apply_chat_template(messages), sources
 
     def _prompt(self, value, image_value=None) -> tuple[str, list, str | None]:
@@ -134,7 +134,7 @@ class PromptFormatter:
         try:
             sources = image_sources(image_value)
         except ImageError as error:
-            return "", [], row_error(BAD_IMAGE, number=1, source=f"column '{self.image_column}'", reason=error)
+            return "", [], bad_image(1, f"column '{self.image_column}'", error)
         if isinstance(value, list):
             if sources:
                 return "", [], (f"a list of messages holds its images as image_url parts, not in column "
@@ -165,10 +165,8 @@ class PromptFormatter:
 
     @staticmethod
     def _first_bad(sources: list, blobs: list) -> str | None:
-        for number, (source, blob) in enumerate(zip(sources, blobs), start=1):
-            if isinstance(blob, ImageError):
-                return row_error(BAD_IMAGE, number=number, source=describe(source), reason=blob)
-        return None
+        return next((bad_image(number, describe(source), blob)
+                     for number, (source, blob) in enumerate(zip(sources, blobs), 1) if isinstance(blob, ImageError)), None)
 
     def _count_with_images(self, prompt: str, sources: list, blobs: list, add_special_tokens: bool) -> int:
         """The prompt's length as the engine sees it: each image placeholder expanded to that image's
@@ -179,7 +177,7 @@ class PromptFormatter:
             try:
                 images.append(open_image(blob))
             except ImageError as error:
-                raise ImageError(row_error(BAD_IMAGE, number=number, source=describe(source), reason=error)) from None
+                raise ImageError(bad_image(number, describe(source), error)) from None
         inputs = self.processor(text=[prompt], images=images, add_special_tokens=add_special_tokens)
         return len(inputs["input_ids"][0])
 
@@ -191,13 +189,13 @@ class PromptFormatter:
         image_values = batch[self.image_column].to_pylist() if self.image_column else [None] * batch.num_rows
         formatted = [("", [], reason) if reason else self._prompt(value, image_value)
                      for value, image_value, reason in zip(batch[self.text_column].to_pylist(), image_values, earlier)]
-        images = self._fetch_images(formatted) if self.processor is not None else [([], r) for *_, r in formatted]
+        fetched = self._fetch_images(formatted) if self.processor is not None else [([], r) for *_, r in formatted]
         prompts = [prompt for prompt, _, _ in formatted]
         # Chat templates already emit the BOS token; adding it again would change the model's input.
         add_special_tokens = self.prompt_format != "chat_template"
         token_ids = self.tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
         errors, counts = [], []
-        for (prompt, sources, _), (blobs, refused), ids in zip(formatted, images, token_ids):
+        for (prompt, sources, _), (blobs, refused), ids in zip(formatted, fetched, token_ids):
             count = len(ids)
             if blobs and not refused:
                 try:
@@ -222,9 +220,14 @@ class PromptFormatter:
         }
         if self.processor is not None:  # only what the engine takes: a failed row's images stay behind
             columns[col.PROMPT_IMAGES] = pa.array([blobs if blobs and error is None else None
-                                                   for (blobs, _), error in zip(images, errors)],
+                                                   for (blobs, _), error in zip(fetched, errors)],
                                                   col.PROMPT_IMAGES_TYPE)
         return set_columns(batch, columns)
+
+
+def bad_image(number: int, where: str, reason) -> str:
+    """The error of a row whose image `number` (1-based, in prompt order), from `where`, fails for `reason`."""
+    return row_error(BAD_IMAGE, number=number, source=where, reason=reason)
 
 
 class TextOnlyModel(ValueError):
