@@ -10,6 +10,7 @@ vLLM on every GPU of the Ray cluster, and write one output row per input row.
     python main.py --input-path batch_input.jsonl --input-format openai       # an OpenAI Batch API file
     python main.py --input-path prompts.jsonl --json-schema schema.json       # structured (JSON) output
     python main.py --input-path corpus.jsonl --task embed                    # an `embedding` per row
+    python main.py --input-path photos.parquet --image-column image --model llava-hf/llava-1.5-7b-hf  # images
     anyscale job submit -f job.yaml                      # the same as an Anyscale job
     python main.py --help                                # every knob
 

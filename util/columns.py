@@ -1,7 +1,7 @@
 """The columns that pass between the pipeline's stages, named once. Each stage declares which of these
 it needs and adds (util/pipeline.py), and the output's schema lists them in order (util/output.py).
 
-    from util.columns import ID, PROMPT_TOKEN_IDS, GENERATED_TEXT
+    from util.columns import ID, PROMPT_TOKEN_IDS, GENERATED_TEXT, set_columns
 """
 
 import pyarrow as pa
@@ -10,6 +10,7 @@ ID = "id"  # the row's id: the input's --id-column, else file, position and a ha
 ID_SCHEME = "file:byte-offset(text,jsonl)|row(csv,parquet,openai):sha1[:8]"  # how util/reading.py derives ids
 PROMPT = "prompt"  # the text sent to the model, its prompt format applied
 PROMPT_TOKEN_IDS = "prompt_token_ids"  # the prompt, tokenized once by the formatter; not written
+PROMPT_IMAGES = "prompt_images"  # a vision job's images, encoded, in prompt order (util/images.py); not written
 NUM_INPUT_TOKENS = "num_input_tokens"
 ERROR = "error"  # null, or why the row failed; a failed row passes through later stages untouched
 SAMPLING_PARAMS = "sampling_params"  # optional input column: a row's own sampling, over the job's
@@ -34,3 +35,12 @@ COMPLETION = pa.struct([("text", pa.string()), ("reasoning_content", pa.string()
                         ("logprobs", TOKEN_LOGPROBS), ("structured_output_error", pa.string())])
 COMPLETIONS_TYPE = pa.list_(COMPLETION)
 EMBEDDING_TYPE = pa.list_(pa.float32())
+PROMPT_IMAGES_TYPE = pa.list_(pa.large_binary())  # large: a batch's images may pass 2 GiB
+
+
+def set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    """`table` with `columns` added, or replaced where they already exist."""
+    for name, values in columns.items():
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, values) if index >= 0 else table.append_column(name, values)
+    return table

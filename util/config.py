@@ -15,6 +15,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 
+from util.images import DEFAULT_MAX_IMAGE_BYTES
 from util.structured_output import check_job_flags
 
 
@@ -37,6 +38,16 @@ class Config:
     id_column: str | None = _help("Column holding a unique row id. Default: derived from position and content.",
                                   default=None)
     limit: int | None = _help("Only process the first N rows (for trials).", default=None)
+    # --- images (a vision-language model, such as LLaVA; util/images.py) ---
+    image_column: str | None = _help("Column holding each row's image: a local path (read by the workers: on a "
+                                     "cluster, one every node has), an s3:// or gs:// path, an http(s):// or "
+                                     "data: URL, or the image's bytes (a Parquet binary column), or a list of "
+                                     "them. The model must take images. OpenAI batch files need no flag: their "
+                                     "image_url parts are the images.", default=None)
+    max_images_per_row: int = _help("Most images one row may hold (vLLM's limit_mm_per_prompt); a row with more "
+                                    "is an error row.", default=1)
+    max_image_bytes: int = _help("Largest image accepted, in bytes, as a file or a download; a larger one is an "
+                                 "error row.", default=DEFAULT_MAX_IMAGE_BYTES)
     # --- prompt ---
     system_prompt: str | None = _help("System message for models with a chat template.", default=None)
     prompt_format: str = _help("auto (table, then chat template, then plain), chat_template, table or plain.",
@@ -165,6 +176,15 @@ class Config:
         if not 0 <= self.max_error_fraction <= 1:
             raise ValueError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
         check_job_flags(self.json_schema, self.regex, self.choice)  # a bad regex or mix: ValueError now
+        if self.image_column is not None and self.input_format == "openai":
+            raise ValueError("--image-column does not apply to --input-format openai: a request's images are "
+                             "its image_url parts")
+        if not self.max_images_per_row >= 1:
+            raise ValueError(f"--max-images-per-row must be >= 1, got {self.max_images_per_row}")
+        if not self.max_image_bytes >= 1:
+            raise ValueError(f"--max-image-bytes must be >= 1, got {self.max_image_bytes}")
+        if self.task == "embed" and self.image_column is not None:
+            raise ValueError("--task embed embeds text only; --image-column is for generation")
         if self.task == "embed":  # flags that shape generated text mean nothing to an embedding
             generation = {"--n": self.n != 1, "--logprobs": self.logprobs is not None,
                           "--prompt-logprobs": self.prompt_logprobs is not None,

@@ -42,8 +42,9 @@ def valid_engine_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
-def engine_kwargs(cfg: "Config", use_gpu: bool = True) -> dict:
-    """vLLM engine arguments for one replica; util/plan.py resolves them once per run."""
+def engine_kwargs(cfg: "Config", use_gpu: bool = True, images: bool = False) -> dict:
+    """vLLM engine arguments for one replica; util/plan.py resolves them once per run. A job whose rows
+    carry images (`images`) tells vLLM how many one prompt may hold, which it sizes its profiling by."""
     unknown = sorted(set(cfg.engine_arg) - valid_engine_keys())
     if unknown:
         raise ValueError(f"unknown --engine-arg key(s): {', '.join(unknown)}; see vLLM's EngineArgs")
@@ -56,6 +57,8 @@ def engine_kwargs(cfg: "Config", use_gpu: bool = True) -> dict:
                       pipeline_parallel_size=cfg.pipeline_parallel_size, distributed_executor_backend="ray")
     if not use_gpu:
         kwargs.update(CPU_ENGINE_KWARGS)
+    if images:
+        kwargs["limit_mm_per_prompt"] = {"image": cfg.max_images_per_row}
     kwargs["seed"] = cfg.seed
     return {**kwargs, **cfg.engine_arg}
 

@@ -11,7 +11,9 @@ An input line is a request, as the Batch API takes it:
 
 Every request the `openai` package's chat-completions types accept is served, within what this runner
 does. Its `messages` go through the model's chat template (content given as a list of text parts is
-joined with "\n", as vLLM's OpenAI server joins it), and its body parameters become the row's own
+joined with "\n", as vLLM's OpenAI server joins it; a vision-language model gets `image_url` parts, whose
+url is an http(s):// or data: URL, as the images of its template's image parts: util/images.py), and its
+body parameters become the row's own
 sampling parameters (`max_tokens`, `max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed`,
 `presence_penalty`, `frequency_penalty`, `logit_bias`, `response_format`, `n`, and `logprobs` with
 `top_logprobs`). A null parameter counts as not given; one that asks for no unsupported feature is
@@ -55,6 +57,7 @@ import pyarrow as pa
 from util import columns as col
 
 CHAT_URL = "/v1/chat/completions"
+IMAGE_PART = "image_url"  # a content part holding an image: {"type": "image_url", "image_url": {"url": ...}}
 EMBEDDINGS_URL = "/v1/embeddings"
 TASK_OF_URL = {CHAT_URL: "generate", EMBEDDINGS_URL: "embed"}  # the url says the job's task (Config.task)
 # Embeddings body parameters: ignored (who asked, the model), or accepted only at the value that asks for
@@ -211,13 +214,25 @@ def embedding_request_row(custom_id: str, body, where: str) -> dict:
             "request_model": body.get("model"), col.REQUEST_ERROR: None}
 
 
-def request_url(line: str) -> str | None:
-    """A request line's url, or None for a line that is not a request (the reader reports those)."""
+def has_image_parts(messages) -> bool:
+    """Whether a request's messages hold an image (an `image_url` content part)."""
+    return isinstance(messages, list) and any(
+        isinstance(part, dict) and part.get("type") == IMAGE_PART
+        for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"])
+
+
+def request_kind(line: str) -> tuple[str | None, bool]:
+    """A request line's url (None for a line that is not a request: the reader reports those), and
+    whether its messages hold an image."""
     try:
         request = json.loads(line)
     except json.JSONDecodeError:
-        return None
-    return request.get("url") if isinstance(request, dict) else None
+        return None, False
+    if not isinstance(request, dict):
+        return None, False
+    body = request.get("body")
+    return request.get("url"), has_image_parts(body.get("messages") if isinstance(body, dict) else None)
 
 
 def request_table(rows: list[dict]) -> pa.Table:

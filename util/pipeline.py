@@ -79,17 +79,30 @@ def drop_done_stage(plan: "Plan", done: "DoneIndex") -> Stage:
                      batch_format="pyarrow", num_cpus=TASK_CPUS)
 
 
+def image_options(plan: "Plan") -> dict:
+    """The formatter's image settings, for a job whose rows carry images: it fetches and checks them on
+    CPU (util/images.py), at most as many per row as the engine takes (--engine-arg may change that)."""
+    if not plan.images:
+        return {}
+    cfg = plan.cfg
+    most = (plan.engine_kwargs.get("limit_mm_per_prompt") or {}).get("image", cfg.max_images_per_row)
+    return {"images": True, "image_column": cfg.image_column, "max_images_per_row": most,
+            "max_image_bytes": cfg.max_image_bytes}
+
+
 def formatter_stage(plan: "Plan", formatter=format_prompts) -> Stage:
     """The prompt formatter: tasks of the predictor's batch size, each worker loading the tokenizer once,
-    as many at a time as there are free CPUs (util/prompt_format.py)."""
+    as many at a time as there are free CPUs (util/prompt_format.py). With images it fetches and checks
+    them too, and adds their encoded bytes (prompt_images) for the replica."""
     cfg = plan.cfg
     return map_stage(
-        "format", needs=(cfg.text_column,),
-        adds=(col.PROMPT, col.PROMPT_TOKEN_IDS, col.NUM_INPUT_TOKENS, col.ERROR),
+        "format", needs=(cfg.text_column,) + ((cfg.image_column,) if cfg.image_column else ()),
+        adds=(col.PROMPT, col.PROMPT_TOKEN_IDS, col.NUM_INPUT_TOKENS, col.ERROR)
+        + ((col.PROMPT_IMAGES,) if plan.images else ()),
         fn=formatter,
         fn_kwargs={"model": cfg.model, "text_column": cfg.text_column, "system_prompt": cfg.system_prompt,
                    "prompt_format": plan.prompt_format, "revision": cfg.revision,
-                   "max_model_len": plan.max_model_len},
+                   "max_model_len": plan.max_model_len, **image_options(plan)},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         num_cpus=TASK_CPUS)  # as the read's: Ray fuses read, format and the block cut into one task
@@ -146,8 +159,9 @@ def predictor_stage(plan: "Plan", predictor=LLMPredictor, pool=None) -> Stage:
     """The vLLM stage: Ray Data's own pool of replicas for this run, or, given a `pool`
     (util/replica_pool.py), forwarders to replicas that are already running and stay."""
     kwargs = pool.map_batches_kwargs() if pool is not None else predictor_stage_kwargs(plan, predictor)
-    return map_stage("predict", needs=(col.ID, col.PROMPT_TOKEN_IDS, col.ERROR), adds=PREDICTOR_ADDS,
-                     drops=(col.PROMPT_TOKEN_IDS,), **kwargs)
+    images = (col.PROMPT_IMAGES,) if plan.images else ()  # a vision job's images, decoded in the replica
+    return map_stage("predict", needs=(col.ID, col.PROMPT_TOKEN_IDS, col.ERROR) + images, adds=PREDICTOR_ADDS,
+                     drops=(col.PROMPT_TOKEN_IDS,) + images, **kwargs)
 
 
 def embedding_stage(plan: "Plan", predictor=EmbeddingPredictor) -> Stage:
@@ -173,11 +187,11 @@ def build_pipeline(plan: "Plan", done: "DoneIndex | None" = None, source: str | 
     """The lazy dataset of output rows (or what `stages` make of the input), its contracts checked."""
     cfg = plan.cfg
     stages = pipeline_stages(plan, done) if stages is None else stages
-    check_contracts(stages, columns=(col.ID, cfg.text_column))
+    check_contracts(stages, columns=(col.ID, cfg.text_column) + ((cfg.image_column,) if cfg.image_column else ()))
     # Without --limit, rows already written are dropped as they are read, in the read tasks.
     row_filter = done.drop_done if done is not None and not cfg.limit else None
     ds = read_prompts(source if source is not None else cfg.input_path or SAMPLE_PROMPTS, cfg.input_format,
-                      cfg.text_column, cfg.id_column, cfg.limit, row_filter=row_filter)
+                      cfg.text_column, cfg.id_column, cfg.limit, row_filter=row_filter, image_column=cfg.image_column)
     for stage in stages:
         ds = stage.apply(ds)
     return ds

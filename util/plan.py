@@ -27,8 +27,8 @@ from util.config import Config
 from util.engine import (CPU_ENV_VARS, batches_in_flight, engine_kwargs, gpus_per_replica, replica_placement,
                          with_gpu_defaults)
 from util.errors import InputError
-from util.prompt_format import choose_prompt_format, model_max_length
-from util.reading import openai_task
+from util.prompt_format import TextOnlyModel, choose_prompt_format, model_max_length, model_processor
+from util.reading import OpenAIBatchKind, openai_batch_kind
 from util.resources import CPU_REPLICA_CPUS, TASK_CPUS
 from util.resume import fingerprint
 from util.storage import generate_output_path, resolve
@@ -49,6 +49,7 @@ class Plan:
     gpus_per_replica: float
     fingerprint: dict  # the settings that decide a row's output (util/resume.py)
     provenance: dict  # versions, model commit and prompt format, for the manifest
+    images: bool = False  # rows carry images (--image-column, or image_url parts in an OpenAI batch file)
 
     @property
     def rows_in_flight(self) -> int:
@@ -105,10 +106,30 @@ def check_cluster_fits(concurrency: int, use_gpu: bool, cluster: dict) -> None:
             f"the cluster has {cpus:g}. Lower --concurrency, or add CPUs")
 
 
-def resolve_model(cfg: Config, engine: dict) -> tuple[str, int | None, dict]:
+def image_processor(cfg: Config, image_request: str | None):
+    """The model's processor, for a job whose rows carry images: ValueError (exit 2) when the model takes
+    none, or its prompt format cannot place them (a vision job formats with the processor's chat
+    template). None for a processor that cannot be loaded on the driver: left to the formatter, as a
+    tokenizer is."""
+    given = f"--image-column {cfg.image_column}" if cfg.image_column else f"{image_request} has an image_url part"
+    try:
+        processor = model_processor(cfg.model, cfg.revision)
+    except TextOnlyModel as error:
+        raise ValueError(f"{given}, but {error}") from None
+    except Exception:
+        return None
+    if choose_prompt_format(cfg.model, processor, cfg.prompt_format) != "chat_template":
+        raise ValueError(f"{given}, but images need the model's chat template to place them: "
+                         f"--prompt-format {cfg.prompt_format} and {cfg.model} has "
+                         f"{'a' if getattr(processor, 'chat_template', None) else 'no'} chat template")
+    return processor
+
+
+def resolve_model(cfg: Config, engine: dict, processor=None) -> tuple[str, int | None, dict]:
     """The prompt format "auto" stands for, max_model_len, and the model's provenance: its hub commit and
-    a hash of its chat template. The tokenizer is loaded once, here. A model whose tokenizer cannot be
-    loaded on the driver is left to the formatter, which reports the problem with the rows it meets."""
+    a hash of its chat template (a vision job's `processor`'s, which formats its prompts, else the
+    tokenizer's). The tokenizer is loaded once, here. A model whose tokenizer cannot be loaded on the
+    driver is left to the formatter, which reports the problem with the rows it meets."""
     import torch
     import transformers
     from transformers import AutoTokenizer
@@ -120,9 +141,10 @@ def resolve_model(cfg: Config, engine: dict) -> tuple[str, int | None, dict]:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
     except Exception:
         return prompt_format, max_model_len, record
-    prompt_format = choose_prompt_format(cfg.model, tokenizer, cfg.prompt_format)  # ValueError: refused
+    templates = processor or tokenizer
+    prompt_format = choose_prompt_format(cfg.model, templates, cfg.prompt_format)  # ValueError: refused
     record["prompt_format"] = prompt_format
-    template = getattr(tokenizer, "chat_template", None)
+    template = getattr(templates, "chat_template", None)
     if isinstance(template, str):
         record["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest()[:16]
     try:
@@ -139,12 +161,18 @@ def resolve_model(cfg: Config, engine: dict) -> tuple[str, int | None, dict]:
     return prompt_format, max_model_len, record
 
 
-def resolve_task(cfg: Config) -> str:
+def openai_kind(cfg: Config) -> OpenAIBatchKind | None:
+    """For an OpenAI batch file: its task and its first image (one pass over its lines); else None."""
+    return openai_batch_kind(cfg.input_path) if cfg.input_format == "openai" and cfg.input_path else None
+
+
+def resolve_task(cfg: Config, kind: OpenAIBatchKind | None = None) -> str:
     """--task, or for an OpenAI batch file the task its urls say (InputError for a file that mixes them,
-    or one that contradicts an explicit --task)."""
-    if cfg.input_format != "openai" or cfg.input_path is None:
+    or one that contradicts an explicit --task). `kind`: the file's openai_kind, if read already."""
+    kind = kind or openai_kind(cfg)
+    if kind is None:
         return cfg.task
-    task = openai_task(cfg.input_path)
+    task = kind.task
     if cfg.task != "generate" and task != cfg.task:
         raise InputError(f"--task {cfg.task}, but {cfg.input_path} holds requests for the {task} task")
     return task
@@ -169,17 +197,22 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
     import vllm
 
     cluster = ray.cluster_resources() if cluster is None else cluster
-    task = resolve_task(cfg)  # before anything else: a mixed OpenAI file is refused without an engine
+    kind = openai_kind(cfg)
+    task = resolve_task(cfg, kind)  # before anything else: a mixed OpenAI file is refused without an engine
+    image_request = kind.first_image if kind else None
+    images = cfg.image_column is not None or image_request is not None
+    # A text-only model given images is refused here, before any engine.
+    processor = image_processor(cfg, image_request) if images and resolve_model_files else None
     choice = choose_accelerator(cfg.accelerator_type, cluster)
     check_cluster_fits(cfg.concurrency, choice.use_gpu, cluster)
-    engine = engine_kwargs(cfg, choice.use_gpu)
+    engine = engine_kwargs(cfg, choice.use_gpu, images)
     # The GPU type's scheduling defaults go under every other engine argument, and stay out of the
     # fingerprint: they change how fast rows come back, not what they say.
     tuned = with_gpu_defaults(engine, gpu_type(choice, cluster)) if choice.use_gpu else engine
     cfg = dataclasses.replace(cfg, batches_in_flight=batches_in_flight(cfg, tuned))
     sampling = job_sampling(cfg)
     if resolve_model_files:
-        prompt_format, max_model_len, model_record = resolve_model(cfg, engine)
+        prompt_format, max_model_len, model_record = resolve_model(cfg, engine, processor)
     else:
         prompt_format, max_model_len, model_record = cfg.prompt_format, engine.get("max_model_len"), {}
     if task == "embed" and cfg.prompt_format == "auto":  # the text embedded as given: no chat template
@@ -191,6 +224,6 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
     return Plan(cfg=cfg, output_path=output_path_of(cfg), task=task,
                 choice=choice, engine_kwargs=tuned, sampling=sampling, prompt_format=prompt_format,
                 max_model_len=max_model_len, replica_resources=resources, gpus_per_replica=gpus_per_replica(cfg),
-                fingerprint=fingerprint(cfg, sampling, engine, task),
+                fingerprint=fingerprint(cfg, sampling, engine, task, images),
                 provenance={"vllm": vllm.__version__, "ray": ray.__version__, "accelerator": accelerator,
-                            **model_record})
+                            **model_record}, images=images)

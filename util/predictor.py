@@ -13,10 +13,16 @@ teaching and for comparison; each of its batches waits for its slowest row. `Emb
 (--task embed) runs the same engine as a pooling model and writes each row's `embedding` instead.
 
 Needs the columns id, prompt, prompt_token_ids, error (from util/prompt_format.py) and, optionally,
-`sampling_params` (a dict or JSON object per row, overriding the job's sampling). Adds
-generated_text, finish_reason, num_generated_tokens, model and structured_output_error, and the richer
-outputs of util/request_output.py (completions for n > 1, logprobs, prompt_logprobs, reasoning_content,
-per-row timings); drops prompt_token_ids.
+`sampling_params` (a dict or JSON object per row, overriding the job's sampling) and, for a vision job,
+`prompt_images` (each row's images, encoded: util/images.py). Adds generated_text, finish_reason,
+num_generated_tokens, model and structured_output_error, and the richer outputs of
+util/request_output.py (completions for n > 1, logprobs, prompt_logprobs, reasoning_content, per-row
+timings); drops prompt_token_ids and prompt_images.
+
+Images: a row's prompt goes to vLLM as its token ids, with one image placeholder per image as the chat
+template put it, and `multi_modal_data` holding its images, decoded here. vLLM's own processor expands
+each placeholder to the image's tokens for token prompts as for text ones (vLLM 0.26 and 0.32 alike), so
+the prompt is tokenized once, by the formatter, which counts the expanded length in num_input_tokens.
 
 Structured output (util/structured_output.py): the job's sampling may hold `structured_outputs` (from
 --json-schema, --regex or --choice), and a row's sampling_params its own `structured_outputs` or
@@ -35,16 +41,18 @@ import weakref
 import pyarrow as pa
 
 from util import columns as col
-from util.columns import COMPLETIONS_TYPE, EMBEDDING_TYPE, TIMINGS, TOKEN_LOGPROBS
+from util.columns import COMPLETIONS_TYPE, EMBEDDING_TYPE, TIMINGS, TOKEN_LOGPROBS, set_columns
 from util.engine import engine_process_forked
 from util.errors import INVALID_SAMPLING, row_error
-from util.prompt_format import set_columns
+from util.images import engine_images
 from util.reasoning import ReasoningSplitter, check_parser_name
 from util.request_output import row_result
 from util.structured_output import row_spec, vllm_params
 
 # Sampling keys that are the predictor's, not SamplingParams'.
 OWN_KEYS = ("reasoning_parser",)
+# Columns the formatter made for the engine alone: dropped from the output.
+ENGINE_INPUTS = (col.PROMPT_TOKEN_IDS, col.PROMPT_IMAGES)
 
 
 def row_sampling(job_sampling: dict, row_override) -> dict:
@@ -89,6 +97,24 @@ def rows_sampling(batch: pa.Table, job_sampling: dict) -> list[tuple[bool, dict 
         except (ValueError, TypeError) as bad:
             rows.append((True, row_error(INVALID_SAMPLING, reason=bad)))
     return rows
+
+
+def engine_prompt(token_ids: list[int], images: list[bytes] | None = None) -> dict:
+    """A row as vLLM's prompt: its token ids and, if it has images, the images decoded (vLLM expands
+    each image placeholder among the ids to the image's tokens)."""
+    prompt = {"prompt_token_ids": token_ids}
+    if images:
+        prompt["multi_modal_data"] = {"image": engine_images(images)}
+    return prompt
+
+
+def row_images(batch: pa.Table) -> list:
+    """Each row's encoded images (None for a row without), or Nones for a batch of a text job."""
+    return batch[col.PROMPT_IMAGES].to_pylist() if col.PROMPT_IMAGES in batch.column_names else [None] * len(batch)
+
+
+def engine_inputs_dropped(batch: pa.Table) -> pa.Table:
+    return batch.drop_columns([name for name in ENGINE_INPUTS if name in batch.column_names])
 
 
 def _tokenizer(model: str, engine_kwargs: dict):
@@ -152,9 +178,10 @@ async def _cancel(task: asyncio.Task) -> None:
 
 
 def finish_batch(batch: pa.Table, results: list[dict], model: str) -> pa.Table:
-    """The batch with each row's result as columns (PREDICTOR_ADDS of util/pipeline.py); token ids dropped."""
+    """The batch with each row's result as columns (PREDICTOR_ADDS of util/pipeline.py); the engine's
+    inputs (token ids, images) dropped."""
     column = lambda name, kind: pa.array([r.get(name) for r in results], kind)
-    return set_columns(batch.drop_columns([col.PROMPT_TOKEN_IDS]), {
+    return set_columns(engine_inputs_dropped(batch), {
         col.GENERATED_TEXT: column("generated_text", pa.string()),
         col.FINISH_REASON: column("finish_reason", pa.string()),
         col.NUM_GENERATED_TOKENS: pa.array([r.get("num_generated_tokens", 0) for r in results], pa.int64()),
@@ -237,11 +264,11 @@ class LLMPredictor:
                 raise
             return {"error": f"{type(error).__name__}: {error}"}
 
-    async def generate_row(self, row_id: str, token_ids, sampling: dict) -> dict:
+    async def generate_row(self, row_id: str, token_ids, sampling: dict, images: list[bytes] | None = None) -> dict:
         """One row as one engine request: its generated text, finish reason and token count, or its error."""
-        return await self.row_or_error(self._generate(row_id, token_ids, sampling))
+        return await self.row_or_error(self._generate(row_id, token_ids, sampling, images))
 
-    async def _generate(self, row_id: str, token_ids, sampling: dict) -> dict:
+    async def _generate(self, row_id: str, token_ids, sampling: dict, images: list[bytes] | None = None) -> dict:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -254,7 +281,8 @@ class LLMPredictor:
         params = SamplingParams(**engine_params(sampling), output_kind=RequestOutputKind.FINAL_ONLY,
                                 detokenize=not decode_here)
         final = None
-        request = {"prompt_token_ids": token_ids}
+        # Images are decoded off the event loop, which meanwhile feeds the engine the other rows.
+        request = await asyncio.to_thread(engine_prompt, token_ids, images) if images else engine_prompt(token_ids)
         # A fresh request id per attempt: a retried batch must not collide with its first try.
         async for output in self.engine.generate(request, params, f"{row_id}-{uuid.uuid4().hex[:8]}"):
             final = output
@@ -291,8 +319,9 @@ class LLMPredictor:
         self.shutdown()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        ids, token_ids = batch[col.ID].to_pylist(), batch[col.PROMPT_TOKEN_IDS].to_pylist()
-        tasks = [asyncio.sleep(0, {"error": sampling}) if error else self.generate_row(ids[i], token_ids[i], sampling)
+        ids, token_ids, images = batch[col.ID].to_pylist(), batch[col.PROMPT_TOKEN_IDS].to_pylist(), row_images(batch)
+        tasks = [asyncio.sleep(0, {"error": sampling}) if error
+                 else self.generate_row(ids[i], token_ids[i], sampling, images[i])
                  for i, (error, sampling) in enumerate(rows_sampling(batch, self.sampling))]
         results = await asyncio.gather(*tasks)
         self.progress.batch_done(len(results), sum(r.get("num_generated_tokens", 0) for r in results))
@@ -331,7 +360,7 @@ class EmbeddingPredictor(LLMPredictor):
                  for i, error in enumerate(batch[col.ERROR].to_pylist())]
         results = await asyncio.gather(*tasks)
         self.progress.batch_done(len(results), 0)
-        return set_columns(batch.drop_columns([col.PROMPT_TOKEN_IDS]), {
+        return set_columns(engine_inputs_dropped(batch), {
             col.EMBEDDING: pa.array([r.get("embedding") for r in results], EMBEDDING_TYPE),
             col.ERROR: pa.array([r.get("error") for r in results], pa.string()),
             col.MODEL: pa.array([self.model_name] * len(results), pa.string()),
@@ -356,8 +385,9 @@ class SyncLLMPredictor:
         from vllm import SamplingParams
 
         token_ids, rows = batch[col.PROMPT_TOKEN_IDS].to_pylist(), rows_sampling(batch, self.sampling)
+        images = row_images(batch)
         ready = [i for i, (error, _) in enumerate(rows) if not error]
-        prompts = [{"prompt_token_ids": token_ids[i]} for i in ready]
+        prompts = [engine_prompt(token_ids[i], images[i]) for i in ready]
         params = [SamplingParams(**engine_params(rows[i][1])) for i in ready]
         outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
         results = [{"error": sampling if error else None} for error, sampling in rows]

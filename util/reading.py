@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -37,7 +38,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from util import columns as col
 from util.errors import InputError
-from util.openai_batch import TASK_OF_URL, request_row, request_table, request_url
+from util.openai_batch import TASK_OF_URL, request_kind, request_row, request_table
 from util.resources import TASK_CPUS
 from util.storage import resolve
 
@@ -107,11 +108,12 @@ def _table_from_rows(rows: list[dict], name: str) -> pa.Table:
 
 
 def _with_ids(table: pa.Table, positions: list[int], source: str, text_column: str, id_column: str | None,
-              with_where: bool = False) -> pa.Table:
+              with_where: bool = False, image_column: str | None = None) -> pa.Table:
     """Adds `id` (first) from the id column or from file, position and text; checks the columns."""
     columns = [c for c in table.column_names if c != WHERE_COLUMN]
-    if text_column not in table.column_names:
-        raise InputError(f"{source}: no column '{text_column}'; columns are: {', '.join(columns)}")
+    for needed in (text_column, image_column):
+        if needed and needed not in table.column_names:
+            raise InputError(f"{source}: no column '{needed}'; columns are: {', '.join(columns)}")
     if id_column:
         if id_column not in table.column_names:
             raise InputError(f"{source}: no id column '{id_column}'; columns are: {', '.join(columns)}")
@@ -171,12 +173,12 @@ def _lines(filesystem: pafs.FileSystem, path: str, start: int, end: int):
 
 
 def _read_range(filesystem, path: str, source: str, start: int, end: int, input_format: str,
-                text_column: str, id_column: str | None, with_where: bool):
+                text_column: str, id_column: str | None, with_where: bool, image_column: str | None = None):
     rows, positions = [], []
 
     def block():
         table = _table_from_rows(rows, path) if rows else pa.table({})
-        return _with_ids(table, positions, source, text_column, id_column, with_where)
+        return _with_ids(table, positions, source, text_column, id_column, with_where, image_column)
 
     for offset, raw in _lines(filesystem, path, start, end):
         try:
@@ -231,7 +233,7 @@ def _utf8_error(filesystem: pafs.FileSystem, path: str) -> str:
 
 
 def _read_file(filesystem, path: str, source: str, input_format: str, text_column: str,
-               id_column: str | None, with_where: bool):
+               id_column: str | None, with_where: bool, image_column: str | None = None):
     position = 0
     try:
         if input_format == "openai":  # a bad request is an error record, not a refused file
@@ -246,8 +248,8 @@ def _read_file(filesystem, path: str, source: str, input_format: str, text_colum
         if input_format == "parquet":
             batches = pq.ParquetFile(filesystem.open_input_file(path)).iter_batches(batch_size=BLOCK_ROWS)
         else:
-            # Text and ids as written: inferred types would turn an id "007" into 7, and "7" into 7 as well.
-            types = {c: pa.string() for c in (text_column, id_column) if c}
+            # Text, ids and image paths as written: inferred types would turn an id "007" into 7.
+            types = {c: pa.string() for c in (text_column, id_column, image_column) if c}
             batches = pacsv.open_csv(filesystem.open_input_stream(path),
                                      convert_options=pacsv.ConvertOptions(column_types=types))
         for batch in batches:
@@ -255,7 +257,7 @@ def _read_file(filesystem, path: str, source: str, input_format: str, text_colum
             for part in (table.slice(i, BLOCK_ROWS) for i in range(0, table.num_rows, BLOCK_ROWS)):
                 positions = list(range(position + 1, position + part.num_rows + 1))
                 position += part.num_rows
-                yield _with_ids(part, positions, source, text_column, id_column, with_where)
+                yield _with_ids(part, positions, source, text_column, id_column, with_where, image_column)
     except UnicodeDecodeError:
         raise InputError(_utf8_error(filesystem, path)) from None
     except pa.ArrowException as error:  # a file that is not what its format says
@@ -289,12 +291,13 @@ class PromptFiles(Datasource):
 
     def __init__(self, source: str, files: list[tuple[str, int]], root: str, input_format: str,
                  text_column: str, id_column: str | None, with_where: bool = False,
-                 chunk_bytes: int = CHUNK_BYTES, row_filter=None):
+                 chunk_bytes: int = CHUNK_BYTES, row_filter=None, image_column: str | None = None):
         self.filesystem, _ = resolve(source)
         self.row_filter = row_filter
         self.chunk_bytes = chunk_bytes
         self.files, self.root = files, root
-        self.options = {"text_column": text_column, "id_column": id_column, "with_where": with_where}
+        self.options = {"text_column": text_column, "id_column": id_column, "with_where": with_where,
+                        "image_column": image_column}
         self.input_format = input_format
 
     def estimate_inmemory_data_size(self) -> int:
@@ -351,36 +354,44 @@ def list_files(source: str, input_format: str = "auto") -> tuple[list[tuple[str,
     return sorted((f.path, f.size) for f in files), path
 
 
-def openai_task(source: str) -> str:
-    """The task an OpenAI batch input asks for, by its requests' urls: generate (/v1/chat/completions) or
-    embed (/v1/embeddings). One run is one task, so a request whose url differs from the first request's
-    refuses the input (InputError, naming its file and line) before any engine starts. One pass over the
-    files' lines on the driver: a Batch API file holds at most 50,000 requests (200 MB). Lines that are not
-    requests, or ask for another url, are left for the reader's error records."""
+class OpenAIBatchKind(NamedTuple):
+    task: str  # generate (/v1/chat/completions) or embed (/v1/embeddings), by the requests' urls
+    first_image: str | None  # `file:line` of the first request with an image_url part, None if none has one
+
+
+def openai_batch_kind(source: str) -> OpenAIBatchKind:
+    """The task an OpenAI batch input asks for, by its requests' urls, and where its first image is. One
+    run is one task, so a request whose url differs from the first request's refuses the input
+    (InputError, naming its file and line) before any engine starts. One pass over the files' lines on the
+    driver: a Batch API file holds at most 50,000 requests (200 MB). Lines that are not requests, or ask
+    for another url, are left for the reader's error records."""
     files, _ = list_files(source, "openai")
     filesystem, _ = resolve(source)
-    first = None  # (url, file:line)
+    first, first_image = None, None  # (url, file:line), file:line
     for path, _ in files:
         with filesystem.open_input_stream(path) as stream:
             lines = stream.read().decode("utf-8-sig", errors="replace").split("\n")
         for number, line in enumerate(lines, start=1):
-            url = request_url(line) if line.strip() else None
+            url, has_image = request_kind(line) if line.strip() else (None, False)
             if url not in TASK_OF_URL:
                 continue
+            if has_image and first_image is None:
+                first_image = f"{path}:{number}"
             if first is None:
                 first = (url, f"{path}:{number}")
             elif url != first[0]:
                 raise InputError(f"{path}:{number}: a {url} request in a batch of {first[0]} requests (the "
                                  f"first at {first[1]}); a run is one task: put them in separate files")
-    return TASK_OF_URL[first[0]] if first else "generate"
+    return OpenAIBatchKind(TASK_OF_URL[first[0]] if first else "generate", first_image)
 
 
 def read_prompts(source: str | list, input_format: str = "auto", text_column: str = "text",
                  id_column: str | None = None, limit: int | None = None,
-                 with_where: bool = False, row_filter=None) -> ray.data.Dataset:
+                 with_where: bool = False, row_filter=None, image_column: str | None = None) -> ray.data.Dataset:
     """The prompts as a lazy Dataset: `id` first, then the input's columns. `with_where` adds a hidden
     WHERE_COLUMN (file and position) for naming duplicates. `row_filter` (a table -> table function, such
-    as util.resume.DoneIndex.drop_done) runs in each read task, so rows it drops are never passed on."""
+    as util.resume.DoneIndex.drop_done) runs in each read task, so rows it drops are never passed on.
+    `image_column`, when given, must be in every file, as the text column must."""
     if input_format == "openai":  # OpenAI Batch API requests (util/openai_batch.py)
         text_column, id_column = "messages", "custom_id"
     context = DataContext.get_current().copy()  # this dataset's own: a global change would outlive the call
@@ -393,13 +404,13 @@ def read_prompts(source: str | list, input_format: str = "auto", text_column: st
                 raise InputError("items: the list holds no prompts")
             positions = list(range(1, len(rows) + 1))
             table = _with_ids(_table_from_rows(rows, "items"), positions, "items", text_column, id_column,
-                              with_where)
+                              with_where, image_column)
             table = table if row_filter is None else row_filter(table)
             ds = ray.data.from_arrow([table.slice(i, BLOCK_ROWS) for i in range(0, len(table), BLOCK_ROWS)])
         else:
             files, root = list_files(source, input_format)
             datasource = PromptFiles(source, files, root, input_format, text_column, id_column, with_where,
-                                     row_filter=row_filter)
+                                     row_filter=row_filter, image_column=image_column)
             ds = ray.data.read_datasource(datasource, num_cpus=TASK_CPUS)
         if limit is not None:
             ds = ds.limit(limit)

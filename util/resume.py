@@ -129,15 +129,18 @@ def mark_done(table: pa.Table, index_ref: list | None) -> pa.Table:
 
 # --- the settings an output was made with ---
 
-def fingerprint(cfg, sampling: dict, engine_kwargs: dict, task: str = "generate") -> dict:
+def fingerprint(cfg, sampling: dict, engine_kwargs: dict, task: str = "generate", images: bool = False) -> dict:
     """The settings that decide a row's output; a run that resumes an output must have the same. The
-    task only when it is not the default, so that an output made before --task existed still resumes."""
+    task only when it is not the default, and the image settings only for a job with images, so that an
+    output made before these existed still resumes."""
     settings = {"model": cfg.model, "revision": cfg.revision, "prompt_format": cfg.prompt_format,
                 "system_prompt": cfg.system_prompt, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "id_scheme": None if cfg.id_column else ID_SCHEME,
                 "output_format": cfg.output_format, "sampling": sampling, "engine": engine_kwargs}
     if task != "generate":
         settings["task"] = task
+    if images:  # which column holds them, and which are too large: they decide which rows fail
+        settings["images"] = {"image_column": cfg.image_column, "max_image_bytes": cfg.max_image_bytes}
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the file: tuples are lists
 
 

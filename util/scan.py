@@ -51,7 +51,7 @@ def check_before_run(plan: "Plan") -> InputScan:
     made with the same settings (unless --overwrite), and the input reads cleanly, with unique ids."""
     cfg = plan.cfg
     ds = read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column, cfg.id_column,
-                      cfg.limit, with_where=bool(cfg.id_column))
+                      cfg.limit, with_where=bool(cfg.id_column), image_column=cfg.image_column)
     check_output_writable(plan.output_path)
     if not cfg.overwrite:
         check_fingerprint(plan.output_path, plan.fingerprint)

@@ -1,0 +1,192 @@
+"""Images for vision-language models: where a row's images come from, fetched and checked on CPU by the
+prompt formatter (util/prompt_format.py), and decoded for vLLM by the replica (util/predictor.py).
+
+    from util.images import ImageError, engine_images, fetch_images, image_sources, open_image
+    sources = image_sources(row["image"])        # ["s3://bucket/cat.jpg"], [b"\\x89PNG..."], ...
+    blobs = fetch_images(sources, most=20 * 1024**2)   # each the encoded bytes, or the ImageError
+    open_image(blobs[0])                         # decoded and checked (PIL), or ImageError
+    engine_images(blobs)                         # in the replica: vLLM's own decoding, for multi_modal_data
+
+An image is a local path (or file://), an s3:// or gs:// path, an http(s):// URL, a data: URL (base64),
+or the encoded bytes themselves (a Parquet binary column; a Hugging Face datasets Image struct
+{"bytes", "path"} too); a row may hold a list of them. Fetching and checking happen in the formatter's Ray
+tasks, on CPUs, so a bad image is an error row before any GPU sees it. The row error names the image (its
+place in the row and its source) and why: not found, cannot fetch (the HTTP status or network error),
+over --max-image-bytes, over vLLM's pixel limit (VLLM_MAX_IMAGE_PIXELS), not an image, not readable. Only
+the encoded bytes travel through Ray Data to the replica; it decodes them with vLLM's ImageMediaIO, as
+vLLM's OpenAI server decodes an image_url, so hashing for vLLM's caches works on the bytes too.
+"""
+
+import base64
+import binascii
+import functools
+import io
+import os
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from util.storage import resolve
+
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024**2  # OpenAI's limit for one image of a chat request
+# vLLM refuses larger images in the replica (its VLLM_MAX_IMAGE_PIXELS, 178,956,970 by default, which is
+# also where PIL stops opening a file as a decompression bomb); refused here first, from the header alone.
+MAX_IMAGE_PIXELS = int(os.environ.get("VLLM_MAX_IMAGE_PIXELS", "178956970"))
+HTTP_TIMEOUT_S = 30.0
+FETCH_THREADS = 16  # a formatter task fetches a batch's images at once: the wait is the network's, not the CPU's
+
+
+class ImageError(ValueError):
+    """Why an image cannot go to the model; util/errors.py's BAD_IMAGE message puts it in the row's error."""
+
+
+def image_sources(value) -> list:
+    """An image column's value as its images' sources in order: strings (paths, URLs) or bytes. None, an
+    empty string or an empty list: no image."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    if isinstance(value, (list, tuple)):
+        return [source for item in value for source in image_sources(item)]
+    if isinstance(value, dict):  # Hugging Face datasets' Image feature: the bytes, else the path
+        return image_sources(value.get("bytes") if value.get("bytes") is not None else value.get("path"))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return [bytes(value)]
+    if isinstance(value, str):
+        return [value.strip()]
+    raise ImageError(f"a {type(value).__name__} is not an image: give a path, a URL or the image's bytes")
+
+
+def describe(source) -> str:
+    """An image's source as an error message names it: bytes by their size, a data: URL by its media type."""
+    if isinstance(source, bytes):
+        return f"{len(source)} bytes"
+    if source.startswith("data:"):
+        return source.split(",", 1)[0] + ",..."
+    return source
+
+
+def _too_large(most: int, size: int | None = None) -> ImageError:
+    return ImageError(f"{'' if size is None else f'{size} bytes, '}over the limit of {most} bytes (--max-image-bytes)")
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_filesystem(root: str) -> pafs.FileSystem:
+    """One filesystem per bucket and worker: resolving an s3:// path asks S3 for the bucket's region."""
+    return resolve(root)[0]
+
+
+def _read_file(source: str, most: int) -> bytes:
+    parsed = urlparse(source)
+    if parsed.scheme in ("s3", "gs", "gcs"):
+        filesystem = _bucket_filesystem(f"{parsed.scheme}://{parsed.netloc}")
+        path = f"{parsed.netloc.rpartition('@')[2]}/{parsed.path.lstrip('/')}"
+    else:
+        filesystem, path = resolve(source)
+    try:
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise ImageError("not found")
+        if info.type != pafs.FileType.File:
+            raise ImageError("a folder, not a file")
+        if info.size is not None and info.size > most:
+            raise _too_large(most, info.size)
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except OSError as error:  # permissions, a vanished file, a bucket we may not read
+        raise ImageError(f"cannot read ({error.strerror or error})") from None
+
+
+def _fetch_url(url: str, most: int) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "batch-llm"})
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > most:
+                raise _too_large(most, int(length))
+            data = response.read(most + 1)
+    except urllib.error.HTTPError as error:
+        raise ImageError(f"cannot fetch (HTTP {error.code} {error.reason})") from None
+    except urllib.error.URLError as error:
+        reason = error.reason
+        raise ImageError(f"cannot fetch ({getattr(reason, 'strerror', None) or reason})") from None
+    except (socket.timeout, TimeoutError):
+        raise ImageError(f"cannot fetch (no answer in {HTTP_TIMEOUT_S:g} s)") from None
+    except OSError as error:  # a connection reset while reading, say
+        raise ImageError(f"cannot fetch ({error.strerror or error})") from None
+    if len(data) > most:
+        raise _too_large(most)
+    return data
+
+
+def _decode_data_url(url: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise ImageError("a data: URL must be data:<media type>;base64,<data>")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("a data: URL whose data is not valid base64") from None
+
+
+def read_image_bytes(source, most: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The encoded image of one source (see image_sources), at most `most` bytes; ImageError why not."""
+    if isinstance(source, bytes):
+        data = source
+    elif source.startswith("data:"):
+        data = _decode_data_url(source)
+    elif urlparse(source).scheme in ("http", "https"):
+        data = _fetch_url(source, most)
+    else:
+        data = _read_file(source, most)
+    if len(data) > most:
+        raise _too_large(most, len(data))
+    return data
+
+
+def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
+    """The decoded image (PIL), checked: an image format PIL knows, at most `max_pixels` (read from the
+    header before decoding), and readable whole (a truncated file fails here, not in the replica)."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # PIL's own limit, the same number as vLLM's default
+        raise ImageError(f"over the limit of {max_pixels} pixels (VLLM_MAX_IMAGE_PIXELS)") from None
+    except (Image.UnidentifiedImageError, OSError, ValueError):
+        raise ImageError("not an image") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"{width}x{height} pixels, over the limit of {max_pixels} (VLLM_MAX_IMAGE_PIXELS)")
+    try:
+        image.load()
+    except Exception as error:  # truncated or corrupt data: PIL raises OSError, ValueError, SyntaxError...
+        raise ImageError(f"not a readable image ({error})") from None
+    return image
+
+
+def fetch_images(sources: list, most: int = DEFAULT_MAX_IMAGE_BYTES) -> list:
+    """read_image_bytes of every source, fetched concurrently: each the bytes or the ImageError."""
+    def attempt(source):
+        try:
+            return read_image_bytes(source, most)
+        except ImageError as error:
+            return error
+
+    if len(sources) <= 1:
+        return [attempt(source) for source in sources]
+    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(sources))) as pool:
+        return list(pool.map(attempt, sources))
+
+
+def engine_images(blobs: list[bytes]) -> list:
+    """The replica's side: encoded images decoded by vLLM's ImageMediaIO (RGB, a transparent background
+    made white, EXIF orientation applied), as vLLM's server decodes an image_url. Each keeps its bytes
+    (MediaWithBytes), which vLLM hashes for its caches instead of the pixels."""
+    from vllm.multimodal.media import ImageMediaIO
+
+    loader = ImageMediaIO()
+    return [loader.load_bytes(data) for data in blobs]
