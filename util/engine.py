@@ -5,7 +5,8 @@
     ds.map_batches(..., **replica_placement(cfg, choice, kwargs))    # num_gpus=1, or a placement group
 
 Engine arguments, lowest precedence first: vLLM's defaults, the per-model table (util/models.py),
-the replica's parallelism, CPU settings when no GPU is present, then the user's --engine-arg keys.
+the replica's parallelism, CPU settings when no GPU is present, LoRA's (util/lora.py, resolved by the
+plan), then the user's --engine-arg keys.
 """
 
 import dataclasses
@@ -33,8 +34,9 @@ def valid_engine_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
-def engine_kwargs(cfg: "Config", use_gpu: bool = True) -> dict:
-    """vLLM engine arguments for one replica; util/plan.py resolves them once per run."""
+def engine_kwargs(cfg: "Config", use_gpu: bool = True, lora: dict | None = None) -> dict:
+    """vLLM engine arguments for one replica; util/plan.py resolves them once per run. `lora`: the
+    LoRA arguments util.lora.plan_lora derived (enable_lora, max_loras, max_lora_rank), if any."""
     unknown = sorted(set(cfg.engine_arg) - valid_engine_keys())
     if unknown:
         raise ValueError(f"unknown --engine-arg key(s): {', '.join(unknown)}; see vLLM's EngineArgs")
@@ -48,7 +50,7 @@ def engine_kwargs(cfg: "Config", use_gpu: bool = True) -> dict:
     if not use_gpu:
         kwargs.update(CPU_ENGINE_KWARGS)
     kwargs["seed"] = cfg.seed
-    return {**kwargs, **cfg.engine_arg}
+    return {**kwargs, **(lora or {}), **cfg.engine_arg}
 
 
 def replica_gpus(cfg: "Config") -> int:

@@ -6,10 +6,11 @@
     plan = make_plan(Config(model="google/gemma-7b-it", max_tokens=256))
     plan.output_path, plan.engine_kwargs, plan.sampling, plan.prompt_format   # what the stages receive
 
-Resolved here, once: the output path, the accelerator, the engine arguments, the
-job's sampling (a --json-schema file is read here, and only here), the prompt format that "auto" stands
-for, the model's max_model_len, where a replica runs, the fingerprint that a resumed output must match,
-and the provenance the manifest records. A CPU-only cluster too small for the replicas is refused here
+Resolved here, once: the output path, the accelerator, the engine arguments, the LoRA adapters (each
+--lora adapter's config is read here: util/lora.py), the job's sampling (a --json-schema file is read
+here, and only here), the prompt format that "auto" stands for, the model's max_model_len, where a
+replica runs, the fingerprint that a resumed output must match, and the provenance the manifest
+records. A CPU-only cluster too small for the replicas is refused here
 (InputError), since Ray would otherwise wait forever for a CPU that never frees; an autoscaling pool
 (--concurrency MIN-MAX) must fit its MIN.
 """
@@ -25,6 +26,7 @@ from util.accelerator import AcceleratorChoice, choose_accelerator
 from util.config import Config
 from util.engine import CPU_ENV_VARS, engine_kwargs, gpus_per_replica, replica_placement
 from util.errors import InputError
+from util.lora import plan_lora
 from util.prompt_format import choose_prompt_format, model_max_length
 from util.reading import openai_task
 from util.resources import CPU_REPLICA_CPUS, TASK_CPUS
@@ -40,6 +42,7 @@ class Plan:
     task: str  # generate or embed: --task, or what an OpenAI batch file's urls ask for
     choice: AcceleratorChoice  # GPU or CPU, and which accelerator type the replicas ask for
     engine_kwargs: dict  # vLLM engine arguments of every replica
+    adapters: dict  # the LoRA adapters registered with --lora, {name: path}, each one checked (util/lora.py)
     sampling: dict  # the job's SamplingParams keyword arguments; a row's sampling_params go on top
     prompt_format: str  # chat_template, table or plain: what "auto" resolved to
     max_model_len: int | None  # the longest prompt plus output the engine takes (None: not known here)
@@ -157,7 +160,8 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
     task = resolve_task(cfg)  # before anything else: a mixed OpenAI file is refused without an engine
     choice = choose_accelerator(cfg.accelerator_type, cluster)
     check_cluster_fits(cfg.concurrency, choice.use_gpu, cluster)
-    engine = engine_kwargs(cfg, choice.use_gpu)
+    adapters, lora_engine = plan_lora(cfg.lora, cfg.max_loras, cfg.max_lora_rank, task, choice.use_gpu)
+    engine = engine_kwargs(cfg, choice.use_gpu, lora_engine)
     sampling = job_sampling(cfg)
     if resolve_model_files:
         prompt_format, max_model_len, model_record = resolve_model(cfg, engine)
@@ -170,8 +174,9 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
         resources = {**resources, "runtime_env": {"env_vars": CPU_ENV_VARS}}
     accelerator = choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU")
     return Plan(cfg=cfg, output_path=output_path_of(cfg), task=task,
-                choice=choice, engine_kwargs=engine, sampling=sampling, prompt_format=prompt_format,
+                choice=choice, engine_kwargs=engine, adapters=adapters, sampling=sampling,
+                prompt_format=prompt_format,
                 max_model_len=max_model_len, replica_resources=resources, gpus_per_replica=gpus_per_replica(cfg),
-                fingerprint=fingerprint(cfg, sampling, engine, task),
+                fingerprint=fingerprint(cfg, sampling, engine, task, adapters),
                 provenance={"vllm": vllm.__version__, "ray": ray.__version__, "accelerator": accelerator,
                             **model_record})

@@ -129,15 +129,18 @@ def mark_done(table: pa.Table, index_ref: list | None) -> pa.Table:
 
 # --- the settings an output was made with ---
 
-def fingerprint(cfg, sampling: dict, engine_kwargs: dict, task: str = "generate") -> dict:
+def fingerprint(cfg, sampling: dict, engine_kwargs: dict, task: str = "generate", adapters: dict | None = None) -> dict:
     """The settings that decide a row's output; a run that resumes an output must have the same. The
-    task only when it is not the default, so that an output made before --task existed still resumes."""
+    task and the LoRA adapters ({name: path}) only when given, so that an output made before --task or
+    --lora existed still resumes."""
     settings = {"model": cfg.model, "revision": cfg.revision, "prompt_format": cfg.prompt_format,
                 "system_prompt": cfg.system_prompt, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "id_scheme": None if cfg.id_column else ID_SCHEME,
                 "output_format": cfg.output_format, "sampling": sampling, "engine": engine_kwargs}
     if task != "generate":
         settings["task"] = task
+    if adapters:
+        settings["adapters"] = adapters
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the file: tuples are lists
 
 
