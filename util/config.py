@@ -95,8 +95,8 @@ class Config:
                        "or gs://. A row whose `lora` column holds NAME (or an adapter's path) runs with it.",
                        default_factory=dict)
     max_loras: int | None = _help("Most adapters in one engine step (vLLM's max_loras); also enables LoRA for "
-                                  "adapters given by path only. Default: the --lora adapters, at most 8.",
-                                  default=None)
+                                  "adapters given by path only. Default: the --lora adapters, at most 8 (on "
+                                  "CPU one more: util/lora.py says why).", default=None)
     max_lora_rank: int | None = _help("Largest adapter rank the engine takes (vLLM's max_lora_rank). Default: "
                                       "the largest --lora adapter's, else vLLM's (16).", default=None)
     # --- output ---

@@ -103,6 +103,10 @@ def adapter_rank(folder: str, location: str | None = None) -> int:
     return max(ranks)
 
 
+def local_path(location: str) -> str:
+    return os.path.abspath(os.path.expanduser(location.removeprefix("file://")))
+
+
 def check_adapter(folder: str, location: str, max_lora_rank: int | None) -> int:
     """The adapter's rank; AdapterError when `folder` (where `location` is, or its copy) holds no LoRA
     adapter whose rank the engine takes (max_lora_rank; None: vLLM checks it as it loads the adapter)."""
@@ -145,7 +149,8 @@ def plan_lora(lora: dict, max_loras: int | None, max_lora_rank: int | None, task
         max_lora_rank = next((r for r in vllm_lora_ranks() if r >= largest), largest)
     if max_lora_rank is not None:  # else vLLM's default
         engine["max_lora_rank"] = max_lora_rank
-    return dict(lora), engine
+    # A local folder as an absolute path: the replicas' working directory is not the driver's.
+    return {name: path if is_remote(path) else local_path(path) for name, path in lora.items()}, engine
 
 
 def lora_value(value, registered: dict, enabled: bool) -> tuple[str | None, str | None]:
@@ -209,15 +214,16 @@ class ReplicaAdapters:
     def of_rows(self, batch: pa.Table) -> list[tuple[str | None, str | None]]:
         return row_adapters(batch, self.registered, self.enabled, self.base_names)
 
-    def local_folder(self, name: str) -> str:
+    def local_folder(self, name: str, lora_id: int) -> str:
         """The adapter's folder on this machine, an s3:// or gs:// one copied here first; AdapterError
         when it is not an adapter, or its rank is over the engine's max_lora_rank."""
         location = self.registered.get(name, name)
-        folder = os.path.abspath(os.path.expanduser(location.removeprefix("file://")))
-        if is_remote(location):
+        if not is_remote(location):
+            folder = local_path(location)
+        else:
             if self._copies is None:
                 self._copies = tempfile.TemporaryDirectory(prefix="batch-llm-lora-")  # removed when collected
-            folder = os.path.join(self._copies.name, str(self.ids.setdefault(name, len(self.ids) + 1)))
+            folder = os.path.join(self._copies.name, str(lora_id))
             filesystem, path = resolve(location)
             os.makedirs(folder, exist_ok=True)  # copy_files makes the folders below it, not this one
             try:
@@ -230,13 +236,11 @@ class ReplicaAdapters:
         check_adapter(folder, location, self.max_lora_rank)
         return folder
 
-    def request(self, name: str):
+    def request(self, name: str, lora_id: int):
         """vLLM's LoRARequest for the adapter, its folder checked (AdapterError when it is not usable)."""
         from vllm.lora.request import LoRARequest
 
-        folder = self.local_folder(name)
-        return LoRARequest(lora_name=name, lora_int_id=self.ids.setdefault(name, len(self.ids) + 1),
-                           lora_path=folder)
+        return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=self.local_folder(name, lora_id))
 
     async def load(self, name: str, add_lora) -> typing.Any:
         """The adapter's LoRARequest, loaded into the engine (`add_lora`: AsyncLLM.add_lora) on its first
@@ -257,8 +261,10 @@ class ReplicaAdapters:
         return self.ready[name]
 
     async def _make_ready(self, name: str, add_lora) -> typing.Any:
+        # The id here, in the event loop's thread: two adapters made ready at once must not share one.
+        lora_id = self.ids.setdefault(name, len(self.ids) + 1)
         try:
-            request = await asyncio.to_thread(self.request, name)  # a copy from s3 or gs may take a while
+            request = await asyncio.to_thread(self.request, name, lora_id)  # a copy from s3 or gs takes a while
             await add_lora(request)  # vLLM raises for an adapter it cannot load, and its engine runs on
         except AdapterError as error:
             return row_error(UNKNOWN_ADAPTER, name=name, reason=error)
