@@ -9,6 +9,7 @@
     python -m bench.run --tiny --num-prompts 24 --repeats 1 --out /tmp/b    # CPU: tiny model (what the tests run)
     python -m bench.run --designs pipeline --concurrency 2 --repeats 1 --out dp2          # 2 data-parallel replicas
     python -m bench.run --designs pipeline --shape mixtral-8x7b --tensor-parallel-size 2 --repeats 1 --out tp2
+    python -m bench.run --designs pipeline,lora4 --variant lora4=pipeline:loras=4 --repeats 1 --out lora   # LoRA
 
 Designs:
   raw       vLLM `LLM.generate` on the whole workload in one call, in a fresh process per run
@@ -18,8 +19,10 @@ Designs:
   NAME      a variant, `--variant NAME=BASE:key=value;key=value` (BASE one of the above): keys that are
             job settings (batch_size, batches_in_flight) change the job, `generates=N` (raw only) runs the
             workload N times in one engine (prefix cache reset between), `start=spawn` (pipeline only) spawns
-            the replica's engine process, as before util/engine.py forked it (SpawnTimed), and any other key
-            is an engine argument.
+            the replica's engine process, as before util/engine.py forked it (SpawnTimed), `loras=N`
+            (pipeline only) spreads the rows over N random LoRA adapters of rank `lora_rank` (16), written
+            for the model's shape (util/tiny_model.py build_adapter_dir) and registered as --lora does, and
+            any other key is an engine argument.
 
 Order: an untimed warm-up (raw on --warmup-prompts rows) fills vLLM's compile cache, so that no timed
 run pays for compiling the shared engine configuration; then --repeats rounds of --designs, interleaved
@@ -40,6 +43,7 @@ throughput.png under --out.
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -47,6 +51,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +66,8 @@ from util.prompt_format import PromptFormatter
 from util.engine import CPU_ENV_VARS, engine_kwargs
 from util.pipeline import build_pipeline, pipeline_stages
 from util.plan import job_sampling, make_plan
-from util.tiny_model import build_model_dir, tiny_model_dir
+from util.tiny_model import build_adapter_dir, build_model_dir, tiny_model_dir
+
 # vLLM arguments every design shares: dummy weights, and the offline batch limits for an 80 GB card.
 GPU_ENGINE_ARGS = {"load_format": "dummy", "max_model_len": 4096, "max_num_seqs": 1024}
 WORKLOADS = {"standard": 4000, "large": 20000}
@@ -224,7 +230,8 @@ def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor
     plan = make_plan(dataclasses.replace(cfg, id_column="id"))  # as main.py plans a run: part of its start
     ds = build_pipeline(plan, source=rows, stages=pipeline_stages(plan, predictor=predictor))
     executing = time.time()
-    refs = ds.select_columns(["num_generated_tokens", "t_start", "t_end", *START_MARKS]).to_arrow_refs()
+    columns = ["num_generated_tokens", "model", "error", "t_start", "t_end", *START_MARKS]
+    refs = ds.select_columns(columns).to_arrow_refs()
     table = pa.concat_tables(ray.get(refs))
     ended = time.time()
     wait_for_replicas_to_exit()
@@ -237,8 +244,11 @@ def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor
             marks[mark[2:]] = min(values) - began
     marks.update(first_batch_in=first - began, first_batch_out=min(table["t_end"].to_pylist()) - began)
     marks = {k: round(v, 1) for k, v in marks.items()}
+    # Rows by the model that answered them (a LoRA adapter's name, or "base"), and rows that failed.
+    answered = collections.Counter("base" if m == model else m for m in table["model"].to_pylist())
     return _result(name, sum(table["num_generated_tokens"].to_pylist()), table.num_rows, first, last, began,
-                   ended - began, start_marks=marks)
+                   ended - began, start_marks=marks, rows_by_model=dict(sorted(answered.items())),
+                   errors=table.num_rows - table["error"].null_count)
 
 
 def run_ray_llm(name: str, model: str, rows: list[dict], engine: dict, sampling: dict, use_gpu: bool,
@@ -261,6 +271,20 @@ def run_ray_llm(name: str, model: str, rows: list[dict], engine: dict, sampling:
     first = float((out["t_end"] - out["time_taken_llm"]).min())
     return _result(name, int(out["num_generated_tokens"].sum()), len(out), first, float(out["t_end"].max()),
                    began, ended - began, start_marks={"first_batch_out": round(float(out["t_end"].min()) - began, 1)})
+
+
+def with_adapters(cfg: Config, rows: list[dict], own: dict, shape: str) -> tuple[Config, list[dict]]:
+    """For `loras=N`: N random adapters for the model's shape, registered (--lora a0=... a1=...), and
+    the rows spread over them in turn, each row's `lora` column naming its adapter. Else as they were."""
+    count = int(own.get("loras") or 0)
+    if not count:
+        return cfg, rows
+    rank = int(own.get("lora_rank", 16))
+    folder = Path(tempfile.gettempdir()) / f"bench-{shape}-lora-r{rank}"
+    adapters = {f"a{k}": build_adapter_dir(folder / f"a{k}", shape, rank, seed=k) for k in range(count)}
+    names = list(adapters)
+    return (dataclasses.replace(cfg, lora=adapters),
+            [{**row, "lora": names[i % count]} for i, row in enumerate(rows)])
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -292,6 +316,9 @@ def summarize(runs: list[dict]) -> dict:
     for base in ("ray_llm", "seed"):
         if "pipeline" in medians and base in medians:
             ratios[f"pipeline/{base}"] = round(medians["pipeline"] / medians[base], 3)
+    variants = {run["design"] for run in runs if run.get("base") == "pipeline" and run["design"] != "pipeline"}
+    ratios.update({f"{name}/pipeline": round(medians[name] / medians["pipeline"], 3)
+                   for name in sorted(variants) if "pipeline" in medians})
     return {"designs": summary, "ratios_of_medians": ratios}
 
 
@@ -373,7 +400,7 @@ def main() -> None:
         base, settings = variants.get(design, ("raw", {}))
         fields = {f.name for f in dataclasses.fields(Config)}
         job = {k: v for k, v in settings.items() if k in fields}
-        own = {k: v for k, v in settings.items() if k in ("generates", "start")}
+        own = {k: v for k, v in settings.items() if k in ("generates", "start", "loras", "lora_rank")}
         engine_args = {k: v for k, v in settings.items() if k not in fields and k not in own}
         design_cfg = dataclasses.replace(cfg, **job, engine_arg={**cfg.engine_arg, **engine_args})
         return base, design_cfg, engine_kwargs(design_cfg, use_gpu), own
@@ -393,14 +420,16 @@ def main() -> None:
             new = run_raw(design, model, len(rows), args.max_output, engine, job_sampling(design_cfg),
                           int(own.get("generates", 1)), out, f"{index}")
         elif base == "pipeline":
-            new = [run_pipeline(design, model, rows, design_cfg, SpawnTimed if own.get("start") == "spawn" else AsyncTimed)]
+            design_cfg, design_rows = with_adapters(design_cfg, rows, own, "tiny" if args.tiny else args.shape)
+            new = [run_pipeline(design, model, design_rows, design_cfg,
+                                SpawnTimed if own.get("start") == "spawn" else AsyncTimed)]
         elif base == "seed":
             seed_cfg = dataclasses.replace(design_cfg, batch_size=5, batches_in_flight=1)
             new = [run_pipeline(design, model, rows[: args.seed_prompts], seed_cfg, SyncTimed)]
         else:
             new = [run_ray_llm(design, model, rows, engine, job_sampling(design_cfg), use_gpu, design_cfg.concurrency)]
         for run in new:
-            run.update(round=repeat + 1, gpu_wait_s=waited, engine_kwargs=engine)
+            run.update(round=repeat + 1, gpu_wait_s=waited, engine_kwargs=engine, base=base, loras=own.get("loras"))
             runs.append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "engine_kwargs"}), flush=True)
         (out / "results.json").write_text(json.dumps({**header, "runs": runs, "summary": summarize(runs)}, indent=2))

@@ -102,6 +102,15 @@ class Config:
                                   "any, or a Ray accelerator type such as A10G, L4, H100.", default="auto")
     engine_arg: dict = _help("Extra vLLM engine argument key=value (repeatable), e.g. max_num_seqs=256.",
                              default_factory=dict)
+    # --- LoRA adapters (util/lora.py): a row's `lora` column, or an OpenAI request's model, picks one ---
+    lora: dict = _help("A LoRA adapter NAME=PATH (repeatable): a folder with adapter_config.json, local, s3:// "
+                       "or gs://. A row whose `lora` column holds NAME (or an adapter's path) runs with it.",
+                       default_factory=dict)
+    max_loras: int | None = _help("Most adapters in one engine step (vLLM's max_loras); also enables LoRA for "
+                                  "adapters given by path only. Default: the --lora adapters, at most 8 (on "
+                                  "CPU one more: util/lora.py says why).", default=None)
+    max_lora_rank: int | None = _help("Largest adapter rank the engine takes (vLLM's max_lora_rank). Default: "
+                                      "the largest --lora adapter's, else vLLM's (16).", default=None)
     # --- output ---
     output_path: str | None = _help("Where results go. Default: $ANYSCALE_ARTIFACT_STORAGE or outputs/, "
                                     "then run name and model.", default=None)
@@ -185,6 +194,10 @@ class Config:
             raise ValueError(f"--max-image-bytes must be >= 1, got {self.max_image_bytes}")
         if self.task == "embed" and self.image_column is not None:
             raise ValueError("--task embed embeds text only; --image-column is for generation")
+        if self.lora or self.max_loras is not None or self.max_lora_rank is not None:
+            from util.lora import check_lora_flags
+
+            check_lora_flags(self.lora, self.max_loras, self.max_lora_rank)  # no I/O: the plan reads the adapters
         if self.task == "embed":  # flags that shape generated text mean nothing to an embedding
             generation = {"--n": self.n != 1, "--logprobs": self.logprobs is not None,
                           "--prompt-logprobs": self.prompt_logprobs is not None,
@@ -223,6 +236,13 @@ def parse_concurrency(text: str) -> tuple[int, int | None]:
     return int(match[1]), None if match[2] is None else int(match[2])
 
 
+def parse_lora(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"--lora takes NAME=PATH, got {text!r}")
+    return name.strip(), path.strip()
+
+
 def parse_engine_arg(text: str) -> tuple[str, typing.Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -248,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action="store_true", help=help_text)
         elif f.name == "engine_arg":
             parser.add_argument(flag, type=parse_engine_arg, action="append", default=[], help=help_text)
+        elif f.name == "lora":
+            parser.add_argument(flag, type=parse_lora, action="append", default=[], metavar="NAME=PATH",
+                                help=help_text)
         elif kind == list[str]:
             parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
@@ -259,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> Config:
     args = vars(build_parser().parse_args(argv))
     args["engine_arg"] = dict(args["engine_arg"])
+    names = [name for name, _ in args["lora"]]
+    if len(set(names)) < len(names):
+        build_parser().error(f"--lora names an adapter twice: {sorted({n for n in names if names.count(n) > 1})}")
+    args["lora"] = dict(args["lora"])
     if "concurrency" in args:
         args["concurrency"], args["max_concurrency"] = args["concurrency"]
     args = {name: value for name, value in args.items() if value is not None}  # list flags not given

@@ -7,7 +7,8 @@
         engine = AsyncLLM.from_engine_args(...)
 
 Engine arguments, lowest precedence first: vLLM's defaults, the per-model table (util/models.py),
-the replica's parallelism, CPU settings when no GPU is present, then the user's --engine-arg keys.
+the replica's parallelism, CPU settings when no GPU is present, LoRA's (util/lora.py, resolved by the
+plan), then the user's --engine-arg keys.
 """
 
 import contextlib
@@ -42,9 +43,10 @@ def valid_engine_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
-def engine_kwargs(cfg: "Config", use_gpu: bool = True, images: bool = False) -> dict:
+def engine_kwargs(cfg: "Config", use_gpu: bool = True, images: bool = False, lora: dict | None = None) -> dict:
     """vLLM engine arguments for one replica; util/plan.py resolves them once per run. A job whose rows
-    carry images (`images`) tells vLLM how many one prompt may hold, which it sizes its profiling by."""
+    carry images (`images`) tells vLLM how many one prompt may hold, which it sizes its profiling by.
+    `lora`: the LoRA arguments util.lora.plan_lora derived (enable_lora, max_loras, max_lora_rank), if any."""
     unknown = sorted(set(cfg.engine_arg) - valid_engine_keys())
     if unknown:
         raise ValueError(f"unknown --engine-arg key(s): {', '.join(unknown)}; see vLLM's EngineArgs")
@@ -60,7 +62,7 @@ def engine_kwargs(cfg: "Config", use_gpu: bool = True, images: bool = False) -> 
     if images:
         kwargs["limit_mm_per_prompt"] = {"image": cfg.max_images_per_row}
     kwargs["seed"] = cfg.seed
-    return {**kwargs, **cfg.engine_arg}
+    return {**kwargs, **(lora or {}), **cfg.engine_arg}
 
 
 def with_gpu_defaults(engine: dict, gpu_type: str | None) -> dict:

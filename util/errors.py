@@ -8,9 +8,9 @@
 Three kinds of failure, three outcomes:
   - bad input (InputError, or a ValueError from a flag): the run is refused before any GPU work, with
     `error: <message>` on stderr and exit code 2 (EXIT_REFUSED). Nothing already written is touched;
-  - a row the engine cannot take (empty, too long, invalid sampling_params, a bad image): an error row, written under
-    <output>/errors/ with `error` saying why. Row messages are built from ROW_ERRORS here, so that
-    --preflight counts them by kind without matching another module's wording;
+  - a row the engine cannot take (empty, too long, invalid sampling_params, a bad image, an unknown LoRA
+    adapter): an error row, written under <output>/errors/ with `error` saying why. Row messages are built
+    from ROW_ERRORS here, so that --preflight counts them by kind without matching another module's wording;
   - anything else is a crash: the traceback and exit code 1 (EXIT_FAILED), as for a run with more failed
     rows than --max-error-fraction allows.
 """
@@ -24,12 +24,15 @@ EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 # Why a row cannot go to the engine: kind -> message template. The kind is how --preflight counts them.
 EMPTY_PROMPT, TOO_LONG, INVALID_SAMPLING = "empty", "over max length", "invalid sampling_params"
 BAD_IMAGE, TOO_MANY_IMAGES = "bad image", "too many images"  # util/images.py
+UNKNOWN_ADAPTER, ADAPTER_FAILED = "unknown adapter", "adapter failed"  # util/lora.py
 ROW_ERRORS = {
     EMPTY_PROMPT: "empty prompt in column '{column}'",
     TOO_LONG: "prompt has {tokens} tokens; the model accepts at most {most} (max_model_len {max_model_len})",
     INVALID_SAMPLING: "invalid sampling_params: {reason}",
     BAD_IMAGE: "image {number} of the row ({source}): {reason}",
     TOO_MANY_IMAGES: "too many images: {count}; at most {most} per row (--max-images-per-row)",
+    UNKNOWN_ADAPTER: "unknown adapter '{name}': {reason}",
+    ADAPTER_FAILED: "adapter '{name}' failed to load: {reason}",
 }
 
 

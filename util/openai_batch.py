@@ -36,6 +36,10 @@ An output record:
        "choices": [{"index": 0, "message": {"role": "assistant", "content": "..."}, "finish_reason": "stop"}],
        "usage": {"prompt_tokens": 12, "completion_tokens": 64, "total_tokens": 76}}}}
 
+With --lora adapters (util/lora.py), a request's `model` picks its adapter, as ray.data.llm reads it: a
+name registered with --lora is that adapter, the base model none, and another model an error record; the
+record's `model` names the adapter. Without --lora, `model` is ignored: the job's model answers.
+
 `"n": 2` gives two choices (usage.completion_tokens counts both); `"logprobs": true, "top_logprobs": 3`
 gives each choice `logprobs.content`, as the SDK's ChatCompletionTokenLogprob has it; a job run with
 --reasoning-parser gives each message its `reasoning_content` (thinking) beside `content` (the answer),
@@ -73,7 +77,8 @@ SAMPLING_PARAMETERS = {"max_tokens": "max_tokens", "max_completion_tokens": "max
 # OpenAI's logprobs (a flag) and top_logprobs (how many alternatives) become vLLM's one `logprobs`: K.
 LOGPROB_PARAMETERS = ("logprobs", "top_logprobs")
 # Parameters that change nothing in the answer: who asked, caching and billing hints, the model (the
-# job's model answers every request), and settings that only matter beside a feature refused below.
+# job's model answers every request; with --lora, the model picks the row's adapter, util/lora.py), and
+# settings that only matter beside a feature refused below.
 IGNORED_PARAMETERS = {"model", "messages", "user", "metadata", "store", "service_tier", "safety_identifier",
                       "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
                       "parallel_tool_calls", "stream_options"}
@@ -95,7 +100,7 @@ DEFAULT_ONLY_PARAMETERS = {
 }
 # Columns the reader gives each request; `messages` is what the prompt formatter reads.
 # `request_error`: why a line is not a valid request; the formatter turns it into the row's `error`.
-REQUEST_COLUMNS = ("custom_id", "messages", col.SAMPLING_PARAMS, "request_model", col.REQUEST_ERROR)
+REQUEST_COLUMNS = ("custom_id", "messages", col.SAMPLING_PARAMS, col.REQUEST_MODEL, col.REQUEST_ERROR)
 
 
 @functools.cache
@@ -147,7 +152,7 @@ def logprob_sampling(logprobs, top_logprobs) -> dict:
 
 
 def _refused(custom_id: str, reason: str) -> dict:
-    return {"custom_id": custom_id, "messages": None, col.SAMPLING_PARAMS: None, "request_model": None,
+    return {"custom_id": custom_id, "messages": None, col.SAMPLING_PARAMS: None, col.REQUEST_MODEL: None,
             col.REQUEST_ERROR: reason}
 
 
@@ -192,7 +197,7 @@ def request_row(line: str, where: str) -> dict:
         return _refused(custom_id, f"{where}: {error}")
     return {"custom_id": custom_id, "messages": json.dumps(messages, ensure_ascii=False),
             col.SAMPLING_PARAMS: json.dumps(sampling, ensure_ascii=False) if sampling else None,
-            "request_model": body.get("model"), col.REQUEST_ERROR: None}
+            col.REQUEST_MODEL: body.get("model"), col.REQUEST_ERROR: None}
 
 
 def embedding_request_row(custom_id: str, body, where: str) -> dict:
@@ -211,7 +216,7 @@ def embedding_request_row(custom_id: str, body, where: str) -> dict:
         if reason := unsupported_value(name, value, EMBEDDING_IGNORED, EMBEDDING_DEFAULT_ONLY):
             return _refused(custom_id, f"{where}: {reason}")
     return {"custom_id": custom_id, "messages": json.dumps(text, ensure_ascii=False), col.SAMPLING_PARAMS: None,
-            "request_model": body.get("model"), col.REQUEST_ERROR: None}
+            col.REQUEST_MODEL: body.get("model"), col.REQUEST_ERROR: None}
 
 
 def has_image_parts(messages) -> bool:

@@ -133,6 +133,12 @@ def tasks_in_flight(cfg) -> int:
     return max(cfg.batches_in_flight, math.ceil(threshold * cfg.batches_in_flight))
 
 
+def predictor_adapters(plan: "Plan") -> dict:
+    """The predictor's `adapters` argument: the --lora adapters, only when there are some, so that a
+    predictor class that takes none (a stand-in, an embedding engine) is built as before."""
+    return {"adapters": plan.adapters} if plan.adapters else {}
+
+
 def predictor_stage_kwargs(plan: "Plan", predictor=LLMPredictor) -> dict:
     """`ds.map_batches` arguments for the vLLM stage: `concurrency` replicas, each on its own GPUs; with
     --concurrency MIN-MAX, Ray Data's autoscaling pool. Its work starts with the first replica ready
@@ -142,7 +148,7 @@ def predictor_stage_kwargs(plan: "Plan", predictor=LLMPredictor) -> dict:
     return {
         "fn": predictor,
         "fn_constructor_kwargs": {"model": cfg.model, "engine_kwargs": plan.engine_kwargs,
-                                  "sampling": plan.sampling},
+                                  "sampling": plan.sampling, **predictor_adapters(plan)},
         # Several batches in flight per replica keep the engine's queue full between batches: Ray
         # sends each actor up to tasks_in_flight(cfg) tasks, and the async actor runs
         # `batches_in_flight` of them together.

@@ -6,11 +6,12 @@
     plan = make_plan(Config(model="google/gemma-7b-it", max_tokens=256))
     plan.output_path, plan.engine_kwargs, plan.sampling, plan.prompt_format   # what the stages receive
 
-Resolved here, once: the output path, the accelerator, the engine arguments, the
-job's sampling (a --json-schema file is read here, and only here), the batches each replica takes at
-once (plan.cfg.batches_in_flight, sized from the engine's max_num_seqs), the prompt format that "auto" stands
-for, the model's max_model_len, where a replica runs, the fingerprint that a resumed output must match,
-and the provenance the manifest records. A CPU-only cluster too small for the replicas is refused here
+Resolved here, once: the output path, the accelerator, the engine arguments, the LoRA adapters (each
+--lora adapter's config is read here: util/lora.py), the job's sampling (a --json-schema file is read
+here, and only here), the batches each replica takes at once (plan.cfg.batches_in_flight, sized from the
+engine's max_num_seqs), the prompt format that "auto" stands for, the model's max_model_len, where a
+replica runs, the fingerprint that a resumed output must match, and the provenance the manifest
+records. A CPU-only cluster too small for the replicas is refused here
 (InputError), since Ray would otherwise wait forever for a CPU that never frees; an autoscaling pool
 (--concurrency MIN-MAX) must fit its MIN.
 """
@@ -27,6 +28,7 @@ from util.config import Config
 from util.engine import (CPU_ENV_VARS, batches_in_flight, engine_kwargs, gpus_per_replica, replica_placement,
                          with_gpu_defaults)
 from util.errors import InputError
+from util.lora import plan_lora
 from util.prompt_format import TextOnlyModel, choose_prompt_format, model_max_length, model_processor
 from util.reading import OpenAIBatchKind, openai_batch_kind
 from util.resources import CPU_REPLICA_CPUS, TASK_CPUS
@@ -42,6 +44,7 @@ class Plan:
     task: str  # generate or embed: --task, or what an OpenAI batch file's urls ask for
     choice: AcceleratorChoice  # GPU or CPU, and which accelerator type the replicas ask for
     engine_kwargs: dict  # vLLM engine arguments of every replica
+    adapters: dict  # the LoRA adapters registered with --lora, {name: path}, each one checked (util/lora.py)
     sampling: dict  # the job's SamplingParams keyword arguments; a row's sampling_params go on top
     prompt_format: str  # chat_template, table or plain: what "auto" resolved to
     max_model_len: int | None  # the longest prompt plus output the engine takes (None: not known here)
@@ -205,7 +208,8 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
     processor = image_processor(cfg, image_request) if images and resolve_model_files else None
     choice = choose_accelerator(cfg.accelerator_type, cluster)
     check_cluster_fits(cfg.concurrency, choice.use_gpu, cluster)
-    engine = engine_kwargs(cfg, choice.use_gpu, images)
+    adapters, lora_engine = plan_lora(cfg.lora, cfg.max_loras, cfg.max_lora_rank, task, choice.use_gpu)
+    engine = engine_kwargs(cfg, choice.use_gpu, images, lora_engine)
     # The GPU type's scheduling defaults go under every other engine argument, and stay out of the
     # fingerprint: they change how fast rows come back, not what they say.
     tuned = with_gpu_defaults(engine, gpu_type(choice, cluster)) if choice.use_gpu else engine
@@ -222,8 +226,9 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
         resources = {**resources, "runtime_env": {"env_vars": CPU_ENV_VARS}}
     accelerator = choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU")
     return Plan(cfg=cfg, output_path=output_path_of(cfg), task=task,
-                choice=choice, engine_kwargs=tuned, sampling=sampling, prompt_format=prompt_format,
+                choice=choice, engine_kwargs=tuned, adapters=adapters, sampling=sampling,
+                prompt_format=prompt_format,
                 max_model_len=max_model_len, replica_resources=resources, gpus_per_replica=gpus_per_replica(cfg),
-                fingerprint=fingerprint(cfg, sampling, engine, task, images),
+                fingerprint=fingerprint(cfg, sampling, engine, task, images, adapters),
                 provenance={"vllm": vllm.__version__, "ray": ray.__version__, "accelerator": accelerator,
                             **model_record}, images=images)

@@ -13,11 +13,12 @@ teaching and for comparison; each of its batches waits for its slowest row. `Emb
 (--task embed) runs the same engine as a pooling model and writes each row's `embedding` instead.
 
 Needs the columns id, prompt, prompt_token_ids, error (from util/prompt_format.py) and, optionally,
-`sampling_params` (a dict or JSON object per row, overriding the job's sampling) and, for a vision job,
+`sampling_params` (a dict or JSON object per row, overriding the job's sampling), `lora` (the row's
+LoRA adapter, util/lora.py; for OpenAI batch input, the request's model) and, for a vision job,
 `prompt_images` (each row's images, encoded: util/images.py). Adds generated_text, finish_reason,
-num_generated_tokens, model and structured_output_error, and the richer outputs of
-util/request_output.py (completions for n > 1, logprobs, prompt_logprobs, reasoning_content, per-row
-timings); drops prompt_token_ids and prompt_images.
+num_generated_tokens, model (the adapter's name for a row with one) and structured_output_error, and the
+richer outputs of util/request_output.py (completions for n > 1, logprobs, prompt_logprobs,
+reasoning_content, per-row timings); drops prompt_token_ids and prompt_images.
 
 Images: a row's prompt goes to vLLM as its token ids, with one image placeholder per image as the chat
 template put it, and `multi_modal_data` holding its images, decoded here. vLLM's own processor expands
@@ -45,6 +46,7 @@ from util.columns import COMPLETIONS_TYPE, EMBEDDING_TYPE, TIMINGS, TOKEN_LOGPRO
 from util.engine import engine_process_forked
 from util.errors import INVALID_SAMPLING, row_error
 from util.images import engine_images
+from util.lora import ReplicaAdapters
 from util.reasoning import ReasoningSplitter, check_parser_name
 from util.request_output import row_result
 from util.structured_output import row_spec, vllm_params
@@ -117,6 +119,22 @@ def engine_inputs_dropped(batch: pa.Table) -> pa.Table:
     return batch.drop_columns([name for name in ENGINE_INPUTS if name in batch.column_names])
 
 
+def replica_adapters(model: str, model_name: str, engine_kwargs: dict, adapters: dict | None) -> ReplicaAdapters:
+    """The replica's LoRA adapters: those registered with --lora, and any path a row names, when the engine
+    has LoRA on. An OpenAI request whose body.model names the base model (`model_name`) asks for none."""
+    return ReplicaAdapters(adapters, bool(engine_kwargs.get("enable_lora")), engine_kwargs.get("max_lora_rank"),
+                           base_names={model, model_name})
+
+
+def ready_rows(batch: pa.Table, job_sampling: dict, adapters: ReplicaAdapters) -> list[tuple]:
+    """Per row: (why it cannot go to the engine, or None; its sampling kwargs; its LoRA adapter, or None)."""
+    rows = []
+    for (failed, sampling), (adapter, unknown) in zip(rows_sampling(batch, job_sampling), adapters.of_rows(batch)):
+        refused = sampling if failed else unknown
+        rows.append((refused, None if refused else sampling, adapter))
+    return rows
+
+
 def _tokenizer(model: str, engine_kwargs: dict):
     """The tokenizer the engine uses, as the engine arguments name it."""
     from transformers import AutoTokenizer
@@ -177,16 +195,18 @@ async def _cancel(task: asyncio.Task) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
-def finish_batch(batch: pa.Table, results: list[dict], model: str) -> pa.Table:
+def finish_batch(batch: pa.Table, results: list[dict], model: str, adapters: list | None = None) -> pa.Table:
     """The batch with each row's result as columns (PREDICTOR_ADDS of util/pipeline.py); the engine's
-    inputs (token ids, images) dropped."""
+    inputs (token ids, images) dropped. `model` names the model of every row, except one whose LoRA
+    adapter (`adapters`, per row) it names."""
     column = lambda name, kind: pa.array([r.get(name) for r in results], kind)
+    adapters = adapters or [None] * len(results)
     return set_columns(engine_inputs_dropped(batch), {
         col.GENERATED_TEXT: column("generated_text", pa.string()),
         col.FINISH_REASON: column("finish_reason", pa.string()),
         col.NUM_GENERATED_TOKENS: pa.array([r.get("num_generated_tokens", 0) for r in results], pa.int64()),
         col.ERROR: column("error", pa.string()),
-        col.MODEL: pa.array([model] * len(results), pa.string()),
+        col.MODEL: pa.array([adapter or model for adapter in adapters], pa.string()),
         col.STRUCTURED_OUTPUT_ERROR: column("structured_output_error", pa.string()),
         col.COMPLETIONS: column("completions", COMPLETIONS_TYPE),
         col.LOGPROBS: column("logprobs", TOKEN_LOGPROBS),
@@ -224,13 +244,14 @@ class LLMPredictor:
     """One AsyncLLM engine per replica; all rows of all in-flight batches run concurrently."""
 
     def __init__(self, model: str, engine_kwargs: dict | None = None, sampling: dict | None = None,
-                 model_name: str | None = None):
+                 model_name: str | None = None, adapters: dict | None = None):
         from vllm import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.model_name = model_name or model
         self.sampling = dict(sampling or {})
+        self.adapters = replica_adapters(model, self.model_name, engine_kwargs or {}, adapters)
         self.tokenizer = _tokenizer(model, engine_kwargs or {})
         self.spelling = _Spelling(self.tokenizer)
         # The job's reasoning parser, built now: a tokenizer without its tags fails before the engine starts.
@@ -264,11 +285,19 @@ class LLMPredictor:
                 raise
             return {"error": f"{type(error).__name__}: {error}"}
 
-    async def generate_row(self, row_id: str, token_ids, sampling: dict, images: list[bytes] | None = None) -> dict:
-        """One row as one engine request: its generated text, finish reason and token count, or its error."""
-        return await self.row_or_error(self._generate(row_id, token_ids, sampling, images))
+    async def generate_row(self, row_id: str, token_ids, sampling: dict, images: list[bytes] | None = None,
+                           adapter: str | None = None) -> dict:
+        """One row as one engine request: its generated text, finish reason and token count, or its error.
+        With an `adapter`, the engine loads it on its first row; one that cannot be loaded fails its rows."""
+        lora_request = None
+        if adapter is not None:
+            lora_request = await self.adapters.load(adapter, self.engine.add_lora)
+            if isinstance(lora_request, str):
+                return {"error": lora_request}
+        return await self.row_or_error(self._generate(row_id, token_ids, sampling, images, lora_request))
 
-    async def _generate(self, row_id: str, token_ids, sampling: dict, images: list[bytes] | None = None) -> dict:
+    async def _generate(self, row_id: str, token_ids, sampling: dict, images: list[bytes] | None = None,
+                        lora_request=None) -> dict:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -284,7 +313,8 @@ class LLMPredictor:
         # Images are decoded off the event loop, which meanwhile feeds the engine the other rows.
         request = await asyncio.to_thread(engine_prompt, token_ids, images) if images else engine_prompt(token_ids)
         # A fresh request id per attempt: a retried batch must not collide with its first try.
-        async for output in self.engine.generate(request, params, f"{row_id}-{uuid.uuid4().hex[:8]}"):
+        async for output in self.engine.generate(request, params, f"{row_id}-{uuid.uuid4().hex[:8]}",
+                                                 lora_request=lora_request):
             final = output
         decode = ((lambda c: self.tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens))
                   if decode_here else (lambda c: c.text))
@@ -320,12 +350,13 @@ class LLMPredictor:
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         ids, token_ids, images = batch[col.ID].to_pylist(), batch[col.PROMPT_TOKEN_IDS].to_pylist(), row_images(batch)
-        tasks = [asyncio.sleep(0, {"error": sampling}) if error
-                 else self.generate_row(ids[i], token_ids[i], sampling, images[i])
-                 for i, (error, sampling) in enumerate(rows_sampling(batch, self.sampling))]
+        rows = ready_rows(batch, self.sampling, self.adapters)
+        tasks = [asyncio.sleep(0, {"error": refused}) if refused
+                 else self.generate_row(ids[i], token_ids[i], sampling, images[i], adapter)
+                 for i, (refused, sampling, adapter) in enumerate(rows)]
         results = await asyncio.gather(*tasks)
         self.progress.batch_done(len(results), sum(r.get("num_generated_tokens", 0) for r in results))
-        return finish_batch(batch, results, self.model_name)
+        return finish_batch(batch, results, self.model_name, [adapter for _, _, adapter in rows])
 
 
 class EmbeddingPredictor(LLMPredictor):
@@ -372,11 +403,12 @@ class SyncLLMPredictor:
     longest row while the GPU idles, and vLLM never sees more than one batch of sequences."""
 
     def __init__(self, model: str, engine_kwargs: dict | None = None, sampling: dict | None = None,
-                 model_name: str | None = None):
+                 model_name: str | None = None, adapters: dict | None = None):
         from vllm import LLM
 
         self.model_name = model_name or model
         self.sampling = dict(sampling or {})
+        self.adapters = replica_adapters(model, self.model_name, engine_kwargs or {}, adapters)
         with engine_process_forked(engine_kwargs or {}):
             self.llm = LLM(model=model, **(engine_kwargs or {}))
         self.spelling = _Spelling(self.llm.get_tokenizer())
@@ -384,17 +416,25 @@ class SyncLLMPredictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from vllm import SamplingParams
 
-        token_ids, rows = batch[col.PROMPT_TOKEN_IDS].to_pylist(), rows_sampling(batch, self.sampling)
+        token_ids, rows = batch[col.PROMPT_TOKEN_IDS].to_pylist(), ready_rows(batch, self.sampling, self.adapters)
         images = row_images(batch)
-        ready = [i for i, (error, _) in enumerate(rows) if not error]
+        results = [{"error": refused} for refused, _, _ in rows]
+        loras = {}  # each row's loaded adapter (LLMEngine.add_lora first: see util/lora.py), or its error
+        for i, (refused, _, adapter) in enumerate(rows):
+            if not refused and adapter is not None:
+                loras[i] = self.adapters.load_now(adapter, self.llm.llm_engine.add_lora)
+                if isinstance(loras[i], str):
+                    results[i] = {"error": loras[i]}
+        ready = [i for i, result in enumerate(results) if not result["error"]]
         prompts = [engine_prompt(token_ids[i], images[i]) for i in ready]
         params = [SamplingParams(**engine_params(rows[i][1])) for i in ready]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
-        results = [{"error": sampling if error else None} for error, sampling in rows]
+        lora_requests = [loras.get(i) for i in ready]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False,
+                                    lora_request=lora_requests if any(lora_requests) else None) if prompts else []
         for i, output in zip(ready, outputs):
             try:
                 results[i] = row_result(output, rows[i][1], lambda c: c.text, self.spelling.token,
                                         self.spelling.reasoning(rows[i][1].get("reasoning_parser")))
             except Exception as error:  # a row's reasoning parser that cannot be built: that row fails
                 results[i] = {"error": f"{type(error).__name__}: {error}"}
-        return finish_batch(batch, results, self.model_name)
+        return finish_batch(batch, results, self.model_name, [adapter for _, _, adapter in rows])

@@ -9,8 +9,9 @@ It reads the input as the run would (util.reading), applies the run's checks (ou
 settings as an earlier output, file errors, duplicate ids: util.scan.check_before_run), and formats and
 tokenizes every row with the run's own stages (util.pipeline), then counts each row's token budget. It prints, and writes as preflight.json and
 input_tokens.png: rows, an input-token histogram, rows that would fail (empty, over max_model_len,
-invalid sampling_params) by reason, and the estimates. Reports go to --preflight-report-dir, else to
-<output-path>/_preflight/, which readers of the output skip (a leading `_`, like the manifest's).
+invalid sampling_params, a LoRA adapter that cannot be used) by reason, and the estimates. Reports go
+to --preflight-report-dir, else to <output-path>/_preflight/, which readers of the output skip (a
+leading `_`, like the manifest's).
 
 Exit codes, the run's own: 0 it would pass; 1 more rows would fail than --max-error-fraction allows;
 2 it would be refused (bad input), with `error: <message>` on stderr.
@@ -37,6 +38,7 @@ from util.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, refusal_reason, row_
 from util.errors import INVALID_SAMPLING
 from util.output import output_counts
 from util.pipeline import build_pipeline, map_stage, pipeline_stages
+from util.lora import rows_adapter_errors
 from util.predictor import rows_sampling
 from util.report import REPORT_NAME
 from util.resources import TASK_CPUS
@@ -56,12 +58,17 @@ DEFAULT_TOK_PER_S_SOURCE = "default: BENCHMARKS.md, this pipeline on 1x H100, Mi
 MAX_OUTPUT_TOKENS = "max_output_tokens"  # the column the budget stage adds
 
 
-def row_budgets(batch: pa.Table, job_sampling: dict, max_model_len: int | None) -> pa.Table:
+def row_budgets(batch: pa.Table, job_sampling: dict, max_model_len: int | None,
+                lora: dict | None = None) -> pa.Table:
     """Ray Data stage after the formatter: per row, why it would fail, or the most tokens it may generate.
-    Runs on the workers, so only these small columns reach the driver."""
+    Runs on the workers, so only these small columns reach the driver. `lora`: rows_adapter_errors'
+    arguments (util/lora.py), for a row whose LoRA adapter cannot be used."""
     errors, budgets = [], []
-    for (failed, sampling), input_tokens in zip(rows_sampling(batch, job_sampling),
-                                                batch[col.NUM_INPUT_TOKENS].to_pylist()):
+    adapter_errors = rows_adapter_errors(batch, **lora) if lora else [None] * batch.num_rows
+    rows = zip(rows_sampling(batch, job_sampling), adapter_errors, batch[col.NUM_INPUT_TOKENS].to_pylist())
+    for (failed, sampling), adapter_error, input_tokens in rows:
+        if not failed and adapter_error:  # as the replica: the row's sampling first, then its adapter
+            failed, sampling = True, adapter_error
         if not failed:
             try:
                 budget = int(sampling["max_tokens"])
@@ -129,7 +136,15 @@ def budget_stage(plan: "Plan"):
     return map_stage("budget", needs=(col.ID, col.NUM_INPUT_TOKENS, col.ERROR),
                      adds=(MAX_OUTPUT_TOKENS,), drops=(col.PROMPT, col.PROMPT_TOKEN_IDS),
                      fn=row_budgets, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                     fn_kwargs={"job_sampling": plan.sampling, "max_model_len": plan.max_model_len})
+                     fn_kwargs={"job_sampling": plan.sampling, "max_model_len": plan.max_model_len,
+                                "lora": preflight_lora(plan)})
+
+
+def preflight_lora(plan: "Plan") -> dict:
+    """rows_adapter_errors' arguments (util/lora.py): the adapters and LoRA settings the replicas get."""
+    engine = plan.engine_kwargs
+    return {"registered": plan.adapters, "enabled": bool(engine.get("enable_lora")),
+            "max_lora_rank": engine.get("max_lora_rank"), "base_names": {plan.cfg.model}}
 
 
 def inspect_input(plan: "Plan") -> dict:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import ray
 
 from util.config import concurrency_text
+from util.pipeline import predictor_adapters
 from util.predictor import LLMPredictor
 
 FORWARDER_CPUS = 0.01  # a forwarder only awaits its replica's answer
@@ -79,7 +80,8 @@ class ReplicaPool:
         for _ in range(cfg.concurrency):
             placement = make_placement() if make_placement else {}
             self.replicas.append(actor.options(max_concurrency=cfg.batches_in_flight, **options, **placement).remote(
-                model=cfg.model, engine_kwargs=plan.engine_kwargs, sampling=plan.sampling))
+                model=cfg.model, engine_kwargs=plan.engine_kwargs, sampling=plan.sampling,
+                **predictor_adapters(plan)))
         ray.get([replica.__ray_ready__.remote() for replica in self.replicas])  # every engine has started
 
     def map_batches_kwargs(self) -> dict:

@@ -129,10 +129,11 @@ def mark_done(table: pa.Table, index_ref: list | None) -> pa.Table:
 
 # --- the settings an output was made with ---
 
-def fingerprint(cfg, sampling: dict, engine_kwargs: dict, task: str = "generate", images: bool = False) -> dict:
+def fingerprint(cfg, sampling: dict, engine_kwargs: dict, task: str = "generate", images: bool = False,
+                adapters: dict | None = None) -> dict:
     """The settings that decide a row's output; a run that resumes an output must have the same. The
-    task only when it is not the default, and the image settings only for a job with images, so that an
-    output made before these existed still resumes."""
+    task, the image settings (a job with images) and the LoRA adapters ({name: path}) only when they
+    apply, so that an output made before these existed still resumes."""
     settings = {"model": cfg.model, "revision": cfg.revision, "prompt_format": cfg.prompt_format,
                 "system_prompt": cfg.system_prompt, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "id_scheme": None if cfg.id_column else ID_SCHEME,
@@ -141,6 +142,8 @@ def fingerprint(cfg, sampling: dict, engine_kwargs: dict, task: str = "generate"
         settings["task"] = task
     if images:  # which column holds them, and which are too large: they decide which rows fail
         settings["images"] = {"image_column": cfg.image_column, "max_image_bytes": cfg.max_image_bytes}
+    if adapters:
+        settings["adapters"] = adapters
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the file: tuples are lists
 
 

@@ -4,11 +4,14 @@
     python -m util.tiny_model /tmp/m7b --shape mistral-7b     # config + tokenizer only: vLLM load_format=dummy
     python -m util.tiny_model /tmp/tl --shape tiny-llava      # tiny random LLaVA (vision-language), with weights
     python -m util.tiny_model /tmp/l7b --shape llava-7b       # LLaVA-1.5-7B-like: config, tokenizer, processor
+    python -m util.tiny_model /tmp/a0 --shape mistral-7b --lora-rank 16   # a random LoRA adapter for that shape
 
 Every directory holds the real Mistral-7B v0.1 tokenizer, which ships inside `mistral_common` (a vLLM
 dependency), and a Mistral-architecture `config.json`. vLLM loads it like any Hugging Face model
 directory. The tiny model writes random weights (seeded, so its outputs are reproducible); the large
-shapes are for GPU benchmarks, where `load_format="dummy"` fills the weights in on the GPU.
+shapes are for GPU benchmarks, where `load_format="dummy"` fills the weights in on the GPU. A LoRA adapter
+for a shape (`build_adapter_dir`) is written whole, in peft's layout, since vLLM loads adapters from their
+files whatever the model's load_format.
 
 The LLaVA shapes (LlavaForConditionalGeneration: a CLIP vision tower, a projector, a Mistral text model)
 add what a vision-language model's processor needs to load offline: the `<image>` token (id 32000) in the
@@ -198,6 +201,36 @@ def build_model_dir(directory: str | Path, shape: str = "tiny", with_weights: bo
     return str(directory)
 
 
+def build_adapter_dir(directory: str | Path, shape: str = "tiny", rank: int = 16, seed: int = 0,
+                      targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> str:
+    """Write a LoRA adapter for a model of `shape` to `directory`, as peft saves one (adapter_config.json and
+    adapter_model.safetensors): random A and B of `rank` on each layer's attention projections `targets`,
+    seeded, small enough to keep a model's activations in range. Returns its path."""
+    import torch
+    from safetensors.torch import save_file
+
+    config, generator = SHAPES[shape], torch.Generator().manual_seed(seed)
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    queries, keys = heads * head_dim, config["num_key_value_heads"] * head_dim
+    sizes = {"q_proj": (hidden, queries), "k_proj": (hidden, keys), "v_proj": (hidden, keys),
+             "o_proj": (queries, hidden)}  # (in, out) features
+    weights = {}
+    for layer in range(config["num_hidden_layers"]):
+        for target in targets:
+            fan_in, fan_out = sizes[target]
+            name = f"base_model.model.model.layers.{layer}.self_attn.{target}"
+            weights[f"{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) / fan_in ** 0.5
+            weights[f"{name}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.01
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, directory / "adapter_model.safetensors")
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": list(targets), "bias": "none", "base_model_name_or_path": None}, indent=2))
+    return str(directory)
+
+
 def tiny_model_dir(cache_dir: str | Path | None = None) -> str:
     """The tiny random-weight model, built on first use and reused from the cache afterwards."""
     directory = Path(cache_dir or DEFAULT_CACHE_DIR) / "tiny-mistral"
@@ -218,5 +251,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--lora-rank", type=int, default=None, help="write a LoRA adapter of this rank instead")
     args = parser.parse_args()
-    print(build_model_dir(args.directory, args.shape))
+    if args.lora_rank:
+        print(build_adapter_dir(args.directory, args.shape, args.lora_rank))
+    else:
+        print(build_model_dir(args.directory, args.shape))
