@@ -118,6 +118,19 @@ def test_failed_rows_can_be_read_back_as_input(ray_local, tmp_path):
 
 # --- atomic commits ---
 
+def test_a_glance_at_jsonl_output_reads_an_errors_file_of_nulls_beside_full_rows(tmp_path):
+    """The errors file lists first, and its generated_text is null on every row: the dataset takes the
+    contract's types, not that file's, so the next file still reads."""
+    from util.output import output_counts, sample_rows
+
+    (tmp_path / "errors").mkdir()
+    (tmp_path / "errors" / "part-0.jsonl").write_text(json.dumps({"id": "a", "error": "bad", "generated_text": None}) + "\n")
+    (tmp_path / "part-1.jsonl").write_text(json.dumps({"id": "b", "error": None, "generated_text": "hi"}) + "\n")
+    rows = sample_rows(str(tmp_path), "jsonl", count=5)
+    assert sorted((r["id"], r["generated_text"]) for r in rows) == [("a", None), ("b", "hi")]
+    assert output_counts(str(tmp_path), "jsonl") == {"ok": 1, "error": 1}
+
+
 def test_a_local_file_is_written_under_a_hidden_name_then_renamed(tmp_path, monkeypatch):
     target, renames, replace = tmp_path / "out" / "part-x-000001.parquet", [], os.replace
 

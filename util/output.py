@@ -316,10 +316,14 @@ def output_dataset(output_path: str, output_format: str = "parquet") -> tuple[pa
     id_column = "custom_id" if output_format == "openai" else "id"
     if not files:
         return None, id_column
-    file_format = "parquet" if output_format == "parquet" else pads.JsonFileFormat(parse_options=pajson.ParseOptions(
-        explicit_schema=OPENAI_RECORD_KEYS if output_format == "openai" else OUTPUT_SCHEMA,
-        unexpected_field_behavior="ignore"))
-    return pads.dataset(files, filesystem=filesystem, format=file_format), id_column
+    if output_format == "parquet":
+        return pads.dataset(files, filesystem=filesystem, format="parquet"), id_column
+    schema = OPENAI_RECORD_KEYS if output_format == "openai" else OUTPUT_SCHEMA
+    file_format = pads.JsonFileFormat(parse_options=pajson.ParseOptions(explicit_schema=schema,
+                                                                       unexpected_field_behavior="ignore"))
+    # The schema given to the dataset too: else it takes the first file's, in which a column that is null
+    # on every row (generated_text in an errors file) is of type null, and the next file fails to read.
+    return pads.dataset(files, filesystem=filesystem, format=file_format, schema=schema), id_column
 
 
 def output_counts(output_path: str, output_format: str = "parquet") -> dict:
