@@ -46,8 +46,9 @@ CONFIG_NAME = "adapter_config.json"  # peft's: every LoRA adapter folder has one
 MAX_LORAS_DEFAULT = 8  # adapters in one engine step, unless --max-loras says: each slot costs GPU memory
 # vLLM's CPU LoRA ops (0.32; torch_ops/lora_ops.py) gather each row's adapter slot by index, and a row
 # without an adapter (index -1) gets the last slot's: in a step shared with adapter rows, its output is
-# wrong (vllm-project/vllm#48421, open). A slot that no adapter takes stays zero, so the registered
-# adapters plus one keep base rows exact, while no more adapters than those are in use. GPUs are exact.
+# wrong (its fix, vllm-project/vllm#48421, is an open pull request). A slot that no adapter takes stays
+# zero, so the registered adapters plus one keep base rows exact, while no more adapters than those are in
+# use. GPUs are exact.
 CPU_SPARE_SLOT = 1
 NOT_ENABLED = ("LoRA is not enabled for this job: pass --lora NAME=PATH, or --max-loras N for adapters given "
                "by path")
