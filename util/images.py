@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from util.storage import resolve
+from util.storage import resolve, s3_location
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024**2  # OpenAI's limit for one image of a chat request
 # vLLM refuses larger images in the replica (its VLLM_MAX_IMAGE_PIXELS, 178,956,970 by default, which is
@@ -83,7 +83,8 @@ def _read_file(source: str, most: int) -> bytes:
     parsed = urlparse(source)
     if parsed.scheme in ("s3", "gs", "gcs"):
         filesystem = _bucket_filesystem(f"{parsed.scheme}://{parsed.netloc}")
-        path = f"{parsed.netloc.rpartition('@')[2]}/{parsed.path.lstrip('/')}"
+        bucket, key, _ = s3_location(source)  # the one parser of a bucket URL (gs:// reads the same way)
+        path = f"{bucket}/{key}"
     else:
         filesystem, path = resolve(source)
     try:

@@ -140,11 +140,10 @@ def resolve_model(cfg: Config, engine: dict, processor=None) -> tuple[str, int |
     record = {"torch": torch.__version__, "transformers": transformers.__version__, "model_commit": None,
               "prompt_format": None, "chat_template_sha256": None}
     prompt_format, max_model_len = cfg.prompt_format, engine.get("max_model_len")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
+    try:  # a vision job's processor holds the tokenizer already
+        templates = processor or AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
     except Exception:
         return prompt_format, max_model_len, record
-    templates = processor or tokenizer
     prompt_format = choose_prompt_format(cfg.model, templates, cfg.prompt_format)  # ValueError: refused
     record["prompt_format"] = prompt_format
     template = getattr(templates, "chat_template", None)

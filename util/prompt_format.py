@@ -246,31 +246,39 @@ def model_processor(model: str, revision: str | None = None):
     return processor
 
 
+def content_parts(content: list, index: int, images: bool = False) -> tuple[list[dict], list]:
+    """The parts of message `index`'s list content as text parts (an assistant's earlier refusal as text)
+    and, when `images`, image parts ({"type": "image"}) for its image_url parts, with their urls in order.
+    Other parts (audio, files; images when not `images`) are refused: ValueError, naming the part."""
+    parts, sources = [], []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            parts.append({"type": "text", "text": part["refusal"]})
+        elif images and kind == IMAGE_PART and isinstance((part.get(IMAGE_PART) or {}).get("url"), str):
+            parts.append({"type": "image"})
+            sources.append(part[IMAGE_PART]["url"])
+        else:
+            supported = "text and image_url parts (with a url) are" if images else "text parts are"
+            raise ValueError(f"messages[{index}].content[{j}] is a {kind!r} part; only {supported} supported")
+    return parts, sources
+
+
 def image_parts(messages: list[dict]) -> tuple[list[dict], list]:
     """OpenAI-style messages for a vision model's chat template, and the sources of their images in order:
-    each `image_url` part becomes an image part ({"type": "image"}) where it stands, text parts (and an
-    assistant's earlier refusal) stay text parts, a string content becomes one text part. Other parts
-    (audio, files) are refused: ValueError, naming the part."""
+    each `image_url` part becomes an image part where it stands, text parts stay text parts, a string
+    content becomes one text part (content_parts refuses other parts)."""
     converted, sources = [], []
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if content is None or isinstance(content, str):
             converted.append({**message, "content": [{"type": "text", "text": content or ""}]})
             continue
-        parts = []
-        for j, part in enumerate(content if isinstance(content, list) else [content]):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind == "text" and isinstance(part.get("text"), str):
-                parts.append({"type": "text", "text": part["text"]})
-            elif kind == "refusal" and isinstance(part.get("refusal"), str):
-                parts.append({"type": "text", "text": part["refusal"]})
-            elif kind == IMAGE_PART and isinstance((part.get(IMAGE_PART) or {}).get("url"), str):
-                parts.append({"type": "image"})
-                sources.append(part[IMAGE_PART]["url"])
-            else:
-                raise ValueError(f"messages[{i}].content[{j}] is a {kind!r} part; only text and image_url parts "
-                                 "(with a url) are supported")
+        parts, found = content_parts(content if isinstance(content, list) else [content], i, images=True)
         converted.append({**message, "content": parts})
+        sources.extend(found)
     return converted, sources
 
 
@@ -282,16 +290,8 @@ def join_text_parts(message: dict, index: int = 0) -> dict:
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, list):
         return message
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "refusal" and isinstance(part.get("refusal"), str):  # an assistant's earlier refusal
-            texts.append(part["refusal"])
-        else:
-            raise ValueError(f"messages[{index}].content[{j}] is a {kind!r} part; only text parts are supported")
-    return {**message, "content": "\n".join(texts)}
+    parts, _ = content_parts(content, index)
+    return {**message, "content": "\n".join(part["text"] for part in parts)}
 
 
 @functools.lru_cache(maxsize=8)
