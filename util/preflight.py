@@ -50,11 +50,12 @@ if TYPE_CHECKING:
     from util.plan import Plan
 
 PREFLIGHT_FOLDER = "_preflight"
-# BENCHMARKS.md's measured number for this pipeline's shipped defaults: one replica on 1x H100, a
-# Mistral-7B-shaped model, ~100-token prompts, 16-512 output tokens. The only GPU measured with the
-# current code; smaller GPUs (A10G, L4) are several times slower, so pass --throughput-tok-per-s for them.
-DEFAULT_TOK_PER_S = 19_443.0
-DEFAULT_TOK_PER_S_SOURCE = "default: BENCHMARKS.md, this pipeline on 1x H100, Mistral-7B shape"
+# BENCHMARKS.md's median for this pipeline: one replica on 1x H200, a Mistral-7B-shaped model, ~100-token
+# prompts, 16-512 output tokens, 3 runs at max_num_seqs 1,024 (vLLM's default, which every card but the H200
+# keeps; the H200's 2,048 measured 18,909). Smaller GPUs (A10G, L4) are several times slower, so pass
+# --throughput-tok-per-s for them.
+DEFAULT_TOK_PER_S = 16_515.0
+DEFAULT_TOK_PER_S_SOURCE = "default: BENCHMARKS.md, this pipeline's median on 1x H200, Mistral-7B shape"
 MAX_OUTPUT_TOKENS = "max_output_tokens"  # the column the budget stage adds
 
 
