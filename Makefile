@@ -27,4 +27,4 @@ smoke: setup
 	$(PY) main.py --smoke
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=15
