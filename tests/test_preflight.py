@@ -165,6 +165,30 @@ def test_preflight_skips_rows_already_written_and_uses_the_measured_throughput(e
     assert result["throughput_source"] == f"measured: the earlier run's replicas, {out}/{REPORT_NAME}"
 
 
+def test_an_embedding_jobs_preflight_counts_input_tokens_and_ignores_sampling_params(engine_free_main, tmp_path, capsys):
+    """--task embed generates nothing and its replicas read no sampling_params (a bad one fails no row):
+    the work is the input tokens, and without --throughput-tok-per-s nothing is estimated."""
+    rows = ROWS + [{"uid": "f", "text": "Bad sampling", "sampling_params": {"n": 2, "temperature": 0.0}}]
+    prompts = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out, reports = tmp_path / "out", tmp_path / "reports"
+    assert engine_free_main("--task", "embed", "--input-path", str(prompts), "--output-path", str(out),
+                            "--max-error-fraction", "0.5", "--preflight-report-dir", str(reports)) == 0
+    result = json.loads((reports / "preflight.json").read_text())
+    assert result["task"] == "embed" and result["failing"]["by_reason"] == {"empty": 1, "over max length": 1}
+    assert result["estimate"] is None
+    assert result["throughput_source"] == ("not estimated: no embedding throughput is measured; pass "
+                                           "--throughput-tok-per-s, the input tokens a second of one replica")
+    printed = capsys.readouterr().out
+    assert "  output tokens  none (--task embed: each row's input tokens are the work)" in printed
+    assert f"  GPU-hours      {result['throughput_source']}" in printed
+
+    # With --throughput-tok-per-s (input tok/s), the hours are the input tokens' (run_preflight's call).
+    est = estimate(0, 0.01, 1, 1, None, input_tokens=result["input_tokens"]["total"])
+    assert est["throughput_counts"] == "input tokens" and est["output_tokens_at_most"] == 0
+    assert result["input_tokens"]["total"] > 0
+    assert est["replica_hours"] == pytest.approx(result["input_tokens"]["total"] / 0.01 / 3600)
+
+
 def test_preflight_refuses_a_duplicate_id_with_exit_2(engine_free_main, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "rows.jsonl", ROWS + [{"uid": "a", "text": "Hello again"}])
     reports = tmp_path / "reports"

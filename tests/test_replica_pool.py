@@ -16,9 +16,11 @@ from util.plan import make_plan
 from util.replica_pool import ReplicaPool
 
 
-@pytest.fixture
-def plan(ray_local, tmp_path):
-    cfg = Config(model="stand-in", input_path=None, concurrency=2, batch_size=2, batches_in_flight=2)
+@pytest.fixture(params=["generate", "embed"])
+def plan(ray_local, tmp_path, request):
+    """Both tasks: the pool's replicas answer the predict stage, or --task embed's embed stage."""
+    cfg = Config(model="stand-in", input_path=None, concurrency=2, batch_size=2, batches_in_flight=2,
+                 task=request.param)
     return make_plan(cfg, resolve_model_files=False)
 
 
@@ -31,6 +33,7 @@ def test_a_pool_refuses_a_range_of_replicas(ray_local):
 
 def run_once(plan, pool) -> list[dict]:
     stages = pipeline_stages(plan, formatter=stand_in_formatter, pool=pool)
+    assert stages[-1].name == {"generate": "predict", "embed": "embed"}[plan.task]
     return build_pipeline(plan, stages=stages).select_columns([col.ID, "replica"]).take_all()
 
 

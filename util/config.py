@@ -138,7 +138,8 @@ class Config:
                                              default=None)
     throughput_tok_per_s: float | None = _help("Output tok/s of one replica, for --preflight's GPU-hours. "
                                                "Default: the earlier run's measured number in the output's "
-                                               "_report.json, else 16,515 (BENCHMARKS.md: 1x H200, 7B).",
+                                               "_report.json, else 16,515 (BENCHMARKS.md: 1x H200, 7B). "
+                                               "For --task embed: input tok/s, and no default.",
                                                default=None)
     deadline_hours: float | None = _help("For --preflight: the replicas needed to finish within this many "
                                          "hours.", default=None)

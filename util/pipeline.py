@@ -170,20 +170,30 @@ def predictor_stage(plan: "Plan", predictor=LLMPredictor, pool=None) -> Stage:
                      drops=(col.PROMPT_TOKEN_IDS,) + images, **kwargs)
 
 
-def embedding_stage(plan: "Plan", predictor=EmbeddingPredictor) -> Stage:
-    """--task embed's vLLM stage: the same replicas, placement and batches, as pooling engines."""
+def embedding_stage(plan: "Plan", predictor=EmbeddingPredictor, pool=None) -> Stage:
+    """--task embed's vLLM stage: the same replicas, placement and batches, as pooling engines; or, given
+    a `pool` of them, forwarders to it."""
+    kwargs = pool.map_batches_kwargs() if pool is not None else predictor_stage_kwargs(plan, predictor)
     return map_stage("embed", needs=(col.ID, col.PROMPT_TOKEN_IDS, col.ERROR), adds=EMBEDDING_ADDS,
-                     drops=(col.PROMPT_TOKEN_IDS,), **predictor_stage_kwargs(plan, predictor))
+                     drops=(col.PROMPT_TOKEN_IDS,), **kwargs)
+
+
+def task_predictor(plan: "Plan") -> type:
+    """The replicas' predictor for the plan's task."""
+    return EmbeddingPredictor if plan.task == "embed" else LLMPredictor
 
 
 def pipeline_stages(plan: "Plan", done: "DoneIndex | None" = None, until: str = "predict",
-                    formatter=format_prompts, predictor=LLMPredictor, pool=None) -> list[Stage]:
-    """The stages after the read, in order; until="format" stops after the formatter (--preflight)."""
+                    formatter=format_prompts, predictor=None, pool=None) -> list[Stage]:
+    """The stages after the read, in order; until="format" stops after the formatter (--preflight).
+    `predictor`: the replicas' class, else the task's (task_predictor); the task decides the last stage's
+    contract (predict or embed)."""
     stages = [drop_done_stage(plan, done)] if plan.cfg.limit and done is not None else []
     stages.append(formatter_stage(plan, formatter))
     if until == "format":
         return stages
-    last = (embedding_stage(plan) if plan.task == "embed" and predictor is LLMPredictor
+    predictor = predictor or task_predictor(plan)
+    last = (embedding_stage(plan, predictor, pool) if plan.task == "embed"
             else predictor_stage(plan, predictor, pool))
     return stages + [cut_blocks_stage(plan.cfg.batch_size), last]
 

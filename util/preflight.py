@@ -22,6 +22,8 @@ row's n samples. GPU-hours =
 output tokens / (output tok/s of one replica) x GPUs per replica; engine start (about a minute,
 BENCHMARKS.md) is not included. The replica throughput is --throughput-tok-per-s, else the one measured
 by the earlier run into the same output (its _report.json, same settings), else DEFAULT_TOK_PER_S.
+An embedding job (--task embed) generates nothing: its work is the input tokens, and GPU-hours are
+estimated only from --throughput-tok-per-s (input tok/s of one replica), since none was measured.
 """
 
 import datetime
@@ -57,13 +59,20 @@ PREFLIGHT_FOLDER = "_preflight"
 DEFAULT_TOK_PER_S = 16_515.0
 DEFAULT_TOK_PER_S_SOURCE = "default: BENCHMARKS.md, this pipeline's median on 1x H200, Mistral-7B shape"
 MAX_OUTPUT_TOKENS = "max_output_tokens"  # the column the budget stage adds
+NO_EMBED_THROUGHPUT = ("not estimated: no embedding throughput is measured; pass --throughput-tok-per-s, "
+                       "the input tokens a second of one replica")
 
 
-def row_budgets(batch: pa.Table, job_sampling: dict, max_model_len: int | None,
+def row_budgets(batch: pa.Table, job_sampling: dict | None, max_model_len: int | None,
                 lora: dict | None = None) -> pa.Table:
     """Ray Data stage after the formatter: per row, why it would fail, or the most tokens it may generate.
     Runs on the workers, so only these small columns reach the driver. `lora`: rows_adapter_errors'
-    arguments (util/lora.py), for a row whose LoRA adapter cannot be used."""
+    arguments (util/lora.py), for a row whose LoRA adapter cannot be used. `job_sampling` None: an
+    embedding job, which generates nothing and, as its replicas (EmbeddingPredictor), reads no
+    sampling_params: only the formatter's errors fail a row."""
+    if job_sampling is None:
+        return pa.table({col.ID: batch[col.ID], col.NUM_INPUT_TOKENS: batch[col.NUM_INPUT_TOKENS],
+                         col.ERROR: batch[col.ERROR], MAX_OUTPUT_TOKENS: pa.array([0] * batch.num_rows, pa.int64())})
     errors, budgets = [], []
     adapter_errors = rows_adapter_errors(batch, **lora) if lora else [None] * batch.num_rows
     rows = zip(rows_sampling(batch, job_sampling), adapter_errors, batch[col.NUM_INPUT_TOKENS].to_pylist())
@@ -98,13 +107,15 @@ def token_histogram(values: np.ndarray, counted: bool = False) -> list[dict]:
 
 
 def estimate(output_tokens: int, tok_per_s: float, gpus_per_replica: float, concurrency: int,
-             deadline_hours: float | None) -> dict:
+             deadline_hours: float | None, input_tokens: int | None = None) -> dict:
     """GPU-hours for `output_tokens` at `tok_per_s` per replica, the hours with `concurrency` replicas
     (an autoscaling pool's most: once grown, it runs at that), and the replicas a deadline needs
-    (data-parallel replicas scale about linearly: 1.81x for two, BENCHMARKS.md)."""
-    replica_hours = output_tokens / tok_per_s / 3600
+    (data-parallel replicas scale about linearly: 1.80x for two, BENCHMARKS.md). `input_tokens`: for an
+    embedding job, the tokens to embed, which its tok/s counts instead."""
+    replica_hours = (output_tokens if input_tokens is None else input_tokens) / tok_per_s / 3600
     replicas = None if deadline_hours is None else max(1, math.ceil(round(replica_hours / deadline_hours, 9)))
     return {"output_tokens_at_most": output_tokens, "throughput_tok_per_s": tok_per_s,
+            "throughput_counts": "output tokens" if input_tokens is None else "input tokens",
             "gpus_per_replica": gpus_per_replica, "replica_hours": replica_hours,
             "gpu_hours": replica_hours * gpus_per_replica, "concurrency": concurrency,
             "hours_at_concurrency": replica_hours / concurrency, "deadline_hours": deadline_hours,
@@ -112,12 +123,15 @@ def estimate(output_tokens: int, tok_per_s: float, gpus_per_replica: float, conc
             "gpus_for_deadline": None if replicas is None else replicas * gpus_per_replica}
 
 
-def replica_throughput(cfg: "Config", output_path: str) -> tuple[float, str]:
-    """Output tok/s of one replica, and where the number comes from."""
+def replica_throughput(cfg: "Config", output_path: str, task: str = "generate") -> tuple[float | None, str]:
+    """Output tok/s of one replica (input tok/s for an embedding job), and where the number comes from;
+    None for an embedding job without --throughput-tok-per-s, for which nothing was measured."""
     if cfg.throughput_tok_per_s is not None:
         if not cfg.throughput_tok_per_s > 0:
             raise ValueError(f"--throughput-tok-per-s must be > 0, got {cfg.throughput_tok_per_s}")
         return cfg.throughput_tok_per_s, "--throughput-tok-per-s"
+    if task == "embed":
+        return None, NO_EMBED_THROUGHPUT
     if not cfg.overwrite:  # the earlier output was made with these settings (check_fingerprint)
         filesystem, path = resolve(output_path)
         try:
@@ -137,7 +151,8 @@ def budget_stage(plan: "Plan"):
     return map_stage("budget", needs=(col.ID, col.NUM_INPUT_TOKENS, col.ERROR),
                      adds=(MAX_OUTPUT_TOKENS,), drops=(col.PROMPT, col.PROMPT_TOKEN_IDS),
                      fn=row_budgets, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                     fn_kwargs={"job_sampling": plan.sampling, "max_model_len": plan.max_model_len,
+                     fn_kwargs={"job_sampling": None if plan.task == "embed" else plan.sampling,
+                                "max_model_len": plan.max_model_len,
                                 "lora": preflight_lora(plan)})
 
 
@@ -231,15 +246,21 @@ def format_preflight(result: dict) -> str:
             lines.append(f"  {b['from']:>7,}-{b['to']:<7,} {b['rows']:>8,}  {bar}")
     reasons = ", ".join(f"{n:,} {kind}" for kind, n in sorted(failing["by_reason"].items())) or "none"
     lines += [f"  would fail     {failing['rows']:,} rows ({reasons}): {failing['fraction']:.1%} of the output's "
-              f"rows after the run; --max-error-fraction {result['max_error_fraction']}",
-              f"  output tokens  at most {est['output_tokens_at_most']:,} (each row's max_tokens, capped by "
-              "max_model_len)",
-              f"  throughput     {est['throughput_tok_per_s']:,.0f} output tok/s per replica "
-              f"({result['throughput_source']})",
-              f"  GPU-hours      {est['gpu_hours']:,.3f} at most ({est['gpus_per_replica']:g} GPU(s) per replica); "
-              f"{datetime.timedelta(seconds=round(est['hours_at_concurrency'] * 3600))} with {est['concurrency']} "
-              f"replica(s), engine start excluded"]
-    if est["deadline_hours"] is not None:
+              f"rows after the run; --max-error-fraction {result['max_error_fraction']}"]
+    if result["task"] == "embed":
+        lines.append("  output tokens  none (--task embed: each row's input tokens are the work)")
+    else:
+        lines.append(f"  output tokens  at most {est['output_tokens_at_most']:,} (each row's max_tokens, capped by "
+                     "max_model_len)")
+    if est is None:
+        lines.append(f"  GPU-hours      {result['throughput_source']}")
+    else:
+        lines += [f"  throughput     {est['throughput_tok_per_s']:,.0f} {est['throughput_counts'].replace('tokens', 'tok/s')} "
+                  f"per replica ({result['throughput_source']})",
+                  f"  GPU-hours      {est['gpu_hours']:,.3f} at most ({est['gpus_per_replica']:g} GPU(s) per replica); "
+                  f"{datetime.timedelta(seconds=round(est['hours_at_concurrency'] * 3600))} with {est['concurrency']} "
+                  f"replica(s), engine start excluded"]
+    if est is not None and est["deadline_hours"] is not None:
         lines.append(f"  deadline       {est['deadline_hours']:g} h needs {est['replicas_for_deadline']:,} "
                      f"replica(s), {est['gpus_for_deadline']:g} GPU(s)")
     verdict = "pass (exit 0)" if result["exit_code"] == 0 else f"{result['reason']} (exit 1)"
@@ -266,11 +287,11 @@ def run_preflight(plan: "Plan") -> int:
     cfg, output_path = plan.cfg, plan.output_path
     report_dir = cfg.preflight_report_dir or join(output_path, PREFLIGHT_FOLDER)
     result = {"input_path": cfg.input_path or "(the sample prompts)", "output_path": output_path,
-              "max_error_fraction": cfg.max_error_fraction}
+              "task": plan.task, "max_error_fraction": cfg.max_error_fraction}
     try:
         if cfg.deadline_hours is not None and not cfg.deadline_hours > 0:
             raise ValueError(f"--deadline-hours must be > 0, got {cfg.deadline_hours}")
-        tok_per_s, source = replica_throughput(cfg, output_path)
+        tok_per_s, source = replica_throughput(cfg, output_path, plan.task)
         result.update(inspect_input(plan))
     except Exception as error:  # refused as the run would refuse it (main.py: exit code 2)
         reason = refusal_reason(error)
@@ -292,7 +313,9 @@ def run_preflight(plan: "Plan") -> int:
         reason=(f"{failing['fraction']:.0%} of the output's rows would fail, more than --max-error-fraction "
                 f"{cfg.max_error_fraction} allows") if too_many else None,
         throughput_source=source,
-        estimate=estimate(output_tokens, tok_per_s, plan.gpus_per_replica, cfg.most_replicas, cfg.deadline_hours))
+        estimate=None if tok_per_s is None else estimate(
+            output_tokens, tok_per_s, plan.gpus_per_replica, cfg.most_replicas, cfg.deadline_hours,
+            input_tokens=result["input_tokens"]["total"] if plan.task == "embed" else None))
     print(format_preflight(result))
     print(f"  report         {', '.join(save_preflight(report_dir, result))}")
     return result["exit_code"]

@@ -11,11 +11,12 @@ again (a notebook, a script looping over inputs) starts no engine the second tim
 
 Ray Data's actor pool (the default stage, util/pipeline.py) creates its replicas when a dataset starts
 and ends them when it is done, so each run pays the engine start again. Here the replicas are plain Ray
-actors that the pool owns: each holds one predictor (LLMPredictor by default) with its engine, and
-takes up to `batches_in_flight` batches at once. The pipeline's predict stage is then a pool of light
-forwarders, a hundredth of a CPU each and no GPU, that hand each batch to the replica with the fewest
-batches of theirs in flight, and await its answer. The replicas live as long as the pool, at most as
-long as the driver: they are not detached, so a driver that exits takes them, and their GPUs, with it.
+actors that the pool owns: each holds one predictor (the task's: util/pipeline.py, task_predictor) with
+its engine, and takes up to `batches_in_flight` batches at once. The pipeline's predict (or embed) stage
+is then a pool of light forwarders, a hundredth of a CPU each and no GPU, that hand each batch to the
+replica with the fewest batches of theirs in flight, and await its answer. The replicas live as long
+as the pool, at most as long as the driver: they are not detached, so a driver that exits takes them,
+and their GPUs, with it.
 """
 
 import inspect
@@ -24,8 +25,7 @@ import pyarrow as pa
 import ray
 
 from util.config import concurrency_text
-from util.pipeline import predictor_adapters
-from util.predictor import LLMPredictor
+from util.pipeline import predictor_adapters, task_predictor
 
 FORWARDER_CPUS = 0.01  # a forwarder only awaits its replica's answer
 
@@ -64,10 +64,12 @@ class ReplicaClient:
 
 
 class ReplicaPool:
-    """`plan.cfg.concurrency` replicas of `predictor`, started now, placed as the plan says."""
+    """`plan.cfg.concurrency` replicas of `predictor` (by default the task's: LLMPredictor, or
+    EmbeddingPredictor for --task embed), started now, placed as the plan says."""
 
-    def __init__(self, plan, predictor: type = LLMPredictor):
+    def __init__(self, plan, predictor: type | None = None):
         cfg = plan.cfg
+        predictor = predictor or task_predictor(plan)
         if cfg.max_concurrency is not None:  # its replicas start here, all of them, and stay
             raise ValueError(f"a ReplicaPool starts a fixed number of replicas, not --concurrency "
                              f"{concurrency_text(cfg.concurrency, cfg.max_concurrency)}: pass one number, or leave the pool out "
