@@ -139,11 +139,14 @@ def predictor_adapters(plan: "Plan") -> dict:
     return {"adapters": plan.adapters} if plan.adapters else {}
 
 
-def predictor_stage_kwargs(plan: "Plan", predictor=LLMPredictor) -> dict:
+def predictor_stage_kwargs(plan: "Plan", predictor=LLMPredictor, pool=None) -> dict:
     """`ds.map_batches` arguments for the vLLM stage: `concurrency` replicas, each on its own GPUs; with
     --concurrency MIN-MAX, Ray Data's autoscaling pool. Its work starts with the first replica ready
     (DataContext.wait_for_min_actors_s is -1 by default: no waiting for MIN), and it starts another
-    replica, up to MAX, while every replica is busy; one that waits for a GPU joins when a node brings it."""
+    replica, up to MAX, while every replica is busy; one that waits for a GPU joins when a node brings it.
+    Given a `pool` (util/replica_pool.py): forwarders to its replicas, which are running already and stay."""
+    if pool is not None:
+        return pool.map_batches_kwargs()
     cfg = plan.cfg
     return {
         "fn": predictor,
@@ -164,18 +167,16 @@ def predictor_stage_kwargs(plan: "Plan", predictor=LLMPredictor) -> dict:
 def predictor_stage(plan: "Plan", predictor=LLMPredictor, pool=None) -> Stage:
     """The vLLM stage: Ray Data's own pool of replicas for this run, or, given a `pool`
     (util/replica_pool.py), forwarders to replicas that are already running and stay."""
-    kwargs = pool.map_batches_kwargs() if pool is not None else predictor_stage_kwargs(plan, predictor)
     images = (col.PROMPT_IMAGES,) if plan.images else ()  # a vision job's images, decoded in the replica
     return map_stage("predict", needs=(col.ID, col.PROMPT_TOKEN_IDS, col.ERROR) + images, adds=PREDICTOR_ADDS,
-                     drops=(col.PROMPT_TOKEN_IDS,) + images, **kwargs)
+                     drops=(col.PROMPT_TOKEN_IDS,) + images, **predictor_stage_kwargs(plan, predictor, pool))
 
 
 def embedding_stage(plan: "Plan", predictor=EmbeddingPredictor, pool=None) -> Stage:
     """--task embed's vLLM stage: the same replicas, placement and batches, as pooling engines; or, given
     a `pool` of them, forwarders to it."""
-    kwargs = pool.map_batches_kwargs() if pool is not None else predictor_stage_kwargs(plan, predictor)
     return map_stage("embed", needs=(col.ID, col.PROMPT_TOKEN_IDS, col.ERROR), adds=EMBEDDING_ADDS,
-                     drops=(col.PROMPT_TOKEN_IDS,), **kwargs)
+                     drops=(col.PROMPT_TOKEN_IDS,), **predictor_stage_kwargs(plan, predictor, pool))
 
 
 def task_predictor(plan: "Plan") -> type:
