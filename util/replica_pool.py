@@ -20,6 +20,8 @@ and their GPUs, with it.
 """
 
 import inspect
+import logging
+import time
 
 import pyarrow as pa
 import ray
@@ -28,6 +30,9 @@ from util.config import concurrency_text
 from util.pipeline import predictor_adapters, task_predictor
 
 FORWARDER_CPUS = 0.01  # a forwarder only awaits its replica's answer
+SHUTDOWN_TIMEOUT_S = 60  # for the engines to stop, then again for the killed replicas to end
+
+logger = logging.getLogger(__name__)
 
 
 def replica_class(predictor: type) -> type:
@@ -103,14 +108,34 @@ class ReplicaPool:
         """Stop every engine and end the replicas: their GPUs are free when this returns."""
         replicas, self.replicas = self.replicas, []
         try:
-            ray.get([replica.release.remote() for replica in replicas], timeout=60)
+            ray.get([replica.release.remote() for replica in replicas], timeout=SHUTDOWN_TIMEOUT_S)
         except (ray.exceptions.RayError, TimeoutError):
             pass  # a replica already gone has no engine to stop
         for replica in replicas:
             ray.kill(replica)
+        # ray.kill only asks: a replica may still answer (and hold its GPU) for a moment after it returns.
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+        for replica in replicas:
+            while not actor_has_ended(replica, timeout_s=deadline - time.monotonic()):
+                if time.monotonic() >= deadline:
+                    logger.warning("replica %s has not ended %d s after it was killed; its resources may "
+                                   "still be held", replica._actor_id.hex()[:8], SHUTDOWN_TIMEOUT_S)
+                    break
+                time.sleep(0.1)
 
     def __enter__(self) -> "ReplicaPool":
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def actor_has_ended(actor, timeout_s: float) -> bool:
+    """Whether `actor` is dead: a call to it fails with RayActorError instead of being answered."""
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=max(timeout_s, 0.1))
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.GetTimeoutError:
+        pass  # dying, or hung: not ended yet
+    return False
