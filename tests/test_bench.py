@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from bench.run import parse_variant, summarize
 from bench.workload import make_workload
 from conftest import REPO
@@ -22,6 +24,7 @@ def test_workload_is_deterministic_and_in_range():
     assert len({r["id"] for r in rows}) == 200
 
 
+@pytest.mark.engine
 def test_bench_runs_all_four_designs_on_cpu(tmp_path):
     command = [sys.executable, "-m", "bench.run", "--tiny", "--num-prompts", "8", "--seed-prompts", "4",
                "--max-output", "20", "--repeats", "1", "--designs", "raw,pipeline,ray_llm",

@@ -4,6 +4,10 @@ what a run resolves from the config are in test_plan.py."""
 import pytest
 
 from util.config import parse_args
+from util.features import features, registry
+
+OUTPUT_FORMATS = list(registry("OUTPUT_FORMATS"))  # a feature's formats (openai's), where it is present
+IMAGES = "util.images" in [module.__name__ for module in features()]
 
 
 def test_defaults_match_the_original_template():
@@ -21,27 +25,18 @@ def test_flags_are_typed_and_repeatable():
     assert cfg.engine_arg == {"max_num_seqs": 8, "load_format": "dummy", "enable_prefix_caching": False}
 
 
-@pytest.mark.parametrize("value, least, most, replicas", [
-    ("3", 3, None, 3),  # a fixed pool, as before
-    ("1-8", 1, 8, 8),  # an autoscaling pool: starts with 1, grows to 8
-    ("4-4", 4, None, 4),  # no room to grow: a fixed pool
-])
-def test_concurrency_is_a_number_or_a_range(value, least, most, replicas):
-    cfg = parse_args(["--concurrency", value])
-    assert (cfg.concurrency, cfg.max_concurrency, cfg.most_replicas) == (least, most, replicas)
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--max-tokens", "many"], "argument --max-tokens: invalid int value: 'many'"),
     (["--engine-arg", "novalue"], "--engine-arg takes key=value"),
-    (["--output-format", "xml"], "output_format must be one of parquet, jsonl, openai; got 'xml'"),
+    (["--output-format", "xml"], f"output_format must be one of {', '.join(['parquet', 'jsonl', *OUTPUT_FORMATS])}; got 'xml'"),
     (["--top-p", "0"], "error: --top-p must be in (0, 1], got 0.0"),  # a value checked by the Config
     (["--concurrency", "0"], "error: --concurrency needs at least 1 replica, got 0"),
-    (["--concurrency", "3-2"], "error: --concurrency MIN-MAX needs MIN <= MAX, got 3-2"),
     (["--concurrency", "a-b"], "argument --concurrency: --concurrency takes N or MIN-MAX (e.g. 4, or 1-8 to "
                                "autoscale), got 'a-b'"),
     (["--max-concurrency", "8"], "unrecognized arguments: --max-concurrency"),  # set by --concurrency only
+    (["--image-column"], "argument --image-column: expected one argument") if IMAGES else
+    (["--image-column", "x"], "unrecognized arguments: --image-column x"),  # a feature's flag, with its module
 ])
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,6 +1,6 @@
-"""--task embed, and OpenAI batch files of /v1/embeddings requests: one main.py run with real weights
-(SmolLM2, util/smol_model.py, float32 on CPU) for the whole file, whose embeddings match transformers'
-pooling of the same model (the last token's final hidden state, L2-normalized, as vLLM pools a causal
+"""--task embed (util/embeddings.py), and OpenAI batch files of /v1/embeddings requests: one main.py run in
+this process with real weights (SmolLM2, util/smol_model.py, float32 on CPU) for the whole file, whose
+embeddings match transformers' pooling of the same model (the last token's final hidden state, L2-normalized, as vLLM pools a causal
 LM converted to embed); the OpenAI records, the task's resolution and the mixed-url refusal without an
 engine.
 
@@ -14,13 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import conftest
-from conftest import run_main, write_jsonl
+from conftest import write_jsonl
 from util.config import Config
 from util.errors import InputError, refusal_reason
 from util.openai_batch import output_record, request_row
 from util.pipeline import check_contracts, pipeline_stages
-from util.plan import make_plan, resolve_task
-from util.resume import fingerprint
+from util.plan import make_plan
 from util.tiny_model import tiny_model_dir
 
 TEXTS = [*conftest.PROMPTS[:3], "What is the capital of France?"]
@@ -32,16 +31,17 @@ def embeddings_request(custom_id: str, text, **body) -> dict:
 
 
 @pytest.fixture(scope="module")
-def embed_run(tmp_path_factory):
+def embed_run(main_here, tmp_path_factory):
     """One main.py --task embed run over the texts and one empty text (a row that fails before the engine)."""
     folder = tmp_path_factory.mktemp("embed")
     source = write_jsonl(folder / "corpus.jsonl", [{"text": t} for t in [*TEXTS, ""]])
-    run = run_main("--smoke", "--task", "embed", "--input-path", source, "--engine-arg", "dtype=float32",
-                   "--max-error-fraction", "0.5", "--output-path", folder / "out")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run.stdout, pq.read_table(folder / "out")
+    job = main_here("--smoke", "--task", "embed", "--input-path", source, "--engine-arg", "dtype=float32",
+                    "--max-error-fraction", "0.5", "--output-path", folder / "out")
+    assert job.code == 0, job.out[-3000:] + job.err[-3000:]
+    return job.out, pq.read_table(folder / "out")
 
 
+@pytest.mark.engine
 def test_embeddings_match_transformers_pooling(embed_run):
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -68,6 +68,7 @@ def test_embeddings_match_transformers_pooling(embed_run):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.engine
 def test_the_output_has_one_row_per_input_row_and_a_fixed_embedding_type(embed_run):
     stdout, table = embed_run
     assert table.schema.field("embedding").type == pa.list_(pa.float32())
@@ -76,7 +77,7 @@ def test_the_output_has_one_row_per_input_row_and_a_fixed_embedding_type(embed_r
     failed = rows[""]
     assert failed["embedding"] is None and "empty" in failed["error"]
     assert all(rows[t]["error"] is None and rows[t]["generated_text"] is None for t in TEXTS)
-    assert "576 floats" in stdout  # the sample rows show the vector's size
+    assert "576 values" in stdout  # the sample rows show the vector's size
 
 
 def test_an_embedding_row_becomes_a_create_embedding_response():
@@ -115,22 +116,28 @@ def test_the_url_says_the_task_and_a_mixed_file_is_refused_before_any_engine(tmp
     chat = {"custom_id": "c-1", "method": "POST", "url": "/v1/chat/completions",
             "body": {"messages": [{"role": "user", "content": "Hi"}]}}
     embeds = write_jsonl(tmp_path / "embeds.jsonl", [embeddings_request("e-1", "a"), embeddings_request("e-2", "b")])
-    assert resolve_task(Config(input_path=embeds, input_format="openai")) == "embed"
+    def task(**config) -> str:
+        return make_plan(Config(input_format="openai", concurrency=1, **config), cluster={"CPU": 2.0},
+                         resolve_model_files=False).task
+
+    assert task(input_path=embeds) == "embed"
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [embeddings_request("e-1", "a"), chat, embeddings_request("e-3", "c")])
     with pytest.raises(InputError) as refused:
-        resolve_task(Config(input_path=mixed, input_format="openai"))
+        task(input_path=mixed)
     # main.py prints this as `error: ...` and exits 2 (util/errors.py)
     assert str(refusal_reason(refused.value)) == (
         f"{mixed}:2: a /v1/chat/completions request in a batch of /v1/embeddings requests (the first at "
         f"{mixed}:1); a run is one task: put them in separate files")
     with pytest.raises(InputError, match="--task embed, but .* holds requests for the generate task"):
-        resolve_task(Config(input_path=write_jsonl(tmp_path / "chat.jsonl", [chat]), input_format="openai", task="embed"))
+        task(input_path=write_jsonl(tmp_path / "chat.jsonl", [chat]), task="embed")
 
 
 def test_the_task_is_in_the_fingerprint_only_when_not_the_default():
-    cfg = Config()
-    assert "task" not in fingerprint(cfg, {}, {})  # outputs made before --task still resume
-    assert fingerprint(cfg, {}, {}, "embed")["task"] == "embed"
+    def settings(task: str) -> dict:
+        return make_plan(Config(task=task, concurrency=1), cluster={"CPU": 2.0}, resolve_model_files=False).fingerprint
+
+    assert "task" not in settings("generate")  # outputs made before --task still resume
+    assert settings("embed")["task"] == "embed"
 
 
 def test_embed_plans_plain_prompts_and_the_embed_stage():
@@ -138,7 +145,7 @@ def test_embed_plans_plain_prompts_and_the_embed_stage():
     assert plan.task == "embed" and plan.prompt_format == "plain" and plan.fingerprint["task"] == "embed"
     stages = pipeline_stages(plan)
     assert [s.name for s in stages] == ["format", "cut_blocks", "embed"]
-    assert stages[-1].adds == ("embedding", "model")
+    assert stages[-1].adds == ("embedding", "error", "model")
     check_contracts(stages, ("id", "text"))
 
 

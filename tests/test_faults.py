@@ -26,8 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PROMPTS, REPO, line_ids
-from util.manifest import MANIFEST_NAME, read_manifest
+from util.resume import MANIFEST_NAME, read_manifest
 from util.tiny_model import tiny_model_dir
+
+pytestmark = pytest.mark.engine  # every test here starts vLLM engines
 
 SENTINEL = f"hf_SENTINEL{uuid.uuid4().hex}"  # stands in for a real token; must appear nowhere
 ACTOR_TITLE = "ray::MapWorker(MapBatches(LLMPredictor))"  # Ray titles an actor's process after its class

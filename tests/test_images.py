@@ -32,10 +32,8 @@ from bench.images import write_workload
 from conftest import REPO, closed_local_port_url, run_main
 from util import columns as col
 from util.errors import row_error_kind
-from util.images import ImageError, describe, fetch_images, image_sources, open_image
-from util.openai_batch import output_record, request_row, request_table
-from util.prompt_format import PromptFormatter
-from util.reading import openai_batch_kind
+from util.images import PROMPT_IMAGES, ImageError, Images, VisionFormatter, describe, fetch_images, image_sources, open_image
+from util.openai_batch import batch_kind, output_record, request_row, request_table
 from util.tiny_model import tiny_llava_dir, tiny_model_dir
 
 MAX_TOKENS, MAX_IMAGE_BYTES = 6, 30_000
@@ -124,6 +122,7 @@ def run(images, tmp_path_factory):
     return {row["key"]: row for row in output.to_pylist()}, output.column_names, result.stdout, unreachable
 
 
+@pytest.mark.engine
 def test_good_rows_answer_from_every_kind_of_source(run):
     rows, _, stdout, _ = run
     for key in ("path", "path-again", "bytes", "http", "s3", "two", "text-only"):
@@ -132,6 +131,7 @@ def test_good_rows_answer_from_every_kind_of_source(run):
     assert "summary: 12 rows: 7 ok, 5 errors" in stdout
 
 
+@pytest.mark.engine
 def test_bad_images_are_error_rows_that_name_the_image_and_the_reason(run, images):
     rows, _, _, unreachable = run
     folder = images[0]
@@ -146,6 +146,7 @@ def test_bad_images_are_error_rows_that_name_the_image_and_the_reason(run, image
     assert {row_error_kind(rows[key]["error"]) for key in ("missing", "too-large")} == {"bad image"}  # --preflight's
 
 
+@pytest.mark.engine
 def test_the_image_reaches_the_model(run):
     rows = run[0]
     text = {key: rows[key]["generated_text"] for key in ("path", "path-again", "bytes", "http", "s3")}
@@ -153,9 +154,10 @@ def test_the_image_reaches_the_model(run):
     assert len({text[key] for key in ("path", "bytes", "http", "s3")}) == 4  # four images, four answers
 
 
+@pytest.mark.engine
 def test_output_keeps_the_input_columns_and_drops_the_engine_inputs(run):
     rows, names, _, _ = run
-    assert "image" in names and col.PROMPT_IMAGES not in names and col.PROMPT_TOKEN_IDS not in names
+    assert "image" in names and PROMPT_IMAGES not in names and col.PROMPT_TOKEN_IDS not in names
     assert rows["bytes"]["image"] == [{"bytes": png(2), "path": None}]
 
 
@@ -172,6 +174,7 @@ def reference(images):
     torch.set_num_threads(threads)
 
 
+@pytest.mark.engine
 def test_prompt_tokens_and_greedy_tokens_match_transformers(run, reference, images):
     """vLLM expands the image placeholder to the image's tokens as LlavaProcessor does, num_input_tokens
     counts them, and the answer is LlavaForConditionalGeneration's, token for token."""
@@ -196,8 +199,7 @@ def test_prompt_tokens_and_greedy_tokens_match_transformers(run, reference, imag
 
 @pytest.fixture(scope="module")
 def formatter():
-    return PromptFormatter(tiny_llava_dir(), "messages", images=True, max_images_per_row=2,
-                           max_image_bytes=MAX_IMAGE_BYTES)
+    return VisionFormatter(tiny_llava_dir(), "messages", max_images_per_row=2, max_image_bytes=MAX_IMAGE_BYTES)
 
 
 def chat_request(custom_id: str, parts: list[dict]) -> str:
@@ -220,20 +222,20 @@ def test_openai_image_url_parts_give_the_engine_what_the_image_column_gives(form
              chat_request("bad-data", [image_part("data:image/png;base64,not base64!"), {"type": "text", "text": ASK}]),
              chat_request("http-404", [image_part(f"{url}/gone.png"), {"type": "text", "text": ASK}])]
     (tmp_path / "batch.jsonl").write_text("\n".join(lines) + "\n")
-    assert openai_batch_kind(str(tmp_path / "batch.jsonl")).first_image == f"{tmp_path}/batch.jsonl:1"
+    assert batch_kind(str(tmp_path / "batch.jsonl")).first_image == f"{tmp_path}/batch.jsonl:1"
     requests = formatter(request_table([request_row(line, f"batch.jsonl:{n}") for n, line in enumerate(lines, 1)]))
-    same = PromptFormatter(tiny_llava_dir(), "text", images=True, image_column="image", max_images_per_row=2)(
+    same = VisionFormatter(tiny_llava_dir(), "text", image_column="image", max_images_per_row=2)(
         pa.table({"text": [ASK, ASK], "image": [str(folder / "a.png"), str(folder / "c.png")]}))
     by_id = {row["custom_id"]: row for row in requests.to_pylist()}
     for custom_id, row in zip(("data", "http"), same.to_pylist()):
         assert by_id[custom_id]["error"] is None
         assert by_id[custom_id][col.PROMPT_TOKEN_IDS] == row[col.PROMPT_TOKEN_IDS]
-        assert by_id[custom_id][col.PROMPT_IMAGES] == row[col.PROMPT_IMAGES]
+        assert by_id[custom_id][PROMPT_IMAGES] == row[PROMPT_IMAGES]
         assert by_id[custom_id][col.NUM_INPUT_TOKENS] == row[col.NUM_INPUT_TOKENS] == len(row[col.PROMPT_TOKEN_IDS]) + 15
     assert by_id["bad-data"]["error"] == ("image 1 of the row (data:image/png;base64,...): a data: URL whose data "
                                           "is not valid base64")
     assert by_id["http-404"]["error"] == f"image 1 of the row ({url}/gone.png): cannot fetch (HTTP 404 File not found)"
-    assert by_id["bad-data"][col.PROMPT_IMAGES] is None
+    assert by_id["bad-data"][PROMPT_IMAGES] is None
     record = output_record({**by_id["bad-data"], col.ID: "bad-data"})
     assert record["response"]["status_code"] == 400 and record["error"]["message"] == by_id["bad-data"]["error"]
 
@@ -244,7 +246,7 @@ def test_openai_messages_keep_text_and_images_in_order(formatter):
                                              {"type": "text", "text": "then:"}, image_part(data_url(png(2)))]}]
     out = formatter(pa.table({"messages": [json.dumps(messages)]})).to_pylist()[0]
     assert out["prompt"] == "<s>[INST] Be brief.\n\nFirst:<image>\nthen:<image>\n [/INST]"
-    assert out[col.PROMPT_IMAGES] == [png(1), png(2)] and out["error"] is None
+    assert out[PROMPT_IMAGES] == [png(1), png(2)] and out["error"] is None
     audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]
     assert formatter(pa.table({"messages": [json.dumps(audio)]}))["error"].to_pylist() == [
         "cannot format the messages: messages[0].content[0] is a 'input_audio' part; only text and image_url parts "
@@ -253,28 +255,28 @@ def test_openai_messages_keep_text_and_images_in_order(formatter):
 
 # --- the model must take images: refused before any engine ---
 
-def test_a_text_only_model_given_images_is_refused_with_exit_code_2(main_in_process, tmp_path, capsys):
+def test_a_text_only_model_given_images_is_refused_with_exit_code_2(main_here, tmp_path):
     (tmp_path / "in.jsonl").write_text(json.dumps({"text": ASK, "image": "a.png"}) + "\n")
-    assert main_in_process("--model", tiny_model_dir(), "--input-path", tmp_path / "in.jsonl", "--image-column",
-                           "image", "--concurrency", 1, "--output-path", tmp_path / "out") == 2
-    assert capsys.readouterr().err.strip() == (
+    job = main_here("--model", tiny_model_dir(), "--input-path", tmp_path / "in.jsonl", "--image-column",
+                    "image", "--concurrency", 1, "--output-path", tmp_path / "out")
+    assert job.code == 2 and job.err.strip() == (
         f"error: --image-column image, but {tiny_model_dir()} takes no images: it has no image processor (a "
         "text-only model); use a vision-language model such as LLaVA")
     (tmp_path / "batch.jsonl").write_text(chat_request("a", [{"type": "text", "text": "hi"}]) + "\n"
                                           + chat_request("b", [image_part(data_url(png(1)))]) + "\n")
-    assert main_in_process("--model", tiny_model_dir(), "--input-path", tmp_path / "batch.jsonl", "--input-format",
-                           "openai", "--concurrency", 1, "--output-path", tmp_path / "out2") == 2
-    assert capsys.readouterr().err.strip() == (
+    job = main_here("--model", tiny_model_dir(), "--input-path", tmp_path / "batch.jsonl", "--input-format",
+                    "openai", "--concurrency", 1, "--output-path", tmp_path / "out2")
+    assert job.code == 2 and job.err.strip() == (
         f"error: {tmp_path}/batch.jsonl:2 has an image_url part, but {tiny_model_dir()} takes no images: it has no "
         "image processor (a text-only model); use a vision-language model such as LLaVA")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
-def test_an_image_column_missing_from_the_input_is_refused(main_in_process, tmp_path, capsys):
+def test_an_image_column_missing_from_the_input_is_refused(main_here, tmp_path):
     (tmp_path / "in.jsonl").write_text(json.dumps({"text": ASK, "picture": "a.png"}) + "\n")
-    assert main_in_process("--model", tiny_llava_dir(), "--input-path", tmp_path / "in.jsonl", "--image-column",
-                           "image", "--concurrency", 1, "--output-path", tmp_path / "out") == 2
-    assert capsys.readouterr().err.strip() == "error: in.jsonl: no column 'image'; columns are: text, picture"
+    job = main_here("--model", tiny_llava_dir(), "--input-path", tmp_path / "in.jsonl", "--image-column",
+                    "image", "--concurrency", 1, "--output-path", tmp_path / "out")
+    assert (job.code, job.err.strip()) == (2, "error: in.jsonl: no column 'image'; columns are: text, picture")
 
 
 # --- the image concern on its own ---
@@ -291,11 +293,11 @@ def test_image_sources_take_every_documented_shape():
 
 
 def test_a_plain_binary_column_of_bytes_is_read_as_images(tmp_path):
-    formatter = PromptFormatter(tiny_llava_dir(), "text", images=True, image_column="image")
+    formatter = VisionFormatter(tiny_llava_dir(), "text", image_column="image")
     table = pa.table({"text": [ASK, ASK], "image": pa.array([png(1), b"not an image"], pa.binary())})
     pq.write_table(table, tmp_path / "in.parquet")
     out = formatter(pq.read_table(tmp_path / "in.parquet")).to_pylist()
-    assert out[0]["error"] is None and out[0][col.PROMPT_IMAGES] == [png(1)]
+    assert out[0]["error"] is None and out[0][PROMPT_IMAGES] == [png(1)]
     assert out[1]["error"] == "image 1 of the row (12 bytes): not an image"
 
 
@@ -332,13 +334,14 @@ def test_a_chat_template_held_by_the_processor_alone_formats_the_images(tmp_path
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     (model / "chat_template.jinja").unlink()
     plan = make_plan(Config(model=str(model), image_column="image", concurrency=1), cluster={"CPU": 2.0})
-    assert (plan.prompt_format, plan.images, plan.engine_kwargs["limit_mm_per_prompt"]) == ("chat_template", True,
-                                                                                           {"image": 1})
-    out = PromptFormatter(str(model), "text", prompt_format=plan.prompt_format, images=True, image_column="image")(
+    images = lambda plan: any(isinstance(part, Images) for part in plan.parts)
+    assert (plan.prompt_format, images(plan), plan.engine_kwargs["limit_mm_per_prompt"]) == ("chat_template", True,
+                                                                                            {"image": 1})
+    out = VisionFormatter(str(model), "text", prompt_format=plan.prompt_format, image_column="image")(
         pa.table({"text": [ASK], "image": [png(1)]}))
     assert out["prompt"].to_pylist() == ["<s>[INST] <image>\nDescribe the image. [/INST]"]
     text_plan = make_plan(Config(model=str(model), concurrency=1), cluster={"CPU": 2.0})  # a text job: as before
-    assert (text_plan.prompt_format, text_plan.images, "images" in text_plan.fingerprint) == ("plain", False, False)
+    assert (text_plan.prompt_format, images(text_plan), "images" in text_plan.fingerprint) == ("plain", False, False)
     with pytest.raises(ValueError) as refused:  # plain text has no place for an image
         make_plan(Config(model=str(model), image_column="image", prompt_format="plain", concurrency=1),
                   cluster={"CPU": 2.0})

@@ -1,4 +1,5 @@
-"""LoRA adapters per row (util/lora.py): adapters made for the tiny model with peft, one main.py run over
+"""LoRA adapters per row (util/lora.py): adapters made for the tiny model with peft, one main.py run (in this
+process, on the test session's Ray) over
 rows that use none, a zero adapter (peft's default init: B = 0), a random one (by name, by local path
 and by s3:// path on moto), a wider one, and adapters that cannot be used. The random and wide adapters'
 greedy outputs equal transformers + peft's, merged, in float32: the adapter really applies. Then the
@@ -8,20 +9,18 @@ flags, the plan's refusals (exit 2), --preflight's count and OpenAI requests' `m
 """
 
 import json
-import subprocess
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_main, write_jsonl
+from conftest import write_jsonl
 from util.config import Config, parse_args
 from util.errors import InputError
-from util.lora import plan_lora, row_adapters
+from util.lora import Lora, plan_lora
 from util.openai_batch import request_row, request_table
 from util.plan import make_plan
-from util.predictor import finish_batch
+from util.predictor import checked_request
 from util.tiny_model import tiny_model_dir
 
 CAPITAL, COLORS = "What is the capital of France?", "Name three colors."
@@ -91,23 +90,23 @@ def lora_rows(adapters: dict, s3_adapter: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def run(adapters, s3_adapter, tmp_path_factory) -> dict:
+def run(main_here, adapters, s3_adapter, tmp_path_factory) -> dict:
     """One main.py run over every case; its output rows by id, its manifest and its stdout."""
     folder = tmp_path_factory.mktemp("lora-run")
     write_jsonl(folder / "in.jsonl", lora_rows(adapters, s3_adapter))
     # --max-loras 6: the five adapters this run loads, plus the spare slot that keeps base rows exact on
     # vLLM's CPU backend (util/lora.py CPU_SPARE_SLOT); float32, for parity with transformers.
-    done = run_main("--model", tiny_model_dir(), "--input-path", folder / "in.jsonl", "--id-column", "id",
+    job = main_here("--model", tiny_model_dir(), "--input-path", folder / "in.jsonl", "--id-column", "id",
                     "--lora", f"zero={adapters['zero']}", "--lora", f"rand={adapters['rand']}",
                     "--lora", f"wide={adapters['wide']}", "--max-loras", 6, "--concurrency", 1,
                     "--max-tokens", MAX_TOKENS, "--engine-arg", "dtype=float32", "--max-error-fraction", 0.5,
-                    "--output-path", folder / "out", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert done.returncode == 0, done.stdout[-5000:]
+                    "--output-path", folder / "out")
+    assert job.code == 0, job.out[-3000:] + job.err[-3000:]
     rows = {row["id"]: row for row in pq.read_table(folder / "out").to_pylist()}
-    return {"rows": rows, "manifest": json.loads((folder / "out" / "_manifest.json").read_text()),
-            "stdout": done.stdout}
+    return {"rows": rows, "manifest": json.loads((folder / "out" / "_manifest.json").read_text()), "stdout": job.out}
 
 
+@pytest.mark.engine
 def test_every_row_is_written_once_and_the_adapters_shape_the_engine(run, adapters):
     assert "summary: 15 rows: 10 ok, 5 errors, 0 already done" in run["stdout"]
     assert len(run["rows"]) == 15
@@ -117,6 +116,7 @@ def test_every_row_is_written_once_and_the_adapters_shape_the_engine(run, adapte
     assert (engine["enable_lora"], engine["max_loras"], engine["max_lora_rank"]) == (True, 6, 16)
 
 
+@pytest.mark.engine
 def test_a_zero_adapter_gives_the_base_models_output(run):
     rows = run["rows"]
     for prompt in "ab":
@@ -126,6 +126,7 @@ def test_a_zero_adapter_gives_the_base_models_output(run):
         assert (base["model"], zero["model"]) == (tiny_model_dir(), "zero")
 
 
+@pytest.mark.engine
 def test_a_random_adapter_changes_the_output_the_same_way_every_time(run, adapters, s3_adapter):
     rows = run["rows"]
     assert rows["rand-a"]["generated_text"] != rows["base-a"]["generated_text"]
@@ -137,6 +138,7 @@ def test_a_random_adapter_changes_the_output_the_same_way_every_time(run, adapte
     assert [rows[i]["model"] for i in ("rand-a", "path-a", "s3-a")] == ["rand", adapters["rand"], s3_adapter]
 
 
+@pytest.mark.engine
 def test_adapters_that_cannot_be_used_are_error_rows_naming_them(run, adapters):
     rows = run["rows"]
     expected = {
@@ -156,6 +158,7 @@ def test_adapters_that_cannot_be_used_are_error_rows_naming_them(run, adapters):
         ["base-a", "base-b", "zero-a", "zero-b", "rand-a", "rand-a2", "rand-b", "wide-a", "path-a", "s3-a"])
 
 
+@pytest.mark.engine
 def test_the_adapters_outputs_equal_transformers_with_peft_merged(run, adapters):
     import torch
     from peft import PeftModel
@@ -236,7 +239,7 @@ def test_a_job_without_lora_keeps_its_engine_arguments_and_fingerprint(adapters)
     before = {"model", "revision", "prompt_format", "system_prompt", "text_column", "id_column", "id_scheme",
               "output_format", "sampling", "engine"}  # the fingerprint's keys before LoRA existed
     plain = make_plan(Config(model="org/model"), cluster={"CPU": 8.0}, resolve_model_files=False)
-    assert set(plain.fingerprint) == before and plain.adapters == {}
+    assert set(plain.fingerprint) == before
     assert not {"enable_lora", "max_loras", "max_lora_rank"} & set(plain.engine_kwargs)
     lora = make_plan(Config(model="org/model", lora={"zero": adapters["zero"]}), cluster={"CPU": 8.0},
                      resolve_model_files=False)
@@ -245,43 +248,49 @@ def test_a_job_without_lora_keeps_its_engine_arguments_and_fingerprint(adapters)
         "enable_lora": True, "max_loras": 2, "max_lora_rank": 8}
 
 
-def test_a_missing_adapter_refuses_the_run_with_exit_2(main_in_process, adapters, tmp_path, capsys):
+def test_a_missing_adapter_refuses_the_run_with_exit_2(main_here, adapters, tmp_path):
     write_jsonl(tmp_path / "in.jsonl", [{"text": CAPITAL}])
-    code = main_in_process("--model", tiny_model_dir(), "--input-path", tmp_path / "in.jsonl", "--concurrency", 1,
-                           "--lora", f"zero={adapters['zero']}", "--lora", f"gone={adapters['missing']}",
-                           "--output-path", tmp_path / "out")
-    assert code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    job = main_here("--model", tiny_model_dir(), "--input-path", tmp_path / "in.jsonl", "--concurrency", 1,
+                    "--lora", f"zero={adapters['zero']}", "--lora", f"gone={adapters['missing']}",
+                    "--output-path", tmp_path / "out")
+    assert job.code == 2
+    assert job.err.strip().splitlines()[-1] == (
         f"error: --lora gone={adapters['missing']}: no adapter_config.json in {adapters['missing']}")
     assert not (tmp_path / "out").exists()
 
 
-def test_preflight_counts_rows_whose_adapter_cannot_be_used(main_in_process, adapters, tmp_path):
+def test_preflight_counts_rows_whose_adapter_cannot_be_used(main_here, adapters, tmp_path):
     write_jsonl(tmp_path / "in.jsonl", [
         {"text": CAPITAL, "lora": "zero"}, {"text": CAPITAL}, {"text": CAPITAL, "lora": "nosuch"},
         {"text": COLORS, "lora": adapters["missing"]}, {"text": COLORS, "lora": adapters["rank32"]}])
-    code = main_in_process("--preflight", "--model", tiny_model_dir(), "--input-path", tmp_path / "in.jsonl",
-                           "--concurrency", 1, "--lora", f"zero={adapters['zero']}",
-                           "--output-path", tmp_path / "out", "--preflight-report-dir", tmp_path / "pre")
+    job = main_here("--preflight", "--model", tiny_model_dir(), "--input-path", tmp_path / "in.jsonl",
+                    "--concurrency", 1, "--lora", f"zero={adapters['zero']}",
+                    "--output-path", tmp_path / "out", "--preflight-report-dir", tmp_path / "pre")
     report = json.loads((tmp_path / "pre" / "preflight.json").read_text())
-    assert code == 1 and report["failing"]["rows"] == 3
+    assert job.code == 1 and report["failing"]["rows"] == 3
     assert report["failing"]["by_reason"] == {"unknown adapter": 3}
 
 
-def test_an_openai_requests_model_names_its_adapter_when_lora_is_on():
+def test_an_openai_requests_model_names_its_adapter_when_lora_is_on(adapters):
     def line(custom_id: str, model: str | None) -> str:
         body = {"messages": [{"role": "user", "content": CAPITAL}], **({"model": model} if model else {})}
         return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
 
-    batch = request_table([request_row(line(i, model), f"in.jsonl:{n}") for n, (i, model) in enumerate(
-        [("adapter", "rand"), ("base", "org/base"), ("none", None), ("other", "gpt-4o-mini")], 1)])
-    registered = {"rand": "/adapters/rand"}
-    assert row_adapters(batch, registered, enabled=True, base_names={"org/base"}) == [
+    rows = request_table([request_row(line(i, model), f"in.jsonl:{n}") for n, (i, model) in enumerate(
+        [("adapter", "rand"), ("base", "org/base"), ("none", None), ("other", "gpt-4o-mini")], 1)]).to_pylist()
+
+    def plan(**config):
+        return make_plan(Config(model="org/base", concurrency=1, **config), cluster={"CPU": 2.0},
+                         resolve_model_files=False)
+
+    on = plan(lora={"rand": adapters["rand"]})
+    [lora] = [part for part in on.parts if isinstance(part, Lora)]
+    assert [lora.adapter(row) for row in rows] == [
         ("rand", None), (None, None), (None, None),
         ("gpt-4o-mini", "unknown adapter 'gpt-4o-mini': body.model names neither the base model nor an adapter "
                         "registered with --lora (rand)")]
-    assert row_adapters(batch, registered, enabled=False) == [(None, None)] * 4  # without LoRA: ignored
-    # The output's (and the OpenAI record's) model is the adapter's name where a row has one.
-    ids = pa.table({"id": ["a", "b"], "prompt_token_ids": pa.array([[1], [2]], pa.list_(pa.int32()))})
-    finished = finish_batch(ids, [{"generated_text": "x"}, {"generated_text": "y"}], "org/base", ["rand", None])
-    assert finished["model"].to_pylist() == ["rand", "org/base"]
+    [off] = [part for part in plan().parts if isinstance(part, Lora)]
+    assert [off.adapter(row) for row in rows] == [(None, None)] * 4  # without LoRA: ignored
+    # The row's model (in the output, and the OpenAI record) is its adapter's name.
+    assert checked_request(rows[0], on.sampling, on.parts).model == "rand"
+    assert checked_request(rows[1], on.sampling, on.parts).model is None  # the job's model answers

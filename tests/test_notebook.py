@@ -1,6 +1,7 @@
 """README.ipynb executed top to bottom by papermill, on CPU with the smoke model (SmolLM2-135M-Instruct):
-it runs, it shows the mechanism (a predictor class and one literal map_batches call), it starts one set
-of engines, and its output is one row per input row, with the ids main.py gives them.
+it runs, it teaches the core first (the predictor class on screen and one literal
+`ds.map_batches(LLMPredictor, ...)` call), then one cell per feature showing what it adds to the chain; it
+starts one set of engines, and its output is one row per input row, with the ids main.py gives them.
 
     .venv/bin/python -m pytest tests/test_notebook.py
 """
@@ -13,6 +14,8 @@ import pytest
 
 from conftest import PROMPTS, REPO, line_ids
 from util.output import OUTPUT_SCHEMA
+
+pytestmark = pytest.mark.engine  # every test here starts vLLM engines
 
 SMOKE_ROWS = 20  # --smoke's limit
 
@@ -48,17 +51,29 @@ def test_the_notebook_writes_one_row_per_input_row_with_mains_ids(notebook):
     assert all(table["generated_text"].to_pylist())
 
 
-def test_the_notebook_shows_a_predictor_class_and_one_literal_map_batches_call(notebook):
+def test_the_notebook_shows_the_predictor_class_and_one_literal_map_batches_call(notebook):
     executed, _ = notebook
     cells = code_cells(executed)
-    classes = [node for cell in cells for node in ast.walk(ast.parse(cell)) if isinstance(node, ast.ClassDef)]
-    assert [c.name for c in classes] == ["Predictor"]
-    assert {f.name for f in classes[0].body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))} == {
-        "__init__", "__call__"}
+    printed = [o.get("text", "") for cell in executed.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert any("class LLMPredictor" not in text and "def __init__(self, model: str" in text and
+               "async def generate(self, request" in text for text in printed)  # the class's own source
     predictor_calls = [call for cell in cells for call in calls(cell, "map_batches")
-                       if call.args and getattr(call.args[0], "id", None) == "Predictor"]
+                       if call.args and getattr(call.args[0], "id", None) == "LLMPredictor"]
     assert len(predictor_calls) == 1
     assert {"compute", "batch_size", "fn_constructor_kwargs"} <= {k.arg for k in predictor_calls[0].keywords}
+    # The core comes first: every feature's cell follows the write.
+    first_feature = next(i for i, cell in enumerate(cells) if "def chain(" in cell)
+    assert [i for i, cell in enumerate(cells) if calls(cell, "write_results")][0] < first_feature
+
+
+def test_each_feature_cell_shows_what_its_part_adds(notebook):
+    executed, _ = notebook
+    printed = "".join(o.get("text", "") for cell in executed.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "embed      needs id, prompt_token_ids, error; adds embedding, error, model" in printed
+    assert "parts: ['Lora', 'StructuredOutput', 'Reasoning', 'Samples']" in printed  # a plain job's: rows may ask
+    assert "'Images'" in printed and "{'image': 1}" in printed  # the vision job's part, and the engine's limit
+    assert "{'enable_lora': True, 'max_loras': 2, 'max_lora_rank': 8}" in printed  # a spare slot on CPU
+    assert "generate messages custom_id openai" in printed  # the OpenAI adapter's columns and records
 
 
 def test_the_notebook_starts_one_set_of_engines_and_reads_the_input_once(notebook):
@@ -69,4 +84,5 @@ def test_the_notebook_starts_one_set_of_engines_and_reads_the_input_once(noteboo
                                                 "materialize", "check_before_run", "scan_input") if calls(cell, name)]
     assert runs.count("write_results") == 1
     assert "check_before_run" not in runs and "scan_input" not in runs  # no second pass over the input
-    assert sum(len(calls(cell, "read_prompts")) for cell in cells) == 2  # the input, and the 4 in-memory rows
+    # The input; the 4 in-memory rows; the OpenAI cell's one-line file.
+    assert sum(len(calls(cell, "read_prompts")) for cell in cells) == 3

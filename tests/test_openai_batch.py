@@ -14,10 +14,9 @@ from openai.types import BatchError
 from openai.types.chat import ChatCompletion
 from openai.types.shared import ErrorObject
 
-from conftest import run_main, scan_error
-from util.openai_batch import output_record, preview, request_row
+from conftest import scan_error
+from util.openai_batch import join_text_parts, output_record, preview, request_row
 from util.output import output_dataset, write_results
-from util.prompt_format import join_text_parts
 from util.reading import read_prompts
 from util.resume import DoneIndex
 from util.scan import scan_input
@@ -170,7 +169,7 @@ def test_a_batch_resumes_on_custom_id(ray_local, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def batch_run(tmp_path_factory):
+def batch_run(run_job, tmp_path_factory):
     folder = tmp_path_factory.mktemp("openai")
     source = folder / "batch_input.jsonl"
     parts = [{"type": "text", "text": "What is the capital of France?"},
@@ -188,7 +187,7 @@ def batch_run(tmp_path_factory):
     out = folder / "out"
     args = ["--smoke", "--input-path", str(source), "--input-format", "openai", "--output-path", str(out),
             "--max-error-fraction", "0.5"]
-    return run_main(*args), out
+    return run_job(*args), out
 
 
 def _records(folder: Path) -> dict[str, dict]:
@@ -198,8 +197,8 @@ def _records(folder: Path) -> dict[str, dict]:
 
 def test_a_batch_file_round_trips_and_joins_back_on_custom_id(batch_run):
     first, out = batch_run
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "summary: 8 rows: 5 ok, 3 errors, 0 already done" in first.stdout
+    assert first.code == 0, first.err[-3000:]
+    assert "summary: 8 rows: 5 ok, 3 errors, 0 already done" in first.out
     output, errors = _records(out), _records(out / "errors")
     assert sorted(output) == ["q-1", "q-2", "q-4", "q-5", "q-7"] and sorted(errors) == ["batch_input.jsonl:3", "q-3", "q-6"]
     for record in output.values():  # each line as the openai package reads an answer

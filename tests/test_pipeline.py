@@ -9,10 +9,8 @@ import pytest
 
 from conftest import done_index
 from util.config import Config
-from util.pipeline import (build_pipeline, check_contracts, formatter_stage, map_stage, pipeline_stages,
-                           predictor_stage, predictor_stage_kwargs)
+from util.pipeline import Stage, build_pipeline, check_contracts, formatter_stage, pipeline_stages, predictor_stage
 from util.plan import make_plan
-from util.preflight import budget_stage
 from util.reading import read_prompts
 from util.resume import DoneIndex
 from util.tiny_model import tiny_model_dir
@@ -41,8 +39,7 @@ def test_the_stages_in_order(plan):
     assert names(pipeline_stages(plan, until="format")) == ["format"]  # --preflight's, then its budget stage
     limited = pipeline_stages(plan_of(limit=3), done)
     assert names(limited) == ["drop_done", "format", "cut_blocks", "predict"]  # after --limit's rows are taken
-    for stages in (limited, pipeline_stages(plan, until="format") + [budget_stage(plan)]):
-        check_contracts(stages, READ)  # the chains the project builds hold
+    check_contracts(limited, READ)  # the chains the project builds hold
 
 
 def test_a_stage_before_the_one_that_adds_its_column_fails_when_the_pipeline_is_built(plan):
@@ -50,21 +47,17 @@ def test_a_stage_before_the_one_that_adds_its_column_fails_when_the_pipeline_is_
         build_pipeline(plan, stages=[predictor_stage(plan), formatter_stage(plan)])
     assert str(info.value) == ("stage 'predict' needs column 'prompt_token_ids', which no stage before it adds "
                                "(it gets: id, text)")
-    with pytest.raises(ValueError) as info:
-        check_contracts([budget_stage(plan), formatter_stage(plan)], READ)
-    assert str(info.value) == ("stage 'budget' needs column 'num_input_tokens', which no stage before it adds "
-                               "(it gets: id, text)")
 
 
 def test_a_column_a_stage_drops_is_gone_for_the_stages_after_it(plan):
-    reads_tokens = map_stage("reads_tokens", needs=("prompt_token_ids",), adds=(), fn=None)
+    reads_tokens = Stage("reads_tokens", needs=("prompt_token_ids",), adds=())
     check_contracts([formatter_stage(plan), reads_tokens], READ)
     with pytest.raises(ValueError) as info:
         check_contracts(pipeline_stages(plan) + [reads_tokens], READ)
     assert str(info.value) == (
         "stage 'reads_tokens' needs column 'prompt_token_ids', which no stage before it adds (it gets: id, text, "
         "prompt, num_input_tokens, error, generated_text, finish_reason, num_generated_tokens, model, "
-        "structured_output_error, completions, logprobs, prompt_logprobs, reasoning_content)")
+        f"time_in_queue_s, time_to_first_token_s, generation_time_s{''.join(', ' + c for c in plan.columns)})")
 
 
 def test_the_formatter_needs_the_text_column(plan):
@@ -87,14 +80,3 @@ def test_rows_already_written_are_dropped_before_the_formatter_with_or_without_l
     assert formatted(plan_of()) == [(ids[0], True), (ids[2], True), (ids[4], True)]
     # --limit 3 takes the first three rows, as the first run did, then drops the one already written.
     assert formatted(plan_of(limit=3)) == [(ids[0], True), (ids[2], True)]
-
-
-@pytest.mark.parametrize("max_concurrency, least, most, tasks_per_replica", [
-    (None, 3, 3, 4),  # --concurrency 3, a fixed pool: each replica gets the batches it runs together
-    (5, 3, 5, 7),  # --concurrency 3-5: 1.75x as many, so that a busy pool shows Ray Data the demand to grow
-])
-def test_the_predict_stage_is_a_fixed_or_an_autoscaling_pool(max_concurrency, least, most, tasks_per_replica):
-    plan = plan_of(concurrency=3, max_concurrency=max_concurrency, batches_in_flight=4)
-    compute = predictor_stage_kwargs(plan)["compute"]
-    assert (compute.min_size, compute.max_size) == (least, most)
-    assert (compute.max_tasks_in_flight_per_actor, compute.max_concurrent_calls_per_actor) == (tasks_per_replica, 4)

@@ -1,9 +1,16 @@
-"""Per-row sampling: a row's own sampling_params (its structured output too) override the job's;
-bad ones fail that row only."""
+"""Per-row sampling: a row's own sampling_params override the job's, and bad ones fail that row only. (Each
+feature's own check of a row is in the feature's tests.)
+
+    .venv/bin/python -m pytest tests/test_predictor.py
+"""
 
 import pyarrow as pa
+import pytest
 
-from util.predictor import finish_batch, row_sampling, rows_sampling
+from util.config import Config
+from util.errors import RowError
+from util.plan import make_plan
+from util.predictor import CORE_COLUMNS, checked_request, finish_batch, row_sampling
 
 JOB = {"temperature": 0.0, "max_tokens": 64, "stop": ["###"]}
 
@@ -15,43 +22,26 @@ def test_row_overrides_win_and_nulls_are_ignored():
     assert row_sampling(JOB, "  ") == JOB
 
 
-def test_rows_refused_earlier_or_with_bad_overrides_become_errors():
-    batch = pa.table({"error": [None, "empty prompt in column 'text'", None],
-                      "sampling_params": ['{"max_tokens": 4}', None, "{not json"]})
-    rows = rows_sampling(batch, JOB)
-    assert rows[0] == (False, {**JOB, "max_tokens": 4})
-    assert rows[1] == (True, "empty prompt in column 'text'")
-    assert rows[2][0] is True and rows[2][1].startswith("invalid sampling_params: Expecting property name")
+@pytest.fixture(scope="module")
+def plan():
+    return make_plan(Config(concurrency=1, max_tokens=64, stop=["###"]), cluster={"CPU": 2.0}, resolve_model_files=False)
 
 
-JOB_JSON = {**JOB, "structured_outputs": {"json": {"type": "object"}}}
+@pytest.mark.parametrize("override, message", [
+    ("[1, 2]", "invalid sampling_params: must be a JSON object, got list"),
+    ("{not json", "invalid sampling_params: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+])
+def test_a_row_with_a_bad_override_fails_alone_saying_why(plan, override, message):
+    with pytest.raises(RowError) as refused:
+        checked_request({"id": "r", "sampling_params": override}, plan.sampling, plan.parts)
+    assert str(refused.value) == message
 
 
-def test_a_rows_structured_output_replaces_the_jobs():
-    assert row_sampling(JOB_JSON, {"max_tokens": 8}) == {**JOB_JSON, "max_tokens": 8}
-    assert row_sampling(JOB_JSON, '{"structured_outputs": {"choice": ["a", "b"]}}') == {
-        **JOB, "structured_outputs": {"choice": ["a", "b"]}}
-    assert row_sampling(JOB_JSON, {"response_format": {"type": "json_object"}}) == {
-        **JOB, "structured_outputs": {"json_object": True}}
-    # No constraint for this row, and nothing left over that SamplingParams would not take.
-    assert row_sampling(JOB_JSON, {"response_format": {"type": "text"}}) == JOB
-    assert row_sampling(JOB, {"structured_outputs": None, "max_tokens": 3}) == {**JOB, "max_tokens": 3}
-
-
-def test_rows_with_a_bad_structured_output_or_a_non_object_become_errors():
-    batch = pa.table({"error": [None, None, None],
-                      "sampling_params": ['{"structured_outputs": {"regex": "a", "choice": ["a"]}}', "[1, 2]",
-                                          '{"response_format": {"type": "json_object"}}']})
-    assert rows_sampling(batch, JOB) == [
-        (True, "invalid sampling_params: structured_outputs must have exactly one of json, regex, choice, "
-               "grammar, json_object; got regex, choice"),
-        (True, "invalid sampling_params: must be a JSON object, got list"),
-        (False, {**JOB, "structured_outputs": {"json_object": True}})]
-
-
-def test_structured_output_error_is_a_string_column_even_when_every_value_is_null():
-    batch = pa.table({"id": ["a", "b"], "prompt_token_ids": [[1], [1]], "error": [None, None]})
-    flagged = finish_batch(batch, [{"generated_text": "{}"}, {"generated_text": "{", "structured_output_error": "cut"}], "m")
-    assert flagged["structured_output_error"].to_pylist() == [None, "cut"]
-    assert finish_batch(batch, [{}, {}], "m").schema.field("structured_output_error").type == pa.string()
-    assert "prompt_token_ids" not in flagged.column_names
+def test_a_refused_rows_columns_are_null_and_the_engines_inputs_are_dropped():
+    batch = pa.table({"id": ["a", "b"], "prompt_token_ids": [[1], [1]], "error": [None, "empty prompt"]})
+    finished = finish_batch(batch, [{"generated_text": "{}", "finish_reason": "stop"}, {"error": "empty prompt"}],
+                            CORE_COLUMNS)
+    assert finished["generated_text"].to_pylist() == ["{}", None]
+    assert finished["num_generated_tokens"].to_pylist() == [0, 0]
+    assert finish_batch(batch, [{}, {}], CORE_COLUMNS).schema.field("finish_reason").type == pa.string()
+    assert "prompt_token_ids" not in finished.column_names

@@ -16,7 +16,6 @@ import pytest
 
 from conftest import write_jsonl
 from util.errors import EMPTY_PROMPT, INVALID_SAMPLING, TOO_LONG, row_error_kind
-from util.predictor import rows_sampling
 from util.preflight import (DEFAULT_TOK_PER_S, PREFLIGHT_FOLDER, estimate, median_of_counts, row_budgets,
                             token_histogram)
 from util.prompt_format import PromptFormatter
@@ -39,9 +38,9 @@ def test_row_error_kinds_of_the_formatters_and_the_predictors_messages():
     formatter = PromptFormatter(tiny_model_dir(), "text", max_model_len=16)
     batch = formatter(pa.table({"id": ["a", "b", "c", "d"], "text": ["Hi", "   ", "word " * 40, "Hi"],
                                 "sampling_params": [None, None, None, '{"max_tokens": 7']}))
-    rows = rows_sampling(batch, {"max_tokens": 20})
-    assert [failed for failed, _ in rows] == [False, True, True, True]
-    assert [row_error_kind(message) for _, message in rows[1:]] == [EMPTY_PROMPT, TOO_LONG, INVALID_SAMPLING]
+    errors = row_budgets(batch, {"max_tokens": 20}, max_model_len=16)["error"].to_pylist()
+    assert errors[0] is None
+    assert [row_error_kind(message) for message in errors[1:]] == [EMPTY_PROMPT, TOO_LONG, INVALID_SAMPLING]
     assert row_error_kind("RuntimeError: the engine died") == "RuntimeError: the engine died"  # its own kind
 
 
@@ -57,6 +56,20 @@ def test_row_budgets_cap_each_rows_max_tokens_by_what_max_model_len_leaves():
     # n samples: each row may generate its max_tokens n times
     sampled = batch.slice(0, 2).set_column(3, "sampling_params", pa.array(['{"n": 3, "temperature": 1}', None]))
     assert row_budgets(sampled, {"max_tokens": 20}, max_model_len=64)["max_output_tokens"].to_pylist() == [60, 4]
+
+
+def test_the_budget_stage_follows_the_formatter_in_the_chain():
+    from util.config import Config
+    from util.pipeline import check_contracts, formatter_stage, pipeline_stages
+    from util.plan import make_plan
+    from util.preflight import budget_stage
+
+    plan = make_plan(Config(concurrency=1, model="m"), cluster={"CPU": 2.0}, resolve_model_files=False)
+    check_contracts(pipeline_stages(plan, until="format") + [budget_stage(plan)], ("id", "text"))
+    with pytest.raises(ValueError) as info:
+        check_contracts([budget_stage(plan), formatter_stage(plan)], ("id", "text"))
+    assert str(info.value) == ("stage 'budget' needs column 'num_input_tokens', which no stage before it adds "
+                               "(it gets: id, text)")
 
 
 def test_token_histogram_ranges_double():

@@ -11,7 +11,8 @@ import pytest
 import ray
 
 from conftest import REPO, h8, scan_error, write_jsonl
-from util.errors import InputError, unwrap_input_error
+from util.errors import InputError, original
+from util.features import registry
 from util.reading import PromptFiles, list_files, read_prompts
 from util.scan import InputScan, scan_input
 
@@ -25,10 +26,10 @@ def rows(ds) -> list[dict]:
 
 
 def input_error(ds) -> InputError:
-    """Run `ds`; the InputError that a worker raised, recovered from what reaches the driver."""
-    with pytest.raises(ray.exceptions.RayTaskError) as info:  # Ray's wrapper: main.py unwraps it
+    """Run `ds`; the InputError that a worker raised, as it reaches the driver: Ray's wrapper holds it."""
+    with pytest.raises(ray.exceptions.RayTaskError) as info:
         ds.take_all()
-    error = unwrap_input_error(info.value)
+    error = original(info.value)
     assert type(error) is InputError
     return error
 
@@ -86,7 +87,7 @@ def test_byte_ranges_give_every_line_once_whatever_the_cut(tmp_path):
     raw = path.read_bytes()
     files, root = list_files(str(path))
     for chunk_bytes in (1, 5, 64, len(raw) - 1, len(raw)):
-        ds = ray.data.read_datasource(PromptFiles(str(path), files, root, "auto", "text", None,
+        ds = ray.data.read_datasource(PromptFiles(str(path), files, root, "auto",
                                                   chunk_bytes=chunk_bytes))
         out = sorted(rows(ds), key=lambda r: int(r["id"].split(":")[1]))
         assert [r["text"] for r in out] == expected, chunk_bytes
@@ -97,7 +98,7 @@ def test_malformed_line_in_a_later_range_names_its_line(tmp_path):
     path = tmp_path / "late.jsonl"
     path.write_text('{"text": "a"}\n' * 50 + '{"text": oops}\n', encoding="utf-8")
     files, root = list_files(str(path))
-    ds = ray.data.read_datasource(PromptFiles(str(path), files, root, "auto", "text", None, chunk_bytes=100))
+    ds = ray.data.read_datasource(PromptFiles(str(path), files, root, "auto", chunk_bytes=100))
     assert str(input_error(ds)) == f"{path}:51: malformed JSON (Expecting value at column 10)"
 
 
@@ -290,34 +291,29 @@ def test_folder_without_input_files(tmp_path):
     assert str(info.value) == f"{tmp_path}: no files ending in .txt, .text, .jsonl, .json, .csv, .parquet, .pq in this folder"
     with pytest.raises(InputError, match=rf"^{tmp_path}: no files ending in \.csv in this folder$"):
         read_prompts(str(tmp_path), input_format="csv")
-    with pytest.raises(InputError, match=r"^unknown input format 'xml'; use auto, text, jsonl, csv, parquet, openai$"):
+    formats = ", ".join(["text", "jsonl", "csv", "parquet", *registry("INPUT_FORMATS")])
+    with pytest.raises(InputError, match=rf"^unknown input format 'xml'; use auto, {formats}$"):
         read_prompts(str(tmp_path), input_format="xml")
 
 
-# --- unwrap_input_error ---
+# --- an InputError, as it reaches the driver ---
 
-def test_unwrap_input_error_when_the_error_surfaces_at_write(tmp_path):
+def test_an_input_error_reaches_the_driver_typed_when_it_surfaces_at_write(tmp_path):
     """main.py's first action on the data is writing it: the error surfaces there, downstream of a map."""
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "a"}\n{oops\n', encoding="utf-8")
     ds = read_prompts(str(path)).map_batches(lambda batch: batch, batch_format="pyarrow")
-    with pytest.raises(Exception) as info:
+    with pytest.raises(InputError) as info:  # Ray's wrapper is an InputError too, and holds the original
         ds.write_parquet(str(tmp_path / "out"))
-    error = unwrap_input_error(info.value)
-    assert str(error) == (f"{path}:2: malformed JSON "
-                          "(Expecting property name enclosed in double quotes at column 2)")
+    error = original(info.value)
+    assert type(error) is InputError and str(error) == (
+        f"{path}:2: malformed JSON (Expecting property name enclosed in double quotes at column 2)")
 
 
-def test_unwrap_input_error_walks_cause_chains_and_ignores_others():
-    original = InputError("f.jsonl:4: malformed JSON")
-    try:
-        try:
-            raise original
-        except InputError as error:
-            raise RuntimeError("wrapped") from error
-    except RuntimeError as wrapped:
-        assert unwrap_input_error(wrapped) is original
-    assert unwrap_input_error(ValueError("something else")) is None
-    assert unwrap_input_error(original) is original
-    assert str(unwrap_input_error(RuntimeError("Traceback ...\nutil.reading.InputError: x.txt:2: bad\n\n"
-                                               "The above exception was the direct cause"))) == "x.txt:2: bad"
+def test_an_input_error_keeps_its_own_message_through_ray():
+    import pickle
+
+    error = InputError("f.jsonl:4: malformed JSON")
+    error.args = (error.args[0] + "\nFailed to read after 1/10 attempts.",)  # Ray Data's retry advice
+    copy = pickle.loads(pickle.dumps(error))  # as Ray hands a worker's exception to the driver
+    assert type(copy) is InputError and str(copy) == str(error) == "f.jsonl:4: malformed JSON"

@@ -11,17 +11,19 @@ import ray
 from bench.scale import StandInPredictor, stand_in_formatter
 from util import columns as col
 from util.config import Config
-from util.pipeline import build_pipeline, pipeline_stages
+from util.pipeline import build_pipeline
 from util.plan import make_plan
 from util.replica_pool import ReplicaPool
 
 
-@pytest.fixture(params=["generate", "embed"])
-def plan(ray_local, tmp_path, request):
-    """Both tasks: the pool's replicas answer the predict stage, or --task embed's embed stage."""
-    cfg = Config(model="stand-in", input_path=None, concurrency=2, batch_size=2, batches_in_flight=2,
-                 task=request.param)
+def plan_of(task: str):
+    cfg = Config(model="stand-in", input_path=None, concurrency=2, batch_size=2, batches_in_flight=2, task=task)
     return make_plan(cfg, resolve_model_files=False)
+
+
+@pytest.fixture
+def plan(ray_local):
+    return plan_of("generate")
 
 
 def test_a_pool_refuses_a_range_of_replicas(ray_local):
@@ -32,8 +34,8 @@ def test_a_pool_refuses_a_range_of_replicas(ray_local):
 
 
 def run_once(plan, pool) -> list[dict]:
-    stages = pipeline_stages(plan, formatter=stand_in_formatter, pool=pool)
-    assert stages[-1].name == {"generate": "predict", "embed": "embed"}[plan.task]
+    stages = pool.stages(plan, formatter=stand_in_formatter)
+    assert stages[-1].name == "predict"
     return build_pipeline(plan, stages=stages).select_columns([col.ID, "replica"]).take_all()
 
 
@@ -50,3 +52,9 @@ def test_a_second_run_on_a_warm_pool_starts_no_engine(plan):
     for replica in replicas:  # shut down: the replicas are gone, and so are their reservations
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(replica.__ray_ready__.remote(), timeout=30)
+
+
+def test_a_pool_for_an_embedding_job_answers_its_embed_stage(ray_local):
+    embed = plan_of("embed")
+    with ReplicaPool(embed, predictor=StandInPredictor) as pool:
+        assert [stage.name for stage in pool.stages(embed, formatter=stand_in_formatter)][-1] == "embed"

@@ -14,9 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ids_in
-from util.output import delete_output, read_results
+from util.output import delete_output
+from util.results import read_results
 from util.report import (PLOT_NAME, REPORT_NAME, ProgressLog, ProgressReporter, build_report, eta_seconds,
-                         format_report, progress_line, throughput_series, write_report)
+                         format_report, progress_line, write_report)
+from util.plots import throughput_series
 
 WRITTEN = {"ok": 9, "error": 1, "input_tokens": 700, "output_tokens": 150}
 
@@ -44,10 +46,10 @@ def test_progress_log_totals_and_snapshot():
     log.replica_ready("b", 12.0)
     log.replica_ready("a", 10.0)
     log.replica_ready("a", 99.0)  # a second call does not move its start
-    log.batch_done("a", 3, 30, 20.0)
-    log.batch_done("b", 2, 25, 21.0)
+    log.rows_done("a", 3, 30, 20.0)
+    log.rows_done("b", 2, 25, 21.0)
     assert log.totals() == {"rows": 5, "output_tokens": 55, "first_ready": 10.0, "replicas": 2}
-    assert log.snapshot() == {"ready": {"a": 10.0, "b": 12.0}, "batches": [("a", 3, 30, 20.0), ("b", 2, 25, 21.0)]}
+    assert log.snapshot() == {"ready": {"a": 10.0, "b": 12.0}, "done": [("a", 3, 30, 20.0), ("b", 2, 25, 21.0)]}
 
 
 def test_the_progress_actor_aggregates_what_the_replicas_report(ray_local):
@@ -62,7 +64,7 @@ def test_the_progress_actor_aggregates_what_the_replicas_report(ray_local):
 
         def run(self, batches):
             for rows, tokens in batches:
-                self.progress.batch_done(rows, tokens)
+                self.progress.rows_done(rows, tokens, flush=True)
             return self.progress.replica
 
     lines = []
@@ -93,7 +95,7 @@ def test_a_replica_finds_no_actor_outside_a_reporting_run(ray_local):
     from util.report import ProgressClient
 
     client = ProgressClient.connect()
-    client.batch_done(3, 30)  # nothing to report to, and no error
+    client.rows_done(3, 30, flush=True)  # nothing to report to, and no error
     assert client.reporting_to is None
 
 
@@ -101,13 +103,13 @@ def synthetic_report() -> dict:
     """Two replicas over 100 s: `a` ready at 10 s, `b` at 12 s; each batch counted when it finished."""
     started = 1_000.0
     snapshot = {"ready": {"a": started + 10, "b": started + 12},
-                "batches": [("a", 4, 200, started + 30), ("b", 3, 150, started + 32), ("a", 2, 100, started + 60),
+                "done": [("a", 4, 200, started + 30), ("b", 3, 150, started + 32), ("a", 2, 100, started + 60),
                             ("b", 1, 50, started + 99.5)]}
     return build_report(snapshot, {"ok": 9, "error": 1, "input_tokens": 700, "output_tokens": 500},
                         started, started + 100, gpus=2)
 
 
-def test_throughput_series_bins_each_batch_when_it_finished():
+def test_throughput_series_bins_each_report_when_it_was_sent():
     series = throughput_series([("a", 2, 50, 101.5), ("b", 1, 30, 101.9), ("a", 1, 20, 109.99)], 100.0, 110.0)
     assert series["bin_s"] == 1.0 and series["start_s"] == [float(i) for i in range(10)]
     assert series["per_replica"]["a"] == [0, 50, 0, 0, 0, 0, 0, 0, 0, 20]

@@ -1,31 +1,27 @@
 """Richer outputs: n samples per row, log-probabilities of the answer and of the prompt, a reasoning
-model's thinking kept apart, per-row timings, and structured output checked per sample. One main.py run
-with the real small model (SmolLM2, util/smol_model.py) serves the whole file, in float32 so that its
-log-probabilities can match transformers'. Its tokenizer gets the think tags `<think>` and `</think>`
-(two unused special tokens renamed), and a regex forces the reasoning shape through guided decoding.
+model's thinking kept apart, per-row timings, and structured output checked per sample (util/samples.py,
+util/reasoning.py, util/structured_output.py). One job on the session's warm engine (SmolLM2 in float32,
+its tokenizer with the think tags `<think>` and `</think>`: conftest.py) serves the whole file, and a regex
+forces the reasoning shape through guided decoding.
 
     .venv/bin/python -m pytest tests/test_richer_outputs.py
 """
 
 import json
-import os
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from openai.types.chat import ChatCompletion
 
-from conftest import run_main
+from util.columns import TIMINGS
 from util.config import Config, parse_args
 from util.openai_batch import output_record
-from util.output import OUTPUT_SCHEMA
-from util.plan import job_sampling
-from util.predictor import finish_batch, row_sampling
-from util.request_output import TIMINGS, timings
+from util.output import OUTPUT_SCHEMA, output_schema
+from util.plan import make_plan
+from util.predictor import CORE_COLUMNS, RowError, checked_request, finish_batch, timings
 
 MAX_TOKENS, TOP_K, PROMPT_K = 16, 3, 2
 THINK = "<think>[a-z ]{20,40}</think>[a-z ]{1,20}"
@@ -47,64 +43,20 @@ ROWS = [
 END_OF_TURN = "<|im_end|>"
 
 
-def think_model_dir(source: str, directory: Path) -> str:
-    """SmolLM2 whose tokenizer spells two unused special tokens (ids 11 and 12) `<think>` and `</think>`,
-    as ordinary tokens, so that deepseek_r1's parser finds them and decoding keeps them. The weights are
-    a link to the original's: the model is the same."""
-    directory.mkdir(parents=True)
-    for path in Path(source).iterdir():
-        if path.name == "model.safetensors":
-            os.symlink(path, directory / path.name)
-        elif path.name != "tokenizer.json":
-            shutil.copy(path, directory / path.name)
-    tokenizer = json.loads((Path(source) / "tokenizer.json").read_text())
-    renames = {"<jupyter_start>": "<think>", "<jupyter_text>": "</think>"}
-    for added in tokenizer["added_tokens"]:
-        if added["content"] in renames:
-            added["content"], added["special"] = renames[added["content"]], False
-    vocab = tokenizer["model"]["vocab"]
-    for old, new in renames.items():
-        vocab[new] = vocab.pop(old)
-    (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
-    return str(directory)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from util.smol_model import smol_model_dir
-
-    return think_model_dir(smol_model_dir(), tmp_path_factory.mktemp("think") / "model")
-
-
-@pytest.fixture(scope="module")
-def rows(model_dir, tmp_path_factory):
+def rows(run_job, tmp_path_factory):
     """The run's output rows by id. Rows carry their sampling_params as JSON text."""
     folder = tmp_path_factory.mktemp("richer")
     lines = [json.dumps({**row, "sampling_params": json.dumps(row["sampling_params"])} if "sampling_params" in row
                         else row) for row in ROWS]
     (folder / "in.jsonl").write_text("\n".join(lines) + "\n")
-    run = run_main("--smoke", "--model", model_dir, "--input-path", folder / "in.jsonl", "--id-column", "id",
-                   "--max-tokens", MAX_TOKENS, "--logprobs", TOP_K, "--prompt-logprobs", PROMPT_K,
-                   "--engine-arg", "dtype=float32", "--output-path", folder / "out",
-                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert run.returncode == 0, run.stdout[-5000:]
-    assert f"summary: {len(ROWS)} rows: {len(ROWS)} ok, 0 errors" in run.stdout, run.stdout[-3000:]
+    job = run_job("--smoke", "--input-path", folder / "in.jsonl", "--id-column", "id", "--max-tokens", MAX_TOKENS,
+                  "--logprobs", TOP_K, "--prompt-logprobs", PROMPT_K, "--output-path", folder / "out")
+    assert job.code == 0, job.err[-5000:]
+    assert f"summary: {len(ROWS)} rows: {len(ROWS)} ok, 0 errors" in job.out, job.out[-3000:]
     table = pq.read_table(folder / "out")
     assert table.schema.names[:len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
     return {row["id"]: row for row in table.to_pylist()}
-
-
-@pytest.fixture(scope="module")
-def hf_model(model_dir):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # One thread: on a busy 2-core machine torch's two OpenMP threads wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    yield model, AutoTokenizer.from_pretrained(model_dir)
-    torch.set_num_threads(threads)
 
 
 def spelled(tokens: list[dict]) -> str:
@@ -220,11 +172,15 @@ def test_bad_flag_values_are_refused(kwargs, message):
     assert str(refused.value) == message
 
 
+def sampling_of(**config) -> dict:
+    return make_plan(Config(concurrency=1, **config), cluster={"CPU": 2.0}, resolve_model_files=False).sampling
+
+
 def test_the_flags_enter_the_jobs_sampling_only_when_given():
-    assert not {"n", "logprobs", "prompt_logprobs", "reasoning_parser"} & set(job_sampling(Config()))
-    cfg = Config(n=3, temperature=0.7, logprobs=0, prompt_logprobs=1, reasoning_parser="deepseek_r1",
-                 engine_arg={"max_logprobs": 50})
-    assert {k: job_sampling(cfg)[k] for k in ("n", "logprobs", "prompt_logprobs", "reasoning_parser")} == {
+    assert not {"n", "logprobs", "prompt_logprobs", "reasoning_parser"} & set(sampling_of())
+    sampling = sampling_of(n=3, temperature=0.7, logprobs=0, prompt_logprobs=1, reasoning_parser="deepseek_r1",
+                           engine_arg={"max_logprobs": 50})
+    assert {k: sampling[k] for k in ("n", "logprobs", "prompt_logprobs", "reasoning_parser")} == {
         "n": 3, "logprobs": 0, "prompt_logprobs": 1, "reasoning_parser": "deepseek_r1"}
     assert Config(logprobs=50, engine_arg={"max_logprobs": 50}).logprobs == 50
 
@@ -239,21 +195,26 @@ def test_an_unknown_reasoning_parser_exits_2_before_anything_starts(capsys):
 
 
 def test_row_overrides_of_n_and_reasoning_parser_are_checked():
-    job = {"temperature": 0.0, "max_tokens": 8}
-    assert row_sampling(job, {"n": 2, "temperature": 0.5}) == {"temperature": 0.5, "max_tokens": 8, "n": 2}
-    with pytest.raises(ValueError) as greedy:
-        row_sampling(job, {"n": 2})
-    assert str(greedy.value) == "n=2 needs temperature > 0: greedy sampling gives one answer"
-    with pytest.raises(ValueError) as unknown:
-        row_sampling(job, {"reasoning_parser": "r1"})
-    assert str(unknown.value).startswith("reasoning_parser: unknown reasoning parser 'r1'; vLLM ")
+    plan = make_plan(Config(concurrency=1, temperature=0.0, max_tokens=8), cluster={"CPU": 2.0}, resolve_model_files=False)
+
+    def request(override: dict):
+        return checked_request({"id": "r", "sampling_params": override}, plan.sampling, plan.parts)
+
+    accepted = request({"n": 2, "temperature": 0.5})
+    assert (accepted.sampling["n"], accepted.sampling["temperature"], accepted.sampling["max_tokens"]) == (2, 0.5, 8)
+    with pytest.raises(RowError) as greedy:
+        request({"n": 2})
+    assert str(greedy.value) == "invalid sampling_params: n=2 needs temperature > 0: greedy sampling gives one answer"
+    with pytest.raises(RowError) as unknown:
+        request({"reasoning_parser": "r1"})
+    assert str(unknown.value).startswith("invalid sampling_params: reasoning_parser: unknown reasoning parser 'r1'; vLLM ")
 
 
 def test_without_metrics_the_timings_are_null_columns_not_missing():
-    import pyarrow as pa
-
+    plan = make_plan(Config(concurrency=1), cluster={"CPU": 2.0}, resolve_model_files=False)
     assert timings(None) == dict.fromkeys(TIMINGS)
     batch = pa.table({"id": ["a"], "prompt_token_ids": [[1]], "error": [None]})
-    table = finish_batch(batch, [{"generated_text": "x", **timings(None)}], "m")
+    table = finish_batch(batch, [{"generated_text": "x", **timings(None)}], {**CORE_COLUMNS, **plan.columns})
+    schema = output_schema(plan.columns)
     for name in (*TIMINGS, "completions", "logprobs", "prompt_logprobs", "reasoning_content"):
-        assert table[name].type == OUTPUT_SCHEMA.field(name).type and table[name].to_pylist() == [None], name
+        assert table[name].type == schema.field(name).type and table[name].to_pylist() == [None], name

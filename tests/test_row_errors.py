@@ -1,6 +1,6 @@
 """Rows that cannot be generated become error rows with a reason; the job goes on.
 
-One real run (CPU engine, the --smoke model) over 8 rows, 6 of them bad in every per-row way there is:
+One real job (on the session's warm engine: conftest.py) over 8 rows, 6 of them bad in every per-row way there is:
 refused by the formatter (empty, too long) or by the engine (invalid sampling values). Where error rows
 are written (errors/), the error budget's exit code 1, and a re-run of a finished job are tested without
 an engine in test_output.py, and with one in test_end_to_end.py.
@@ -11,7 +11,6 @@ import json
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import run_main
 
 ROWS = [
     {"id": "good-1", "text": "Tell me a story."},
@@ -26,21 +25,21 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def bad_rows_run(tmp_path_factory):
+def bad_rows_run(run_job, tmp_path_factory):
     folder = tmp_path_factory.mktemp("row-errors")
     source = folder / "prompts.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     out = folder / "out"
     # Every failed row is allowed: the run itself must go through.
-    run = run_main("--smoke", "--input-path", source, "--id-column", "id", "--output-path", out,
-                   "--max-error-fraction", "1")
-    return run, out
+    job = run_job("--smoke", "--input-path", source, "--id-column", "id", "--output-path", out,
+                  "--max-error-fraction", "1")
+    return job, out
 
 
 def test_every_bad_row_becomes_an_error_row_with_a_reason(bad_rows_run):
-    run, out = bad_rows_run
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "summary: 8 rows: 2 ok, 6 errors, 0 already done" in run.stdout
+    job, out = bad_rows_run
+    assert job.code == 0, job.err[-3000:]
+    assert "summary: 8 rows: 2 ok, 6 errors, 0 already done" in job.out
     rows = {row["id"]: row for row in pads.dataset(out, format="parquet").to_table().to_pylist()}
     assert sorted(rows) == sorted(r["id"] for r in ROWS)  # every row once, none lost
     errors = {i: r["error"] for i, r in rows.items() if r["error"] is not None}

@@ -7,9 +7,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.harness
 def test_one_file_spreads_over_four_replicas_and_resumes_exactly_once(tmp_path):
     rows = 20_000
     command = [sys.executable, "-m", "bench.scale", "--rows", str(rows), "--files", "1", "--replicas", "4",

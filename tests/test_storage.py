@@ -13,7 +13,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from conftest import h8
-from util.output import OUTPUT_SCHEMA, read_results, summarize, write_results
+from util.output import OUTPUT_SCHEMA, write_results
+from util.results import read_results, summarize
 from util.reading import read_prompts
 from util.storage import S3Location, generate_output_path, resolve, s3_location
 

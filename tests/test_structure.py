@@ -1,23 +1,46 @@
-"""The project's shape: the import graph of main.py and util/ stays shallow (at most 6 modules from main.py
-down to a module that imports no other), so a reader follows any call in a few hops, and has no cycle.
+"""The project's shape: a core that every job imports, and the optional features, each a module the core
+never imports (util/features.py).
+
+- main.py's module-level import closure within the repo (the core) holds no feature module, and is at most
+  CORE_LINES lines; no core module imports a feature, even inside a function;
+- the import graph of main.py and util/ is shallow (at most 6 modules from main.py down to a module that
+  imports no other), so a reader follows any call in a few hops, and has no cycle;
+- with every feature module made unimportable (tests/no_features), the core's tests pass, and
+  `main.py --smoke` runs and writes its rows.
 
     .venv/bin/python -m pytest tests/test_structure.py
 """
 
 import ast
 import functools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
+import pytest
+
 from conftest import REPO
+from util.features import FEATURES
+
 MOST_MODULES_DEEP = 6
+CORE_LINES = 2500
+NO_FEATURES = REPO / "tests" / "no_features"
+# The core's own tests: none of them needs a feature (each feature's tests are in its own file).
+CORE_TESTS = ["test_config.py", "test_plan.py", "test_pipeline.py", "test_predictor.py", "test_prompt_format.py",
+              "test_validation.py"]
 
 
-def util_imports(path: Path) -> set[str]:
-    """The util modules a file imports anywhere (in functions too), except under `if TYPE_CHECKING:`."""
+def util_imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """The util modules a file imports: at module level (in `if` and `try` blocks too), or anywhere, in
+    functions too, except under `if TYPE_CHECKING:`."""
     found = set()
 
-    def visit(node):
+    def visit(node, depth: int):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
             return
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("util."):
             found.add(node.module.split(".")[1])
@@ -26,16 +49,32 @@ def util_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("util."))
         for child in ast.iter_child_nodes(node):
-            visit(child)
+            visit(child, depth + 1)
 
-    visit(ast.parse(path.read_text()))
+    visit(ast.parse(path.read_text()), 0)
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    graph = {path.stem: util_imports(path) for path in (REPO / "util").glob("*.py") if path.stem != "__init__"}
-    graph["main"] = util_imports(REPO / "main.py")
+def module_path(name: str) -> Path:
+    return REPO / "main.py" if name == "main" else REPO / "util" / f"{name}.py"
+
+
+def import_graph(top_level_only: bool = False) -> dict[str, set[str]]:
+    graph = {path.stem: util_imports(path, top_level_only) for path in (REPO / "util").glob("*.py")
+             if path.stem != "__init__"}
+    graph["main"] = util_imports(REPO / "main.py", top_level_only)
     return graph
+
+
+def core() -> set[str]:
+    """main.py and the util modules its module-level imports reach."""
+    graph, seen, todo = import_graph(top_level_only=True), set(), ["main"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += sorted(graph[module] - seen)
+    return seen
 
 
 def longest_chain(graph: dict[str, set[str]], start: str = "main") -> list[str]:
@@ -48,6 +87,22 @@ def longest_chain(graph: dict[str, set[str]], start: str = "main") -> list[str]:
     return list(chain(start, frozenset()))
 
 
+FEATURE_NAMES = {name.split(".")[1] for name in FEATURES}
+
+
+def test_the_core_holds_no_feature_and_reads_in_an_hour():
+    modules = core()
+    assert not modules & FEATURE_NAMES, sorted(modules & FEATURE_NAMES)
+    lines = sum(len(module_path(name).read_text().splitlines()) for name in modules)
+    assert lines <= CORE_LINES, f"the core is {lines} lines in {len(modules)} files: {sorted(modules)}"
+
+
+def test_no_core_module_imports_a_feature_even_inside_a_function():
+    graph = import_graph()
+    imports = {name: sorted(graph[name] & FEATURE_NAMES) for name in core() if graph[name] & FEATURE_NAMES}
+    assert imports == {}
+
+
 def test_longest_import_chain_is_at_most_six_modules():
     chain = longest_chain(import_graph())
     assert len(chain) <= MOST_MODULES_DEEP, " -> ".join(chain)
@@ -57,7 +112,33 @@ def test_the_chain_is_measured_through_imports_inside_functions():
     graph = {"main": {"a"}, "a": {"b"}, "b": set()}
     assert longest_chain(graph) == ["main", "a", "b"]
     assert "tiny_model" in util_imports(REPO / "util" / "smol_model.py")
+    assert "smol_model" not in util_imports(REPO / "util" / "config.py", top_level_only=True)
+
+
+def without_features() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(NO_FEATURES), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.mark.harness
+def test_the_cores_tests_pass_with_every_feature_deleted():
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-m", "not engine and not harness",
+                          *(f"tests/{name}" for name in CORE_TESTS)], cwd=REPO, env=without_features(),
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-5000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout and "skipped" not in run.stdout
+
+
+@pytest.mark.engine
+def test_the_smoke_job_runs_with_every_feature_deleted(tmp_path):
+    run = subprocess.run([sys.executable, "main.py", "--smoke", "--limit", "3", "--output-path", str(tmp_path / "out")],
+                         cwd=REPO, env=without_features(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert "summary: 3 rows: 3 ok, 0 errors, 0 already done" in run.stdout
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == 3 and all(table["generated_text"].to_pylist())
+    assert not {"completions", "logprobs", "structured_output_error"} & set(table.column_names)  # no feature's columns
 
 
 if __name__ == "__main__":
     print(" -> ".join(longest_chain(import_graph())))
+    print(sorted(core()), sum(len(module_path(name).read_text().splitlines()) for name in core()))

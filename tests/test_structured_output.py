@@ -1,22 +1,25 @@
-"""Structured output: the flags, a row's own spec, the check of each row's text, and guided decoding
-on the real engine with a real model (SmolLM2-135M-Instruct, util/smol_model.py). The engine starts
-once, in this process, for the whole file.
+"""Structured output (util/structured_output.py): the flags, a row's own spec, the check of each row's text,
+and guided decoding on the real engine with a real model: jobs on the session's warm engine (SmolLM2, with
+compact JSON: conftest.py), each guided to PERSON by --json-schema, read from a file.
 
     .venv/bin/python -m pytest tests/test_structured_output.py
 """
 
-import asyncio
 import json
-import os
 import re
 
 import jsonschema
-import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from conftest import write_jsonl
+from util import storage
 from util.config import Config, parse_args
-from util.plan import job_sampling
-from util.structured_output import output_error, row_spec
+from util.errors import RowError
+from util.pipeline import pipeline_stages, predictor_stage
+from util.plan import make_plan
+from util.predictor import checked_request
+from util.structured_output import output_error, read_json_schema, row_spec
 
 # Small enough for a 135M model to finish well within max_tokens.
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "ok", "n"],
@@ -28,7 +31,14 @@ PROMPTS = ["Describe a person.", "Who are you?", "Tell me about Ada.", "Name som
            "A friend of yours?", "Write JSON.", "Fill in the form.", "Hello"]
 
 
+SMALL = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
+
+
 # --- the job's flags ---
+
+def job_sampling(cfg: Config) -> dict:
+    return make_plan(cfg, cluster={"CPU": 8.0}, resolve_model_files=False).sampling
+
 
 def test_each_flag_becomes_the_jobs_spec_and_part_of_its_sampling(tmp_path):
     def spec(cfg: Config) -> dict:
@@ -66,6 +76,45 @@ def test_bad_flags_are_refused_at_start_naming_the_flag(kwargs, message):
     with pytest.raises(ValueError) as refused:
         Config(**kwargs)
     assert str(refused.value) == message
+
+
+# --- a --json-schema file is read once, by the plan ---
+
+def test_the_plan_reads_a_json_schema_file_once(tmp_path, monkeypatch):
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(SMALL))
+    opened, resolve = [], storage.resolve
+    monkeypatch.setattr(storage, "resolve", lambda uri: opened.append(uri) or resolve(uri))  # the file opened
+    cfg = Config(json_schema=str(schema), concurrency=1, model="m")
+    assert opened == []  # the Config checks the flags, but reads no file
+    plan = make_plan(cfg, cluster={"CPU": 8.0}, resolve_model_files=False)
+    schema.unlink()  # what the stages and the manifest need is in the plan
+    stages = pipeline_stages(plan)
+    assert predictor_stage(plan).map_batches["fn_constructor_kwargs"]["sampling"] == plan.sampling
+    assert opened == [str(schema)]
+    assert [s.name for s in stages] == ["format", "cut_blocks", "predict"]
+    assert plan.sampling["structured_outputs"] == {"json": SMALL}
+    assert plan.fingerprint["sampling"]["structured_outputs"] == {"json": SMALL}
+
+
+def test_a_missing_schema_file_refuses_the_run_with_exit_2(main_in_process, tmp_path, capsys):
+    """The Config takes a schema file's name; the plan reads it, once, before anything else runs."""
+    from util.tiny_model import tiny_model_dir
+
+    assert main_in_process("--model", tiny_model_dir(), "--concurrency", "1", "--json-schema",
+                           tmp_path / "no-schema.json", "--output-path", tmp_path / "out") == 2
+    assert capsys.readouterr().err == (f"error: --json-schema: no such file {tmp_path}/no-schema.json (pass a schema "
+                                       "inline or a .json file)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_schema_file_that_is_not_json_is_refused_naming_it(tmp_path):
+    bad = tmp_path / "schema.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError) as refused:
+        read_json_schema(str(bad))
+    assert str(refused.value) == (f"--json-schema: {bad} is not valid JSON: Expecting property name enclosed in "
+                                  "double quotes: line 1 column 2 (char 1)")
 
 
 # --- a row's own spec ---
@@ -114,6 +163,37 @@ def test_an_invalid_row_spec_says_what_is_wrong(override, message):
     assert str(refused.value) == message
 
 
+@pytest.fixture(scope="module")
+def schema_plan():
+    """A job with a JSON schema: every row's spec, unless it has its own."""
+    return make_plan(Config(concurrency=1, max_tokens=64, stop=["###"], json_schema='{"type": "object"}'),
+                     cluster={"CPU": 2.0}, resolve_model_files=False)
+
+
+def checked(plan, override) -> dict:
+    return checked_request({"id": "r", "sampling_params": override}, plan.sampling, plan.parts).sampling
+
+
+def test_a_rows_spec_replaces_the_jobs_in_its_sampling(schema_plan):
+    job = {k: schema_plan.sampling[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed")}
+    schema = {"structured_outputs": {"json": {"type": "object"}}}
+    assert checked(schema_plan, {"max_tokens": 8}) == {**job, **schema, "max_tokens": 8}
+    assert checked(schema_plan, '{"structured_outputs": {"choice": ["a", "b"]}}') == {
+        **job, "structured_outputs": {"choice": ["a", "b"]}}
+    assert checked(schema_plan, {"response_format": {"type": "json_object"}}) == {
+        **job, "structured_outputs": {"json_object": True}}
+    # No constraint for this row, and nothing left over that SamplingParams would not take.
+    assert checked(schema_plan, {"response_format": {"type": "text"}}) == job
+    assert checked(schema_plan, {"structured_outputs": None, "max_tokens": 3}) == {**job, **schema, "max_tokens": 3}
+
+
+def test_a_row_with_a_bad_spec_fails_alone_saying_why(schema_plan):
+    with pytest.raises(RowError) as refused:
+        checked(schema_plan, '{"structured_outputs": {"regex": "a", "choice": ["a"]}}')
+    assert str(refused.value) == ("invalid sampling_params: structured_outputs must have exactly one of json, regex, "
+                                  "choice, grammar, json_object; got regex, choice")
+
+
 # --- the check of a row's text ---
 
 def test_output_error_flags_text_that_does_not_conform():
@@ -140,51 +220,27 @@ def test_output_error_flags_text_that_does_not_conform():
 # --- guided decoding on the real engine ---
 
 @pytest.fixture(scope="module")
-def generate(tmp_path_factory):
-    """Runs rows through one LLMPredictor: the job guides every row to PERSON, read from a file."""
-    from vllm.config import StructuredOutputsConfig
-
-    from util.predictor import LLMPredictor
-    from util.prompt_format import PromptFormatter
-    from util.smol_model import smol_model_dir
-    from util.engine import CPU_ENV_VARS, engine_kwargs
-
-    model = smol_model_dir()
-    schema_file = tmp_path_factory.mktemp("schema") / "person.json"
+def generate(run_job, tmp_path_factory):
+    """Runs rows through one job guided to PERSON (a --json-schema file) with at most 48 tokens a row."""
+    folder = tmp_path_factory.mktemp("structured")
+    schema_file = folder / "person.json"
     schema_file.write_text(json.dumps(PERSON))
-    cfg = Config(model=model, json_schema=str(schema_file), max_tokens=48, concurrency=1)
-    # A 135M model, greedy, can fall into a loop of newlines wherever JSON allows whitespace: asked
-    # "Who are you?" under PERSON it wrote 22 of them and was cut off at 48 tokens (finish_reason length,
-    # "not valid JSON: Expecting value: line 23 column 1"). Compact JSON keeps every row within max_tokens.
-    kwargs = {**engine_kwargs(cfg, use_gpu=False),
-              "structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)}
-    saved = {name: os.environ.get(name) for name in CPU_ENV_VARS}
-    os.environ.update(CPU_ENV_VARS)
-    loop = asyncio.new_event_loop()
-    predictor = LLMPredictor(model, kwargs, job_sampling(cfg))
-    formatter = PromptFormatter(model, "text")
+    runs = []
 
-    def run(sampling_params=None, texts=PROMPTS) -> list[dict]:
-        columns = {"id": [f"row-{i}" for i in range(len(texts))], "text": texts}
-        if sampling_params is not None:
-            columns["sampling_params"] = sampling_params
-        return loop.run_until_complete(predictor(formatter(pa.table(columns)))).to_pylist()
+    def run(sampling_params=None, texts=PROMPTS, *flags) -> list[dict]:
+        name = f"run{len(runs)}"
+        rows = [{"id": f"row-{i}", "text": text} for i, text in enumerate(texts)]
+        for row, override in zip(rows, sampling_params or []):
+            if override is not None:
+                row["sampling_params"] = override
+        write_jsonl(folder / f"{name}.jsonl", rows)
+        job = run_job("--input-path", folder / f"{name}.jsonl", "--id-column", "id", "--output-path", folder / name,
+                      "--json-schema", schema_file, "--max-tokens", 48, "--max-error-fraction", 1, *flags)
+        runs.append(job)
+        assert job.code == 0, job.err[-3000:]
+        return sorted(pq.read_table(folder / name).to_pylist(), key=lambda row: int(row["id"].split("-")[1]))
 
-    try:
-        yield run
-    finally:
-        predictor.shutdown()  # now, not at interpreter exit, where vLLM's __del__ would find its modules gone
-        # The engine's output tasks live on this loop: end them before closing it.
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return run
 
 
 def test_the_jobs_json_schema_guides_every_row(generate):
@@ -198,7 +254,7 @@ def test_the_jobs_json_schema_guides_every_row(generate):
 def test_a_choice_list_yields_only_those_choices(generate):
     choices = ["yes", "no", "maybe not"]
     spec = job_sampling(parse_args(["--choice", "yes", "--choice", "no", "--choice", "maybe not"]))["structured_outputs"]
-    rows = generate([json.dumps({"structured_outputs": spec})] * len(PROMPTS))  # as --choice guides every row
+    rows = generate([json.dumps({"structured_outputs": spec})] * len(PROMPTS))  # as --choice would guide every row
     assert len(rows) == len(PROMPTS)
     assert all(r["error"] is None and r["structured_output_error"] is None for r in rows)
     assert {r["generated_text"] for r in rows} <= set(choices)
@@ -213,7 +269,7 @@ def test_per_row_overrides_as_a_struct_column_like_jsonl_input(generate):
         {"response_format": {"type": "json_object"}, "max_tokens": 2},
         {"response_format": {"type": "text"}, "max_tokens": 8},  # no constraint, though the job has one
     ]
-    rows = generate(pa.array(overrides), PROMPTS[:len(overrides)])
+    rows = generate(overrides, PROMPTS[:len(overrides)])
     assert [r["error"] for r in rows] == [None] * len(overrides)
     job, regex, color, json_object, text = rows
     jsonschema.validate(json.loads(job["generated_text"]), PERSON)

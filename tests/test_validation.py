@@ -7,7 +7,7 @@ own refusals (a file's malformed line, a missing column, duplicate ids) are in t
 Ray runs locally (`ray_local`), S3 is moto's server (`s3_bucket`). Permission cases run in a child
 process with permission bits in force: root ignores them, so as root the child drops the two
 capabilities that let it (`setpriv`, from util-linux). main.py's refusals run it in this process
-(`main_in_process`), and once as a subprocess, with the tiny local model; none may reach the pipeline.
+(`main_in_process`, `main_here`), with the tiny local model; none may reach the pipeline.
 """
 
 import json
@@ -21,12 +21,13 @@ import boto3
 import pytest
 
 import main
-from conftest import REPO, done_index, run_main, write_jsonl
-from util import hf_token
+from conftest import REPO, done_index, write_jsonl
+from util import workers as hf_token
 from util.config import Config, parse_args
 from util.errors import InputError
-from util.hf_token import prompt_for_hugging_face_token
-from util.output import check_output_writable, output_dataset
+from util.workers import prompt_for_hugging_face_token
+from util.output import output_dataset
+from util.storage import check_output_writable
 from util.reading import read_prompts, row_id
 from util.resume import DoneIndex
 from util.scan import InputScan, scan_input
@@ -123,7 +124,7 @@ def test_output_path_in_a_read_only_folder_leaves_nothing(tmp_path, locked):
     messages = run_with_permissions(f"""
 import json
 from util.errors import InputError
-from util.output import check_output_writable
+from util.storage import check_output_writable
 messages = []
 for path in ("{tmp_path}", "{tmp_path}/out/deeper"):
     try:
@@ -229,9 +230,6 @@ def refused_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "engine_arg": (["--engine-arg", "max_num_seqz=4", "--engine-arg", "max_num_seqs=8"],
                        "unknown --engine-arg key(s): max_num_seqz; see vLLM's EngineArgs"),
-        # The Config takes a schema file's name; the plan reads it, once.
-        "schema_file": (["--json-schema", str(tmp_path / "no-schema.json")],
-                        f"--json-schema: no such file {tmp_path}/no-schema.json (pass a schema inline or a .json file)"),
         "missing_path": (["--input-path", str(tmp_path / "nothing.txt")], f"{tmp_path}/nothing.txt: no such file or folder"),
         "empty_file": (["--input-path", str(empty)], f"{empty}: empty file, no prompts in it"),
         "output_not_writable": (["--output-path", str(tmp_path / "file" / "out")],
@@ -241,13 +239,12 @@ def refused_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["engine_arg", "schema_file", "missing_path", "empty_file", "output_not_writable",
-                                  "missing_column"])
+@pytest.mark.parametrize("case", ["engine_arg", "missing_path", "empty_file", "output_not_writable", "missing_column"])
 def test_main_refuses_bad_input_with_exit_code_2(case, main_in_process, tmp_path, monkeypatch, capsys):
     def no_pipeline(*args, **kwargs):
         raise AssertionError("a refused run built its pipeline")
 
-    monkeypatch.setattr(main, "build_pipeline", no_pipeline)
+    monkeypatch.setattr(main, "read_input", no_pipeline)
     args, message = refused_cases(tmp_path)[case]
     output = tmp_path / "out"
     if "--output-path" not in args:
@@ -257,17 +254,17 @@ def test_main_refuses_bad_input_with_exit_code_2(case, main_in_process, tmp_path
     assert not output.exists()
 
 
-def test_main_py_refuses_duplicate_ids_with_exit_code_2_before_any_engine_starts(tmp_path):
-    """The refusal as a process gives it: exit code 2, `error: ...` last on stderr. Duplicate ids are
-    found by the distributed scan, on Ray's workers."""
+def test_main_refuses_duplicate_ids_with_exit_code_2_before_any_engine_starts(main_here, tmp_path, monkeypatch):
+    """Duplicate ids are found by the distributed scan, on Ray's workers; the refusal reaches the driver as
+    exit code 2 and `error: ...` on stderr, before the pipeline (and its engines) is built."""
+    monkeypatch.setattr(main, "read_input", lambda *args, **kwargs: pytest.fail("a refused run built its pipeline"))
     folder = tmp_path / "in"
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", [{"uid": "x", "text": "a"}])
     write_jsonl(folder / "b.jsonl", [{"uid": "x", "text": "b"}])
     output = tmp_path / "out"
-    run = run_main("--model", tiny_model_dir(), "--concurrency", "1", "--input-path", folder, "--id-column", "uid",
-                   "--output-path", output)
-    assert run.returncode == 2, run.stderr[-3000:]
-    assert run.stderr.splitlines()[-1] == "error: duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:1"
+    job = main_here("--model", tiny_model_dir(), "--concurrency", "1", "--input-path", folder, "--id-column", "uid",
+                    "--output-path", output)
+    assert job.code == 2, job.err[-3000:]
+    assert job.err.splitlines()[-1] == "error: duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:1"
     assert not output.exists()
-    assert "Initializing a V1 LLM engine" not in run.stdout + run.stderr  # refused before any engine started

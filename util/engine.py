@@ -1,68 +1,93 @@
-"""vLLM's engine arguments for a replica, and where Ray puts the replica.
+"""vLLM's engine arguments for a replica, and where Ray puts the replica: which GPU, how many.
 
-    from util.engine import engine_kwargs, replica_placement
-    kwargs = engine_kwargs(cfg, use_gpu=True)                 # {"max_model_len": 16832, "seed": 0, ...}
-    ds.map_batches(..., **replica_placement(cfg, choice, kwargs))    # num_gpus=1, or a placement group
-    with engine_process_forked(kwargs):                       # in the replica, around the engine's start
-        engine = AsyncLLM.from_engine_args(...)
+    choice = choose_accelerator("auto")      # or "A10G", "L4", "H100", "any"; after ray.init()
+    kwargs = engine_kwargs(cfg, use_gpu=choice.use_gpu)       # {"max_model_len": 16832, "seed": 0, ...}
+    ds.map_batches(..., **choice.ray_remote_args(gpus_per_replica=1))     # num_gpus=1, accelerator_type
 
-Engine arguments, lowest precedence first: vLLM's defaults, the per-model table (util/models.py),
-the replica's parallelism, CPU settings when no GPU is present, LoRA's (util/lora.py, resolved by the
-plan), then the user's --engine-arg keys.
+"auto" means an A10G-class (24 GB) GPU: "A10G" on AWS, "L4" on GCP. What the cluster advertises wins; the
+cloud's metadata server is asked when it advertises none (util/cloud.py); None means "any GPU will do".
+
+Engine arguments, lowest precedence first: vLLM's defaults, the per-model table (util/models.py), CPU
+settings when no GPU is present, the job's features' (a replica's parallelism: util/parallel.py), the
+user's --engine-arg.
 """
 
-import contextlib
 import dataclasses
-import functools
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import ray
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from util.models import engine_defaults
+from util.resources import CPU_REPLICA_CPUS
 
 if TYPE_CHECKING:
-    from util.accelerator import AcceleratorChoice
     from util.config import Config
 
-# Engine defaults per GPU type, where measured (BENCHMARKS.md): on a 141 GB H200, 2,048 sequences at
-# once gave 7% more output tokens/s than vLLM's 1,024 for a 7B model. Other GPUs keep vLLM's defaults.
+# Engine defaults per GPU type, where measured (BENCHMARKS.md): on a 141 GB H200, 2,048 sequences at once
+# gave 7% more output tokens/s than vLLM's 1,024 for a 7B model. Other GPUs keep vLLM's defaults.
 GPU_ENGINE_DEFAULTS = {"H200": {"max_num_seqs": 2048}}
 VLLM_MAX_NUM_SEQS = 1024  # vLLM's offline default on a large GPU, when the engine arguments name none
-
-# On CPU the KV cache lives in RAM: keep it small enough for a laptop or a CI runner.
-CPU_ENV_VARS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+CPU_ENV_VARS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # on CPU the KV cache lives in RAM: a laptop's or a CI runner's
 CPU_ENGINE_KWARGS = {"max_model_len": 2048, "max_num_seqs": 32, "enforce_eager": True,
                      "gpu_memory_utilization": 0.3}  # on CPU: the share of RAM vLLM may take
 
 
-def valid_engine_keys() -> set[str]:
+def advertised_accelerator_types(cluster_resources: dict) -> list[str]:
+    """The accelerator types Ray nodes advertise, e.g. ["A10G"] from {"accelerator_type:A10G": 1.0}."""
+    return sorted(k.split(":", 1)[1] for k in cluster_resources if k.startswith("accelerator_type:"))
+
+
+@dataclass(frozen=True)
+class AcceleratorChoice:
+    use_gpu: bool
+    accelerator_type: str | None  # None: no constraint, any GPU node will do
+    num_gpus_in_cluster: float
+
+    def ray_remote_args(self, gpus_per_replica: float) -> dict:
+        """Resource kwargs for Ray Data `map_batches` (one replica = one vLLM engine)."""
+        if not self.use_gpu:  # a share of a CPU: vLLM runs its own threads, and the data tasks need the rest
+            return {"num_cpus": CPU_REPLICA_CPUS}
+        return {"num_gpus": gpus_per_replica, **({"accelerator_type": self.accelerator_type} if self.accelerator_type else {})}
+
+
+def choose_accelerator(requested_type: str | None = None, cluster_resources: dict | None = None,
+                       timeout_s: float = 1.0) -> AcceleratorChoice:
+    """GPU or CPU, and which accelerator_type to require: "auto" (A10G-class), "any", or a Ray type name.
+    ValueError for a type the cluster does not advertise (Ray would queue the replicas forever)."""
+    cluster_resources = ray.cluster_resources() if cluster_resources is None else cluster_resources
+    num_gpus = float(cluster_resources.get("GPU", 0))
+    if num_gpus <= 0:
+        return AcceleratorChoice(use_gpu=False, accelerator_type=None, num_gpus_in_cluster=0.0)
+    if requested_type in (None, "auto"):
+        from util.cloud import get_a10g_or_equivalent_accelerator_type
+
+        accelerator_type = get_a10g_or_equivalent_accelerator_type(cluster_resources, timeout_s)
+    elif requested_type == "any":
+        accelerator_type = None
+    else:
+        advertised = advertised_accelerator_types(cluster_resources)
+        if advertised and requested_type not in advertised:
+            raise ValueError(f"Accelerator type {requested_type!r} was requested, but this cluster advertises only "
+                             f"{', '.join(advertised)}. Pick one of those, 'auto' or 'any'.")
+        accelerator_type = requested_type
+    return AcceleratorChoice(use_gpu=True, accelerator_type=accelerator_type, num_gpus_in_cluster=num_gpus)
+
+
+def engine_kwargs(cfg: "Config", use_gpu: bool = True, features: dict | None = None) -> dict:
+    """vLLM engine arguments for one replica. `features`: those the job's features need (their Parts')."""
     from vllm import AsyncEngineArgs
 
-    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-
-
-def engine_kwargs(cfg: "Config", use_gpu: bool = True, images: bool = False, lora: dict | None = None) -> dict:
-    """vLLM engine arguments for one replica; util/plan.py resolves them once per run. A job whose rows
-    carry images (`images`) tells vLLM how many one prompt may hold, which it sizes its profiling by.
-    `lora`: the LoRA arguments util.lora.plan_lora derived (enable_lora, max_loras, max_lora_rank), if any."""
-    unknown = sorted(set(cfg.engine_arg) - valid_engine_keys())
+    unknown = sorted(set(cfg.engine_arg) - {f.name for f in dataclasses.fields(AsyncEngineArgs)})
     if unknown:
         raise ValueError(f"unknown --engine-arg key(s): {', '.join(unknown)}; see vLLM's EngineArgs")
     kwargs = engine_defaults(cfg.model)
     if cfg.revision:
         kwargs["revision"] = cfg.revision
-    if replica_gpus(cfg) > 1:
-        # vLLM runs one Ray worker per GPU, inside the replica's placement group (see replica_placement).
-        kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
-                      pipeline_parallel_size=cfg.pipeline_parallel_size, distributed_executor_backend="ray")
     if not use_gpu:
         kwargs.update(CPU_ENGINE_KWARGS)
-    if images:
-        kwargs["limit_mm_per_prompt"] = {"image": cfg.max_images_per_row}
-    kwargs["seed"] = cfg.seed
-    return {**kwargs, **(lora or {}), **cfg.engine_arg}
+    return {**kwargs, "seed": cfg.seed, **(features or {}), **cfg.engine_arg}
 
 
 def with_gpu_defaults(engine: dict, gpu_type: str | None) -> dict:
@@ -76,63 +101,3 @@ def batches_in_flight(cfg: "Config", engine: dict) -> int:
     if cfg.batches_in_flight is not None:
         return cfg.batches_in_flight
     return max(16, math.ceil(2 * engine.get("max_num_seqs", VLLM_MAX_NUM_SEQS) / cfg.batch_size))
-
-
-def replica_gpus(cfg: "Config") -> int:
-    """GPUs a replica's shards span: tensor x pipeline parallel."""
-    return cfg.tensor_parallel_size * cfg.pipeline_parallel_size
-
-
-def gpus_per_replica(cfg: "Config") -> float:
-    """GPUs one replica holds, as replica_placement reserves them: --gpus-per-replica (a share of one GPU
-    is allowed) for a one-GPU replica; at least a whole GPU per shard for tensor x pipeline parallel."""
-    shards = replica_gpus(cfg)
-    return cfg.gpus_per_replica if shards == 1 else max(cfg.gpus_per_replica, shards)
-
-
-def _placement_group(bundles: list[dict], strategy: str) -> dict:
-    pg = ray.util.placement_group(bundles, strategy=strategy)
-    # Capturing child tasks puts the workers vLLM starts into this replica's bundles.
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
-
-
-def replica_placement(cfg: "Config", choice: "AcceleratorChoice", engine: dict) -> dict:
-    """Where Ray puts one replica. A replica of one GPU (or a share of one) reserves it as an actor.
-    A replica of several (tensor x pipeline parallel) gets a placement group of one GPU bundle each,
-    created when Ray Data starts the replica: tensor-parallel shards on one node (STRICT_PACK, they
-    talk every layer), pipeline stages across nodes if need be (PACK). The actor itself holds no GPU;
-    vLLM's Ray workers take the bundles. `--engine-arg distributed_executor_backend=mp` instead keeps
-    the shards as local processes of an actor that holds all the GPUs of one node."""
-    gpus = replica_gpus(cfg)
-    backend = engine.get("distributed_executor_backend")
-    if not choice.use_gpu or gpus == 1 or backend != "ray":
-        return choice.ray_remote_args(gpus_per_replica(cfg))
-    bundle = {"GPU": 1, "CPU": 1}
-    if choice.accelerator_type:
-        bundle[f"accelerator_type:{choice.accelerator_type}"] = 0.001
-    strategy = "STRICT_PACK" if cfg.pipeline_parallel_size == 1 else "PACK"
-    return {"num_gpus": 0, "ray_remote_args_fn": functools.partial(_placement_group, [bundle] * gpus, strategy)}
-
-
-@contextlib.contextmanager
-def engine_process_forked(engine: dict):
-    """Around the start of a one-GPU replica's engine: vLLM forks its engine process, as it does from a
-    plain script, instead of spawning it. From a Ray actor vLLM always spawns
-    (vllm/utils/system_utils.py, _maybe_force_spawn), and the new interpreter imports torch and vLLM
-    again: 21-23 s of every replica's start on an H200, against 1-2 s for the fork (BENCHMARKS.md).
-    vLLM spawns there so that an engine's Ray workers (several GPUs, the Ray executor) find the cluster;
-    a one-GPU engine runs in one process and never talks to Ray, so it is told, for the start alone, that
-    this is no Ray actor. Its other reasons to spawn still hold (CUDA already initialized in this process,
-    VLLM_WORKER_MULTIPROC_METHOD=spawn set by the user), and on CPU vLLM always spawns."""
-    from vllm.utils import system_utils
-
-    shards = engine.get("tensor_parallel_size", 1) * engine.get("pipeline_parallel_size", 1)
-    if shards > 1 or engine.get("distributed_executor_backend") is not None:
-        yield
-        return
-    in_ray_actor = system_utils.is_in_ray_actor
-    system_utils.is_in_ray_actor = lambda: False
-    try:
-        yield
-    finally:
-        system_utils.is_in_ray_actor = in_ray_actor

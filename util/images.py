@@ -1,6 +1,8 @@
-"""Images for vision-language models: where a row's images come from, fetched and checked on CPU by the
-prompt formatter (util/prompt_format.py), and decoded for vLLM by the replica (util/predictor.py).
+"""Images for vision-language models (a feature, util/features.py): where a row's images come from, fetched
+and checked on CPU by the formatter, placed by the model's own chat template, and decoded for vLLM in the
+replica.
 
+    python main.py --model llava-hf/llava-1.5-7b-hf --input-path photos.parquet --image-column image
     from util.images import ImageError, engine_images, fetch_images, image_sources, open_image
     sources = image_sources(row["image"])        # ["s3://bucket/cat.jpg"], [b"\\x89PNG..."], ...
     blobs = fetch_images(sources, most=20 * 1024**2)   # each the encoded bytes, or the ImageError
@@ -15,10 +17,18 @@ place in the row and its source) and why: not found, cannot fetch (the HTTP stat
 over --max-image-bytes, over vLLM's pixel limit (VLLM_MAX_IMAGE_PIXELS), not an image, not readable. Only
 the encoded bytes travel through Ray Data to the replica; it decodes them with vLLM's ImageMediaIO, as
 vLLM's OpenAI server decodes an image_url, so hashing for vLLM's caches works on the bytes too.
+
+The job: --image-column (or an OpenAI batch file's image_url parts) makes it a vision job. The plan loads
+the model's processor and refuses a model that takes no images (exit 2, before any engine); the prompt is
+the processor's chat template with an image part per image (before the text), so the placeholder is the
+model's own; the row's token ids keep one placeholder per image, which vLLM expands, and
+`num_input_tokens` counts the prompt as the engine sees it (the processor's count).
 """
 
+import asyncio
 import base64
 import binascii
+import dataclasses
 import functools
 import io
 import os
@@ -28,8 +38,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
+from util.errors import ROW_ERRORS, RowError, row_error
+from util.features import Part, flag
+from util.internals import image_media_io
+from util.prompt_format import PromptFormatter, choose_prompt_format
 from util.storage import resolve, s3_location
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024**2  # OpenAI's limit for one image of a chat request
@@ -38,6 +53,12 @@ DEFAULT_MAX_IMAGE_BYTES = 20 * 1024**2  # OpenAI's limit for one image of a chat
 MAX_IMAGE_PIXELS = int(os.environ.get("VLLM_MAX_IMAGE_PIXELS", "178956970"))
 HTTP_TIMEOUT_S = 30.0
 FETCH_THREADS = 16  # a formatter task fetches a batch's images at once: the wait is the network's, not the CPU's
+PROMPT_IMAGES = "prompt_images"  # a row's images, encoded, in prompt order: for the replica, not written
+PROMPT_IMAGES_TYPE = pa.list_(pa.large_binary())  # large: a batch's images may pass 2 GiB
+IMAGE_PART = "image_url"  # an OpenAI content part holding an image: {"type": "image_url", "image_url": {"url": ...}}
+BAD_IMAGE, TOO_MANY_IMAGES = "bad image", "too many images"
+ROW_ERRORS.update({BAD_IMAGE: "image {number} of the row ({source}): {reason}",
+                   TOO_MANY_IMAGES: "too many images: {count}; at most {most} per row (--max-images-per-row)"})
 
 
 class ImageError(ValueError):
@@ -187,7 +208,228 @@ def engine_images(blobs: list[bytes]) -> list:
     """The replica's side: encoded images decoded by vLLM's ImageMediaIO (RGB, a transparent background
     made white, EXIF orientation applied), as vLLM's server decodes an image_url. Each keeps its bytes
     (MediaWithBytes), which vLLM hashes for its caches instead of the pixels."""
-    from vllm.multimodal.media import ImageMediaIO
-
-    loader = ImageMediaIO()
+    loader = image_media_io()()
     return [loader.load_bytes(data) for data in blobs]
+
+
+def bad_image(number: int, where: str, reason) -> str:
+    """The error of a row whose image `number` (1-based, in prompt order), from `where`, fails for `reason`."""
+    return row_error(BAD_IMAGE, number=number, source=where, reason=reason)
+
+
+# --- the feature: flags, checks, the plan's part ---------------------------------------------------------
+
+@dataclasses.dataclass
+class Flags:
+    image_column: str | None = flag("Column holding each row's image: a local path (read by the workers: on a "
+                                    "cluster, one every node has), an s3:// or gs:// path, an http(s):// or data: "
+                                    "URL, or the image's bytes (a Parquet binary column), or a list of them. The "
+                                    "model must take images. OpenAI batch files need no flag: their image_url parts "
+                                    "are the images.", default=None)
+    max_images_per_row: int = flag("Most images one row may hold (vLLM's limit_mm_per_prompt); a row with more is "
+                                   "an error row.", default=1)
+    max_image_bytes: int = flag("Largest image accepted, in bytes, as a file or a download; a larger one is an "
+                                "error row.", default=DEFAULT_MAX_IMAGE_BYTES)
+
+
+def check(cfg) -> None:
+    if cfg.image_column is not None and cfg.input_format == "openai":
+        raise ValueError("--image-column does not apply to --input-format openai: a request's images are its "
+                         "image_url parts")
+    if not cfg.max_images_per_row >= 1:
+        raise ValueError(f"--max-images-per-row must be >= 1, got {cfg.max_images_per_row}")
+    if not cfg.max_image_bytes >= 1:
+        raise ValueError(f"--max-image-bytes must be >= 1, got {cfg.max_image_bytes}")
+    if cfg.task == "embed" and cfg.image_column is not None:
+        raise ValueError("--task embed embeds text only; --image-column is for generation")
+
+
+class TextOnlyModel(ValueError):
+    """A model given images that takes none."""
+
+
+def model_processor(model: str, revision: str | None = None):
+    """The model's processor (AutoProcessor), which must handle images: TextOnlyModel if it has none."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model, revision=revision)
+    if getattr(processor, "image_processor", None) is None:
+        raise TextOnlyModel(f"{model} takes no images: it has no image processor (a text-only model); use a "
+                            "vision-language model such as LLaVA")
+    return processor
+
+
+class Images(Part):
+    """A vision job: its formatter fetches, checks and places each row's images; its replicas decode them."""
+
+    def __init__(self, cfg, most: int):
+        self.options = {"image_column": cfg.image_column, "max_images_per_row": most,
+                        "max_image_bytes": cfg.max_image_bytes}
+        self.engine_kwargs = {"limit_mm_per_prompt": {"image": cfg.max_images_per_row}}
+        # Which column holds them, and which are too large: they decide which rows fail.
+        self.fingerprint = {"images": {"image_column": cfg.image_column, "max_image_bytes": cfg.max_image_bytes}}
+        self.input_columns = (cfg.image_column,) if cfg.image_column else ()
+        self.engine_inputs = (PROMPT_IMAGES,)
+
+    def stages(self, plan, stages: list) -> list:
+        return [stage if stage.name != "format" else dataclasses.replace(
+            stage.with_options(fn_kwargs={**stage.map_batches["fn_kwargs"], "formatter": VisionFormatter, **self.options}),
+            needs=stage.needs + self.input_columns, adds=stage.adds + (PROMPT_IMAGES,)) for stage in stages]
+
+    async def prepare(self, request) -> None:
+        blobs = request.row.get(PROMPT_IMAGES)
+        if blobs:  # decoded off the event loop, which meanwhile feeds the engine the other rows
+            request.prompt["multi_modal_data"] = {"image": await asyncio.to_thread(engine_images, blobs)}
+
+
+def part(plan) -> Images | None:
+    """A vision job's part: --image-column, or an OpenAI batch file with image_url parts. A model that takes
+    no images, or whose prompt format cannot place them, is refused (ValueError: exit 2) before any engine."""
+    cfg = plan.cfg
+    request = next((p.first_image for p in plan.parts if getattr(p, "first_image", None)), None)
+    if cfg.image_column is None and request is None:
+        return None
+    given = f"--image-column {cfg.image_column}" if cfg.image_column else f"{request} has an image_url part"
+    try:
+        processor = model_processor(cfg.model, cfg.revision)
+    except TextOnlyModel as error:
+        raise ValueError(f"{given}, but {error}") from None
+    except Exception:  # cannot be loaded on the driver: left to the formatter, as a tokenizer is
+        processor = None
+    if processor is not None:
+        if choose_prompt_format(cfg.model, processor, cfg.prompt_format) != "chat_template":
+            raise ValueError(f"{given}, but images need the model's chat template to place them: --prompt-format "
+                             f"{cfg.prompt_format} and {cfg.model} has "
+                             f"{'a' if getattr(processor, 'chat_template', None) else 'no'} chat template")
+        from util.plan import template_hash
+
+        plan.prompt_format = plan.provenance["prompt_format"] = "chat_template"
+        template_hash(plan, processor)  # the processor's template formats a vision job's prompts
+    most = (cfg.engine_arg.get("limit_mm_per_prompt") or {}).get("image", cfg.max_images_per_row)
+    return Images(cfg, most)
+
+
+# --- the formatter of a vision job ----------------------------------------------------------------------
+
+def image_parts(messages: list[dict]) -> tuple[list[dict], list]:
+    """OpenAI-style messages for a vision model's chat template, and the sources of their images in order:
+    each `image_url` part becomes an image part where it stands, text parts stay text parts, a string
+    content becomes one text part. Other parts are refused: ValueError, naming the part."""
+    converted, sources = [], []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if content is None or isinstance(content, str):
+            converted.append({**message, "content": [{"type": "text", "text": content or ""}]})
+            continue
+        parts = []
+        for j, part in enumerate(content if isinstance(content, list) else [content]):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind in ("text", "refusal") and isinstance(part.get(kind), str):
+                parts.append({"type": "text", "text": part[kind]})
+            elif kind == IMAGE_PART and isinstance((part.get(IMAGE_PART) or {}).get("url"), str):
+                parts.append({"type": "image"})
+                sources.append(part[IMAGE_PART]["url"])
+            else:
+                raise ValueError(f"messages[{i}].content[{j}] is a {kind!r} part; only text and image_url parts "
+                                 "(with a url) are supported")
+        converted.append({**message, "content": parts})
+    return converted, sources
+
+
+class VisionFormatter(PromptFormatter):
+    """The formatter of a vision job: the processor's chat template places each row's images, which it
+    fetches and checks (a bad one fails its row, naming it), counts their tokens as the engine will, and
+    adds their encoded bytes (prompt_images) for the replica."""
+
+    def __init__(self, model: str, text_column: str, image_column: str | None = None, max_images_per_row: int = 1,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, **options):
+        super().__init__(model, text_column, **options)
+        self.image_column, self.max_images_per_row, self.max_image_bytes = image_column, max_images_per_row, max_image_bytes
+        self.images = []  # the current batch's: per row (sources, encoded bytes)
+
+    def chat_templates(self, model: str, revision: str | None):
+        self.processor = model_processor(model, revision)  # its chat template places the images
+        return self.processor
+
+    def content(self, text: str, images: int = 0):
+        """Images first, as LLaVA's prompts have them, then the text; vision templates expect parts."""
+        return [{"type": "image"}] * images + ([{"type": "text", "text": text}] if text else [])
+
+    def row_prompt(self, value, image_value) -> tuple[str, list]:
+        """(the prompt, its images' sources in order) for a row's text or messages and its image column value."""
+        if isinstance(value, str) and self.text_column == "messages":
+            value = __import__("json").loads(value)
+        try:
+            sources = image_sources(image_value)
+        except ImageError as error:
+            raise RowError(bad_image(1, f"column '{self.image_column}'", error)) from None
+        if isinstance(value, list):
+            if sources:
+                raise RowError(f"a list of messages holds its images as image_url parts, not in column "
+                               f"'{self.image_column}'")
+            try:
+                messages, sources = image_parts(value)
+            except ValueError as error:
+                raise RowError(f"cannot format the messages: {error}") from None
+            if not sources and not any(p["text"].strip() for m in messages for p in m["content"] if p["type"] == "text"):
+                raise RowError(self.empty())
+            try:
+                return self.chat(messages), sources
+            except Exception as error:  # a template that refuses these roles, say: this row only
+                raise RowError(f"cannot format the messages: {error}") from None
+        if (value is None or not str(value).strip()) and not sources:  # an image alone is a prompt
+            raise RowError(self.empty())
+        return self.chat([{"role": "user", "content": self.content("" if value is None else str(value), len(sources))}]), sources
+
+    def empty(self) -> str:
+        from util.errors import EMPTY_PROMPT
+
+        return row_error(EMPTY_PROMPT, column=self.text_column)
+
+    def prompts(self, batch: pa.Table, errors: list) -> list[str]:
+        values = batch[self.image_column].to_pylist() if self.image_column else [None] * batch.num_rows
+        prompts, wanted = [""] * batch.num_rows, [[] for _ in range(batch.num_rows)]
+        for i, (value, image_value) in enumerate(zip(batch[self.text_column].to_pylist(), values)):
+            if errors[i] is None:
+                try:
+                    prompts[i], wanted[i] = self.row_prompt(value, image_value)
+                except RowError as error:
+                    errors[i] = str(error)
+                if len(wanted[i]) > self.max_images_per_row:  # refused before any is fetched
+                    errors[i] = row_error(TOO_MANY_IMAGES, count=len(wanted[i]), most=self.max_images_per_row)
+        fetching = [sources if error is None else [] for sources, error in zip(wanted, errors)]
+        fetched = iter(fetch_images([s for sources in fetching for s in sources], self.max_image_bytes))
+        self.images = [(sources, [next(fetched) for _ in sources]) for sources in fetching]
+        for i, (sources, blobs) in enumerate(self.images):
+            errors[i] = errors[i] or next((bad_image(n, describe(source), blob) for n, (source, blob)
+                                           in enumerate(zip(sources, blobs), 1) if isinstance(blob, ImageError)), None)
+        return prompts
+
+    def counts(self, prompts: list[str], token_ids: list, errors: list) -> list[int]:
+        """The prompt's length as the engine sees it: each image placeholder expanded to that image's tokens
+        by the model's processor, as vLLM expands it. Each image is decoded and checked here (a row error
+        naming it); the decoded images are dropped as soon as they are counted."""
+        counts = [len(ids) for ids in token_ids]
+        for i, (prompt, (sources, blobs)) in enumerate(zip(prompts, self.images)):
+            if not blobs or errors[i] is not None:
+                continue
+            try:
+                images = []
+                for number, (source, blob) in enumerate(zip(sources, blobs), start=1):
+                    try:
+                        images.append(open_image(blob))
+                    except ImageError as error:
+                        raise RowError(bad_image(number, describe(source), error)) from None
+                inputs = self.processor(text=[prompt], images=images,
+                                        add_special_tokens=self.prompt_format != "chat_template")
+                counts[i] = len(inputs["input_ids"][0])
+            except RowError as error:
+                errors[i] = str(error)
+            except Exception as error:  # the processor refuses what PIL read: this row only
+                errors[i] = f"the model's processor cannot take the row's images ({type(error).__name__}: {error})"
+        return counts
+
+    def more_columns(self, errors: list) -> dict:
+        # Only what the engine takes: a failed row's images stay behind.
+        return {PROMPT_IMAGES: pa.array([blobs if blobs and error is None else None
+                                         for (_, blobs), error in zip(self.images, errors)], PROMPT_IMAGES_TYPE)}

@@ -1,11 +1,12 @@
-"""LoRA adapters: one base model serves many fine-tunes in one job, each row naming its own adapter.
+"""LoRA adapters (a feature, util/features.py): one base model serves many fine-tunes in one job, each row
+naming its own adapter.
 
     python main.py --input-path rows.jsonl --lora support=/adapters/support --lora legal=s3://bucket/legal
     # rows.jsonl:  {"text": "...", "lora": "support"}                a name registered with --lora
     #              {"text": "...", "lora": "s3://bucket/adapters/sql"} a path: local, s3:// or gs://
     #              {"text": "..."}                                   null or empty: the base model
 
-    from util.lora import plan_lora, row_adapters, ReplicaAdapters
+    from util.lora import plan_lora
     adapters, engine = plan_lora(cfg.lora, cfg.max_loras, cfg.max_lora_rank)  # the plan: reads each adapter's config
     engine    # {"enable_lora": True, "max_loras": 2, "max_lora_rank": 16}: vLLM's LoRA engine arguments
 
@@ -25,21 +26,23 @@ folder is copied to a local folder of the replica's, its adapter_config.json rea
 then the engine loads it (`add_lora`), which raises on a bad adapter and leaves the engine running. Only a
 loaded adapter goes with a request: in vLLM 0.32 a request whose adapter fails to load in the engine's step
 kills the engine, and every row in flight with it. An adapter that cannot be made ready is an error row for
-each row that names it (kinds "unknown adapter" and "adapter failed", util/errors.py), never the engine's.
+each row that names it (kinds "unknown adapter" and "adapter failed"), never the engine's.
 """
 
 import asyncio
+import dataclasses
 import functools
 import json
 import os
 import tempfile
 import typing
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 from util import columns as col
-from util.errors import ADAPTER_FAILED, UNKNOWN_ADAPTER, InputError, row_error
+from util.errors import ROW_ERRORS, InputError, RowError, row_error
+from util.features import Part, flag
+from util.internals import engine_dead_error, lora_ranks
 from util.storage import is_remote, resolve
 
 CONFIG_NAME = "adapter_config.json"  # peft's: every LoRA adapter folder has one
@@ -50,6 +53,10 @@ MAX_LORAS_DEFAULT = 8  # adapters in one engine step, unless --max-loras says: e
 # zero, so the registered adapters plus one keep base rows exact, while no more adapters than those are in
 # use. GPUs are exact.
 CPU_SPARE_SLOT = 1
+LORA = "lora"  # an input column: the row's adapter, a --lora name or a path
+UNKNOWN_ADAPTER, ADAPTER_FAILED = "unknown adapter", "adapter failed"
+ROW_ERRORS.update({UNKNOWN_ADAPTER: "unknown adapter '{name}': {reason}",
+                   ADAPTER_FAILED: "adapter '{name}' failed to load: {reason}"})
 NOT_ENABLED = ("LoRA is not enabled for this job: pass --lora NAME=PATH, or --max-loras N for adapters given "
                "by path")
 
@@ -58,15 +65,30 @@ class AdapterError(ValueError):
     """Why a folder is not an adapter this job can use."""
 
 
-@functools.cache
-def vllm_lora_ranks() -> tuple[int, ...]:
-    """The max_lora_rank values vLLM accepts (1, 8, 16, ... 512), or () where it does not say."""
-    try:
-        from vllm.config.lora import MaxLoRARanks
+def parse_lora(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        import argparse
 
-        return tuple(sorted(typing.get_args(MaxLoRARanks)))
-    except Exception:
-        return ()
+        raise argparse.ArgumentTypeError(f"--lora takes NAME=PATH, got {text!r}")
+    return name.strip(), path.strip()
+
+
+@dataclasses.dataclass
+class Flags:
+    lora: dict = flag("A LoRA adapter NAME=PATH (repeatable): a folder with adapter_config.json, local, s3:// or "
+                      "gs://. A row whose `lora` column holds NAME (or an adapter's path) runs with it.",
+                      parse=parse_lora, metavar="NAME=PATH", unique="an adapter", default_factory=dict)
+    max_loras: int | None = flag("Most adapters in one engine step (vLLM's max_loras); also enables LoRA for adapters "
+                                 "given by path only. Default: the --lora adapters, at most 8 (on CPU one more: "
+                                 "util/lora.py says why).", default=None)
+    max_lora_rank: int | None = flag("Largest adapter rank the engine takes (vLLM's max_lora_rank). Default: the "
+                                     "largest --lora adapter's, else vLLM's (16).", default=None)
+
+
+def check(cfg) -> None:
+    if cfg.lora or cfg.max_loras is not None or cfg.max_lora_rank is not None:
+        check_lora_flags(cfg.lora, cfg.max_loras, cfg.max_lora_rank)  # no I/O: the plan reads the adapters
 
 
 def check_lora_flags(lora: dict, max_loras: int | None, max_lora_rank: int | None) -> None:
@@ -77,7 +99,7 @@ def check_lora_flags(lora: dict, max_loras: int | None, max_lora_rank: int | Non
                              f"is a path), got {name}={path}")
     if max_loras is not None and not max_loras >= 1:
         raise ValueError(f"--max-loras must be >= 1, got {max_loras}")
-    ranks = vllm_lora_ranks()
+    ranks = lora_ranks()
     if max_lora_rank is not None and (not max_lora_rank >= 1 or ranks and max_lora_rank not in ranks):
         raise ValueError(f"--max-lora-rank must be one of vLLM's ranks ({', '.join(map(str, ranks))}), "
                          f"got {max_lora_rank}")
@@ -147,7 +169,7 @@ def plan_lora(lora: dict, max_loras: int | None, max_lora_rank: int | None, task
     engine = {"enable_lora": True, "max_loras": max_loras or default}
     if max_lora_rank is None and ranks:  # the smallest rank vLLM accepts that holds every adapter
         largest = max(ranks.values())
-        max_lora_rank = next((r for r in vllm_lora_ranks() if r >= largest), largest)
+        max_lora_rank = next((r for r in lora_ranks() if r >= largest), largest)
     if max_lora_rank is not None:  # else vLLM's default
         engine["max_lora_rank"] = max_lora_rank
     # A local folder as an absolute path: the replicas' working directory is not the driver's.
@@ -177,43 +199,16 @@ def request_model_value(value, registered: dict, base_names: set) -> tuple[str |
                             f"an adapter registered with --lora ({', '.join(registered) or 'none are'})")
 
 
-def row_adapters(batch: pa.Table, registered: dict, enabled: bool,
-                 base_names: set = frozenset()) -> list[tuple[str | None, str | None]]:
-    """Per row of `batch`: (the adapter it asks for, or None for the base model; why it cannot run, or None),
-    from its `lora` column or, with LoRA on, an OpenAI request's body.model (`base_names`: the base model's)."""
-    if col.LORA in batch.column_names:
-        return [lora_value(v, registered, enabled) for v in batch[col.LORA].to_pylist()]
-    if enabled and col.REQUEST_MODEL in batch.column_names:
-        return [request_model_value(v, registered, base_names) for v in batch[col.REQUEST_MODEL].to_pylist()]
-    return [(None, None)] * batch.num_rows
-
-
-def rows_adapter_errors(batch: pa.Table, registered: dict, enabled: bool, max_lora_rank: int | None,
-                        base_names: set = frozenset()) -> list[str | None]:
-    """Per row, why its adapter cannot be used (or None), from the adapters' configs, without an engine:
-    --preflight's count of the rows that would fail for their adapter."""
-    errors = []
-    for name, error in row_adapters(batch, registered, enabled, base_names):
-        problem = adapter_problem(registered.get(name, name), max_lora_rank) if name and not error else None
-        errors.append(row_error(UNKNOWN_ADAPTER, name=name, reason=problem) if problem else error)
-    return errors
-
-
 class ReplicaAdapters:
     """The adapters of one replica's engine: each made ready once, on its first row, with a stable id
     (registered ones 1..n in --lora order, paths after them as they come), or its row error."""
 
-    def __init__(self, registered: dict | None, enabled: bool, max_lora_rank: int | None = None,
-                 base_names: set = frozenset()):
-        self.registered, self.enabled = dict(registered or {}), enabled
-        self.max_lora_rank, self.base_names = max_lora_rank, set(base_names)
+    def __init__(self, registered: dict | None, max_lora_rank: int | None = None):
+        self.registered, self.max_lora_rank = dict(registered or {}), max_lora_rank
         self.ids = {name: i for i, name in enumerate(self.registered, 1)}
         self.ready: dict[str, typing.Any] = {}  # name -> LoRARequest, or the row error of an adapter that failed
         self.locks: dict[str, asyncio.Lock] = {}
         self._copies = None  # a local folder for s3/gs adapters, made on first need, removed with the replica
-
-    def of_rows(self, batch: pa.Table) -> list[tuple[str | None, str | None]]:
-        return row_adapters(batch, self.registered, self.enabled, self.base_names)
 
     def local_folder(self, name: str, lora_id: int) -> str:
         """The adapter's folder on this machine, an s3:// or gs:// one copied here first; AdapterError
@@ -252,15 +247,6 @@ class ReplicaAdapters:
                     self.ready[name] = await self._make_ready(name, add_lora)
         return self.ready[name]
 
-    def load_now(self, name: str, add_lora) -> typing.Any:
-        """`load`, blocking: `add_lora` is LLMEngine.add_lora (the SyncLLMPredictor's engine)."""
-        async def add(request):
-            return add_lora(request)
-
-        if name not in self.ready:
-            self.ready[name] = asyncio.run(self._make_ready(name, add))
-        return self.ready[name]
-
     async def _make_ready(self, name: str, add_lora) -> typing.Any:
         # The id here, in the event loop's thread: two adapters made ready at once must not share one.
         lora_id = self.ids.setdefault(name, len(self.ids) + 1)
@@ -269,10 +255,61 @@ class ReplicaAdapters:
             await add_lora(request)  # vLLM raises for an adapter it cannot load, and its engine runs on
         except AdapterError as error:
             return row_error(UNKNOWN_ADAPTER, name=name, reason=error)
+        except engine_dead_error():
+            raise
         except Exception as error:
-            from vllm.v1.engine.exceptions import EngineDeadError
-
-            if isinstance(error, EngineDeadError):
-                raise
             return row_error(ADAPTER_FAILED, name=name, reason=error)
         return request
+
+
+# --- the plan's part -----------------------------------------------------------------------------------
+
+class Lora(Part):
+    """A row may name an adapter in any generation job (an error row when LoRA is off), so the part is in
+    every one; the model column names the row's adapter."""
+
+    def __init__(self, cfg, adapters: dict, engine: dict):
+        self.registered, self.engine_kwargs = adapters, engine
+        self.fingerprint = {"adapters": adapters} if adapters else {}
+        self.enabled, self.max_lora_rank = bool(engine.get("enable_lora")), engine.get("max_lora_rank")
+        self.base_names = {cfg.model}
+        self.replica = None  # in the replica: its ReplicaAdapters, made on the first row that names one
+
+    def adapter(self, row: dict) -> tuple[str | None, str | None]:
+        """(the adapter the row asks for, or None for the base model; why it cannot run, or None): its `lora`
+        column or, with LoRA on, an OpenAI request's body.model."""
+        if LORA in row:
+            return lora_value(row[LORA], self.registered, self.enabled)
+        if self.enabled and row.get(col.REQUEST_MODEL) is not None:
+            return request_model_value(row[col.REQUEST_MODEL], self.registered, self.base_names)
+        return None, None
+
+    def check(self, request) -> None:
+        name, error = self.adapter(request.row)
+        request.model = request.state["adapter"] = name
+        if error is None and name is not None:  # its config, read once per process (--preflight counts these)
+            problem = adapter_problem(self.registered.get(name, name), self.max_lora_rank)
+            error = problem and row_error(UNKNOWN_ADAPTER, name=name, reason=problem)
+        if error:
+            raise RowError(error)
+
+    async def prepare(self, request) -> None:
+        name = request.state.get("adapter")
+        if name is None:
+            return
+        if self.replica is None:
+            self.replica = ReplicaAdapters(self.registered, self.max_lora_rank)
+        loaded = await self.replica.load(name, request.replica.engine.add_lora)
+        if isinstance(loaded, str):
+            raise RowError(loaded)
+        request.generate_kwargs["lora_request"] = loaded
+
+
+def part(plan) -> Lora | None:
+    cfg = plan.cfg
+    if plan.task != "generate":
+        if cfg.lora or cfg.max_loras is not None or cfg.max_lora_rank is not None:
+            raise InputError(f"--lora, --max-loras and --max-lora-rank are for generation, not the {plan.task} task")
+        return None
+    adapters, engine = plan_lora(cfg.lora, cfg.max_loras, cfg.max_lora_rank, plan.task, plan.choice.use_gpu)
+    return Lora(cfg, adapters, engine)

@@ -1,11 +1,5 @@
-"""What this template knows about specific models: prompt formats and engine defaults.
-
-    from util.models import engine_defaults, table_prompt_format
-    engine_defaults("google/gemma-7b-it")          # {"max_model_len": 2432}
-    table_prompt_format("google/gemma-7b-it")      # "<start_of_turn>model\n{}<end_of_turn>\n"
-
-Both tables are explicit overrides verified with these models; any other model uses its tokenizer's
-chat template (see util/prompt_format.py) and vLLM's own defaults.
+"""What this template knows about specific models: prompt formats and engine defaults, each verified with
+its model. Any other model uses its tokenizer's chat template and vLLM's own defaults.
 """
 
 # Prompt formats verified with each model. `{}` is replaced by the raw input text.

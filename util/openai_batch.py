@@ -53,12 +53,18 @@ parse (cut off by max_tokens, say) keeps status 200, with `structured_output_err
 import functools
 import hashlib
 import json
+import os
 import time
 import typing
+from typing import NamedTuple
 
 import pyarrow as pa
 
 from util import columns as col
+from util.errors import EMPTY_PROMPT, InputError, RowError, row_error
+from util.features import Part, registry
+from util.output import OutputFormat, jsonl_bytes
+from util.prompt_format import PromptFormatter
 
 CHAT_URL = "/v1/chat/completions"
 IMAGE_PART = "image_url"  # a content part holding an image: {"type": "image_url", "image_url": {"url": ...}}
@@ -245,7 +251,8 @@ def request_table(rows: list[dict]) -> pa.Table:
 
 
 def output_record(row: dict, created: int | None = None) -> dict:
-    """One output row (util/output.py's columns) → the Batch API's output or error record."""
+    """One output row (util/output.py's columns, and the features' by name: embedding, completions,
+    logprobs, ...) → the Batch API's output or error record."""
     # Derived from the row's id, so a record's ids are the same in every run.
     request_id = hashlib.sha1(row[col.ID].encode("utf-8", "surrogatepass")).hexdigest()[:24]
     record = {"id": f"batch_req_{request_id}", "custom_id": row[col.ID]}
@@ -253,25 +260,25 @@ def output_record(row: dict, created: int | None = None) -> dict:
         body = {"error": {"message": row[col.ERROR], "type": "invalid_request_error", "param": None, "code": None}}
         return {**record, "response": {"status_code": 400, "request_id": request_id, "body": body},
                 "error": {"code": "invalid_request", "message": row[col.ERROR]}}
-    if row.get(col.EMBEDDING) is not None:  # an embeddings request: CreateEmbeddingResponse's shape
+    if row.get("embedding") is not None:  # an embeddings request: CreateEmbeddingResponse's shape
         tokens = row[col.NUM_INPUT_TOKENS] or 0
         body = {"object": "list", "model": row["model"],
-                "data": [{"object": "embedding", "index": 0, "embedding": list(row[col.EMBEDDING])}],
+                "data": [{"object": "embedding", "index": 0, "embedding": list(row["embedding"])}],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         return {**record, "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
     prompt_tokens, completion_tokens = row[col.NUM_INPUT_TOKENS] or 0, row[col.NUM_GENERATED_TOKENS] or 0
     # Each sample in the shape of a `completions` entry (util/columns.py COMPLETION): n of them, or the row's one.
-    samples = row.get(col.COMPLETIONS) or [{"text": row[col.GENERATED_TEXT], "finish_reason": row[col.FINISH_REASON],
-                                            "reasoning_content": row.get(col.REASONING_CONTENT),
-                                            "logprobs": row.get(col.LOGPROBS),
-                                            "structured_output_error": row.get(col.STRUCTURED_OUTPUT_ERROR)}]
+    samples = row.get("completions") or [{"text": row[col.GENERATED_TEXT], "finish_reason": row[col.FINISH_REASON],
+                                            "reasoning_content": row.get("reasoning_content"),
+                                            "logprobs": row.get("logprobs"),
+                                            "structured_output_error": row.get("structured_output_error")}]
     body = {"id": f"chatcmpl-{request_id}", "object": "chat.completion",
             "created": int(time.time()) if created is None else created, "model": row["model"],
             "choices": [_choice(index, sample) for index, sample in enumerate(samples)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
-    if row.get(col.PROMPT_LOGPROBS) is not None:  # --prompt-logprobs: where vLLM's server puts them
-        body["prompt_logprobs"] = row[col.PROMPT_LOGPROBS]
+    if row.get("prompt_logprobs") is not None:  # --prompt-logprobs: where vLLM's server puts them
+        body["prompt_logprobs"] = row["prompt_logprobs"]
     return {**record, "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
 
 
@@ -306,3 +313,142 @@ def preview(record: dict) -> dict:
             col.FINISH_REASON: choice.get("finish_reason"),
             col.NUM_GENERATED_TOKENS: (body.get("usage") or {}).get("completion_tokens", 0),
             col.ERROR: (record.get("error") or {}).get("message")}
+
+
+# --- the feature: an input format, an output format, and the task a file's urls ask for ----------------
+
+class RequestLines:
+    """--input-format openai: one request a line, streamed one task per file (an error record names its
+    line); a line that is not a valid request is an error row (request_error), not a refused file."""
+    extensions = [".jsonl", ".json"]  # never picked by --input-format auto
+    text_column, id_column = "messages", "custom_id"
+
+    def read(self, filesystem, path: str, block_rows: int):
+        """(a table of REQUEST_COLUMNS, each row's line number), block_rows rows at a time."""
+        with filesystem.open_input_stream(path) as stream:
+            lines = enumerate(stream.read().decode("utf-8-sig").split("\n"), start=1)
+            requests = [(n, line.removesuffix("\r")) for n, line in lines if line.strip()]
+        for i in range(0, len(requests), block_rows):
+            part = requests[i: i + block_rows]
+            yield request_table([request_row(line, f"{os.path.basename(path)}:{n}") for n, line in part]), [n for n, _ in part]
+
+
+def records_bytes(table: pa.Table) -> bytes:
+    created = int(time.time())
+    return jsonl_bytes([output_record(row, created) for row in table.to_pylist()])
+
+
+# What resume and the counts read of an output record.
+RECORD_SCHEMA = pa.schema([("custom_id", pa.string()), ("error", pa.struct([("code", pa.string()), ("message", pa.string())]))])
+INPUT_FORMATS = {"openai": RequestLines()}
+OUTPUT_FORMATS = {"openai": OutputFormat(".jsonl", records_bytes, "custom_id", RECORD_SCHEMA, preview)}
+
+
+def check(cfg) -> None:
+    """An OpenAI file's requests carry their messages and custom_id; its output is records unless told."""
+    if cfg.input_format == "openai":
+        cfg.text_column, cfg.id_column = RequestLines.text_column, RequestLines.id_column
+        if cfg.output_format is None:
+            cfg.output_format = "openai"
+
+
+class BatchKind(NamedTuple):
+    task: str  # generate (/v1/chat/completions) or embed (/v1/embeddings), by the requests' urls
+    first_image: str | None  # `file:line` of the first request with an image_url part, None if none has one
+
+
+def batch_kind(source: str) -> BatchKind:
+    """The task an OpenAI batch input asks for, by its requests' urls, and where its first image is. One run
+    is one task, so a request whose url differs from the first request's refuses the input (InputError,
+    naming its file and line) before any engine starts. One pass over the files' lines on the driver: a
+    Batch API file holds at most 50,000 requests (200 MB). Lines that are not requests are left to the
+    reader's error records."""
+    from util.reading import list_files
+    from util.storage import resolve
+
+    files, _ = list_files(source, "openai")
+    filesystem, _ = resolve(source)
+    first, first_image = None, None  # (url, file:line), file:line
+    for path, _ in files:
+        with filesystem.open_input_stream(path) as stream:
+            lines = stream.read().decode("utf-8-sig", errors="replace").split("\n")
+        for number, line in enumerate(lines, start=1):
+            url, has_image = request_kind(line) if line.strip() else (None, False)
+            if url not in TASK_OF_URL:
+                continue
+            if has_image and first_image is None:
+                first_image = f"{path}:{number}"
+            if first is None:
+                first = (url, f"{path}:{number}")
+            elif url != first[0]:
+                raise InputError(f"{path}:{number}: a {url} request in a batch of {first[0]} requests (the "
+                                 f"first at {first[1]}); a run is one task: put them in separate files")
+    return BatchKind(TASK_OF_URL[first[0]] if first else "generate", first_image)
+
+
+def has_content(content) -> bool:
+    """For the empty-prompt check. A part other than text counts as content, so that the formatter refuses
+    it by name instead of calling the prompt empty."""
+    if isinstance(content, list):
+        return any(str(p.get("text") or "").strip() if isinstance(p, dict) and p.get("type") == "text" else True
+                   for p in content)
+    return bool(str(content or "").strip())
+
+
+def join_text_parts(message: dict, index: int = 0) -> dict:
+    """A message whose content is a list of text parts, with that content as one string: the parts joined
+    with "\n", as vLLM's OpenAI server joins them, so a template that expects text gets the prompt vLLM would
+    send. A refusal part counts as text; any other part is refused: ValueError, naming it."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        text = part.get(kind) if kind in ("text", "refusal") else None
+        if not isinstance(text, str):
+            raise ValueError(f"messages[{index}].content[{j}] is a {kind!r} part; only text parts are supported")
+        texts.append(text)
+    return {**message, "content": "\n".join(texts)}
+
+
+class ChatFormatter(PromptFormatter):
+    """The formatter of an OpenAI batch job: each request's messages (kept as JSON text) through the model's
+    chat template; an embeddings request's input, as given."""
+
+    def prompt(self, value) -> str:
+        messages = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(messages, list):  # an embeddings request's input
+            return super().prompt(messages)
+        if not any(has_content(m.get("content")) for m in messages if isinstance(m, dict)):
+            raise RowError(row_error(EMPTY_PROMPT, column=self.text_column))
+        try:
+            if self.prompt_format != "chat_template":
+                raise ValueError("a list of messages needs the model's chat template (--prompt-format chat_template)")
+            return self.chat([join_text_parts(m, i) for i, m in enumerate(messages)])
+        except Exception as error:  # a template that refuses these roles, say: this row only
+            raise RowError(f"cannot format the messages: {error}") from None
+
+
+class OpenAIBatch(Part):
+    def __init__(self, kind: BatchKind):
+        self.first_image = kind.first_image  # util/images.py takes the job for a vision job from it
+
+    def stages(self, plan, stages: list) -> list:
+        return [stage.with_options(fn_kwargs={**stage.map_batches["fn_kwargs"], "formatter": ChatFormatter})
+                if stage.name == "format" else stage for stage in stages]
+
+
+def part(plan) -> OpenAIBatch | None:
+    """For an OpenAI batch input: the task its urls ask for (InputError for a file that mixes them, or one
+    that contradicts an explicit --task), and where its first image is."""
+    cfg = plan.cfg
+    if cfg.input_format != "openai" or not cfg.input_path:
+        return None
+    kind = batch_kind(cfg.input_path)
+    if kind.task not in ("generate", *registry("TASKS")):
+        raise InputError(f"{cfg.input_path} holds requests for the {kind.task} task, which this template does not have")
+    if cfg.task != "generate" and kind.task != cfg.task:
+        raise InputError(f"--task {cfg.task}, but {cfg.input_path} holds requests for the {kind.task} task")
+    plan.task = kind.task
+    return OpenAIBatch(kind)

@@ -1,5 +1,6 @@
-"""Check a job before it runs, on CPU, without an engine: would the input be accepted, how many rows would
-fail, how many tokens would it generate, and how many GPU-hours and replicas would that take.
+"""Check a job before it runs, on CPU, without an engine (a feature, util/features.py): would the input be
+accepted, how many rows would fail, how many tokens would it generate, and how many GPU-hours and replicas
+would that take.
 
     python main.py --preflight --smoke                                  # the smoke job's input, tiny model
     python main.py --preflight --input-path s3://bucket/prompts.jsonl --text-column question --deadline-hours 4
@@ -7,9 +8,10 @@ fail, how many tokens would it generate, and how many GPU-hours and replicas wou
 
 It reads the input as the run would (util.reading), applies the run's checks (output path writable, same
 settings as an earlier output, file errors, duplicate ids: util.scan.check_before_run), and formats and
-tokenizes every row with the run's own stages (util.pipeline), then counts each row's token budget. It prints, and writes as preflight.json and
-input_tokens.png: rows, an input-token histogram, rows that would fail (empty, over max_model_len,
-invalid sampling_params, a LoRA adapter that cannot be used) by reason, and the estimates. Reports go
+tokenizes every row with the run's own stages (util.pipeline), then checks each row as the replica would
+(the job's features' checks: util/features.py) and counts its token budget. It prints, and writes as
+preflight.json and input_tokens.png: rows, an input-token histogram, rows that would fail (empty, over
+max_model_len, invalid sampling_params, a LoRA adapter that cannot be used) by reason, and the estimates. Reports go
 to --preflight-report-dir, else to <output-path>/_preflight/, which readers of the output skip (a
 leading `_`, like the manifest's).
 
@@ -26,22 +28,22 @@ An embedding job (--task embed) generates nothing: its work is the input tokens,
 estimated only from --throughput-tok-per-s (input tok/s of one replica), since none was measured.
 """
 
+import dataclasses
 import datetime
 import json
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from typing import TYPE_CHECKING
-
 from util import columns as col
-from util.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, refusal_reason, row_error, row_error_kind
-from util.errors import INVALID_SAMPLING
+from util.errors import (EXIT_FAILED, EXIT_OK, EXIT_REFUSED, INVALID_SAMPLING, RowError, refusal_reason, row_error,
+                         row_error_kind)
+from util.features import flag
 from util.output import output_counts
-from util.pipeline import build_pipeline, map_stage, pipeline_stages
-from util.lora import rows_adapter_errors
-from util.predictor import rows_sampling
+from util.pipeline import Stage, build_pipeline, pipeline_stages
+from util.predictor import checked_request
 from util.report import REPORT_NAME
 from util.resources import TASK_CPUS
 from util.scan import check_before_run
@@ -63,33 +65,48 @@ NO_EMBED_THROUGHPUT = ("not estimated: no embedding throughput is measured; pass
                        "the input tokens a second of one replica")
 
 
-def row_budgets(batch: pa.Table, job_sampling: dict | None, max_model_len: int | None,
-                lora: dict | None = None) -> pa.Table:
-    """Ray Data stage after the formatter: per row, why it would fail, or the most tokens it may generate.
-    Runs on the workers, so only these small columns reach the driver. `lora`: rows_adapter_errors'
-    arguments (util/lora.py), for a row whose LoRA adapter cannot be used. `job_sampling` None: an
-    embedding job, which generates nothing and, as its replicas (EmbeddingPredictor), reads no
-    sampling_params: only the formatter's errors fail a row."""
-    if job_sampling is None:
-        return pa.table({col.ID: batch[col.ID], col.NUM_INPUT_TOKENS: batch[col.NUM_INPUT_TOKENS],
-                         col.ERROR: batch[col.ERROR], MAX_OUTPUT_TOKENS: pa.array([0] * batch.num_rows, pa.int64())})
+@dataclasses.dataclass
+class Flags:
+    preflight: bool = flag("Check the input and estimate the run (rows that would fail, input-token histogram, output "
+                           "tokens, GPU-hours, replicas) on CPU, without an engine; exit 0 it would pass, 1 too many "
+                           "rows would fail, 2 it would be refused.", default=False)
+    preflight_report_dir: str | None = flag("Where --preflight writes preflight.json and input_tokens.png. Default: "
+                                            "<output-path>/_preflight/, which readers skip.", default=None)
+    throughput_tok_per_s: float | None = flag("Output tok/s of one replica, for --preflight's GPU-hours. Default: the "
+                                              "earlier run's measured number in the output's _report.json, else 16,515 "
+                                              "(BENCHMARKS.md: 1x H200, 7B). For --task embed: input tok/s, and no "
+                                              "default.", default=None)
+    deadline_hours: float | None = flag("For --preflight: the replicas needed to finish within this many hours.",
+                                        default=None)
+
+
+def part(plan: "Plan") -> None:
+    """--preflight replaces the run (main.py calls plan.run_instead); it adds nothing to a run."""
+    if plan.cfg.preflight:
+        plan.run_instead = run_preflight
+    return None
+
+
+def row_budgets(batch: pa.Table, job_sampling: dict | None, max_model_len: int | None, parts: list = ()) -> pa.Table:
+    """Ray Data stage after the formatter: per row, why it would fail (the checks the replica makes before
+    its engine does: the job's features' `parts`), or the most tokens it may generate. Runs on the workers,
+    so only these small columns reach the driver. `job_sampling` None: a task that generates nothing
+    (embeddings), whose replicas read no sampling_params: only the formatter's errors fail a row."""
     errors, budgets = [], []
-    adapter_errors = rows_adapter_errors(batch, **lora) if lora else [None] * batch.num_rows
-    rows = zip(rows_sampling(batch, job_sampling), adapter_errors, batch[col.NUM_INPUT_TOKENS].to_pylist())
-    for (failed, sampling), adapter_error, input_tokens in rows:
-        if not failed and adapter_error:  # as the replica: the row's sampling first, then its adapter
-            failed, sampling = True, adapter_error
-        if not failed:
+    for row in batch.to_pylist():
+        error, budget = row[col.ERROR], 0
+        if error is None and job_sampling is not None:
             try:
+                sampling = checked_request(row, job_sampling, parts).sampling
                 budget = int(sampling["max_tokens"])
-                budget = budget if max_model_len is None else min(budget, max(0, max_model_len - input_tokens))
-                budgets.append(budget * int(sampling.get("n") or 1))  # each of the row's n samples
-                errors.append(None)
-                continue
+                budget = budget if max_model_len is None else min(budget, max(0, max_model_len - row[col.NUM_INPUT_TOKENS]))
+                budget *= int(sampling.get("n") or 1)  # each of the row's n samples
+            except RowError as refused:
+                error = str(refused)
             except (TypeError, ValueError) as bad:
-                sampling = row_error(INVALID_SAMPLING, reason=f"max_tokens {sampling['max_tokens']!r} ({bad})")
-        errors.append(sampling)
-        budgets.append(0)
+                error = row_error(INVALID_SAMPLING, reason=f"max_tokens {sampling['max_tokens']!r} ({bad})")
+        errors.append(error)
+        budgets.append(budget)
     return pa.table({col.ID: batch[col.ID], col.NUM_INPUT_TOKENS: batch[col.NUM_INPUT_TOKENS],
                      col.ERROR: pa.array(errors, pa.string()), MAX_OUTPUT_TOKENS: pa.array(budgets, pa.int64())})
 
@@ -145,22 +162,13 @@ def replica_throughput(cfg: "Config", output_path: str, task: str = "generate") 
     return DEFAULT_TOK_PER_S, DEFAULT_TOK_PER_S_SOURCE
 
 
-def budget_stage(plan: "Plan"):
-    """After the formatter: per row, why it would fail, or the most tokens it may generate. Runs on the
-    workers, so only these small columns reach the driver."""
-    return map_stage("budget", needs=(col.ID, col.NUM_INPUT_TOKENS, col.ERROR),
-                     adds=(MAX_OUTPUT_TOKENS,), drops=(col.PROMPT, col.PROMPT_TOKEN_IDS),
+def budget_stage(plan: "Plan") -> Stage:
+    """After the formatter: per row, why it would fail, or the most tokens it may generate."""
+    return Stage("budget", needs=(col.ID, col.NUM_INPUT_TOKENS, col.ERROR), adds=(MAX_OUTPUT_TOKENS,),
+                 drops=(col.PROMPT, col.PROMPT_TOKEN_IDS), map_batches=dict(
                      fn=row_budgets, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                     fn_kwargs={"job_sampling": None if plan.task == "embed" else plan.sampling,
-                                "max_model_len": plan.max_model_len,
-                                "lora": preflight_lora(plan)})
-
-
-def preflight_lora(plan: "Plan") -> dict:
-    """rows_adapter_errors' arguments (util/lora.py): the adapters and LoRA settings the replicas get."""
-    engine = plan.engine_kwargs
-    return {"registered": plan.adapters, "enabled": bool(engine.get("enable_lora")),
-            "max_lora_rank": engine.get("max_lora_rank"), "base_names": {plan.cfg.model}}
+                     fn_kwargs={"job_sampling": plan.sampling if plan.task == "generate" else None,
+                                "max_model_len": plan.max_model_len, "parts": plan.parts}))
 
 
 def inspect_input(plan: "Plan") -> dict:
@@ -200,32 +208,6 @@ def median_of_counts(counts: np.ndarray) -> float:
     low = int(np.searchsorted(cumulative, (total - 1) // 2 + 1))
     high = int(np.searchsorted(cumulative, total // 2 + 1))
     return (low + high) / 2
-
-
-def histogram_png(histogram: list[dict], max_model_len: int | None, title: str) -> bytes:
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    labels = [f"{b['from']}-{b['to']}" for b in histogram]
-    over = [max_model_len is not None and b["to"] >= max_model_len - 1 for b in histogram]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bars = ax.bar(labels, [b["rows"] for b in histogram], color=["#c44e52" if o else "#4c72b0" for o in over])
-    ax.bar_label(bars, fontsize=8)
-    ax.set_xlabel("input tokens per row (prompt format applied)" +
-                  (f"; red: reaches max_model_len {max_model_len}" if any(over) else ""))
-    ax.set_ylabel("rows")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title, fontsize=9)
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def format_preflight(result: dict) -> str:
@@ -275,6 +257,8 @@ def save_preflight(report_dir: str, result: dict) -> list[str]:
     if "input_tokens" in result:
         title = (f"{result['to_run']:,} rows, {result['input_tokens']['total']:,} input tokens; "
                  f"{result['failing']['rows']:,} would fail")
+        from util.plots import histogram_png
+
         files["input_tokens.png"] = histogram_png(result["input_tokens"]["histogram"], result["max_model_len"], title)
     for name, data in files.items():
         commit_file(filesystem, f"{path}/{name}", data)
@@ -314,7 +298,7 @@ def run_preflight(plan: "Plan") -> int:
                 f"{cfg.max_error_fraction} allows") if too_many else None,
         throughput_source=source,
         estimate=None if tok_per_s is None else estimate(
-            output_tokens, tok_per_s, plan.gpus_per_replica, cfg.most_replicas, cfg.deadline_hours,
+            output_tokens, tok_per_s, plan.gpus_per_replica, plan.most_replicas, cfg.deadline_hours,
             input_tokens=result["input_tokens"]["total"] if plan.task == "embed" else None))
     print(format_preflight(result))
     print(f"  report         {', '.join(save_preflight(report_dir, result))}")

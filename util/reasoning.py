@@ -1,4 +1,7 @@
-"""A reasoning model's thinking kept apart from its answer, by vLLM's own reasoning parsers, offline.
+"""A reasoning model's thinking kept apart from its answer, by vLLM's own reasoning parsers, offline (a
+feature, util/features.py).
+
+    python main.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --reasoning-parser deepseek_r1
 
     from util.reasoning import check_parser_name, ReasoningSplitter
     check_parser_name("deepseek_r1")              # ValueError naming the parsers this vLLM has, if unknown
@@ -18,44 +21,28 @@ structured_output.py) constrains the whole text, thinking included, and its chec
 
 vLLM renamed the method (extract_reasoning_content, then extract_reasoning); both are looked for.
 Parsers that find their tags by token id (deepseek_r1's BaseThinkingReasoningParser) refuse a tokenizer
-without them as single tokens: the replica says so before its engine starts.
+without them as single tokens: the rows that ask for such a parser fail, each saying why.
 """
 
-import functools
+import dataclasses
 
+import pyarrow as pa
 
-@functools.cache
-def parser_names() -> tuple[str, ...]:
-    """The reasoning parsers the installed vLLM registers (eagerly or lazily)."""
-    from vllm.reasoning import ReasoningParserManager
+from util.errors import RowError
+from util.features import Part, flag, only_for_generation
+from util.internals import chat_completion_request, reasoning_parser_names
 
-    listed = getattr(ReasoningParserManager, "list_registered", None)
-    if listed is not None:
-        return tuple(sorted(listed()))
-    return tuple(sorted(set(ReasoningParserManager.reasoning_parsers)
-                        | set(getattr(ReasoningParserManager, "lazy_parsers", {}))))
+REASONING_CONTENT = "reasoning_content"  # a reasoning parser's thinking; generated_text holds the rest
 
 
 def check_parser_name(name, where: str = "--reasoning-parser") -> str:
     """`name` if vLLM has a reasoning parser of that name; else ValueError naming `where` and the known ones."""
-    if not isinstance(name, str) or name not in parser_names():
+    if not isinstance(name, str) or name not in reasoning_parser_names():
         import vllm
 
         raise ValueError(f"{where}: unknown reasoning parser {name!r}; vLLM {vllm.__version__} has "
-                         f"{', '.join(parser_names())}")
+                         f"{', '.join(reasoning_parser_names())}")
     return name
-
-
-def _chat_request():
-    """An empty chat request, for parsers that look at the request (most ignore it); None if this vLLM's
-    request type cannot be built so."""
-    for module in ("vllm.entrypoints.openai.chat_completion.protocol", "vllm.entrypoints.openai.protocol"):
-        try:
-            request_type = getattr(__import__(module, fromlist=["ChatCompletionRequest"]), "ChatCompletionRequest")
-            return request_type(model="", messages=[{"role": "user", "content": ""}])
-        except Exception:  # moved or changed in this vLLM: try the next place
-            continue
-    return None
 
 
 def _extractor(parser):
@@ -80,8 +67,57 @@ class ReasoningSplitter:
         self.name = check_parser_name(name)
         self.parser = ReasoningParserManager.get_reasoning_parser(name)(tokenizer)
         self.extract = _extractor(self.parser)
-        self.request = _chat_request()
+        try:  # parsers that look at the request (most ignore it) get an empty chat request
+            self.request = chat_completion_request()(model="", messages=[{"role": "user", "content": ""}])
+        except Exception:
+            self.request = None
 
     def __call__(self, text: str) -> tuple[str | None, str]:
         thinking, answer = self.extract(text, self.request)
         return thinking, answer or ""
+
+
+# --- the feature: its flag, its check, the plan's part ----------------------------------------------------
+
+@dataclasses.dataclass
+class Flags:
+    reasoning_parser: str | None = flag("vLLM reasoning parser (deepseek_r1, qwen3, ...): a reasoning model's thinking "
+                                        "goes to `reasoning_content`, the rest to `generated_text`.", default=None)
+
+
+def check(cfg) -> None:
+    if cfg.reasoning_parser is not None:
+        check_parser_name(cfg.reasoning_parser)  # known to this vLLM, before any engine starts
+    only_for_generation(cfg, {"--reasoning-parser": cfg.reasoning_parser is not None})
+
+
+class Reasoning(Part):
+    """A row's sampling_params may name its own parser, so the part is in every generation job."""
+    columns = {REASONING_CONTENT: pa.string()}
+
+    def __init__(self, parser: str | None):
+        self.sampling = {"reasoning_parser": parser} if parser else {}
+        self.splitters = {}  # in the replica: one per parser name, built on its first row
+
+    def check(self, request) -> None:
+        name = request.sampling.pop("reasoning_parser", None)  # the predictor's key, not SamplingParams'
+        if name is not None:
+            request.state["reasoning_parser"] = check_parser_name(name, "reasoning_parser")
+
+    async def prepare(self, request) -> None:
+        name = request.state.get("reasoning_parser")
+        if name is not None and name not in self.splitters:  # a tokenizer without its tags fails its rows
+            try:
+                self.splitters[name] = ReasoningSplitter(name, request.replica.tokenizer)
+            except Exception as error:
+                raise RowError(f"reasoning parser {name} cannot read this model's tokenizer ({type(error).__name__}: "
+                               f"{error})") from None
+
+    def output(self, request, output, result: dict) -> None:
+        name = request.state.get("reasoning_parser")
+        for sample in result["samples"]:
+            sample[REASONING_CONTENT], sample["text"] = self.splitters[name](sample["text"]) if name else (None, sample["text"])
+
+
+def part(plan) -> Reasoning | None:
+    return Reasoning(plan.cfg.reasoning_parser) if plan.task == "generate" else None

@@ -1,33 +1,33 @@
-"""Engines kept warm: replicas that outlive one pipeline run, so that a driver which runs the pipeline
-again (a notebook, a script looping over inputs) starts no engine the second time.
+"""Engines kept warm (a feature, util/features.py): replicas that outlive one pipeline run, so that a driver
+which runs the pipeline again (a notebook, a script looping over inputs, a test session) starts no engine
+the second time.
 
-    from util.pipeline import build_pipeline, pipeline_stages
+    from util.pipeline import build_pipeline
     from util.replica_pool import ReplicaPool
     with ReplicaPool(plan) as pool:                     # starts `concurrency` engines, once
         for path in ["a.jsonl", "b.jsonl"]:
-            ds = build_pipeline(plan, source=path, stages=pipeline_stages(plan, pool=pool))
+            ds = build_pipeline(plan, source=path, stages=pool.stages(plan))
             write_results(ds, f"out/{os.path.basename(path)}")    # the same engines, every time
+    main.run(cfg, replicas=pool)                         # a whole job on them (same model and engine arguments)
     # leaving the block (or pool.shutdown()) stops the engines and gives their GPUs back
 
-Ray Data's actor pool (the default stage, util/pipeline.py) creates its replicas when a dataset starts
-and ends them when it is done, so each run pays the engine start again. Here the replicas are plain Ray
-actors that the pool owns: each holds one predictor (the task's: util/pipeline.py, task_predictor) with
-its engine, and takes up to `batches_in_flight` batches at once. The pipeline's predict (or embed) stage
-is then a pool of light forwarders, a hundredth of a CPU each and no GPU, that hand each batch to the
-replica with the fewest batches of theirs in flight, and await its answer. The replicas live as long
-as the pool, at most as long as the driver: they are not detached, so a driver that exits takes them,
-and their GPUs, with it.
+Ray Data's actor pool (the model's stage, util/pipeline.py) creates its replicas when a dataset starts and
+ends them when it is done, so each run pays the engine start again. Here the replicas are plain Ray actors
+that the pool owns: each holds one predictor (the plan's) with its engine, and takes up to
+`batches_in_flight` batches at once. The pipeline's model stage is then a pool of light forwarders, a
+hundredth of a CPU each and no GPU, that hand each batch, with its job's sampling and features' parts, to
+the replica with the fewest batches of theirs in flight. So one pool serves any job of the same model and
+engine arguments. The replicas live as long as the pool, at most as long as the driver: they are not
+detached, so a driver that exits takes them, and their GPUs, with it.
 """
 
-import inspect
 import logging
 import time
 
 import pyarrow as pa
 import ray
 
-from util.config import concurrency_text
-from util.pipeline import predictor_adapters, task_predictor
+from util.pipeline import pipeline_stages, predictor_stage
 
 FORWARDER_CPUS = 0.01  # a forwarder only awaits its replica's answer
 SHUTDOWN_TIMEOUT_S = 60  # for the engines to stop, then again for the killed replicas to end
@@ -36,14 +36,10 @@ logger = logging.getLogger(__name__)
 
 
 def replica_class(predictor: type) -> type:
-    """`predictor` as a plain Ray actor: `predict` calls its __call__ (sync or async), `release` stops
-    its engine before the actor is killed."""
+    """`predictor` as a plain Ray actor: `predict` answers a batch with a job's sampling and parts,
+    `release` stops its engine before the actor is killed."""
 
     class WarmReplica(predictor):
-        async def predict(self, batch: pa.Table) -> pa.Table:
-            result = predictor.__call__(self, batch)
-            return await result if inspect.isawaitable(result) else result
-
         def release(self) -> None:
             if hasattr(self, "shutdown"):
                 self.shutdown()
@@ -53,56 +49,59 @@ def replica_class(predictor: type) -> type:
 
 
 class ReplicaClient:
-    """The predict stage when replicas are kept warm: one per replica in Ray Data's actor pool."""
+    """The model's stage when replicas are kept warm: one per replica in Ray Data's actor pool."""
 
-    def __init__(self, replicas: list):
-        self.replicas = replicas
+    def __init__(self, replicas: list, sampling: dict, parts: list):
+        self.replicas, self.sampling, self.parts = replicas, sampling, parts
         self.in_flight = [0] * len(replicas)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         index = self.in_flight.index(min(self.in_flight))
         self.in_flight[index] += 1
         try:
-            return await self.replicas[index].predict.remote(batch)
+            return await self.replicas[index].predict.remote(batch, self.sampling, self.parts)
         finally:
             self.in_flight[index] -= 1
 
 
 class ReplicaPool:
-    """`plan.cfg.concurrency` replicas of `predictor` (by default the task's: LLMPredictor, or
-    EmbeddingPredictor for --task embed), started now, placed as the plan says."""
+    """`plan.cfg.concurrency` replicas of `predictor` (by default the plan's), started now, placed as the
+    plan says."""
 
     def __init__(self, plan, predictor: type | None = None):
         cfg = plan.cfg
-        predictor = predictor or task_predictor(plan)
-        if cfg.max_concurrency is not None:  # its replicas start here, all of them, and stay
+        if plan.most_replicas != cfg.concurrency:  # its replicas start here, all of them, and stay
             raise ValueError(f"a ReplicaPool starts a fixed number of replicas, not --concurrency "
-                             f"{concurrency_text(cfg.concurrency, cfg.max_concurrency)}: pass one number, or leave the pool out "
-                             f"to let Ray Data's own pool autoscale")
+                             f"{cfg.concurrency}-{plan.most_replicas}: pass one number, or leave the pool out to let "
+                             f"Ray Data's own pool autoscale")
+        stage = predictor_stage(plan, predictor).map_batches
+        self.model, self.engine_kwargs = cfg.model, plan.engine_kwargs
         self.batch_size, self.batches_in_flight = cfg.batch_size, cfg.batches_in_flight
-        options = dict(plan.replica_resources)
-        make_placement = options.pop("ray_remote_args_fn", None)  # a placement group per replica (TP x PP)
-        actor = ray.remote(replica_class(predictor))
+        options = {k: v for k, v in stage.items() if k in ("num_gpus", "num_cpus", "accelerator_type", "runtime_env")}
+        make_placement = stage.get("ray_remote_args_fn")  # a placement group per replica (TP x PP)
+        actor = ray.remote(replica_class(stage["fn"]))
         self.replicas = []
         for _ in range(cfg.concurrency):
             placement = make_placement() if make_placement else {}
             self.replicas.append(actor.options(max_concurrency=cfg.batches_in_flight, **options, **placement).remote(
-                model=cfg.model, engine_kwargs=plan.engine_kwargs, sampling=plan.sampling,
-                **predictor_adapters(plan)))
+                **stage["fn_constructor_kwargs"]))
         ray.get([replica.__ray_ready__.remote() for replica in self.replicas])  # every engine has started
 
-    def map_batches_kwargs(self) -> dict:
-        """`ds.map_batches` arguments for the predict stage: forwarders to these replicas."""
-        return {
-            "fn": ReplicaClient,
-            "fn_constructor_kwargs": {"replicas": self.replicas},
-            "compute": ray.data.ActorPoolStrategy(size=len(self.replicas),
-                                                  max_tasks_in_flight_per_actor=self.batches_in_flight,
-                                                  max_concurrent_calls_per_actor=self.batches_in_flight),
-            "batch_size": self.batch_size,
-            "batch_format": "pyarrow",
-            "num_cpus": FORWARDER_CPUS,
-        }
+    def stages(self, plan, done=None, **options) -> list:
+        """The plan's stages (pipeline_stages, with `options`), the model's stage forwarding to these replicas.
+        ValueError for a plan of another model or other engine arguments than the pool's engines run."""
+        if (plan.cfg.model, plan.engine_kwargs) != (self.model, self.engine_kwargs):
+            raise ValueError(f"this pool's engines run {self.model} with {self.engine_kwargs}; the plan asks for "
+                             f"{plan.cfg.model} with {plan.engine_kwargs}")
+        forward = {"fn": ReplicaClient, "fn_constructor_kwargs": {"replicas": self.replicas, "sampling": plan.sampling,
+                                                                  "parts": plan.parts},
+                   "compute": ray.data.ActorPoolStrategy(size=len(self.replicas),
+                                                         max_tasks_in_flight_per_actor=self.batches_in_flight,
+                                                         max_concurrent_calls_per_actor=self.batches_in_flight),
+                   "batch_size": plan.cfg.batch_size, "batch_format": "pyarrow", "num_cpus": FORWARDER_CPUS}
+        model_stage = predictor_stage(plan).name
+        return [stage.with_options(**forward) if stage.name == model_stage else stage
+                for stage in pipeline_stages(plan, done, **options)]
 
     def shutdown(self) -> None:
         """Stop every engine and end the replicas: their GPUs are free when this returns."""
@@ -118,8 +117,8 @@ class ReplicaPool:
         for replica in replicas:
             while not actor_has_ended(replica, timeout_s=deadline - time.monotonic()):
                 if time.monotonic() >= deadline:
-                    logger.warning("replica %s has not ended %d s after it was killed; its resources may "
-                                   "still be held", replica._actor_id.hex()[:8], SHUTDOWN_TIMEOUT_S)
+                    logger.warning("a replica has not ended %d s after it was killed; its resources may still "
+                                   "be held", SHUTDOWN_TIMEOUT_S)
                     break
                 time.sleep(0.1)
 

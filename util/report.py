@@ -1,25 +1,15 @@
 """How a run is going, and how it went: a progress line while it runs, a report when it is done.
 
-    from util.report import ProgressReporter, check_accounting, format_report, over_error_budget, write_report
     with ProgressReporter(total_rows=10_000, interval_s=30, gpus=plan.gpus_held) as progress:
-        written = write_results(ds, output_path)       # prints `progress: 1,234/10,000 rows (12%), ...`
-    report = progress.report(written)                   # a dict: rows, tokens, tok/s per replica, GPU-hours
-    print(format_report(report))
-    write_report(output_path, report)                   # <output>/_report.json and _throughput.png
-    check_accounting(input_rows=10_000, written=written, already_done=0)  # RuntimeError if a row is lost
-    over_error_budget(output_counts, max_error_fraction=0.1, output_path=output_path)  # why exit 1, or None
+        written = write_results(ds, output_path)   # prints `progress: 1,234/10,000 rows (12%), ...`
+    report = progress.report(written)               # rows, tokens, tok/s per replica, GPU-hours
+    print(format_report(report)); write_report(output_path, report)   # _report.json and _throughput.png
 
-While the pipeline runs, a small named Ray actor (PROGRESS_ACTOR) collects what each vLLM replica
-reports after every batch: rows, output tokens, time. Replicas find it by name (`ProgressClient`),
-and report with a fire-and-forget `.remote()` call, so a batch never waits for the report. A replica
-that finds no actor (the notebook's take_all, the benchmark) reports nothing.
-
-The report files start with `_`, like the manifest, so readers of the output folder (Ray Data,
-pyarrow, pandas, util.output) never take them for data.
+The replicas send what they finish to a named Ray actor, without waiting: a ProgressClient gathers a
+replica's rows and sends them at most every FLUSH_S seconds; one that finds no actor reports nothing.
 """
 
 import datetime
-import io
 import json
 import math
 import threading
@@ -30,9 +20,9 @@ import ray
 from util.storage import commit_file, resolve
 
 PROGRESS_ACTOR = "batch-llm-progress"
-REPORT_NAME = "_report.json"
-PLOT_NAME = "_throughput.png"
-FINAL_REPORTS_WAIT_S = 5.0  # the last batches' reports are in flight when the write finishes
+REPORT_NAME, PLOT_NAME = "_report.json", "_throughput.png"
+FLUSH_S = 1.0  # a replica sends its finished rows at most this often
+FINAL_REPORTS_WAIT_S = 5.0  # the last reports are in flight when the write finishes
 
 
 class ProgressLog:
@@ -40,14 +30,14 @@ class ProgressLog:
 
     def __init__(self):
         self.ready: dict[str, float] = {}  # replica -> when its engine was ready
-        self.batches: list[tuple[str, int, int, float]] = []  # (replica, rows, output tokens, finished at)
+        self.done: list[tuple[str, int, int, float]] = []  # (replica, rows, output tokens, when)
         self.rows = self.output_tokens = 0
 
     def replica_ready(self, replica: str, at: float) -> None:
         self.ready.setdefault(replica, at)
 
-    def batch_done(self, replica: str, rows: int, output_tokens: int, at: float) -> None:
-        self.batches.append((replica, rows, output_tokens, at))
+    def rows_done(self, replica: str, rows: int, output_tokens: int, at: float) -> None:
+        self.done.append((replica, rows, output_tokens, at))
         self.rows += rows
         self.output_tokens += output_tokens
 
@@ -56,17 +46,15 @@ class ProgressLog:
                 "first_ready": min(self.ready.values(), default=None), "replicas": len(self.ready)}
 
     def snapshot(self) -> dict:
-        return {"ready": dict(self.ready), "batches": list(self.batches)}
+        return {"ready": self.ready, "done": self.done}
 
 
 class ProgressClient:
-    """A replica's side: reports each batch to the run's progress actor, without waiting. The actor is
-    looked up by name at each batch (a millisecond), so a replica kept warm across runs
-    (util/replica_pool.py) reports to each run's own actor, and tells it first that it is ready."""
+    """A replica's side. The actor is looked up by name at each send, so that a replica kept warm across
+    runs reports to each run's own actor, and tells it first that it is ready."""
 
     def __init__(self, replica: str = ""):
-        self.replica = replica
-        self.reporting_to = None  # the progress actor this replica last said it was ready to
+        self.replica, self.reporting_to, self.rows, self.tokens, self.sent = replica, None, 0, 0, time.monotonic()
 
     @classmethod
     def connect(cls) -> "ProgressClient":
@@ -80,17 +68,21 @@ class ProgressClient:
     def _actor(self):
         try:
             actor = ray.get_actor(PROGRESS_ACTOR)
-        except ValueError:  # no run is reporting: the benchmark, a pipeline run without a reporter
+        except ValueError:  # no run is reporting
             return None
         if actor != self.reporting_to:  # a new run: this replica is ready for it from now on
             self.reporting_to = actor
             actor.replica_ready.remote(self.replica, time.time())
         return actor
 
-    def batch_done(self, rows: int, output_tokens: int) -> None:
-        actor = self._actor() if self.replica else None
-        if actor is not None:
-            actor.batch_done.remote(self.replica, rows, output_tokens, time.time())
+    def rows_done(self, rows: int, output_tokens: int, flush: bool = False) -> None:
+        """Count finished rows; send them when FLUSH_S has passed since the last send, or `flush`."""
+        self.rows, self.tokens = self.rows + rows, self.tokens + output_tokens
+        if self.rows and (flush or time.monotonic() - self.sent >= FLUSH_S):
+            actor = self._actor() if self.replica else None
+            if actor is not None:
+                actor.rows_done.remote(self.replica, self.rows, self.tokens, time.time())
+            self.rows, self.tokens, self.sent = 0, 0, time.monotonic()
 
 
 def progress_line(rows_done: int, total_rows: int | None, output_tok_per_s: float, eta_s: float | None) -> str:
@@ -105,25 +97,22 @@ def progress_line(rows_done: int, total_rows: int | None, output_tok_per_s: floa
 
 def eta_seconds(rows_done: int, total_rows: int | None, first_ready: float | None, now: float) -> float | None:
     """Rows left at the pace since the first engine was ready (engine start is no guide to what is left)."""
-    if total_rows is None:
-        return None
-    if rows_done >= total_rows:
+    if total_rows is not None and rows_done >= total_rows:
         return 0.0
-    if not rows_done or first_ready is None or now <= first_ready:
+    if total_rows is None or not rows_done or first_ready is None or now <= first_ready:
         return None
     return (total_rows - rows_done) * (now - first_ready) / rows_done
 
 
 class ProgressReporter:
-    """Creates the progress actor and prints a progress line every `interval_s` seconds from a driver
-    thread while the `with` block runs; Ray Data's own progress bars are left as they are."""
+    """Creates the progress actor and prints a progress line every `interval_s` seconds from a driver thread
+    while the `with` block runs; Ray Data's own progress bars are left as they are."""
 
     def __init__(self, total_rows: int | None, interval_s: float = 30.0, gpus: float = 0.0, write=None):
         self.total_rows, self.interval_s, self.gpus = total_rows, interval_s, gpus
         self.write = write or (lambda line: print(line, flush=True))
         self.started = self.finished = None
-        self.snapshot = {"ready": {}, "batches": []}
-        self._stop = threading.Event()
+        self.snapshot, self._stop = {"ready": {}, "done": []}, threading.Event()
 
     def __enter__(self) -> "ProgressReporter":
         try:  # one left behind by an interrupted run in this driver (a notebook) holds the name
@@ -131,10 +120,8 @@ class ProgressReporter:
         except ValueError:
             pass
         # Named and not detached: replicas find it by name, and it ends with the driver at the latest.
-        # The name is registered by .remote() itself, before any replica can look for it.
         self.actor = ray.remote(num_cpus=0)(ProgressLog).options(name=PROGRESS_ACTOR).remote()
-        self.started = time.time()
-        self._thread = threading.Thread(target=self._print_progress, name="progress", daemon=True)
+        self.started, self._thread = time.time(), threading.Thread(target=self._print_progress, daemon=True)
         self._thread.start()
         return self
 
@@ -145,11 +132,10 @@ class ProgressReporter:
                 totals = ray.get(self.actor.totals.remote(), timeout=self.interval_s)
             except (ray.exceptions.RayError, TimeoutError):
                 continue  # progress is a courtesy: never fail the run over it
-            now = time.time()
-            tok_per_s = (totals["output_tokens"] - last_tokens) / max(now - last_at, 1e-9)
-            last_at, last_tokens = now, totals["output_tokens"]
+            now, tokens = time.time(), totals["output_tokens"]
             eta = eta_seconds(totals["rows"], self.total_rows, totals["first_ready"], now)
-            self.write(progress_line(totals["rows"], self.total_rows, tok_per_s, eta))
+            self.write(progress_line(totals["rows"], self.total_rows, (tokens - last_tokens) / max(now - last_at, 1e-9), eta))
+            last_at, last_tokens = now, tokens
 
     def __exit__(self, error_type, error, traceback) -> None:
         self._stop.set()
@@ -197,63 +183,39 @@ def over_error_budget(output: dict, max_error_fraction: float, output_path: str)
             f"--max-error-fraction {max_error_fraction} allows; they are in {output_path}/errors")
 
 
-def _iso(at: float) -> str:
-    return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def throughput_series(batches: list, started: float, finished: float, bins: int = 40) -> dict:
-    """Output tok/s over time, per replica and in total: each batch's tokens counted when it finished."""
-    wall = max(finished - started, 1e-9)
-    bin_s = max(1.0, math.ceil(wall / bins))
-    count = max(1, math.ceil(wall / bin_s))
-    per_replica: dict[str, list[float]] = {}
-    for replica, _, tokens, at in batches:
-        index = min(count - 1, max(0, int((at - started) // bin_s)))
-        per_replica.setdefault(replica, [0.0] * count)[index] += tokens / bin_s
-    total = [sum(values) for values in zip(*per_replica.values())] if per_replica else [0.0] * count
-    return {"bin_s": bin_s, "start_s": [i * bin_s for i in range(count)], "total": total,
-            "per_replica": dict(sorted(per_replica.items()))}
-
-
 def build_report(snapshot: dict, written: dict, started: float, finished: float, gpus: float) -> dict:
+    from util.plots import throughput_series
+
     wall = max(finished - started, 1e-9)
     replicas = []
-    # In the order the replicas joined: an autoscaling pool's later replicas come last, with their own
-    # join time (when each engine was ready, from the run's start) and pace from then on.
+    # In the order the replicas joined (an autoscaling pool's later ones last), each with its join time
+    # (when its engine was ready, from the run's start) and its own pace from then to its last row.
     for replica, ready in sorted(snapshot["ready"].items(), key=lambda item: (item[1], item[0])):
-        mine = [b for b in snapshot["batches"] if b[0] == replica]
-        tokens, last = sum(b[2] for b in mine), max((b[3] for b in mine), default=None)
-        # From its engine being ready to its last batch: the replica's own pace, engine start excluded.
+        mine = [d for d in snapshot["done"] if d[0] == replica]
+        tokens, last = sum(d[2] for d in mine), max((d[3] for d in mine), default=None)
         busy = None if last is None else last - ready
-        replicas.append({"replica": replica, "rows": sum(b[1] for b in mine), "output_tokens": tokens,
+        replicas.append({"replica": replica, "rows": sum(d[1] for d in mine), "output_tokens": tokens,
                          "output_tok_per_s": round(tokens / busy, 1) if busy and busy > 0 else None,
                          "ready_s": round(ready - started, 1),
                          "last_batch_s": None if last is None else round(last - started, 1)})
-    return {
-        "rows": {"ok": written["ok"], "error": written["error"]},
-        "input_tokens": written["input_tokens"], "output_tokens": written["output_tokens"],
-        "wall_s": round(wall, 1),
-        "output_tok_per_s": round(written["output_tokens"] / wall, 1),  # engine start included
-        "gpus": gpus, "gpu_hours": round(wall * gpus / 3600, 3),
-        "started": _iso(started), "finished": _iso(finished),
-        "replicas": replicas,
-        "throughput": throughput_series(snapshot["batches"], started, finished),
-    }
+    return {"rows": {"ok": written["ok"], "error": written["error"]},
+            "input_tokens": written["input_tokens"], "output_tokens": written["output_tokens"],
+            "wall_s": round(wall, 1), "output_tok_per_s": round(written["output_tokens"] / wall, 1),
+            "gpus": gpus, "gpu_hours": round(wall * gpus / 3600, 3), "replicas": replicas,
+            **{name: datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="seconds")
+               for name, at in (("started", started), ("finished", finished))},
+            "throughput": throughput_series(snapshot["done"], started, finished)}  # its plot's series
 
 
 def format_report(report: dict) -> str:
-    wall = str(datetime.timedelta(seconds=round(report["wall_s"])))
-    lines = [
-        "run report",
-        f"  rows           {report['rows']['ok']:,} ok, {report['rows']['error']:,} error",
-        f"  input tokens   {report['input_tokens']:,}",
-        f"  output tokens  {report['output_tokens']:,}",
-        f"  output tok/s   {report['output_tok_per_s']:,.1f} overall (wall time, engine start included)",
-        f"  wall time      {wall}",
-        f"  GPU-hours      {report['gpu_hours']:,.3f} ({report['gpus']:g} GPUs x wall time)",
-    ]
-    if report["replicas"]:
-        # "joined at": seconds from the run's start to the replica's engine being ready
+    lines = ["run report",
+             f"  rows           {report['rows']['ok']:,} ok, {report['rows']['error']:,} error",
+             f"  input tokens   {report['input_tokens']:,}",
+             f"  output tokens  {report['output_tokens']:,}",
+             f"  output tok/s   {report['output_tok_per_s']:,.1f} overall (wall time, engine start included)",
+             f"  wall time      {datetime.timedelta(seconds=round(report['wall_s']))}",
+             f"  GPU-hours      {report['gpu_hours']:,.3f} ({report['gpus']:g} GPUs x wall time)"]
+    if report["replicas"]:  # "joined at": seconds from the run's start to the replica's engine being ready
         lines.append(f"  {'replica':<10} {'rows':>10} {'output tokens':>14} {'output tok/s':>13} {'joined at':>9}")
         for r in report["replicas"]:
             speed = "-" if r["output_tok_per_s"] is None else f"{r['output_tok_per_s']:,.1f}"
@@ -262,36 +224,10 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_throughput(report: dict) -> bytes:
-    """A PNG of output tok/s over the run, per replica and in total."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series, scale = report["throughput"], 60 if report["wall_s"] > 600 else 1
-    minutes = scale == 60
-    x = [t / scale for t in series["start_s"] + [series["start_s"][-1] + series["bin_s"]]]  # the last bin's end
-    ready = {r["replica"]: r["ready_s"] for r in report["replicas"]}
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for replica, values in series["per_replica"].items():
-        line, = ax.step(x, values + values[-1:], where="post", linewidth=1, label=f"replica {replica}")
-        if replica in ready:  # before this line the replica's engine was starting
-            ax.axvline(ready[replica] / scale, color=line.get_color(), linestyle=":", linewidth=1)
-    ax.step(x, series["total"] + series["total"][-1:], where="post", linewidth=2.5, color="black", label="total")
-    ax.set_xlabel(f"{'minutes' if minutes else 'seconds'} since the pipeline started")
-    ax.set_ylabel(f"output tokens / s ({series['bin_s']:g} s bins)")
-    ax.set_title(f"{report['output_tokens']:,} output tokens in {report['wall_s']:,.0f} s, "
-                 f"{len(series['per_replica'])} replica(s); dotted: a replica's engine is ready", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def write_report(output_path: str, report: dict) -> list[str]:
-    """`_report.json` and `_throughput.png` beside the output's data; returns their paths."""
+    """`_report.json` and the plot of its throughput, `_throughput.png`, beside the output; their paths."""
+    from util.plots import plot_throughput  # matplotlib: only when a report is written
+
     filesystem, path = resolve(output_path)
     files = {REPORT_NAME: json.dumps(report, indent=2).encode() + b"\n", PLOT_NAME: plot_throughput(report)}
     for name, data in files.items():

@@ -1,24 +1,20 @@
-"""Resume: an output path is its own checkpoint. A re-run skips the rows it holds, if it was made with
-the same settings (--overwrite deletes it instead: util.output.delete_output).
+"""Resume: an output path is its own checkpoint. A re-run skips the rows it holds, if it was made with the
+same settings, and says exactly what changed otherwise (`sampling.max_tokens: 32 -> 64`). Its
+`_manifest.json` says how the last run went and with what settings and software the output was made.
 
-    from util.resume import DoneIndex, check_fingerprint, fingerprint
-    settings = fingerprint(cfg, sampling, engine_kwargs)  # what decides a row's output
-    check_fingerprint("outputs/run", settings)            # InputError if the output was made otherwise
-    done = DoneIndex.build(*output_dataset("outputs/run", "parquet"))  # None when it holds no rows yet
+    check_fingerprint("outputs/run", plan.fingerprint)      # InputError if the output was made otherwise
+    done = DoneIndex.build(*output_dataset("outputs/run"))  # None when it holds no rows yet
     ds = read_prompts("prompts.jsonl", row_filter=done.drop_done)  # each read task drops rows written
+    manifest = Manifest(output_path, plan.fingerprint, plan.provenance); manifest.start(input=100, already_done=0)
 
-Resuming into an output generated with other settings would mix two configurations in one result, so
-a run refuses to, and says exactly what changed (`sampling.max_tokens: 32 -> 64`).
-
-The output's ids are hashed to 128 bits (two 64-bit SipHash keys), sorted, and held once in Ray's object
-store, 16 bytes a row, by a task that reads the output's id column a file at a time. Each filter task maps
-that array from shared memory and tests a block's ids with a binary search: vectorized, and nothing the
-size of the output travels in a closure or through the driver. Two different ids share a 128-bit hash
-with a chance of about n² / 2^129 (1e-25 for ten million rows), so the filter is exact in practice; the
-run's accounting (util/manifest.py) would catch a lost row all the same.
+The output's ids are hashed to 128 bits (two SipHash keys), sorted, and held once in Ray's object store by
+a task: 16 bytes a row, never on the driver. Each filter task tests a block's ids against it with a binary
+search. Two ids share a 128-bit hash with a chance of about n^2 / 2^129 (1e-25 for ten million rows).
 """
 
+import datetime
 import functools
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -29,9 +25,8 @@ import ray
 from util import columns as col
 from util.columns import ID_SCHEME
 from util.errors import InputError
-from util.manifest import read_manifest
 from util.resources import TASK_CPUS
-
+from util.storage import commit_file, resolve
 
 # Two SipHash keys (16 bytes each): one hash to search on, the other to confirm a match.
 HASH_KEYS = ("batch-llm-ids-01", "batch-llm-ids-02")
@@ -46,23 +41,14 @@ def id_hashes(ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return hash_array(values, hash_key=HASH_KEYS[0]), hash_array(values, hash_key=HASH_KEYS[1])
 
 
-def _sorted_hashes(files, id_column: str) -> tuple[np.ndarray, np.ndarray]:
-    first, second = [], []
-    if files is not None:
-        for batch in files.to_batches(columns=[id_column]):
-            h1, h2 = id_hashes(batch[id_column])
-            first.append(h1)
-            second.append(h2)
-    first = np.concatenate(first) if first else np.zeros(0, np.uint64)
-    second = np.concatenate(second) if second else np.zeros(0, np.uint64)
-    order = np.lexsort((second, first))
-    return first[order], second[order]
-
-
 @ray.remote(num_cpus=TASK_CPUS, num_returns=2)
 def _build(files, id_column: str):
-    first, second = _sorted_hashes(files, id_column)
-    return len(first), (first, second)
+    """The output's ids as (rows, (first hashes, second hashes), sorted): built in a task, not the driver."""
+    hashes = [id_hashes(batch[id_column]) for batch in files.to_batches(columns=[id_column])]
+    first = np.concatenate([h[0] for h in hashes]) if hashes else np.zeros(0, np.uint64)
+    second = np.concatenate([h[1] for h in hashes]) if hashes else np.zeros(0, np.uint64)
+    order = np.lexsort((second, first))
+    return len(first), (first[order], second[order])
 
 
 def contains(index: tuple[np.ndarray, np.ndarray], ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -91,13 +77,11 @@ class DoneIndex:
     ref: ray.ObjectRef
 
     @property
-    def drop_done(self) -> functools.partial:
-        """A row filter for the reader: drops the rows an earlier run wrote."""
+    def drop_done(self) -> functools.partial:  # a row filter for the reader: drops the rows an earlier run wrote
         return functools.partial(drop_done_rows, index_ref=[self.ref])
 
     @property
-    def mark_done(self) -> functools.partial:
-        """For the input scan: adds the `done` column."""
+    def mark_done(self) -> functools.partial:  # for the input scan: adds the `done` column
         return functools.partial(mark_done, index_ref=[self.ref])
 
     @classmethod
@@ -110,40 +94,28 @@ class DoneIndex:
         return cls(rows, ref) if rows else None
 
 
-def done_mask(table: pa.Table, index_ref: list) -> np.ndarray:
-    """Which rows of `table` have ids in the index (a one-item list holding its ref, so that Ray passes
-    the ref, not a copy of the index, into each task)."""
-    return contains(ray.get(index_ref[0]), table[col.ID])  # zero-copy from the object store
-
+# `index_ref`: a one-item list holding the index's ref, so that Ray passes the ref, not a copy of the index,
+# into each task, which maps the index from the object store without copying it.
 
 def drop_done_rows(table: pa.Table, index_ref: list) -> pa.Table:
     """`table` without the rows an earlier run wrote: a read task's row filter."""
-    return table.filter(pa.array(~done_mask(table, index_ref)))
+    return table.filter(pa.array(~contains(ray.get(index_ref[0]), table[col.ID])))
 
 
 def mark_done(table: pa.Table, index_ref: list | None) -> pa.Table:
     """`table` with a `done` column (1 where an earlier run wrote the row), for the input scan's counts."""
-    done = done_mask(table, index_ref) if index_ref else np.zeros(table.num_rows, bool)
+    done = contains(ray.get(index_ref[0]), table[col.ID]) if index_ref else np.zeros(table.num_rows, bool)
     return table.append_column("done", pa.array(done.astype(np.int64)))
 
 
-# --- the settings an output was made with ---
-
-def fingerprint(cfg, sampling: dict, engine_kwargs: dict, task: str = "generate", images: bool = False,
-                adapters: dict | None = None) -> dict:
-    """The settings that decide a row's output; a run that resumes an output must have the same. The
-    task, the image settings (a job with images) and the LoRA adapters ({name: path}) only when they
-    apply, so that an output made before these existed still resumes."""
+def fingerprint(cfg, sampling: dict, engine_kwargs: dict, features: dict | None = None) -> dict:
+    """The settings that decide a row's output; a run that resumes an output must have the same.
+    `features`: what the job's features add (the task, image settings, LoRA adapters: each Part's
+    fingerprint), only when they apply, so that an output made before they existed still resumes."""
     settings = {"model": cfg.model, "revision": cfg.revision, "prompt_format": cfg.prompt_format,
                 "system_prompt": cfg.system_prompt, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "id_scheme": None if cfg.id_column else ID_SCHEME,
-                "output_format": cfg.output_format, "sampling": sampling, "engine": engine_kwargs}
-    if task != "generate":
-        settings["task"] = task
-    if images:  # which column holds them, and which are too large: they decide which rows fail
-        settings["images"] = {"image_column": cfg.image_column, "max_image_bytes": cfg.max_image_bytes}
-    if adapters:
-        settings["adapters"] = adapters
+                "output_format": cfg.output_format, "sampling": sampling, "engine": engine_kwargs, **(features or {})}
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the file: tuples are lists
 
 
@@ -166,11 +138,58 @@ def fingerprint_changes(before: dict, after: dict) -> list[str]:
 
 
 def check_fingerprint(output_path: str, settings: dict) -> None:
-    """Raise an InputError if `output_path` holds output generated with other settings. An output
-    without a manifest (written by hand, or by an older version) is resumed as it is."""
+    """InputError if `output_path` holds output made with other settings. One without a manifest (written by
+    hand, or by an older version) is resumed as it is."""
     earlier = read_manifest(output_path)
     changes = fingerprint_changes(earlier.get("fingerprint", {}), settings) if earlier else []
     if changes:
         raise InputError(f"{output_path} holds output generated with other settings ({'; '.join(changes)}); "
                          "pass --overwrite to delete the earlier output and start over, "
                          "or choose another --output-path")
+
+
+# --- the manifest ---
+
+MANIFEST_NAME = "_manifest.json"
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(output_path: str) -> dict | None:
+    filesystem, path = resolve(output_path)
+    try:
+        with filesystem.open_input_stream(f"{path}/{MANIFEST_NAME}") as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        return None
+
+
+class Manifest:
+    """One run's manifest, rewritten whole, and atomically, at each change of status."""
+
+    def __init__(self, output_path: str, settings: dict, provenance: dict):
+        self.output_path = output_path
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        self.record = {"status": None, "reason": None,
+                       "counts": {"input": None, "ok": None, "error": None, "already_done": None},
+                       "output": None, "started": None, "finished": None, "fingerprint": settings,
+                       "fingerprint_hash": digest, "provenance": provenance}
+
+    def save(self, **changes) -> None:
+        self.record.update(changes)
+        filesystem, path = resolve(self.output_path)
+        commit_file(filesystem, f"{path}/{MANIFEST_NAME}", json.dumps(self.record, indent=2).encode() + b"\n")
+
+    def start(self, input: int, already_done: int) -> None:
+        self.record["counts"].update(input=input, already_done=already_done)
+        self.save(status="running", started=now())
+
+    def finish(self, ok: int, error: int, output: dict | None = None, failure: str | None = None) -> None:
+        """Every row is written. `failure`: why the run failed all the same (too many failed rows)."""
+        self.record["counts"].update(ok=ok, error=error)
+        self.save(status="failed" if failure else "complete", reason=failure, output=output, finished=now())
+
+    def fail(self, reason: str) -> None:
+        self.save(status="failed", reason=reason, finished=now())

@@ -1,21 +1,13 @@
-"""The checks before a run, ending in the input scan: one distributed pass over the input before any
-GPU is taken.
+"""The checks before a run, ending in one distributed pass over the input before any GPU is taken.
 
-    from util.scan import check_before_run, scan_input
     checked = check_before_run(plan)        # InputError where the run must be refused
-    print(checked.rows, checked.already_done, checked.done)     # done: util.resume.DoneIndex or None
-    scan = scan_input(read_prompts(...), id_column="uid", done=done_index)   # the scan alone
+    checked.rows, checked.already_done, checked.done     # done: util.resume.DoneIndex or None
 
-It reads and parses every row, so every file-level error (malformed JSONL, non-UTF-8, a missing column,
-an empty or unreadable file) stops the run before an engine starts. It counts the rows, and the rows
-whose ids an earlier run wrote (util/resume.py), with Ray Data aggregations. With an --id-column it
-also finds duplicate ids with a `groupby("id")` over the id column alone, a hash shuffle spread over
-the cluster. The driver receives a few numbers, never the ids. Derived ids name file and position, so
-they cannot repeat, and then no shuffle is needed.
-
-The run reads the input again: a scan that kept the rows for the run would hold the whole input in
-the object store (a 10M-row file is several GB), and one that feeds the run directly could not stop a
-bad file before the engines start. BENCHMARKS.md gives what the scan costs.
+The pass reads and parses every row, so a file-level error (malformed JSONL, non-UTF-8, a missing column,
+an empty file) stops the run before it writes a row. It counts rows, and rows an earlier run wrote, with
+Ray Data aggregations; with an --id-column it finds duplicate ids with a `groupby` over the ids alone. The
+driver receives a few numbers, never the ids. The run reads the input again: keeping the rows would hold
+the whole input in the object store.
 """
 
 import functools
@@ -26,13 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data.aggregate import Count, Max, Min, Sum
+from ray.data.context import ShuffleStrategy
 
 from util import columns as col
-from util.errors import InputError, unwrap_input_error
-from util.output import check_output_writable, output_dataset
+from util.errors import InputError, original
+from util.output import output_dataset
 from util.reading import SAMPLE_PROMPTS, WHERE_COLUMN, describe_where, read_prompts
 from util.resources import TASK_CPUS
 from util.resume import DoneIndex, check_fingerprint, mark_done
+from util.storage import check_output_writable
 
 if TYPE_CHECKING:
     from util.plan import Plan
@@ -51,7 +45,7 @@ def check_before_run(plan: "Plan") -> InputScan:
     made with the same settings (unless --overwrite), and the input reads cleanly, with unique ids."""
     cfg = plan.cfg
     ds = read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column, cfg.id_column,
-                      cfg.limit, with_where=bool(cfg.id_column), image_column=cfg.image_column)
+                      cfg.limit, with_where=bool(cfg.id_column), required=plan.input_columns)
     check_output_writable(plan.output_path)
     if not cfg.overwrite:
         check_fingerprint(plan.output_path, plan.fingerprint)
@@ -83,8 +77,9 @@ def scan_input(ds: ray.data.Dataset, id_column: str | None, done: DoneIndex | No
                 rows += pc.sum(partial["rows"]).as_py()
                 done_rows += pc.sum(partial["done"]).as_py()
             return InputScan(rows=rows, already_done=done_rows)
-        # A few large partitions: each is an aggregating actor, and on a small cluster their start is
-        # most of the pass (Ray's default, 200, took a minute for 100 rows on 2 CPUs).
+        # A sort-based shuffle, in tasks: the hash shuffle's aggregating actors took 6-18 s to start for 50
+        # rows on 2 CPUs. A few large partitions: Ray's default, 200, took a minute for 100 rows there.
+        ids.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
         grouped = ids.groupby("id", num_partitions=partitions).aggregate(
             Count(alias_name="rows"), Max("done", alias_name="done"),
@@ -97,11 +92,10 @@ def scan_input(ds: ray.data.Dataset, id_column: str | None, done: DoneIndex | No
                              f"{describe_where(row['last'], input_path, input_format)}")
         totals = grouped.aggregate(Sum("rows", alias_name="rows"), Sum("done", alias_name="done"))
         return InputScan(rows=totals["rows"] or 0, already_done=totals["done"] or 0)
-    except Exception as error:  # Ray's RayTaskError(InputError) is an InputError too: unwrap it
-        input_error = unwrap_input_error(error)
-        if input_error is not None:
-            raise input_error from None
-        cause = getattr(error, "cause", error)  # Ray's wrapper keeps the worker's exception as `cause`
+    except Exception as error:  # Ray's wrapper of a read task's error keeps it as `cause`
+        cause = original(error)
+        if isinstance(cause, InputError):
+            raise cause from None
         if isinstance(cause, OSError):  # a read task could not open a file: permissions, a vanished file
             raise InputError(f"an input file is not readable: {cause.strerror or cause}") from None
         raise

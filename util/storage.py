@@ -1,9 +1,10 @@
 """Where data lives: local paths, s3:// (s3://anonymous@bucket/... for public buckets) and gs://.
 
-    from util.storage import commit_file, generate_output_path, resolve
+    from util.storage import check_output_writable, commit_file, generate_output_path, resolve
     generate_output_path("mistralai/Mistral-7B-Instruct-v0.1")   # outputs/batch-llm/mistralai--Mistral-...
     filesystem, path = resolve("s3://anonymous@air-example-data/prompts_100.txt")
     commit_file(filesystem, f"{path}/_report.json", data)         # the file is whole or absent, never half
+    check_output_writable("s3://bucket/run/")                      # InputError if it cannot be written
 
 Everything goes through pyarrow's filesystems, which Ray Data's readers and writers accept as they are.
 `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) points s3:// at an S3-compatible store such as MinIO.
@@ -15,6 +16,8 @@ from typing import NamedTuple
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from util.errors import InputError
 
 TEMP_SUFFIX = ".tmp"  # commit_file's temporary files: hidden (a leading dot) and ending in this
 
@@ -32,9 +35,8 @@ def s3_location(uri: str) -> S3Location:
 
 
 def generate_output_path(model_id: str, run_name: str = "batch-llm", base: str | None = None) -> str:
-    """A deterministic output location for a model and run name: no random suffix, so a re-run of the
-    same job finds, and resumes from, its earlier output. Base: `base`, else
-    $ANYSCALE_ARTIFACT_STORAGE (an Anyscale cloud's bucket), else the local folder `outputs`."""
+    """A deterministic output location for a model and run name: no random part, so a re-run of the same job
+    finds, and resumes, its earlier output. Base: `base`, else $ANYSCALE_ARTIFACT_STORAGE, else `outputs`."""
     base = base or os.environ.get("ANYSCALE_ARTIFACT_STORAGE") or "outputs"
     model_name = model_id.rstrip("/").replace("/", "--")
     if os.path.isabs(model_id) or os.path.isdir(model_id):  # a local model directory: its name, not its path
@@ -55,10 +57,9 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             endpoint_url = urlparse(endpoint)
-            filesystem = pafs.S3FileSystem(
-                anonymous=anonymous, endpoint_override=endpoint_url.netloc or endpoint,
-                scheme=endpoint_url.scheme or "https", region=os.environ.get("AWS_REGION", "us-east-1"))
-            return filesystem, bucket_path
+            return pafs.S3FileSystem(anonymous=anonymous, endpoint_override=endpoint_url.netloc or endpoint,
+                                     scheme=endpoint_url.scheme or "https",
+                                     region=os.environ.get("AWS_REGION", "us-east-1")), bucket_path
         filesystem, path = pafs.FileSystem.from_uri(f"s3://{bucket_path}")  # finds the bucket's region
         if anonymous:
             filesystem = pafs.S3FileSystem(anonymous=True, region=filesystem.region)
@@ -74,9 +75,11 @@ def join(uri: str, *parts: str) -> str:
 
 
 def commit_file(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` so that the file is either absent or complete, even if the process dies."""
+    """Write `data` to `path` so that the file is either absent or complete, even if the process dies: an
+    object store's object exists once its upload completes; a local file is written under a hidden
+    temporary name in its folder (readers skip it, the next write removes it), then renamed."""
     if not isinstance(filesystem, pafs.LocalFileSystem):
-        with filesystem.open_output_stream(path) as stream:  # an object exists once its upload completes
+        with filesystem.open_output_stream(path) as stream:
             stream.write(data)
         return
     folder, name = os.path.split(path)
@@ -91,3 +94,37 @@ def commit_file(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
         if os.path.exists(temp):
             os.remove(temp)
         raise
+
+
+def check_output_writable(output_path: str) -> None:
+    """Create a small file under `output_path` and delete it again (on S3: start an upload and abort it);
+    InputError if that fails. Nothing stays: no probe file, no folder the probe created, no S3 marker object."""
+    probe = f".write-probe-{uuid.uuid4().hex[:12]}"  # hidden: if it ever stayed, readers would skip it
+    try:
+        if output_path.startswith("s3://"):
+            from util.cloud import s3_write_refusal
+
+            if refusal := s3_write_refusal(s3_location(output_path), probe):
+                raise InputError(refusal)
+            return
+        filesystem, path = resolve(output_path)
+        first_missing = None  # a refused (or later failed) run must leave no empty folder that looks like a result
+        if not is_remote(output_path):  # gs:// has no folders to create
+            if filesystem.get_file_info(path).type == pafs.FileType.File:
+                raise InputError("it is a file, not a folder")
+            parent = path
+            while filesystem.get_file_info(parent).type == pafs.FileType.NotFound and parent != os.path.dirname(parent):
+                first_missing, parent = parent, os.path.dirname(parent)
+        try:
+            if not is_remote(output_path):
+                filesystem.create_dir(path, recursive=True)
+            filesystem.open_output_stream(join(path, probe)).close()
+            filesystem.delete_file(join(path, probe))
+        finally:
+            if first_missing and filesystem.get_file_info(first_missing).type == pafs.FileType.Directory:
+                filesystem.delete_dir(first_missing)
+    except InputError as error:
+        raise InputError(f"output path {output_path} is not writable: {error}") from None
+    except OSError as error:
+        raise InputError(f"output path {output_path} is not writable: "
+                         f"{os.strerror(error.errno) if error.errno else error}") from None

@@ -1,5 +1,7 @@
-"""Structured output: vLLM's guided decoding for a whole job or for one row, and a check of each row's text.
+"""Structured output (a feature, util/features.py): vLLM's guided decoding for a whole job or for one row,
+and a check of each row's text.
 
+    python main.py --input-path prompts.jsonl --json-schema schema.json     # or --regex '...', --choice yes --choice no
     from util.structured_output import check_job_flags, job_spec, row_spec, vllm_params, output_error
     check_job_flags(json_schema="schema.json", regex=None, choice=[])    # the flags' checks that read no file
     spec = job_spec(json_schema="schema.json", regex=None, choice=[])     # {"json": {...schema...}}
@@ -28,9 +30,14 @@ objects into a struct column; so a row's null-valued keys are dropped, in a JSON
 row's schema as a JSON string (`"json": "{\\"type\\": ...}"`) to keep a keyword whose value is null.
 """
 
+import dataclasses
 import functools
 import json
 import re
+
+import pyarrow as pa
+
+from util.features import Part, flag, only_for_generation
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
@@ -227,3 +234,77 @@ def output_error(spec: dict | None, text: str | None, finish_reason: str | None)
     if problem and finish_reason not in (None, "stop"):
         problem += f" (finish_reason {finish_reason})"
     return problem
+
+
+# --- the feature: flags, checks, the plan's part --------------------------------------------------------
+
+STRUCTURED_OUTPUT_ERROR = "structured_output_error"  # null unless a row asked for structured output and its text does not conform
+
+
+@dataclasses.dataclass
+class Flags:
+    json_schema: str | None = flag("Guide every row's text to this JSON schema: inline JSON, or a .json file (local, "
+                                   "s3:// or gs://). Rows whose text does not parse and validate (cut off by "
+                                   "--max-tokens, say) get `structured_output_error`.", default=None)
+    regex: str | None = flag("Guide every row's text to match this regular expression, whole.", default=None)
+    choice: list[str] = flag("Guide every row's text to exactly one of these strings (repeat the flag for each).",
+                             default_factory=list)
+
+
+def check(cfg) -> None:
+    check_job_flags(cfg.json_schema, cfg.regex, cfg.choice)  # a bad regex or mix: ValueError now
+    only_for_generation(cfg, {"--json-schema": cfg.json_schema is not None, "--regex": cfg.regex is not None,
+                              "--choice": bool(cfg.choice)})
+
+
+def read_json_schema(json_schema: str | None):
+    """--json-schema as given: inline JSON (left for job_spec to parse), or a file (local, s3:// or gs://),
+    read and parsed here, once per run."""
+    from util.storage import resolve
+
+    if json_schema is None or json_schema.lstrip().startswith("{"):
+        return json_schema
+    filesystem, path = resolve(json_schema)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            text = stream.read().decode("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--json-schema: no such file {json_schema} (pass a schema inline or a .json file)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--json-schema: {json_schema} is not valid JSON: {error}") from None
+
+
+class StructuredOutput(Part):
+    """Every row may ask for its own spec (sampling_params), so the part is in every generation job."""
+    columns = {STRUCTURED_OUTPUT_ERROR: pa.string()}
+
+    def __init__(self, job: dict | None):
+        self.job = job
+        self.sampling = {"structured_outputs": job} if job else {}
+
+    def check(self, request) -> None:
+        from util.predictor import row_sampling
+
+        own = row_sampling({}, request.row.get("sampling_params"))  # the row's own keys, apart from the job's
+        spec = row_spec(own, self.job)
+        request.sampling = {k: v for k, v in request.sampling.items() if k not in ("structured_outputs", "response_format")}
+        if spec:
+            request.sampling["structured_outputs"] = request.state["structured_outputs"] = spec
+
+    async def prepare(self, request) -> None:
+        if "structured_outputs" in request.sampling:
+            request.sampling["structured_outputs"] = vllm_params(request.sampling["structured_outputs"])
+
+    def output(self, request, output, result: dict) -> None:
+        spec = request.state.get("structured_outputs")
+        for sample in result["samples"]:  # the whole text, thinking included: what guided decoding constrained
+            sample[STRUCTURED_OUTPUT_ERROR] = output_error(spec, sample["text"], sample["finish_reason"])
+
+
+def part(plan) -> StructuredOutput | None:
+    if plan.task != "generate":
+        return None
+    cfg = plan.cfg
+    return StructuredOutput(job_spec(read_json_schema(cfg.json_schema), cfg.regex, cfg.choice))

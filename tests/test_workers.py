@@ -1,6 +1,8 @@
-"""Tests for util/hf_token.py against a stand-in for the Hugging Face Hub on 127.0.0.1 (no real hub, no real token)."""
+"""What the workers get (util/workers.py): a Hugging Face token, checked against a stand-in for the hub on
+127.0.0.1 (no real hub, no real token), and the log levels (none with --verbose) beside the job's runtime env."""
 
 import json
+import logging
 import os
 import threading
 import time
@@ -10,8 +12,10 @@ import huggingface_hub.constants
 import pytest
 
 from conftest import closed_local_port_url
-from util import hf_token
-from util.hf_token import model_access, prompt_for_hugging_face_token, resolve_hugging_face_token, worker_runtime_env
+from util import workers as hf_token
+from util.config import parse_args
+from util.workers import (model_access, prompt_for_hugging_face_token, ray_init_kwargs, resolve_hugging_face_token,
+                          worker_runtime_env)
 
 GRANTED = "hf_granted_token"  # the one token the stand-in accepts for the gated model
 DENIED = "hf_denied_token"  # a valid-looking token whose account was never granted access
@@ -192,3 +196,24 @@ def test_worker_runtime_env_sets_the_token_through_a_setup_hook(monkeypatch):
     runtime_env["worker_process_setup_hook"]()  # what each Ray worker runs before its first task
     assert os.environ["HF_TOKEN"] == "hf_abc"
     assert worker_runtime_env(None) == {} and worker_runtime_env("") == {}
+
+
+# --- the log levels ---
+
+def test_a_run_shows_warnings_up_and_keeps_the_jobs_runtime_env(monkeypatch):
+    def hook():
+        pass
+
+    for handler in logging.getLogger("ray.data").handlers:  # set back after the test: it quiets this process
+        monkeypatch.setattr(handler, "level", handler.level)
+    kwargs = ray_init_kwargs({"worker_process_setup_hook": hook, "env_vars": {"A": "1"}})
+    assert kwargs == {"logging_level": logging.WARNING, "runtime_env": {
+        "worker_process_setup_hook": hook,
+        "env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "RAY_DATA_LOG_LEVEL": "WARNING", "A": "1"}}}
+    console = [h for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "PlainRayHandler"]
+    assert console and all(h.level == logging.WARNING for h in console)
+
+
+def test_verbose_shows_every_line():
+    assert parse_args(["--verbose"]).verbose and not parse_args([]).verbose
+    assert ray_init_kwargs({}, verbose=True) == {"runtime_env": {}}

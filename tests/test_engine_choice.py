@@ -1,4 +1,4 @@
-"""Tests for util/accelerator.py with fake cluster resources and fake metadata servers on 127.0.0.1 only."""
+"""Which GPU a replica asks for (util/engine.py, util/cloud.py), with fake cluster resources and fake metadata servers on 127.0.0.1 only."""
 
 import threading
 import time
@@ -8,8 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import closed_local_port_url
-from util import accelerator
-from util.accelerator import AcceleratorChoice, choose_accelerator, get_a10g_or_equivalent_accelerator_type
+from util import cloud
+from util.cloud import get_a10g_or_equivalent_accelerator_type
+from util.engine import AcceleratorChoice, choose_accelerator
 
 GPU_CLUSTER = {"CPU": 8.0, "GPU": 4.0}
 
@@ -46,8 +47,8 @@ def fake_metadata_server(status: int = 200, headers: dict[str, str] | None = Non
 @pytest.fixture(autouse=True)
 def no_real_clouds(monkeypatch):
     """Every test starts with both probes pointing at a closed local port, never at a real metadata server."""
-    monkeypatch.setattr(accelerator, "GCP_METADATA_URL", closed_local_port_url())
-    monkeypatch.setattr(accelerator, "AWS_METADATA_URL", closed_local_port_url())
+    monkeypatch.setattr(cloud, "GCP_METADATA_URL", closed_local_port_url())
+    monkeypatch.setattr(cloud, "AWS_METADATA_URL", closed_local_port_url())
 
 
 @pytest.mark.parametrize(
@@ -56,8 +57,8 @@ def no_real_clouds(monkeypatch):
 )
 def test_cluster_advertised_type_wins_without_probing(monkeypatch, advertised, expected):
     with fake_metadata_server(200, {"Metadata-Flavor": "Google"}) as (url, hits):
-        monkeypatch.setattr(accelerator, "GCP_METADATA_URL", url)
-        monkeypatch.setattr(accelerator, "AWS_METADATA_URL", url)
+        monkeypatch.setattr(cloud, "GCP_METADATA_URL", url)
+        monkeypatch.setattr(cloud, "AWS_METADATA_URL", url)
         resources = {**GPU_CLUSTER, **{f"accelerator_type:{t}": 1.0 for t in advertised}}
         assert get_a10g_or_equivalent_accelerator_type(resources) == expected
         assert choose_accelerator("auto", resources).accelerator_type == expected
@@ -66,14 +67,14 @@ def test_cluster_advertised_type_wins_without_probing(monkeypatch, advertised, e
 
 def test_gcp_metadata_server_means_l4(monkeypatch):
     with fake_metadata_server(200, {"Metadata-Flavor": "Google"}) as (url, hits):
-        monkeypatch.setattr(accelerator, "GCP_METADATA_URL", url)
+        monkeypatch.setattr(cloud, "GCP_METADATA_URL", url)
         assert get_a10g_or_equivalent_accelerator_type(GPU_CLUSTER) == "L4"
     assert len(hits) == 1
 
 
 def test_server_without_google_header_is_not_gcp(monkeypatch):
     with fake_metadata_server(200) as (url, hits):
-        monkeypatch.setattr(accelerator, "GCP_METADATA_URL", url)
+        monkeypatch.setattr(cloud, "GCP_METADATA_URL", url)
         assert get_a10g_or_equivalent_accelerator_type(GPU_CLUSTER) is None
     assert len(hits) == 1  # it was asked, and its answer was judged, without a crash
 
@@ -81,7 +82,7 @@ def test_server_without_google_header_is_not_gcp(monkeypatch):
 @pytest.mark.parametrize("status", [200, 401])  # 401: an instance that requires IMDSv2 tokens
 def test_aws_metadata_server_means_a10g(monkeypatch, status):
     with fake_metadata_server(status) as (url, hits):
-        monkeypatch.setattr(accelerator, "AWS_METADATA_URL", url)
+        monkeypatch.setattr(cloud, "AWS_METADATA_URL", url)
         assert get_a10g_or_equivalent_accelerator_type(GPU_CLUSTER) == "A10G"
     assert len(hits) == 1
 
@@ -94,8 +95,8 @@ def test_unreachable_metadata_servers_give_none_quickly():
 
 def test_no_gpu_means_cpu_and_no_probing(monkeypatch):
     with fake_metadata_server(200, {"Metadata-Flavor": "Google"}) as (url, hits):
-        monkeypatch.setattr(accelerator, "GCP_METADATA_URL", url)
-        monkeypatch.setattr(accelerator, "AWS_METADATA_URL", url)
+        monkeypatch.setattr(cloud, "GCP_METADATA_URL", url)
+        monkeypatch.setattr(cloud, "AWS_METADATA_URL", url)
         for resources in ({"CPU": 2.0}, {"CPU": 2.0, "GPU": 0.0}):
             assert choose_accelerator("auto", resources) == AcceleratorChoice(False, None, 0.0)
     assert hits == []

@@ -1,0 +1,69 @@
+"""Autoscaling replicas (a feature, util/features.py): `--concurrency MIN-MAX` runs Ray Data's autoscaling
+actor pool, which starts the run as soon as one replica is ready and grows to MAX as the cluster adds GPUs.
+
+    python main.py --input-path s3://my-bucket/prompts.jsonl --concurrency 1-8
+
+Ray Data starts the work with the first replica ready (DataContext.wait_for_min_actors_s is -1 by default:
+no waiting for MIN), and another replica, up to MAX, while every replica is busy; one that waits for a GPU
+joins when a node brings it. A CPU-only cluster must fit MIN (util/plan.py); GPU-hours in the run report
+count MAX, a bound. `python -m bench.autoscale` shows it on a local cluster whose second node joins mid-run.
+"""
+
+import dataclasses
+import math
+
+import ray
+
+from util.features import Part, flag
+
+
+@dataclasses.dataclass
+class Flags:
+    max_concurrency: int | None = flag("The most replicas; set by --concurrency MIN-MAX (None: a fixed pool of "
+                                       "`concurrency`).", is_flag=False, default=None)
+
+
+def concurrency_text(least: int, most: int | None) -> str:
+    """--concurrency as written: "4", or "1-8" for an autoscaling pool."""
+    return f"{least}" if most is None else f"{least}-{most}"
+
+
+def check(cfg) -> None:
+    if cfg.max_concurrency is None:
+        return
+    if not cfg.concurrency >= 1:
+        raise ValueError(f"--concurrency needs at least 1 replica, got {concurrency_text(cfg.concurrency, cfg.max_concurrency)}")
+    if not cfg.max_concurrency >= cfg.concurrency:
+        raise ValueError(f"--concurrency MIN-MAX needs MIN <= MAX, got {concurrency_text(cfg.concurrency, cfg.max_concurrency)}")
+    if cfg.max_concurrency == cfg.concurrency:  # 4-4 is a fixed pool of 4
+        cfg.max_concurrency = None
+
+
+def tasks_in_flight(batches_in_flight: int) -> int:
+    """Batches Ray Data sends each replica of an autoscaling pool: more than it runs together, queued behind
+    them. Ray Data starts another replica only while the pool's batches exceed its running slots by the
+    DataContext's autoscaling_config.actor_pool_util_upscaling_threshold (1.75x by default): with no batch
+    queued, it would never grow past MIN."""
+    threshold = ray.data.DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
+    return max(batches_in_flight, math.ceil(threshold * batches_in_flight))
+
+
+class Autoscale(Part):
+    def __init__(self, least: int, most: int):
+        self.least, self.most = least, most
+
+    def stages(self, plan, stages: list) -> list:
+        """The model's stage as an autoscaling actor pool of MIN to MAX replicas."""
+        cfg = plan.cfg
+        compute = ray.data.ActorPoolStrategy(min_size=self.least, max_size=self.most,
+                                             max_tasks_in_flight_per_actor=tasks_in_flight(cfg.batches_in_flight),
+                                             max_concurrent_calls_per_actor=cfg.batches_in_flight)
+        return [stage.with_options(compute=compute) if "compute" in stage.map_batches else stage for stage in stages]
+
+
+def part(plan) -> Autoscale | None:
+    cfg = plan.cfg
+    if cfg.max_concurrency is None:
+        return None
+    plan.most_replicas = cfg.max_concurrency
+    return Autoscale(cfg.concurrency, cfg.max_concurrency)

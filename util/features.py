@@ -1,0 +1,76 @@
+"""The optional features, and the hooks through which a job uses them. The core never imports a feature:
+it finds the modules in FEATURES at run time, and a deleted one is simply not there.
+
+A feature module may hold `Flags` (a dataclass of its flags, part of Config), `check(cfg)` (its flags'
+checks), `part(plan)` (a Part: what it adds to this job, or None), and INPUT_FORMATS, OUTPUT_FORMATS, TASKS
+(the --input-format, --output-format and --task values it serves). A Part's hooks, each a no-op by default:
+  - at plan time: `engine_kwargs`, `sampling` and `fingerprint` to merge, its output `columns`, and
+    `stages(plan, stages)`: the chain with its stages added or swapped in;
+  - in the replica, per row: `check(request)` (RowError: the row fails; --preflight calls it too),
+    `prepare(request)` before the engine request, and `output(request, output, result)`: its columns.
+"""
+
+import importlib
+from dataclasses import field
+from types import ModuleType
+
+# In the order their parts run: structured output checks a sample's whole text before reasoning splits it.
+FEATURES = ("util.openai_batch", "util.images", "util.lora", "util.structured_output", "util.reasoning",
+            "util.samples", "util.embeddings", "util.parallel", "util.preflight", "util.autoscale")
+
+
+def flag(help: str, parse=None, metavar: str | None = None, is_flag: bool = True, unique: str | None = None,
+         **field_kwargs):
+    """A Config field and its --flag. `parse` reads the flag's text; a dict's flag repeats, each giving a key
+    and a value, and `unique` (what a key names) refuses a key given twice."""
+    return field(metadata={"help": help, "parse": parse, "metavar": metavar, "flag": is_flag, "unique": unique},
+                 **field_kwargs)
+
+
+def only_for_generation(cfg, given: dict[str, bool]) -> None:
+    """A feature's check: its flags set (`given`, flag -> set?) shape generated text, which another task has none of."""
+    flags = [name for name, on in given.items() if on]
+    if cfg.task != "generate" and flags:
+        raise ValueError(f"--task {cfg.task} takes no generation flags; got {', '.join(flags)}")
+
+
+def features() -> list[ModuleType]:
+    """The feature modules that are present."""
+    found = []
+    for name in FEATURES:
+        try:
+            found.append(importlib.import_module(name))
+        except ModuleNotFoundError as error:
+            if error.name != name:  # the feature is there, but something it imports is not
+                raise
+    return found
+
+
+def registry(name: str) -> dict:
+    """The features' entries of one registry (INPUT_FORMATS, OUTPUT_FORMATS or TASKS), merged."""
+    return {key: value for module in features() for key, value in getattr(module, name, {}).items()}
+
+
+class Part:
+    """What a feature adds to one job. Class attributes are defaults; a part sets its own in __init__."""
+    engine_kwargs: dict = {}  # vLLM engine arguments (the user's --engine-arg win over them)
+    sampling: dict = {}  # the job's sampling parameters
+    fingerprint: dict = {}  # settings that decide its rows' output: a resumed output must have the same
+    columns: dict = {}  # output columns it adds: name -> Arrow type
+    glance: tuple | None = None  # the columns a run shows of a few rows, for a task of its own
+    engine_inputs: tuple = ()  # columns the replica reads and drops (util/predictor.py)
+    input_columns: tuple = ()  # input columns every file must have (read as strings from CSV)
+
+    def stages(self, plan, stages: list) -> list:
+        return stages
+
+    def check(self, request) -> None:
+        """Raise RowError when the row cannot run; may change request.sampling (no engine here)."""
+
+    async def prepare(self, request) -> None:
+        """Just before the engine request (request.replica: the predictor, its engine and tokenizer): may
+        add to request.prompt or request.generate_kwargs."""
+
+    def output(self, request, output, result: dict) -> None:
+        """vLLM's finished RequestOutput as columns: set keys of `result` (the row's) or of each of
+        `result["samples"]` (one per completion; the first sample's become the row's)."""
