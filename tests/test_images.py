@@ -253,23 +253,41 @@ def test_openai_messages_keep_text_and_images_in_order(formatter):
         "(with a url) are supported"]
 
 
-# --- the model must take images: refused before any engine ---
+# --- the model must take images: a table job is refused before any engine; an OpenAI request, on its line ---
+
+TEXT_ONLY = "takes no images: it has no image processor (a text-only model); use a vision-language model such as LLaVA"
+
 
 def test_a_text_only_model_given_images_is_refused_with_exit_code_2(main_here, tmp_path):
     (tmp_path / "in.jsonl").write_text(json.dumps({"text": ASK, "image": "a.png"}) + "\n")
     job = main_here("--model", tiny_model_dir(), "--input-path", tmp_path / "in.jsonl", "--image-column",
                     "image", "--concurrency", 1, "--output-path", tmp_path / "out")
-    assert job.code == 2 and job.err.strip() == (
-        f"error: --image-column image, but {tiny_model_dir()} takes no images: it has no image processor (a "
-        "text-only model); use a vision-language model such as LLaVA")
+    assert job.code == 2 and job.err.strip() == f"error: --image-column image, but {tiny_model_dir()} {TEXT_ONLY}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_text_only_model_refuses_only_the_openai_requests_with_images(tmp_path):
+    """As OpenAI's Batch API and vLLM's run-batch answer a request the model cannot serve: the plan is made
+    (no exit 2), and its formatter makes each request with an image an error record saying why; the others
+    run (tests/test_openai_batch.py runs such a file on the smoke model)."""
+    from util.config import parse_args
+    from util.images import NoImages
+    from util.pipeline import pipeline_stages
+    from util.plan import make_plan
+
     (tmp_path / "batch.jsonl").write_text(chat_request("a", [{"type": "text", "text": "hi"}]) + "\n"
                                           + chat_request("b", [image_part(data_url(png(1)))]) + "\n")
-    job = main_here("--model", tiny_model_dir(), "--input-path", tmp_path / "batch.jsonl", "--input-format",
-                    "openai", "--concurrency", 1, "--output-path", tmp_path / "out2")
-    assert job.code == 2 and job.err.strip() == (
-        f"error: {tmp_path}/batch.jsonl:2 has an image_url part, but {tiny_model_dir()} takes no images: it has no "
-        "image processor (a text-only model); use a vision-language model such as LLaVA")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+    plan = make_plan(parse_args(["--model", tiny_model_dir(), "--input-path", str(tmp_path / "batch.jsonl"),
+                                 "--input-format", "openai", "--concurrency", "1"]), cluster={"CPU": 2.0})
+    assert [type(part) for part in plan.parts if isinstance(part, (Images, NoImages))] == [NoImages]
+    assert "limit_mm_per_prompt" not in plan.engine_kwargs
+    (format_stage,) = [stage for stage in pipeline_stages(plan) if stage.name == "format"]
+    options = dict(format_stage.map_batches["fn_kwargs"])
+    formatter = options.pop("formatter")(**options)
+    lines = (tmp_path / "batch.jsonl").read_text().splitlines()
+    out = formatter(request_table([request_row(line, f"batch.jsonl:{n}") for n, line in enumerate(lines, 1)]))
+    assert out["error"].to_pylist() == [None, f"an image_url part (messages[0].content[0]), but {tiny_model_dir()} "
+                                              f"{TEXT_ONLY}"]
 
 
 def test_an_image_column_missing_from_the_input_is_refused(main_here, tmp_path):

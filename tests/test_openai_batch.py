@@ -15,11 +15,15 @@ from openai.types.chat import ChatCompletion
 from openai.types.shared import ErrorObject
 
 from conftest import scan_error
-from util.openai_batch import join_text_parts, output_record, preview, request_row
+from util.errors import row_error_kind
+from util.openai_batch import (BatchKind, ChatFormatter, OpenAIBatch, error_text, join_text_parts, output_record,
+                               preview, request_row, request_table)
 from util.output import output_dataset, write_results
+from util.predictor import checked_request
 from util.reading import read_prompts
 from util.resume import DoneIndex
 from util.scan import scan_input
+from util.smol_model import smol_model_dir
 
 
 def request(custom_id: str, content: str | list[dict], **body) -> str:
@@ -32,6 +36,24 @@ def test_body_parameters_become_the_rows_sampling_params():
     assert row["custom_id"] == "q-1" and row["request_error"] is None and row["request_model"] == "gpt-4o-mini"
     assert json.loads(row["messages"]) == [{"role": "user", "content": "Hi"}]
     assert json.loads(row["sampling_params"]) == {"max_tokens": 7, "temperature": 0.5, "stop": ["END"], "seed": 3}
+
+
+@pytest.mark.parametrize("body, sampling", [
+    # max_completion_tokens wins over max_tokens, whichever comes first in the body, as in vLLM's server.
+    ({"max_completion_tokens": 2, "max_tokens": 10}, {"max_tokens": 2}),
+    ({"max_tokens": 10, "max_completion_tokens": 2}, {"max_tokens": 2}),
+    ({"max_tokens": 10, "max_completion_tokens": None}, {"max_tokens": 10}),
+    ({"stop": ["a", "b"], "presence_penalty": -1.5, "frequency_penalty": 2}, {"stop": ["a", "b"],
+                                                                          "presence_penalty": -1.5, "frequency_penalty": 2}),
+    ({"stop": [], "seed": -(2**63)}, {"stop": [], "seed": -(2**63)}),
+    # logit_bias: each key through int() and each bias clamped to [-100, 100], as SamplingParams.from_optional
+    # does; the keys stay JSON strings until the replica (OpenAIBatch.check).
+    ({"logit_bias": {"7042": -100, " 12": 500, "+3": -1e9, "4": 0.5}},
+     {"logit_bias": {"7042": -100.0, "12": 100.0, "3": -100.0, "4": 0.5}}),
+])
+def test_body_parameters_are_converted_as_vllms_server_converts_them(body, sampling):
+    row = request_row(request("q-1", "Hi", **body), "in.jsonl:4")
+    assert row["request_error"] is None and json.loads(row["sampling_params"]) == sampling
 
 
 @pytest.mark.parametrize("line, custom_id, reason", [
@@ -60,6 +82,21 @@ def test_body_parameters_become_the_rows_sampling_params():
     (request("q-1", "Hi", audio={"voice": "alloy", "format": "wav"}), "q-1",
      'in.jsonl:4: audio={"voice": "alloy", "format": "wav"} is not supported (text output only; audio may be null)'),
     (request("q-1", "Hi", temprature=0.5, logit_bias={}), "q-1", "in.jsonl:4: unknown body parameter(s): temprature"),
+    # A value vLLM's request refuses (a wrong type, a key that is no token id), named with its line, instead of
+    # failing in the engine.
+    (request("q-1", "Hi", logit_bias={"Paris": -100, "7042": -100, "x1": 5}), "q-1",
+     "in.jsonl:4: logit_bias contains key(s) that cannot be converted to integer token IDs: ['Paris', 'x1']"),
+    (request("q-1", "Hi", logit_bias={"7042": "-100"}), "q-1", 'in.jsonl:4: logit_bias["7042"]="-100" must be a number'),
+    (request("q-1", "Hi", logit_bias=[7042]), "q-1",
+     "in.jsonl:4: logit_bias=[7042] must be an object of token ids (as strings) and biases"),
+    (request("q-1", "Hi", stop=["END", 7]), "q-1", 'in.jsonl:4: stop=["END", 7] must be a string or a list of strings'),
+    (request("q-1", "Hi", stop=list("abcde")), "q-1", "in.jsonl:4: stop has 5 strings; at most 4 (VLLM_MAX_STOP_STRINGS)"),
+    (request("q-1", "Hi", seed="3"), "q-1", 'in.jsonl:4: seed="3" must be an integer'),
+    (request("q-1", "Hi", seed=2**63), "q-1",
+     f"in.jsonl:4: seed={2**63} must be an integer from {-(2**63)} to {2**63 - 1}"),
+    (request("q-1", "Hi", presence_penalty="high"), "q-1", 'in.jsonl:4: presence_penalty="high" must be a number'),
+    (request("q-1", "Hi", frequency_penalty=True), "q-1", "in.jsonl:4: frequency_penalty=true must be a number"),
+    (request("q-1", "Hi", max_completion_tokens=2.5), "q-1", "in.jsonl:4: max_completion_tokens=2.5 must be an integer"),
 ])
 def test_a_bad_request_line_becomes_an_error_row(line, custom_id, reason):
     row = request_row(line, "in.jsonl:4")
@@ -91,9 +128,12 @@ def test_n_and_logprobs_become_the_rows_sampling(body, sampling):
     assert (json.loads(row["sampling_params"]) if row["sampling_params"] else None) == sampling
 
 
-def test_logit_bias_becomes_a_sampling_parameter():
-    row = request_row(request("q-1", "Hi", logit_bias={"42": -100}), "in.jsonl:4")
-    assert json.loads(row["sampling_params"]) == {"logit_bias": {"42": -100}}
+def test_logit_bias_reaches_sampling_params_with_int_token_ids():
+    """JSON keeps the row's sampling with string keys; the replica's check (OpenAIBatch.check, as the replica
+    and --preflight run it) gives SamplingParams the ints it takes."""
+    row = request_row(request("q-1", "Hi", logit_bias={"7042": -100, "12": 300}), "in.jsonl:4")
+    checked = checked_request({**row, "id": "q-1"}, {"max_tokens": 8}, [OpenAIBatch(BatchKind("generate", None))])
+    assert checked.sampling == {"max_tokens": 8, "logit_bias": {7042: -100.0, 12: 100.0}}
 
 
 def test_text_parts_are_joined_with_newlines_as_vllms_server_joins_them():
@@ -108,6 +148,32 @@ def test_text_parts_are_joined_with_newlines_as_vllms_server_joins_them():
     with pytest.raises(ValueError) as refused:
         join_text_parts(image, 2)
     assert str(refused.value) == "messages[2].content[1] is a 'image_url' part; only text parts are supported"
+
+
+def test_a_request_with_an_image_for_a_text_only_model_is_refused_on_its_line():
+    """Its record says why (util/images.py gives the formatter the reason: NoImages); the other requests
+    are formatted as ever."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    lines = [request("text", "Hi"), request("image", [{"type": "text", "text": "What is this?"}, image]),
+             request("image-only", [image])]
+    table = request_table([request_row(line, f"in.jsonl:{n}") for n, line in enumerate(lines, 1)])
+    formatter = ChatFormatter(model=smol_model_dir(), text_column="messages", no_images="m takes no images")
+    errors = dict(zip(table["custom_id"].to_pylist(), formatter(table)["error"].to_pylist()))
+    assert errors == {"text": None, "image": "an image_url part (messages[0].content[1]), but m takes no images",
+                      "image-only": "an image_url part (messages[0].content[0]), but m takes no images"}
+    assert row_error_kind(errors["image"]) == "image for a text-only model"  # --preflight counts them by kind
+
+
+def test_an_error_message_never_is_an_exceptions_bare_name():
+    """vLLM raises EngineGenerateError() from the real error: the message is the cause's."""
+    try:
+        try:
+            raise TypeError("'<' not supported between instances of 'str' and 'int'")
+        except TypeError as cause:
+            raise RuntimeError() from cause
+    except RuntimeError as wrapped:
+        assert error_text(wrapped) == "TypeError: '<' not supported between instances of 'str' and 'int'"
+    assert (error_text(ValueError("bad")), error_text(OSError())) == ("bad", "OSError, with no message")
 
 
 def test_output_and_error_records():
@@ -230,3 +296,124 @@ def test_a_batch_file_round_trips_and_joins_back_on_custom_id(batch_run):
     assert errors["batch_input.jsonl:3"]["error"]["message"].startswith("batch_input.jsonl:3: malformed JSON")
     assert errors["q-3"]["error"]["message"] == "empty prompt in column 'messages'"
     assert errors["q-3"]["response"]["status_code"] == 400
+
+
+# --- each converted body parameter, end to end on the smoke model: one file, one run ---
+
+QUESTION = "What is the capital of France?"  # greedy: "The capital of France is Paris."
+PARIS = 7042  # the token " Paris", which that answer holds
+REPEAT = "List the days of the week, twice."  # greedy: "...Monday: Monday\nTuesday: Tuesday\n..."
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+GREEDY = {"temperature": 0, "max_tokens": 12}
+SAMPLED = {"temperature": 1.0, "max_tokens": 8}
+PARAMETER_LINES = {
+    "plain": (QUESTION, {"logprobs": True, **GREEDY}),
+    "logit-bias": (QUESTION, {"logit_bias": {str(PARIS): -100}, "logprobs": True, **GREEDY}),  # as the issue tried it
+    "logit-bias-clamped": (QUESTION, {"logit_bias": {str(PARIS): 1000}, "logprobs": True, "temperature": 0,
+                                      "max_tokens": 3}),
+    "stop-string": (QUESTION, {"stop": " Paris", **GREEDY}),
+    "stop-list": (QUESTION, {"stop": ["nowhere", " France"], **GREEDY}),
+    "seed": ("Name a fruit.", {"seed": 1234, **SAMPLED}),
+    "seed-again": ("Name a fruit.", {"seed": 1234, **SAMPLED}),
+    "seed-other": ("Name a fruit.", {"seed": 4321, **SAMPLED}),
+    "no-penalty": (REPEAT, {"temperature": 0, "max_tokens": 24}),
+    "presence-penalty": (REPEAT, {"presence_penalty": 2.0, "temperature": 0, "max_tokens": 24}),
+    "frequency-penalty": (REPEAT, {"frequency_penalty": 2.0, "temperature": 0, "max_tokens": 24}),
+    "max-completion-tokens": (QUESTION, {"max_tokens": 10, "max_completion_tokens": 2}),
+    "top-logprobs": (QUESTION, {"logprobs": True, "top_logprobs": 5, "temperature": 0, "max_tokens": 4}),
+    # What the model or vLLM cannot serve: that line's error record, and the others run.
+    "bad-logit-bias-key": (QUESTION, {"logit_bias": {"Paris": -100}}),
+    "out-of-vocab": (QUESTION, {"logit_bias": {"99999999": 5}}),
+    "penalty-out-of-range": (QUESTION, {"presence_penalty": 3}),
+    "image": ([{"type": "text", "text": "What is in this image?"}, IMAGE], {}),
+}
+
+
+@pytest.fixture(scope="module")
+def parameter_run(run_job, tmp_path_factory):
+    """The records of one run of PARAMETER_LINES, by custom_id: (its stdout, records, error records)."""
+    folder = tmp_path_factory.mktemp("parameters")
+    source = folder / "parameters.jsonl"
+    source.write_text("".join(request(custom_id, content, **body) + "\n"
+                              for custom_id, (content, body) in PARAMETER_LINES.items()))
+    out = folder / "out"
+    job = run_job("--smoke", "--input-path", str(source), "--input-format", "openai", "--output-path", str(out),
+                  "--max-error-fraction", "0.5")
+    assert job.code == 0, job.err[-3000:]
+    return job.out, _records(out), _records(out / "errors")
+
+
+def _answer(records: dict, custom_id: str):
+    """A record's body as the openai package reads it."""
+    record = records[custom_id]
+    assert record["error"] is None and record["response"]["status_code"] == 200, record
+    return ChatCompletion.model_validate(record["response"]["body"])
+
+
+def _tokens(completion) -> list[str]:
+    return [token.token for token in completion.choices[0].logprobs.content]
+
+
+def test_every_line_is_answered_or_refused_on_its_own(parameter_run):
+    stdout, output, errors = parameter_run
+    assert "summary: 17 rows: 13 ok, 4 errors, 0 already done" in stdout
+    assert sorted(errors) == ["bad-logit-bias-key", "image", "out-of-vocab", "penalty-out-of-range"]
+    for custom_id in output:
+        _answer(output, custom_id)
+    for record in errors.values():
+        BatchError.model_validate(record["error"])
+        ErrorObject.model_validate(record["response"]["body"]["error"])
+
+
+def test_logit_bias_with_token_ids_as_strings(parameter_run):
+    """-100 keeps a token out of the answer; 1000, clamped to 100, makes it every token."""
+    _, output, _ = parameter_run
+    plain, biased, forced = (_answer(output, c) for c in ("plain", "logit-bias", "logit-bias-clamped"))
+    assert plain.choices[0].message.content == "The capital of France is Paris." and " Paris" in _tokens(plain)
+    assert " Paris" not in _tokens(biased) and biased.choices[0].message.content != plain.choices[0].message.content
+    assert _tokens(forced) == [" Paris"] * 3
+
+
+def test_stop_as_a_string_or_a_list(parameter_run):
+    _, output, _ = parameter_run
+    for custom_id, text in (("stop-string", "The capital of France is"), ("stop-list", "The capital of")):
+        choice = _answer(output, custom_id).choices[0]
+        assert (choice.message.content, choice.finish_reason) == (text, "stop"), custom_id
+
+
+def test_seed_makes_a_sampled_answer_repeat(parameter_run):
+    _, output, _ = parameter_run
+    seed, again, other = (_answer(output, c).choices[0].message.content for c in ("seed", "seed-again", "seed-other"))
+    assert seed == again and seed != other
+
+
+def test_presence_and_frequency_penalties_make_an_answer_repeat_itself_less(parameter_run):
+    _, output, _ = parameter_run
+    plain, presence, frequency = (_answer(output, c).choices[0].message.content
+                                  for c in ("no-penalty", "presence-penalty", "frequency-penalty"))
+    assert plain.count("day") > max(presence.count("day"), frequency.count("day")), (plain, presence, frequency)
+
+
+def test_max_completion_tokens_wins_over_max_tokens(parameter_run):
+    _, output, _ = parameter_run
+    answer = _answer(output, "max-completion-tokens")
+    assert (answer.usage.completion_tokens, answer.choices[0].finish_reason) == (2, "length")
+
+
+def test_top_logprobs_gives_that_many_alternatives(parameter_run):
+    _, output, _ = parameter_run
+    content = _answer(output, "top-logprobs").choices[0].logprobs.content
+    assert len(content) == 4 and all(len(token.top_logprobs) == 5 for token in content)
+    assert all(token.top_logprobs[0].token == token.token for token in content)  # greedy: the likeliest
+
+
+def test_what_the_model_or_vllm_cannot_serve_is_that_lines_error_record(parameter_run, test_model):
+    _, _, errors = parameter_run
+    message = {custom_id: record["error"]["message"] for custom_id, record in errors.items()}
+    assert message["bad-logit-bias-key"] == (
+        "parameters.jsonl:14: logit_bias contains key(s) that cannot be converted to integer token IDs: ['Paris']")
+    assert message["image"] == (f"an image_url part (messages[0].content[1]), but {test_model} takes no images: it "
+                                "has no image processor (a text-only model); use a vision-language model such as LLaVA")
+    # vLLM's own reasons.
+    assert "token_id(s) [99999999] in logit_bias contain out-of-vocab token ids" in message["out-of-vocab"]
+    assert "presence_penalty must be in [-2, 2], got 3" in message["penalty-out-of-range"]

@@ -18,7 +18,11 @@ from util.replica_pool import ReplicaPool
 
 def plan_of(task: str):
     cfg = Config(model="stand-in", input_path=None, concurrency=2, batch_size=2, batches_in_flight=2, task=task)
-    return make_plan(cfg, resolve_model_files=False)
+    plan = make_plan(cfg, resolve_model_files=False)
+    # Stand-ins need no CPU of their own; the session's 2 must keep a whole one free beside them (and beside the
+    # session's warm engine): ray.data.from_arrow, which reads a list of prompts, runs a task of 1 CPU.
+    plan.replica_resources["num_cpus"] = 0.1
+    return plan
 
 
 @pytest.fixture

@@ -19,7 +19,9 @@ the encoded bytes travel through Ray Data to the replica; it decodes them with v
 vLLM's OpenAI server decodes an image_url, so hashing for vLLM's caches works on the bytes too.
 
 The job: --image-column (or an OpenAI batch file's image_url parts) makes it a vision job. The plan loads
-the model's processor and refuses a model that takes no images (exit 2, before any engine); the prompt is
+the model's processor and refuses a model that takes no images (exit 2, before any engine), except for an
+OpenAI batch file: there each request with an image is an error record saying so, and the others run, as
+OpenAI's Batch API and vLLM's run-batch answer a request the model cannot serve; the prompt is
 the processor's chat template with an image part per image (before the text), so the placeholder is the
 model's own; the row's token ids keep one placeholder per image, which vLLM expands, and
 `num_input_tokens` counts the prompt as the engine sees it (the processor's count).
@@ -63,6 +65,19 @@ ROW_ERRORS.update({BAD_IMAGE: "image {number} of the row ({source}): {reason}",
 
 class ImageError(ValueError):
     """Why an image cannot go to the model; util/errors.py's BAD_IMAGE message puts it in the row's error."""
+
+
+def error_text(error: BaseException) -> str:
+    """What an exception says went wrong, never its bare class name: its message; for one raised without any
+    (an OSError(), say), its cause's (`raise X() from error`), else its type and that it gave no message.
+    (util/openai_batch.py has the same: each feature stands alone.)"""
+    cause, seen = error, set()
+    while cause is not None and id(cause) not in seen:
+        if str(cause).strip():
+            return str(cause) if cause is error else f"{type(cause).__name__}: {cause}"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(error).__name__}, with no message"
 
 
 def image_sources(value) -> list:
@@ -119,7 +134,7 @@ def _read_file(source: str, most: int) -> bytes:
         with filesystem.open_input_stream(path) as stream:
             return stream.read()
     except OSError as error:  # permissions, a vanished file, a bucket we may not read
-        raise ImageError(f"cannot read ({error.strerror or error})") from None
+        raise ImageError(f"cannot read ({error.strerror or error_text(error)})") from None
 
 
 def _fetch_url(url: str, most: int) -> bytes:
@@ -133,12 +148,14 @@ def _fetch_url(url: str, most: int) -> bytes:
     except urllib.error.HTTPError as error:
         raise ImageError(f"cannot fetch (HTTP {error.code} {error.reason})") from None
     except urllib.error.URLError as error:
-        reason = error.reason
-        raise ImageError(f"cannot fetch ({getattr(reason, 'strerror', None) or reason})") from None
+        reason = error.reason  # a string, or the socket's error
+        if isinstance(reason, BaseException):
+            reason = getattr(reason, "strerror", None) or error_text(reason)
+        raise ImageError(f"cannot fetch ({reason})") from None
     except (socket.timeout, TimeoutError):
         raise ImageError(f"cannot fetch (no answer in {HTTP_TIMEOUT_S:g} s)") from None
     except OSError as error:  # a connection reset while reading, say
-        raise ImageError(f"cannot fetch ({error.strerror or error})") from None
+        raise ImageError(f"cannot fetch ({error.strerror or error_text(error)})") from None
     if len(data) > most:
         raise _too_large(most)
     return data
@@ -186,7 +203,7 @@ def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
     try:
         image.load()
     except Exception as error:  # truncated or corrupt data: PIL raises OSError, ValueError, SyntaxError...
-        raise ImageError(f"not a readable image ({error})") from None
+        raise ImageError(f"not a readable image ({error_text(error)})") from None
     return image
 
 
@@ -282,9 +299,22 @@ class Images(Part):
             request.prompt["multi_modal_data"] = {"image": await asyncio.to_thread(engine_images, blobs)}
 
 
-def part(plan) -> Images | None:
+class NoImages(Part):
+    """An OpenAI batch job whose model takes no images: the formatter makes each request that holds one an
+    error record saying why (util/openai_batch.py ChatFormatter), and the others run."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def stages(self, plan, stages: list) -> list:
+        return [stage.with_options(fn_kwargs={**stage.map_batches["fn_kwargs"], "no_images": self.reason})
+                if stage.name == "format" else stage for stage in stages]
+
+
+def part(plan) -> Images | NoImages | None:
     """A vision job's part: --image-column, or an OpenAI batch file with image_url parts. A model that takes
-    no images, or whose prompt format cannot place them, is refused (ValueError: exit 2) before any engine."""
+    no images, or whose prompt format cannot place them, is refused (ValueError: exit 2) before any engine;
+    but a text-only model given an OpenAI batch file answers its other requests (NoImages)."""
     cfg = plan.cfg
     request = next((p.first_image for p in plan.parts if getattr(p, "first_image", None)), None)
     if cfg.image_column is None and request is None:
@@ -293,6 +323,8 @@ def part(plan) -> Images | None:
     try:
         processor = model_processor(cfg.model, cfg.revision)
     except TextOnlyModel as error:
+        if cfg.image_column is None:  # one request is not the job: that line's error record, as the Batch API has it
+            return NoImages(str(error))
         raise ValueError(f"{given}, but {error}") from None
     except Exception:  # cannot be loaded on the driver: left to the formatter, as a tokenizer is
         processor = None
@@ -370,13 +402,13 @@ class VisionFormatter(PromptFormatter):
             try:
                 messages, sources = image_parts(value)
             except ValueError as error:
-                raise RowError(f"cannot format the messages: {error}") from None
+                raise RowError(f"cannot format the messages: {error_text(error)}") from None
             if not sources and not any(p["text"].strip() for m in messages for p in m["content"] if p["type"] == "text"):
                 raise RowError(self.empty())
             try:
                 return self.chat(messages), sources
             except Exception as error:  # a template that refuses these roles, say: this row only
-                raise RowError(f"cannot format the messages: {error}") from None
+                raise RowError(f"cannot format the messages: {error_text(error)}") from None
         if (value is None or not str(value).strip()) and not sources:  # an image alone is a prompt
             raise RowError(self.empty())
         return self.chat([{"role": "user", "content": self.content("" if value is None else str(value), len(sources))}]), sources
@@ -426,7 +458,8 @@ class VisionFormatter(PromptFormatter):
             except RowError as error:
                 errors[i] = str(error)
             except Exception as error:  # the processor refuses what PIL read: this row only
-                errors[i] = f"the model's processor cannot take the row's images ({type(error).__name__}: {error})"
+                errors[i] = (f"the model's processor cannot take the row's images "
+                             f"({type(error).__name__}: {error_text(error)})")
         return counts
 
     def more_columns(self, errors: list) -> dict:

@@ -12,16 +12,19 @@ An input line is a request, as the Batch API takes it:
 Every request the `openai` package's chat-completions types accept is served, within what this runner
 does. Its `messages` go through the model's chat template (content given as a list of text parts is
 joined with "\n", as vLLM's OpenAI server joins it; a vision-language model gets `image_url` parts, whose
-url is an http(s):// or data: URL, as the images of its template's image parts: util/images.py), and its
-body parameters become the row's own
-sampling parameters (`max_tokens`, `max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed`,
+url is an http(s):// or data: URL, as the images of its template's image parts: util/images.py; for a
+text-only model a request with one is an error record saying so), and its body parameters become the row's
+own sampling parameters (`max_tokens`, `max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed`,
 `presence_penalty`, `frequency_penalty`, `logit_bias`, `response_format`, `n`, and `logprobs` with
-`top_logprobs`). A null parameter counts as not given; one that asks for no unsupported feature is
+`top_logprobs`), converted as vLLM's own server converts them (body_sampling): max_completion_tokens over
+max_tokens, a stop string or list, logit_bias's token ids given as JSON strings, biases clamped to
+[-100, 100]. A null parameter counts as not given; one that asks for no unsupported feature is
 accepted (`"stream": false`, `"tools": []`, `parallel_tool_calls`, ...). A line that is not a valid
-request (not JSON, no custom_id, another url, a parameter the openai package does not know, a value that
-asks for something unsupported, such as `"stream": true`, named in the message) becomes an error record
-instead of stopping the job, as the Batch API's error file has it. `custom_id`s must be unique: the run resumes,
-and joins back, on them.
+request (not JSON, no custom_id, another url, a parameter the openai package does not know, a value of the
+wrong type, a value that asks for something unsupported, such as `"stream": true`, named in the message)
+becomes an error record instead of stopping the job, as the Batch API's error file has it; so does one whose
+values vLLM refuses (`"presence_penalty": 3`), with vLLM's reason. `custom_id`s must be unique: the run
+resumes, and joins back, on them.
 
 A `/v1/embeddings` request (`body.input`: one string, embedded as given; a list of inputs is refused on
 its line, one request line per input) makes the run an embedding job (util/plan.py resolve_task); a file
@@ -61,7 +64,7 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from util import columns as col
-from util.errors import EMPTY_PROMPT, InputError, RowError, row_error
+from util.errors import EMPTY_PROMPT, ROW_ERRORS, InputError, RowError, row_error
 from util.features import Part, registry
 from util.output import OutputFormat, jsonl_bytes
 from util.prompt_format import PromptFormatter
@@ -75,11 +78,19 @@ TASK_OF_URL = {CHAT_URL: "generate", EMBEDDINGS_URL: "embed"}  # the url says th
 EMBEDDING_IGNORED = {"model", "input", "user"}
 EMBEDDING_DEFAULT_ONLY = {"encoding_format": (["float"], "float vectors only"),
                           "dimensions": ([], "the model's own size only")}
-# Body parameters and the SamplingParams field each one sets (response_format: util/structured_output.py).
+# Body parameters and the SamplingParams field each one sets (response_format: util/structured_output.py),
+# each converted as body_sampling says.
 SAMPLING_PARAMETERS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
                        "temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
                        "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
                        "logit_bias": "logit_bias", "response_format": "response_format", "n": "n"}
+# seed's range in vLLM's ChatCompletionRequest (_INT64_MIN, _INT64_MAX): a 64-bit signed integer.
+SEED_RANGE = (-2**63, 2**63 - 1)
+# Most stop strings one request may have: OpenAI's limit, and vLLM's ChatCompletionRequest's (StopParam,
+# vLLM 0.32), which reads the same environment variable.
+MAX_STOP_STRINGS = int(os.environ.get("VLLM_MAX_STOP_STRINGS", "4"))
+# OpenAI's and vLLM's bounds of a logit bias (SamplingParams.from_optional clamps to them).
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 # OpenAI's logprobs (a flag) and top_logprobs (how many alternatives) become vLLM's one `logprobs`: K.
 LOGPROB_PARAMETERS = ("logprobs", "top_logprobs")
 # Parameters that change nothing in the answer: who asked, caching and billing hints, the model (the
@@ -104,6 +115,9 @@ DEFAULT_ONLY_PARAMETERS = {
     "reasoning_effort": ([], "no reasoning settings"),
     "verbosity": ([], "no verbosity setting"),
 }
+# A request with an image for a model that takes none: that line's error record (util/images.py says why).
+IMAGE_REFUSED = "image for a text-only model"
+ROW_ERRORS[IMAGE_REFUSED] = "an image_url part ({part}), but {reason}"
 # Columns the reader gives each request; `messages` is what the prompt formatter reads.
 # `request_error`: why a line is not a valid request; the formatter turns it into the row's `error`.
 REQUEST_COLUMNS = ("custom_id", "messages", col.SAMPLING_PARAMS, col.REQUEST_MODEL, col.REQUEST_ERROR)
@@ -157,6 +171,91 @@ def logprob_sampling(logprobs, top_logprobs) -> dict:
     return {"logprobs": top_logprobs or 0}
 
 
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={_json(value)} must be an integer")
+    return value
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={_json(value)} must be a number")
+    return value
+
+
+def _seed(name: str, value) -> int:
+    if not SEED_RANGE[0] <= _integer(name, value) <= SEED_RANGE[1]:
+        raise ValueError(f"{name}={value} must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
+    return value
+
+
+def _stop(name: str, value) -> list[str]:
+    """A string or a list of strings, as vLLM's ChatCompletionRequest takes it; a list either way, as
+    SamplingParams makes it."""
+    stop = [value] if isinstance(value, str) else value
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"{name}={_json(value)} must be a string or a list of strings")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"{name} has {len(stop)} strings; at most {MAX_STOP_STRINGS} (VLLM_MAX_STOP_STRINGS)")
+    return stop
+
+
+def _logit_bias(name: str, value) -> dict[str, float]:
+    """Token ids (JSON object keys: strings) and their biases, as vLLM's SamplingParams.from_optional converts
+    them (vllm/sampling_params.py, 0.26 and 0.32 alike): each key through int(), each bias clamped to
+    [-100, 100]; a key int() refuses is refused with vLLM's message. The keys stay strings here, since JSON
+    has no other (OpenAIBatch.check makes them ints in the replica); one out of the vocabulary is vLLM's to
+    refuse, in the replica, with its message."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}={_json(value)} must be an object of token ids (as strings) and biases")
+    bad_keys = []
+    for token in value:
+        try:
+            int(token)
+        except ValueError:
+            bad_keys.append(token)
+    if bad_keys:
+        raise ValueError(f"{name} contains key(s) that cannot be converted to integer token IDs: {bad_keys!r}")
+    low, high = LOGIT_BIAS_RANGE
+    return {str(int(token)): float(min(high, max(low, _number(f"{name}[{_json(token)}]", bias))))
+            for token, bias in value.items()}
+
+
+def _positive_integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={_json(value)} must be a positive integer")
+    return value
+
+
+# How each body parameter's value becomes its SamplingParams field's: the JSON type vLLM's ChatCompletionRequest
+# declares for it (strictly: a number is not given as a string), converted where vLLM's server converts it. The
+# values' ranges are SamplingParams' to check, in the replica, whose message becomes the row's error.
+CONVERSIONS = {"max_tokens": _integer, "max_completion_tokens": _integer, "temperature": _number, "top_p": _number,
+               "presence_penalty": _number, "frequency_penalty": _number, "seed": _seed, "stop": _stop,
+               "logit_bias": _logit_bias, "n": _positive_integer}
+
+
+def body_sampling(body: dict) -> dict:
+    """A chat request's body parameters as SamplingParams' keyword arguments, as vLLM's own server makes
+    them (ChatCompletionRequest.to_sampling_params in vllm/entrypoints/openai/chat_completion/protocol.py):
+    max_completion_tokens over max_tokens, a stop string as a list, logit_bias by token id, `logprobs` with
+    `top_logprobs` as vLLM's one `logprobs`. Only what the body gives (null is not given), so that the job's
+    own settings hold for the rest. ValueError naming the parameter and its value, for a wrong one."""
+    given = {name: value for name, value in body.items() if name in SAMPLING_PARAMETERS and value is not None}
+    if "max_completion_tokens" in given:  # vLLM's serving code reads it first; max_tokens is deprecated
+        given.pop("max_tokens", None)
+    sampling = {SAMPLING_PARAMETERS[name]: CONVERSIONS[name](name, value) if name in CONVERSIONS else value
+                for name, value in given.items()}
+    if sampling.get("n") == 1:  # the default: left out, as any parameter not given
+        del sampling["n"]
+    sampling.update(logprob_sampling(body.get("logprobs"), body.get("top_logprobs")))
+    return sampling
+
+
 def _refused(custom_id: str, reason: str) -> dict:
     return {"custom_id": custom_id, "messages": None, col.SAMPLING_PARAMS: None, col.REQUEST_MODEL: None,
             col.REQUEST_ERROR: reason}
@@ -189,16 +288,8 @@ def request_row(line: str, where: str) -> dict:
     for name, value in body.items():
         if reason := unsupported_value(name, value):
             return _refused(custom_id, f"{where}: {reason}")
-    sampling = {SAMPLING_PARAMETERS[k]: v for k, v in body.items() if k in SAMPLING_PARAMETERS and v is not None}
-    if isinstance(sampling.get("stop"), str):
-        sampling["stop"] = [sampling["stop"]]
-    n = sampling.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        return _refused(custom_id, f"{where}: n={json.dumps(n)} must be a positive integer")
-    if n == 1:  # the default: left out, as any parameter not given
-        sampling.pop("n", None)
     try:
-        sampling.update(logprob_sampling(body.get("logprobs"), body.get("top_logprobs")))
+        sampling = body_sampling(body)
     except ValueError as error:
         return _refused(custom_id, f"{where}: {error}")
     return {"custom_id": custom_id, "messages": json.dumps(messages, ensure_ascii=False),
@@ -227,10 +318,17 @@ def embedding_request_row(custom_id: str, body, where: str) -> dict:
 
 def has_image_parts(messages) -> bool:
     """Whether a request's messages hold an image (an `image_url` content part)."""
-    return isinstance(messages, list) and any(
-        isinstance(part, dict) and part.get("type") == IMAGE_PART
-        for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for part in message["content"])
+    return isinstance(messages, list) and first_image_part(messages) is not None
+
+
+def first_image_part(messages: list) -> str | None:
+    """Where the first image_url part of a request's messages stands (`messages[i].content[j]`), or None."""
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if isinstance(part, dict) and part.get("type") == IMAGE_PART:
+                return f"messages[{i}].content[{j}]"
+    return None
 
 
 def request_kind(line: str) -> tuple[str | None, bool]:
@@ -412,14 +510,33 @@ def join_text_parts(message: dict, index: int = 0) -> dict:
     return {**message, "content": "\n".join(texts)}
 
 
+def error_text(error: BaseException) -> str:
+    """What an exception says went wrong, never its bare class name: its message; for one raised without any
+    (a KeyError(), say), its cause's (`raise X() from error`), else its type and that it gave no message."""
+    cause, seen = error, set()
+    while cause is not None and id(cause) not in seen:
+        if str(cause).strip():
+            return str(cause) if cause is error else f"{type(cause).__name__}: {cause}"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(error).__name__}, with no message"
+
+
 class ChatFormatter(PromptFormatter):
     """The formatter of an OpenAI batch job: each request's messages (kept as JSON text) through the model's
-    chat template; an embeddings request's input, as given."""
+    chat template; an embeddings request's input, as given. `no_images`: why the job's model takes no images
+    (util/images.py sets it for a text-only model), for the error of each request that holds one."""
+
+    def __init__(self, *args, no_images: str | None = None, **options):
+        super().__init__(*args, **options)
+        self.no_images = no_images
 
     def prompt(self, value) -> str:
         messages = json.loads(value) if isinstance(value, str) else value
         if not isinstance(messages, list):  # an embeddings request's input
             return super().prompt(messages)
+        if self.no_images and (part := first_image_part(messages)):  # this line only, as the Batch API has it
+            raise RowError(row_error(IMAGE_REFUSED, part=part, reason=self.no_images))
         if not any(has_content(m.get("content")) for m in messages if isinstance(m, dict)):
             raise RowError(row_error(EMPTY_PROMPT, column=self.text_column))
         try:
@@ -427,7 +544,7 @@ class ChatFormatter(PromptFormatter):
                 raise ValueError("a list of messages needs the model's chat template (--prompt-format chat_template)")
             return self.chat([join_text_parts(m, i) for i, m in enumerate(messages)])
         except Exception as error:  # a template that refuses these roles, say: this row only
-            raise RowError(f"cannot format the messages: {error}") from None
+            raise RowError(f"cannot format the messages: {error_text(error)}") from None
 
 
 class OpenAIBatch(Part):
@@ -437,6 +554,13 @@ class OpenAIBatch(Part):
     def stages(self, plan, stages: list) -> list:
         return [stage.with_options(fn_kwargs={**stage.map_batches["fn_kwargs"], "formatter": ChatFormatter})
                 if stage.name == "format" else stage for stage in stages]
+
+    def check(self, request) -> None:
+        """logit_bias's token ids as the ints SamplingParams takes: the row's sampling came as JSON, whose keys
+        are strings (body_sampling checked that each is one)."""
+        bias = request.sampling.get("logit_bias")
+        if bias:
+            request.sampling["logit_bias"] = {int(token): value for token, value in bias.items()}
 
 
 def part(plan) -> OpenAIBatch | None:
