@@ -27,8 +27,9 @@ setup: $(VENV)/.ready
 smoke: setup
 	$(PY) main.py --smoke
 
+# Two workers (pytest-xdist), each test file on one: much of a test's time is an engine or a cluster starting.
 test: setup
-	$(PY) -m pytest tests -q --durations=15
+	$(PY) -m pytest tests -q -n 2 --dist loadfile --durations=15
 
 test-fast: setup
-	$(PY) -m pytest tests -q -m "not engine and not harness" --durations=10
+	$(PY) -m pytest tests -q -n 2 --dist loadfile -m "not engine and not harness" --durations=10

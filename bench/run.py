@@ -154,7 +154,7 @@ class SeedPredictor:
     """The seed template's predictor: one blocking `LLM.generate` call per batch, so each batch waits for its
     longest row while the GPU idles, and vLLM never sees more than one batch of sequences."""
 
-    def __init__(self, model: str, engine_kwargs: dict, sampling: dict, parts: list = ()):
+    def __init__(self, model: str, engine_kwargs: dict, sampling: dict, parts: list = (), **_):
         from vllm import LLM
 
         marks = _start_marks()

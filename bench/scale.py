@@ -57,7 +57,7 @@ class StandInPredictor:
     def __init__(self, model_name: str = "stand-in", **_):
         import ray
 
-        from util.report import ProgressClient
+        from util.replica import ProgressClient
 
         self.model_name, self.replica = model_name, ray.get_runtime_context().get_actor_id()[:8]
         self.progress = ProgressClient.connect()

@@ -2,17 +2,25 @@
 
 - the whole job is SIGKILLed mid-run: it leaves only whole files and no process, and a re-run writes
   exactly the missing rows;
-- a replica's actor is SIGKILLed: Ray restarts it and every row is still written exactly once;
-- a replica's engine process is SIGKILLed: the run fails, loudly;
+- a replica's vLLM engine process is SIGKILLed three times, at random moments, then the replica's actor:
+  the replica gets a new engine each time (util/replica.py), Ray restarts the actor, and every row is
+  written once;
+- one row kills every engine it meets and another hangs one, made so by a vLLM plugin (tests/fault_plugin/)
+  found only on that run's PYTHONPATH: the hung engine is replaced, the killer is the only error row;
+- the node that holds the replica is removed from a cluster of two mid-run;
 - the Hugging Face token reaches the engine but no log, output or file.
 
-    .venv/bin/python -m pytest tests/test_faults.py -q --durations=0    # about 10-15 minutes, 5 engine starts
+    .venv/bin/python -m pytest tests/test_faults.py -q --durations=0
 
 Each run gets its own RAY_TMPDIR, so its Ray session logs can be searched, and its own session
 (start_new_session), so every process it starts, Ray's workers and vLLM's included, can be found.
 """
 
+import contextlib
+import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +33,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PROMPTS, REPO, line_ids
+from conftest import PROMPTS, REPO, line_ids, write_jsonl
 from util.resume import MANIFEST_NAME, read_manifest
 from util.tiny_model import tiny_model_dir
 
@@ -40,6 +48,8 @@ ENGINE_TITLE = "VLLM::EngineCore"
 # after another, so files are committed several seconds apart and a fault can land between them.
 FILES, ROWS_PER_FILE = 4, 260
 RUN_ARGS = ["--batch-size", "32", "--batches-in-flight", "1", "--max-tokens", "64", "--concurrency", "1"]
+FAULT_PLUGIN = REPO / "tests" / "fault_plugin"  # a vLLM plugin that kills or hangs the engine on a marked row
+KILL_SEED, STALL_SEED = 4242, 4343  # the marks: a row's sampling seed
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -58,13 +68,13 @@ def write_input(folder: Path) -> set[str]:
 class Run:
     """main.py in a new session. stdout and stderr go to files: a pipe nobody reads would block it."""
 
-    def __init__(self, workdir: Path, input_path: Path, out: Path, env: dict[str, str]):
+    def __init__(self, workdir: Path, input_path: Path, out: Path, env: dict[str, str], args=RUN_ARGS):
         self.workdir, self.out, self.ray_dir = workdir, out, workdir / "ray"
         self.ray_dir.mkdir(parents=True, exist_ok=True)
         environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_TOKEN")}
         environ.update(RAY_TMPDIR=str(self.ray_dir), PYTHONUNBUFFERED="1", **env)
         command = [sys.executable, "main.py", "--model", tiny_model_dir(), "--input-path", str(input_path),
-                   "--output-path", str(out), *RUN_ARGS]
+                   "--output-path", str(out), *args]
         with open(workdir / "stdout", "w") as stdout, open(workdir / "stderr", "w") as stderr:
             self.process = subprocess.Popen(command, cwd=REPO, env=environ, stdout=stdout, stderr=stderr,
                                             start_new_session=True)
@@ -96,8 +106,8 @@ class Run:
             process.kill()
 
 
-def start(tmp_path_factory, name: str, input_path: Path, out: Path, env: dict[str, str]) -> Run:
-    return Run(tmp_path_factory.mktemp(name), input_path, out, env)  # short paths: Ray's socket names must fit
+def start(tmp_path_factory, name: str, input_path: Path, out: Path, env: dict[str, str], args=RUN_ARGS) -> Run:
+    return Run(tmp_path_factory.mktemp(name), input_path, out, env, args)  # short paths: Ray's socket names must fit
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -194,47 +204,106 @@ def crash_and_resume(tmp_path_factory, input_folder):
 
 
 @pytest.fixture(scope="module")
-def actor_killed(tmp_path_factory, input_folder):
-    """A run whose replica actor is SIGKILLed after the first file. The token comes from a stored
-    `hf auth login` here, not from $HF_TOKEN, so only Ray's setup hook can hand it to the workers."""
+def replica_faults(tmp_path_factory, input_folder):
+    """One run whose replica's vLLM engine process is SIGKILLed three times (once its first file is written,
+    then each time at a random moment after the new engine's process appeared: starting, or generating),
+    and then whose replica's actor is SIGKILLed. The token comes from a stored `hf auth login` here, not
+    from $HF_TOKEN, so only Ray's setup hook can hand it to the workers."""
     folder, _ = input_folder
     hf_home = tmp_path_factory.mktemp("hf_home")
     (hf_home / "token").write_text(SENTINEL)
-    run = start(tmp_path_factory, "r", folder, tmp_path_factory.mktemp("actor") / "out", {"HF_HOME": str(hf_home)})
+    run = start(tmp_path_factory, "r", folder, tmp_path_factory.mktemp("replica") / "out", {"HF_HOME": str(hf_home)})
+    killed, chance = [], random.Random(os.environ.get("FAULT_SEED", "0"))
+    new_engine = lambda: [p for p in run.processes(ENGINE_TITLE) if p.pid not in killed] or run.process.poll() is not None
     try:
-        wait_for_commit(run)
-        [actor] = run.processes(ACTOR_TITLE)
-        [engine] = [p for p in actor.children() if " ".join(p.cmdline()).startswith(ENGINE_TITLE)]
-        actor.kill()
-        try:
-            wait_for(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, 60,
-                     "the killed replica's engine to exit")
-        except AssertionError:
-            pass
-        engine_left = engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE
-        new_engines = wait_for(lambda: [p for p in run.processes(ENGINE_TITLE) if p.pid != engine.pid]
-                               or run.process.poll() is not None, 480, "the restarted replica's engine")
-        # The environment it started with: the token must reach the process that downloads the model.
-        engine_environ = Path(f"/proc/{new_engines[0].pid}/environ").read_bytes() if new_engines is not True else b""
+        wait_for_commit(run)  # the first engine is up: a replica whose first start fails is Ray Data's to retry
+        for moment in range(4):  # three engines, then the replica's actor
+            found = wait_for(new_engine, 480, "a new engine")
+            time.sleep(chance.uniform(1, 8) if moment else 0)
+            if found is True or run.process.poll() is not None:
+                break
+            if moment < 3:
+                found[0].kill()
+                killed.append(found[0].pid)
+                continue
+            [actor] = run.processes(ACTOR_TITLE)
+            [engine] = [p for p in actor.children() if " ".join(p.cmdline()).startswith(ENGINE_TITLE)]
+            actor.kill()
+            killed.append(engine.pid)
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, 60,
+                         "the killed replica's engine to exit")
+            engine_left = engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE
+            restarted = wait_for(new_engine, 480, "the restarted replica's engine")
+            # The environment it started with: the token must reach the process that downloads the model.
+            engine_environ = Path(f"/proc/{restarted[0].pid}/environ").read_bytes() if restarted is not True else b""
         run.wait()
     finally:
         run.kill_leftovers()
+    assert len(killed) == 4, f"the run ended after {len(killed)} of its 4 faults:\n{run.stderr()[-3000:]}"
     return {"run": run, "engine_left": engine_left, "engine_environ": engine_environ}
 
 
 @pytest.fixture(scope="module")
-def engine_killed(tmp_path_factory, input_folder):
-    """A run whose vLLM engine process is SIGKILLed after the first file."""
-    folder, _ = input_folder
-    run = start(tmp_path_factory, "r", folder, tmp_path_factory.mktemp("engine") / "out", {"HF_TOKEN": SENTINEL})
+def poisoned(tmp_path_factory):
+    """A run in which one row hangs the engine the first time it runs, and another kills every engine that
+    runs it. Two rows in flight at a time, so that few rows share each death."""
+    workdir = tmp_path_factory.mktemp("poison")
+    rows, stall_at, kill_at = 12, 1, 7
+    items = [{"text": f"{PROMPTS[i]} ({i})"} for i in range(rows)]
+    items[stall_at]["sampling_params"], items[kill_at]["sampling_params"] = {"seed": STALL_SEED}, {"seed": KILL_SEED}
+    (workdir / "input").mkdir()
+    path = write_jsonl(workdir / "input" / "marked.jsonl", items)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(FAULT_PLUGIN), os.environ.get("PYTHONPATH")])),
+           "FAULT_DIR": str(workdir), "FAULT_KILL_SEED": str(KILL_SEED), "FAULT_STALL_SEED": str(STALL_SEED)}
+    run = start(tmp_path_factory, "r", Path(path), workdir / "out", env,
+                ["--batch-size", "2", "--batches-in-flight", "1", "--max-tokens", "16", "--concurrency", "1",
+                 "--stall-timeout-s", "20"])
     try:
-        wait_for_commit(run)
-        [engine] = run.processes(ENGINE_TITLE)
-        engine.kill()
         run.wait()
     finally:
         run.kill_leftovers()
+    return run, rows, items[kill_at]["text"]
+
+
+@pytest.fixture(scope="module")
+def node_lost(tmp_path_factory, input_folder):
+    """A run on a cluster of two worker nodes (its head takes no work), whose replica's node is removed
+    after the first file."""
+    from ray.cluster_utils import Cluster
+
+    folder, _ = input_folder
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    run = start(tmp_path_factory, "r", folder, tmp_path_factory.mktemp("node") / "out", {"RAY_ADDRESS": cluster.address})
+    raylets = {node.all_processes["raylet"][0].process.pid: node for node in workers}
+    doomed = []
+    try:
+        wait_for_commit(run)
+        # The replica: a worker process that its node's raylet started (this cluster's, not another test's).
+        [actor] = wait_for(lambda: [child for pid in raylets for child in psutil.Process(pid).children()
+                                    if titled(child, ACTOR_TITLE)], 60, "the replica's process")
+        doomed = [actor, *actor.children(recursive=True)]  # its engine goes with the node
+        cluster.remove_node(raylets[actor.ppid()], allow_graceful=False)
+        run.wait()
+    finally:
+        run.kill_leftovers()
+        cluster.shutdown()
+        for process in doomed:  # what outlived the removed node, if anything did
+            with contextlib.suppress(psutil.Error):
+                process.kill()
     return run
+
+
+def titled(process: psutil.Process, title: str) -> bool:
+    with contextlib.suppress(psutil.Error, OSError):
+        return process.status() != psutil.STATUS_ZOMBIE and " ".join(process.cmdline()).startswith(title)
+    return False
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "_report.json").read_text())
 
 
 # --- 1. the whole job killed, then run again -----------------------------------------------------
@@ -277,39 +346,60 @@ def test_rerun_writes_exactly_the_missing_rows(crash_and_resume, input_folder):
     assert [p.name for p in out.rglob(".*")] == []
 
 
-# --- 2. a replica's actor killed -----------------------------------------------------------------
+# --- 2. a replica's engine killed three times, then its actor ------------------------------------
 
-def test_killed_replica_is_restarted_and_every_row_written_once(actor_killed, input_folder):
+def test_killed_engines_and_replica_are_replaced_and_every_row_written_once(replica_faults, input_folder):
     _, input_ids = input_folder
-    run = actor_killed["run"]
+    run = replica_faults["run"]
     assert run.process.returncode == 0, run.stderr()[-3000:]
-    assert not actor_killed["engine_left"]  # a dead replica's engine must not hold on to its GPU
+    assert not replica_faults["engine_left"]  # a dead replica's engine must not hold on to its GPU
     ids = output_ids(run.out)
     assert len(ids) == len(set(ids)) == len(input_ids)
     assert set(ids) == input_ids
     manifest = read_manifest(str(run.out))
     assert manifest["status"] == "complete"
     assert manifest["counts"] == {"input": len(input_ids), "ok": len(input_ids), "error": 0, "already_done": 0}
+    survived = report_of(run.out)["survived"]
+    # A kill may land while the engine before it starts: then that start fails, and counts as a death too.
+    assert (survived["engine_restarts"], survived["replica_restarts"], survived["rows_isolated"]) == (3, 1, 0), survived
+    assert survived["rows_rerun"] >= 32  # at least the batch in flight at the first kill
+    assert "  survived       3 engine restarts, " in run.stdout()
 
 
-# --- 3. a replica's engine killed ----------------------------------------------------------------
+# --- 3. a row that kills every engine, a row that hangs one ---------------------------------------
 
-def test_dead_engine_fails_the_run(engine_killed):
-    run = engine_killed
-    assert run.process.returncode == 1, run.stderr()[-3000:]
-    assert "summary:" not in run.stdout()
-    assert "EngineDeadError" in run.stderr()
-    manifest = read_manifest(str(run.out))
-    assert manifest["status"] == "failed"
-    assert "EngineDeadError" in manifest["reason"]
+def test_a_row_that_kills_every_engine_is_the_only_error_row_and_a_hung_engine_is_replaced(poisoned):
+    run, rows, marked = poisoned
+    assert run.process.returncode == 0, run.stderr()[-3000:]
+    ids = output_ids(run.out)
+    assert len(ids) == len(set(ids)) == rows
+    [error] = pq.read_table(run.out / "errors", columns=["text", "error"]).to_pylist()
+    assert error["text"] == marked
+    assert re.fullmatch(r"the engine died \d+ times while running this row, the last time with no other row "
+                        r"beside it", error["error"]), error["error"]
+    survived = report_of(run.out)["survived"]
+    assert survived["rows_isolated"] == 1 and survived["engine_restarts"] >= 4, survived  # a stall, three deaths
+    assert "finished no row for 20 s (a hung engine)" in run.stderr() + run.stdout()
 
 
-# --- 4. the token -------------------------------------------------------------------------------
+# --- 4. a node lost ------------------------------------------------------------------------------
 
-def test_token_reaches_the_engine_but_no_log_output_or_file(crash_and_resume, actor_killed, engine_killed):
+def test_a_lost_node_is_survived_on_the_other(node_lost, input_folder):
+    _, input_ids = input_folder
+    run = node_lost
+    assert run.process.returncode == 0, run.stderr()[-3000:]
+    ids = output_ids(run.out)
+    assert len(ids) == len(set(ids)) == len(input_ids) and set(ids) == input_ids
+    assert read_manifest(str(run.out))["counts"]["error"] == 0
+    assert report_of(run.out)["survived"]["nodes_lost"] == 1
+
+
+# --- 5. the token -------------------------------------------------------------------------------
+
+def test_token_reaches_the_engine_but_no_log_output_or_file(crash_and_resume, replica_faults):
     # Given only as a stored login, the token still reached the restarted replica's engine.
-    assert f"HF_TOKEN={SENTINEL}".encode() in actor_killed["engine_environ"].split(b"\0")
-    runs = [crash_and_resume["crashed"], crash_and_resume["resumed"], actor_killed["run"], engine_killed]
+    assert f"HF_TOKEN={SENTINEL}".encode() in replica_faults["engine_environ"].split(b"\0")
+    runs = [crash_and_resume["crashed"], crash_and_resume["resumed"], replica_faults["run"]]
     # The repository (job.yaml included); each run's folder, with its stdout, stderr and Ray session logs;
     # each run's output, data files and manifest.
     places = [REPO, *(run.workdir for run in runs), *(run.out for run in runs)]

@@ -31,9 +31,9 @@ import pytest
 from bench.images import write_workload
 from conftest import REPO, closed_local_port_url, run_main
 from util import columns as col
-from util.errors import row_error_kind
 from util.images import PROMPT_IMAGES, ImageError, Images, VisionFormatter, describe, fetch_images, image_sources, open_image
 from util.openai_batch import batch_kind, output_record, request_row, request_table
+from util.preflight import row_error_kind
 from util.tiny_model import tiny_llava_dir, tiny_model_dir
 
 MAX_TOKENS, MAX_IMAGE_BYTES = 6, 30_000

@@ -15,11 +15,12 @@ from openai.types.chat import ChatCompletion
 from openai.types.shared import ErrorObject
 
 from conftest import scan_error
-from util.errors import row_error_kind
-from util.openai_batch import (BatchKind, ChatFormatter, OpenAIBatch, error_text, join_text_parts, output_record,
+from util.errors import error_text
+from util.openai_batch import (BatchKind, ChatFormatter, OpenAIBatch, join_text_parts, output_record,
                                preview, request_row, request_table)
 from util.output import output_dataset, write_results
 from util.predictor import checked_request
+from util.preflight import row_error_kind
 from util.reading import read_prompts
 from util.resume import DoneIndex
 from util.scan import scan_input

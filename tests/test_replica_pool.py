@@ -62,3 +62,21 @@ def test_a_pool_for_an_embedding_job_answers_its_embed_stage(ray_local):
     embed = plan_of("embed")
     with ReplicaPool(embed, predictor=StandInPredictor) as pool:
         assert [stage.name for stage in pool.stages(embed, formatter=stand_in_formatter)][-1] == "embed"
+
+
+def test_a_pool_of_real_engines_answers_two_runs_with_one_engine_start(warm_engine, test_model):
+    """The session's warm pool: the real LLMPredictor on the smoke model (tests/conftest.py)."""
+    from conftest import ENGINE_ARGS, PROMPTS
+    from util.config import parse_args
+
+    plan = make_plan(parse_args(["--model", test_model, *ENGINE_ARGS, "--max-tokens", "8"]))
+    engines = lambda: ray.get([replica.__ray_call__.remote(lambda predictor: (id(predictor.engine),
+                                                                              predictor.supervisor.generation))
+                               for replica in warm_engine.replicas])
+    before = engines()
+    runs = [build_pipeline(plan, source=PROMPTS[:4], stages=warm_engine.stages(plan))
+            .select_columns([col.ID, col.GENERATED_TEXT, col.ERROR]).take_all() for _ in range(2)]
+    assert engines() == before and [generation for _, generation in before] == [0]  # the same engine, never replaced
+    first, second = (sorted((r[col.ID], r[col.GENERATED_TEXT], r[col.ERROR]) for r in run) for run in runs)
+    assert first == second and len(first) == 4  # greedy: the same answers, every row once
+    assert all(text and error is None for _, text, error in first)

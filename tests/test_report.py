@@ -31,6 +31,9 @@ def test_progress_line_format():
     assert progress_line(10, 10, 0.0, 0) == "progress: 10/10 rows (100%), 0 output tok/s, ETA 0:00:00"
     # Rows not counted beforehand: no share, no ETA.
     assert progress_line(1234, None, 5678.4, None) == "progress: 1,234 rows, 5,678 output tok/s"
+    # Engines replaced on the way (util/replica.py) are shown.
+    assert progress_line(5, 10, 1.0, 5, restarts=1).endswith("ETA 0:00:05, 1 engine restart")
+    assert progress_line(5, None, 1.0, None, restarts=2) == "progress: 5 rows, 1 output tok/s, 2 engine restarts"
 
 
 def test_eta_goes_by_the_pace_since_the_first_engine_was_ready():
@@ -45,11 +48,15 @@ def test_progress_log_totals_and_snapshot():
     log = ProgressLog()
     log.replica_ready("b", 12.0)
     log.replica_ready("a", 10.0)
-    log.replica_ready("a", 99.0)  # a second call does not move its start
+    log.replica_ready("a", 99.0)  # a second call (Ray restarted the replica) does not move its start
     log.rows_done("a", 3, 30, 20.0)
     log.rows_done("b", 2, 25, 21.0)
-    assert log.totals() == {"rows": 5, "output_tokens": 55, "first_ready": 10.0, "replicas": 2}
-    assert log.snapshot() == {"ready": {"a": 10.0, "b": 12.0}, "done": [("a", 3, 30, 20.0), ("b", 2, 25, 21.0)]}
+    log.count("engine_restarts", 1)
+    log.count("rows_rerun", 7)
+    assert log.totals() == {"rows": 5, "output_tokens": 55, "first_ready": 10.0, "replicas": 2, "restarts": 1}
+    assert log.snapshot() == {"ready": {"a": 10.0, "b": 12.0}, "done": [("a", 3, 30, 20.0), ("b", 2, 25, 21.0)],
+                              "survived": {"engine_restarts": 1, "rows_rerun": 7, "rows_isolated": 0,
+                                           "replica_restarts": 1, "nodes_lost": 0}}
 
 
 def test_the_progress_actor_aggregates_what_the_replicas_report(ray_local):
@@ -58,7 +65,7 @@ def test_the_progress_actor_aggregates_what_the_replicas_report(ray_local):
     @ray.remote(num_cpus=0)
     class StandInReplica:  # reports the way LLMPredictor does; defined here so Ray ships it by value
         def __init__(self):
-            from util.report import ProgressClient
+            from util.replica import ProgressClient
 
             self.progress = ProgressClient.connect()
 
@@ -92,7 +99,7 @@ def test_the_progress_actor_aggregates_what_the_replicas_report(ray_local):
 
 
 def test_a_replica_finds_no_actor_outside_a_reporting_run(ray_local):
-    from util.report import ProgressClient
+    from util.replica import ProgressClient
 
     client = ProgressClient.connect()
     client.rows_done(3, 30, flush=True)  # nothing to report to, and no error
@@ -134,7 +141,7 @@ def test_report_fields_per_replica_and_gpu_hours():
 
 def test_format_report_prints_the_summary_table():
     text = format_report(synthetic_report())
-    assert text.splitlines()[:8] == [
+    assert text.splitlines()[:9] == [
         "run report",
         "  rows           9 ok, 1 error",
         "  input tokens   700",
@@ -142,9 +149,10 @@ def test_format_report_prints_the_summary_table():
         "  output tok/s   5.0 overall (wall time, engine start included)",
         "  wall time      0:01:40",
         "  GPU-hours      0.056 (2 GPUs x wall time)",
+        "  survived       0 engine restarts, 0 rows run again, 0 rows isolated, 0 replica restarts, 0 nodes lost",
         "  replica          rows  output tokens  output tok/s joined at",
     ]
-    assert text.splitlines()[8].split() == ["a", "6", "300", "6.0", "10.0s"]
+    assert text.splitlines()[9].split() == ["a", "6", "300", "6.0", "10.0s"]
 
 
 def test_report_files_lie_beside_the_data_and_readers_skip_them(ray_local, tmp_path):

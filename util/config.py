@@ -76,6 +76,10 @@ class CoreConfig:
                                          "dry), and at least 16.", default=None)
     accelerator_type: str = flag("auto (A10G on AWS, L4 on GCP, or what the cluster advertises), any, or a Ray "
                                  "accelerator type such as A10G, L4, H100.", default="auto")
+    max_engine_restarts: int = flag("Engine deaths a replica survives in 10 minutes, each with a new engine and its "
+                                    "rows run again (util/replica.py); one more stops the run.", default=3)
+    stall_timeout_s: float | None = flag("Seconds without a finished row after which an engine counts as hung. "
+                                         "Default: 3x the slowest row's pace over --max-tokens, >= 5 min.", default=None)
     engine_arg: dict = flag("Extra vLLM engine argument key=value (repeatable), e.g. max_num_seqs=256.",
                             parse=parse_engine_arg, default_factory=dict)
     # --- output ---
@@ -109,7 +113,9 @@ class CoreConfig:
         # Checked here, not by vLLM in every replica after the engines started.
         for name, rule, holds in (("temperature", ">= 0", self.temperature >= 0), ("max_tokens", "> 0", self.max_tokens > 0),
                                   ("top_p", "in (0, 1]", 0 < self.top_p <= 1),
-                                  ("max_error_fraction", "in [0, 1]", 0 <= self.max_error_fraction <= 1)):
+                                  ("max_error_fraction", "in [0, 1]", 0 <= self.max_error_fraction <= 1),
+                                  ("max_engine_restarts", ">= 0", self.max_engine_restarts >= 0),
+                                  ("stall_timeout_s", "> 0", self.stall_timeout_s is None or self.stall_timeout_s > 0)):
             if not holds:  # a comparison with NaN is false: NaN is refused too
                 raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
         if not self.concurrency >= 1:

@@ -15,6 +15,7 @@ import uuid
 import pyarrow as pa
 
 from util import columns as col
+from util.errors import RowError
 from util.features import Part
 from util.predictor import LLMPredictor, finish_batch
 
@@ -37,17 +38,25 @@ class EmbeddingPredictor(LLMPredictor):
             return engine_args_class(model=model, **{"task": "embed", **engine_kwargs})
 
     async def embed(self, row: dict) -> dict:
-        from vllm import PoolingParams
-
         if row[col.ERROR] is not None:
             return {col.ERROR: row[col.ERROR]}
+        try:
+            return await self.supervisor.run(row[col.ID], lambda engine: self.encode(engine, row))
+        except RowError as refused:
+            return {col.ERROR: str(refused)}
+
+    async def encode(self, engine, row: dict) -> dict:
+        from vllm import PoolingParams
+
+        from util.replica import row_refusal
+
         final = None
         try:
-            async for output in self.engine.encode({"prompt_token_ids": row[col.PROMPT_TOKEN_IDS]},
-                                                   PoolingParams(task="embed"), f"{row[col.ID]}-{uuid.uuid4().hex[:8]}"):
+            async for output in engine.encode({"prompt_token_ids": row[col.PROMPT_TOKEN_IDS]},
+                                              PoolingParams(task="embed"), f"{row[col.ID]}-{uuid.uuid4().hex[:8]}"):
                 final = output
         except Exception as error:
-            return {col.ERROR: str(self.row_failure(error))}
+            raise row_refusal(error, engine) from None
         data = final.outputs.data  # a tensor of the model's hidden size
         return {EMBEDDING: data.float().tolist() if hasattr(data, "float") else list(data)}
 

@@ -40,9 +40,15 @@ def row_error(kind: str, **details) -> str:
     return ROW_ERRORS[kind].format(**details)
 
 
-def row_error_kind(message: str) -> str:
-    """The kind of a row's error message (a key of ROW_ERRORS), or the message itself if it is none."""
-    return next((kind for kind, template in ROW_ERRORS.items() if message.startswith(template.split("{")[0])), message)
+def error_text(error: BaseException) -> str:
+    """What went wrong, never a bare class name: the message; for an exception raised without one, its cause's."""
+    cause, seen = error, set()
+    while cause is not None and id(cause) not in seen:
+        if str(cause).strip():
+            return str(cause) if cause is error else f"{type(cause).__name__}: {cause}"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(error).__name__}, with no message"
 
 
 def original(error: BaseException) -> BaseException:

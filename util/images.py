@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from util.errors import ROW_ERRORS, RowError, row_error
+from util.errors import ROW_ERRORS, RowError, error_text, row_error
 from util.features import Part, flag
 from util.internals import image_media_io
 from util.prompt_format import PromptFormatter, choose_prompt_format
@@ -65,19 +65,6 @@ ROW_ERRORS.update({BAD_IMAGE: "image {number} of the row ({source}): {reason}",
 
 class ImageError(ValueError):
     """Why an image cannot go to the model; util/errors.py's BAD_IMAGE message puts it in the row's error."""
-
-
-def error_text(error: BaseException) -> str:
-    """What an exception says went wrong, never its bare class name: its message; for one raised without any
-    (an OSError(), say), its cause's (`raise X() from error`), else its type and that it gave no message.
-    (util/openai_batch.py has the same: each feature stands alone.)"""
-    cause, seen = error, set()
-    while cause is not None and id(cause) not in seen:
-        if str(cause).strip():
-            return str(cause) if cause is error else f"{type(cause).__name__}: {cause}"
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return f"{type(error).__name__}, with no message"
 
 
 def image_sources(value) -> list:

@@ -64,7 +64,7 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from util import columns as col
-from util.errors import EMPTY_PROMPT, ROW_ERRORS, InputError, RowError, row_error
+from util.errors import EMPTY_PROMPT, ROW_ERRORS, InputError, RowError, error_text, row_error
 from util.features import Part, registry
 from util.output import OutputFormat, jsonl_bytes
 from util.prompt_format import PromptFormatter
@@ -508,18 +508,6 @@ def join_text_parts(message: dict, index: int = 0) -> dict:
             raise ValueError(f"messages[{index}].content[{j}] is a {kind!r} part; only text parts are supported")
         texts.append(text)
     return {**message, "content": "\n".join(texts)}
-
-
-def error_text(error: BaseException) -> str:
-    """What an exception says went wrong, never its bare class name: its message; for one raised without any
-    (a KeyError(), say), its cause's (`raise X() from error`), else its type and that it gave no message."""
-    cause, seen = error, set()
-    while cause is not None and id(cause) not in seen:
-        if str(cause).strip():
-            return str(cause) if cause is error else f"{type(cause).__name__}: {cause}"
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return f"{type(error).__name__}, with no message"
 
 
 class ChatFormatter(PromptFormatter):

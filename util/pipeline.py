@@ -93,7 +93,9 @@ def predictor_stage(plan: "Plan", predictor=None) -> Stage:
                  drops=(col.PROMPT_TOKEN_IDS,) + inputs, map_batches=dict(
                      fn=predictor,
                      fn_constructor_kwargs={"model": cfg.model, "engine_kwargs": plan.engine_kwargs,
-                                            "sampling": plan.sampling, "parts": plan.parts},
+                                            "sampling": plan.sampling, "parts": plan.parts,
+                                            "max_engine_restarts": cfg.max_engine_restarts,
+                                            "stall_timeout_s": cfg.stall_timeout_s},
                      compute=ray.data.ActorPoolStrategy(size=cfg.concurrency,
                                                         max_tasks_in_flight_per_actor=cfg.batches_in_flight,
                                                         max_concurrent_calls_per_actor=cfg.batches_in_flight),

@@ -11,10 +11,8 @@ util/features.py) see each row's Request before the engine does, and turn its ou
 """
 
 import asyncio
-import atexit
 import json
 import uuid
-import weakref
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -47,6 +45,8 @@ def row_sampling(job_sampling: dict, row_override) -> dict:
     override = json.loads(row_override) if isinstance(row_override, str) else dict(row_override)
     if not isinstance(override, dict):
         raise ValueError(f"must be a JSON object, got {type(override).__name__}")
+    if isinstance(override.get("logit_bias"), dict):  # JSON's keys are strings; vLLM's are token ids, as its server's
+        override["logit_bias"] = {int(token): bias for token, bias in override["logit_bias"].items()}
     return {**job_sampling, **{k: v for k, v in override.items() if v is not None}}
 
 
@@ -105,11 +105,13 @@ class LLMPredictor:
     COLUMNS = CORE_COLUMNS  # what it adds to each row, before the features' columns
 
     def __init__(self, model: str, engine_kwargs: dict | None = None, sampling: dict | None = None,
-                 parts: list | None = None, model_name: str | None = None):
+                 parts: list | None = None, model_name: str | None = None, max_engine_restarts: int = 3,
+                 stall_timeout_s: float | None = None):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
         from vllm.usage.usage_lib import UsageContext
 
         from util.internals import engine_process_forked
+        from util.replica import EngineSupervisor, ProgressClient
 
         engine_kwargs = engine_kwargs or {}
         self.model_name = model_name or model
@@ -117,15 +119,19 @@ class LLMPredictor:
         self.tokenizer = load_tokenizer(model, engine_kwargs)
         # LLM_CLASS selects vLLM's offline defaults (on an H100: 1024 sequences, 16k batched tokens); the
         # engine's own default context is sized for online serving and halves throughput here.
-        with engine_process_forked(engine_kwargs):  # its engine process forked, not spawned: 20 s less
-            self.engine = AsyncLLMEngine.from_engine_args(self.engine_args(AsyncEngineArgs, model, engine_kwargs),
-                                                          usage_context=UsageContext.LLM_CLASS)
-        # Exit hooks run last-registered first, so this one runs before multiprocessing's, which would
-        # end the engine's processes under it. A weak reference: it must not keep the replica alive.
-        atexit.register(_shutdown_if_alive, weakref.ref(self))
-        from util.report import ProgressClient
+        def start_engine():
+            with engine_process_forked(engine_kwargs):  # its engine process forked, not spawned: 20 s less
+                return AsyncLLMEngine.from_engine_args(self.engine_args(AsyncEngineArgs, model, engine_kwargs),
+                                                       usage_context=UsageContext.LLM_CLASS)
 
+        # The engine: a new one whenever it dies or hangs, stopped at the replica's exit (util/replica.py).
+        self.supervisor = EngineSupervisor(start_engine, max_engine_restarts, stall_timeout_s,
+                                           self.sampling.get("max_tokens", 2048), lambda name, n: self.progress.count(name, n))
         self.progress = ProgressClient.connect()  # the run's progress actor, if one is listening
+
+    @property
+    def engine(self):
+        return self.supervisor.engine
 
     def engine_args(self, engine_args_class, model: str, engine_kwargs: dict):
         return engine_args_class(model=model, **engine_kwargs)
@@ -150,17 +156,19 @@ class LLMPredictor:
         request = Request(row, {}, {"prompt_token_ids": row[col.PROMPT_TOKEN_IDS]}, replica=self)
         try:
             check(request, sampling, parts)  # a feature may name the row's model (LoRA) before it refuses
-            for part in parts:
-                await part.prepare(request)
-            result = await self.generate(request, parts)
+            result = await self.supervisor.run(row[col.ID], lambda engine: self.generate(engine, request, parts))
         except RowError as refused:
             result = {col.ERROR: str(refused), col.MODEL: request.model or self.model_name}
         self.progress.rows_done(1, result.get(col.NUM_GENERATED_TOKENS, 0))  # the progress line moves row by row
         return result
 
-    async def generate(self, request: Request, parts: list) -> dict:
+    async def generate(self, engine, request: Request, parts: list) -> dict:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
+
+        for part in parts:
+            await part.prepare(request)
+        from util.replica import row_refusal
 
         try:
             # FINAL_ONLY: one result per request, not a cumulative copy at every step. Rows without stop
@@ -171,11 +179,11 @@ class LLMPredictor:
                                     detokenize=not decode_here)
             final = None
             # A fresh request id per attempt: a retried batch must not collide with its first try.
-            async for output in self.engine.generate(request.prompt, params, f"{request.row[col.ID]}-{uuid.uuid4().hex[:8]}",
+            async for output in engine.generate(request.prompt, params, f"{request.row[col.ID]}-{uuid.uuid4().hex[:8]}",
                                                      **request.generate_kwargs):
                 final = output
         except Exception as error:
-            raise self.row_failure(error) from None
+            raise row_refusal(error, engine) from None
         final.outputs.sort(key=lambda completion: completion.index)
         samples = [{"text": self.tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens)
                     if decode_here else c.text, "finish_reason": c.finish_reason,
@@ -188,30 +196,5 @@ class LLMPredictor:
         return {**{k: v for k, v in first.items() if k != "text"}, **result, col.GENERATED_TEXT: first["text"],
                 col.NUM_GENERATED_TOKENS: sum(s["num_generated_tokens"] for s in samples)}
 
-    def row_failure(self, error: Exception) -> RowError:
-        """The engine's refusal of one request (bad sampling values, ...) as that row's error. A dead engine
-        is not a row's fault: its error is raised again."""
-        from util.internals import engine_dead_error
-
-        if isinstance(error, engine_dead_error()) or self.engine.errored:
-            raise error
-        return RowError(f"{type(error).__name__}: {error}")
-
-    def shutdown(self) -> None:
-        """Stop the engine and its processes, once: at the actor's exit (an exit hook, registered in
-        __init__) or when the replica is dropped earlier. Otherwise the engine's processes die under it as
-        the actor exits, and vLLM logs a crash after a run that went well."""
-        from util.internals import shutdown_engine
-
-        engine, self.engine = getattr(self, "engine", None), None
-        if engine is not None:
-            shutdown_engine(engine)
-
-    def __del__(self) -> None:
-        self.shutdown()
-
-
-def _shutdown_if_alive(predictor_ref: weakref.ref) -> None:
-    predictor = predictor_ref()
-    if predictor is not None:
-        predictor.shutdown()
+    def shutdown(self) -> None:  # the engine's processes stopped now, not as the actor exits
+        self.supervisor.shutdown()

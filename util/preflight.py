@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 
 from util import columns as col
-from util.errors import (EXIT_FAILED, EXIT_OK, EXIT_REFUSED, INVALID_SAMPLING, RowError, refusal_reason, row_error,
-                         row_error_kind)
+from util.errors import (EXIT_FAILED, EXIT_OK, EXIT_REFUSED, INVALID_SAMPLING, ROW_ERRORS, RowError, refusal_reason,
+                         row_error)
 from util.features import flag
 from util.output import output_counts
 from util.pipeline import Stage, build_pipeline, pipeline_stages
@@ -63,6 +63,11 @@ DEFAULT_TOK_PER_S_SOURCE = "default: BENCHMARKS.md, this pipeline's median on 1x
 MAX_OUTPUT_TOKENS = "max_output_tokens"  # the column the budget stage adds
 NO_EMBED_THROUGHPUT = ("not estimated: no embedding throughput is measured; pass --throughput-tok-per-s, "
                        "the input tokens a second of one replica")
+
+
+def row_error_kind(message: str) -> str:
+    """The kind of a row's error message (a key of ROW_ERRORS), or the message itself if it is none."""
+    return next((kind for kind, template in ROW_ERRORS.items() if message.startswith(template.split("{")[0])), message)
 
 
 @dataclasses.dataclass

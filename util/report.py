@@ -5,8 +5,7 @@
     report = progress.report(written)               # rows, tokens, tok/s per replica, GPU-hours
     print(format_report(report)); write_report(output_path, report)   # _report.json and _throughput.png
 
-The replicas send what they finish to a named Ray actor, without waiting: a ProgressClient gathers a
-replica's rows and sends them at most every FLUSH_S seconds; one that finds no actor reports nothing.
+Replicas send what they finish to a named actor, without waiting (util/replica.py: ProgressClient).
 """
 
 import datetime
@@ -16,13 +15,14 @@ import threading
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from util.storage import commit_file, resolve
 
-PROGRESS_ACTOR = "batch-llm-progress"
 REPORT_NAME, PLOT_NAME = "_report.json", "_throughput.png"
-FLUSH_S = 1.0  # a replica sends its finished rows at most this often
 FINAL_REPORTS_WAIT_S = 5.0  # the last reports are in flight when the write finishes
+# What a run survived (util/replica.py counts the first three in each replica; Ray restarts replicas).
+SURVIVED = ("engine_restarts", "rows_rerun", "rows_isolated", "replica_restarts", "nodes_lost")
 
 
 class ProgressLog:
@@ -32,9 +32,15 @@ class ProgressLog:
         self.ready: dict[str, float] = {}  # replica -> when its engine was ready
         self.done: list[tuple[str, int, int, float]] = []  # (replica, rows, output tokens, when)
         self.rows = self.output_tokens = 0
+        self.survived = dict.fromkeys(SURVIVED, 0)
 
     def replica_ready(self, replica: str, at: float) -> None:
+        if replica in self.ready:  # Ray restarted its actor (a restart keeps the actor's id)
+            self.survived["replica_restarts"] += 1
         self.ready.setdefault(replica, at)
+
+    def count(self, name: str, n: int) -> None:
+        self.survived[name] += n
 
     def rows_done(self, replica: str, rows: int, output_tokens: int, at: float) -> None:
         self.done.append((replica, rows, output_tokens, at))
@@ -42,57 +48,24 @@ class ProgressLog:
         self.output_tokens += output_tokens
 
     def totals(self) -> dict:
-        return {"rows": self.rows, "output_tokens": self.output_tokens,
-                "first_ready": min(self.ready.values(), default=None), "replicas": len(self.ready)}
+        return {"rows": self.rows, "output_tokens": self.output_tokens, "replicas": len(self.ready),
+                "first_ready": min(self.ready.values(), default=None), "restarts": self.survived["engine_restarts"]}
 
     def snapshot(self) -> dict:
-        return {"ready": self.ready, "done": self.done}
+        return {"ready": self.ready, "done": self.done, "survived": self.survived}
 
 
-class ProgressClient:
-    """A replica's side. The actor is looked up by name at each send, so that a replica kept warm across
-    runs reports to each run's own actor, and tells it first that it is ready."""
-
-    def __init__(self, replica: str = ""):
-        self.replica, self.reporting_to, self.rows, self.tokens, self.sent = replica, None, 0, 0, time.monotonic()
-
-    @classmethod
-    def connect(cls) -> "ProgressClient":
-        """Call when the engine is ready: that time starts the replica's own tok/s."""
-        if not ray.is_initialized():
-            return cls()
-        client = cls((ray.get_runtime_context().get_actor_id() or "driver")[:8])
-        client._actor()
-        return client
-
-    def _actor(self):
-        try:
-            actor = ray.get_actor(PROGRESS_ACTOR)
-        except ValueError:  # no run is reporting
-            return None
-        if actor != self.reporting_to:  # a new run: this replica is ready for it from now on
-            self.reporting_to = actor
-            actor.replica_ready.remote(self.replica, time.time())
-        return actor
-
-    def rows_done(self, rows: int, output_tokens: int, flush: bool = False) -> None:
-        """Count finished rows; send them when FLUSH_S has passed since the last send, or `flush`."""
-        self.rows, self.tokens = self.rows + rows, self.tokens + output_tokens
-        if self.rows and (flush or time.monotonic() - self.sent >= FLUSH_S):
-            actor = self._actor() if self.replica else None
-            if actor is not None:
-                actor.rows_done.remote(self.replica, self.rows, self.tokens, time.time())
-            self.rows, self.tokens, self.sent = 0, 0, time.monotonic()
-
-
-def progress_line(rows_done: int, total_rows: int | None, output_tok_per_s: float, eta_s: float | None) -> str:
-    """`progress: 1,234/10,000 rows (12%), 5,678 output tok/s, ETA 0:12:34`; without a total (the rows
-    were not counted beforehand): `progress: 1,234 rows, 5,678 output tok/s`"""
+def progress_line(rows_done: int, total_rows: int | None, output_tok_per_s: float, eta_s: float | None,
+                  restarts: int = 0) -> str:
+    """`progress: 1,234/10,000 rows (12%), 5,678 output tok/s, ETA 0:12:34` (`, 2 engine restarts` after
+    any); without a total (the rows were not counted beforehand): `progress: 1,234 rows, 5,678 output tok/s`"""
+    restarted = f", {restarts} engine restart{'s' * (restarts != 1)}" if restarts else ""
     if total_rows is None:
-        return f"progress: {rows_done:,} rows, {output_tok_per_s:,.0f} output tok/s"
+        return f"progress: {rows_done:,} rows, {output_tok_per_s:,.0f} output tok/s{restarted}"
     percent = 100 if total_rows <= 0 else min(100, math.floor(100 * rows_done / total_rows))
     eta = "unknown" if eta_s is None else str(datetime.timedelta(seconds=round(eta_s)))
-    return f"progress: {rows_done:,}/{total_rows:,} rows ({percent}%), {output_tok_per_s:,.0f} output tok/s, ETA {eta}"
+    return (f"progress: {rows_done:,}/{total_rows:,} rows ({percent}%), {output_tok_per_s:,.0f} output tok/s, "
+            f"ETA {eta}{restarted}")
 
 
 def eta_seconds(rows_done: int, total_rows: int | None, first_ready: float | None, now: float) -> float | None:
@@ -115,12 +88,17 @@ class ProgressReporter:
         self.snapshot, self._stop = {"ready": {}, "done": []}, threading.Event()
 
     def __enter__(self) -> "ProgressReporter":
+        from util.replica import PROGRESS_ACTOR
+
         try:  # one left behind by an interrupted run in this driver (a notebook) holds the name
             ray.kill(ray.get_actor(PROGRESS_ACTOR))
         except ValueError:
             pass
         # Named and not detached: replicas find it by name, and it ends with the driver at the latest.
-        self.actor = ray.remote(num_cpus=0)(ProgressLog).options(name=PROGRESS_ACTOR).remote()
+        # On the driver's node: it is lost only with the driver (a node lost mid-run is survived).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = ray.remote(num_cpus=0)(ProgressLog).options(name=PROGRESS_ACTOR, scheduling_strategy=here).remote()
+        self.nodes = alive_nodes()
         self.started, self._thread = time.time(), threading.Thread(target=self._print_progress, daemon=True)
         self._thread.start()
         return self
@@ -134,7 +112,8 @@ class ProgressReporter:
                 continue  # progress is a courtesy: never fail the run over it
             now, tokens = time.time(), totals["output_tokens"]
             eta = eta_seconds(totals["rows"], self.total_rows, totals["first_ready"], now)
-            self.write(progress_line(totals["rows"], self.total_rows, (tokens - last_tokens) / max(now - last_at, 1e-9), eta))
+            self.write(progress_line(totals["rows"], self.total_rows, (tokens - last_tokens) / max(now - last_at, 1e-9),
+                                     eta, totals["restarts"]))
             last_at, last_tokens = now, tokens
 
     def __exit__(self, error_type, error, traceback) -> None:
@@ -145,6 +124,7 @@ class ProgressReporter:
             if error_type is None:
                 self._wait_for_final_reports()
             self.snapshot = ray.get(self.actor.snapshot.remote(), timeout=30)
+            self.snapshot["survived"]["nodes_lost"] = len(self.nodes - alive_nodes())
         except (ray.exceptions.RayError, TimeoutError):
             pass
         finally:
@@ -164,6 +144,10 @@ class ProgressReporter:
     def report(self, written: dict) -> dict:
         """The run report; `written` is util.output.write_results' counts."""
         return build_report(self.snapshot, written, self.started, self.finished, self.gpus)
+
+
+def alive_nodes() -> set[str]:
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
 
 
 def check_accounting(input_rows: int, written: dict, already_done: int) -> None:
@@ -202,6 +186,7 @@ def build_report(snapshot: dict, written: dict, started: float, finished: float,
             "input_tokens": written["input_tokens"], "output_tokens": written["output_tokens"],
             "wall_s": round(wall, 1), "output_tok_per_s": round(written["output_tokens"] / wall, 1),
             "gpus": gpus, "gpu_hours": round(wall * gpus / 3600, 3), "replicas": replicas,
+            "survived": {**dict.fromkeys(SURVIVED, 0), **snapshot.get("survived", {})},
             **{name: datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="seconds")
                for name, at in (("started", started), ("finished", finished))},
             "throughput": throughput_series(snapshot["done"], started, finished)}  # its plot's series
@@ -214,7 +199,9 @@ def format_report(report: dict) -> str:
              f"  output tokens  {report['output_tokens']:,}",
              f"  output tok/s   {report['output_tok_per_s']:,.1f} overall (wall time, engine start included)",
              f"  wall time      {datetime.timedelta(seconds=round(report['wall_s']))}",
-             f"  GPU-hours      {report['gpu_hours']:,.3f} ({report['gpus']:g} GPUs x wall time)"]
+             f"  GPU-hours      {report['gpu_hours']:,.3f} ({report['gpus']:g} GPUs x wall time)",
+             "  survived       " + ", ".join(f"{n:,} {name.replace('_', ' ').replace('rerun', 'run again')}"
+                                              for name, n in report["survived"].items())]
     if report["replicas"]:  # "joined at": seconds from the run's start to the replica's engine being ready
         lines.append(f"  {'replica':<10} {'rows':>10} {'output tokens':>14} {'output tok/s':>13} {'joined at':>9}")
         for r in report["replicas"]:

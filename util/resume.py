@@ -2,7 +2,7 @@
 same settings, and says exactly what changed otherwise (`sampling.max_tokens: 32 -> 64`). Its
 `_manifest.json` says how the last run went and with what settings and software the output was made.
 
-    check_fingerprint("outputs/run", plan.fingerprint)      # InputError if the output was made otherwise
+    check_fingerprint("outputs/run", plan.fingerprint, plan.provenance)  # InputError if made otherwise
     done = DoneIndex.build(*output_dataset("outputs/run"))  # None when it holds no rows yet
     ds = read_prompts("prompts.jsonl", row_filter=done.drop_done)  # each read task drops rows written
     manifest = Manifest(output_path, plan.fingerprint, plan.provenance); manifest.start(input=100, already_done=0)
@@ -137,15 +137,26 @@ def fingerprint_changes(before: dict, after: dict) -> list[str]:
             for key in sorted(old.keys() | new.keys()) if old.get(key, ...) != new.get(key, ...)]
 
 
-def check_fingerprint(output_path: str, settings: dict) -> None:
-    """InputError if `output_path` holds output made with other settings. One without a manifest (written by
-    hand, or by an older version) is resumed as it is."""
-    earlier = read_manifest(output_path)
+# Provenance that changes a row's output (the model's weights, the prompt's template): a resume is refused.
+# Other software may resume, with a warning line: each run's provenance is in the manifest's `runs`.
+REFUSED_CHANGES, WARNED_CHANGES = ("model_commit", "chat_template_sha256"), ("vllm", "ray", "transformers", "torch")
+
+
+def check_fingerprint(output_path: str, settings: dict, provenance: dict | None = None) -> list[str]:
+    """InputError if `output_path` holds output made with other settings, another model commit or chat
+    template; the warnings for other software versions. One without a manifest (written by hand, or by an
+    older version) is resumed as it is."""
+    earlier = read_manifest(output_path) or {}
     changes = fingerprint_changes(earlier.get("fingerprint", {}), settings) if earlier else []
+    last = (earlier.get("runs") or [earlier.get("provenance") or {}])[-1]
+    differs = lambda key: (provenance or {}).get(key) not in (None, last.get(key)) and last.get(key) is not None
+    changes += [f"{key}: {json.dumps(last[key])} -> {json.dumps(provenance[key])}" for key in REFUSED_CHANGES if differs(key)]
     if changes:
         raise InputError(f"{output_path} holds output generated with other settings ({'; '.join(changes)}); "
                          "pass --overwrite to delete the earlier output and start over, "
                          "or choose another --output-path")
+    return [f"warning: {output_path} holds output made with {key} {last[key]}, and this run has {provenance[key]}; "
+            f"it resumes, and {MANIFEST_NAME} records both" for key in WARNED_CHANGES if differs(key)]
 
 
 # --- the manifest ---
@@ -167,18 +178,23 @@ def read_manifest(output_path: str) -> dict | None:
 
 
 class Manifest:
-    """One run's manifest, rewritten whole, and atomically, at each change of status."""
+    """The output's manifest, rewritten whole, and atomically, at each change of this run's status. `runs`:
+    every run that wrote to the output, its provenance (versions, model commit, chat template hash,
+    accelerator) and how it went; an earlier manifest's runs come first."""
 
     def __init__(self, output_path: str, settings: dict, provenance: dict):
-        self.output_path = output_path
+        self.output_path, earlier = output_path, read_manifest(output_path) or {}
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        runs = earlier.get("runs") or ([earlier["provenance"]] if earlier.get("provenance") else [])
+        self.run = {**provenance, "started": None, "finished": None, "status": None}
         self.record = {"status": None, "reason": None,
                        "counts": {"input": None, "ok": None, "error": None, "already_done": None},
                        "output": None, "started": None, "finished": None, "fingerprint": settings,
-                       "fingerprint_hash": digest, "provenance": provenance}
+                       "fingerprint_hash": digest, "provenance": provenance, "runs": [*runs, self.run]}
 
     def save(self, **changes) -> None:
         self.record.update(changes)
+        self.run.update({k: v for k, v in changes.items() if k in ("started", "finished", "status")})
         filesystem, path = resolve(self.output_path)
         commit_file(filesystem, f"{path}/{MANIFEST_NAME}", json.dumps(self.record, indent=2).encode() + b"\n")
 

@@ -11,6 +11,7 @@ the whole input in the object store.
 """
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,8 @@ def check_before_run(plan: "Plan") -> InputScan:
                       cfg.limit, with_where=bool(cfg.id_column), required=plan.input_columns)
     check_output_writable(plan.output_path)
     if not cfg.overwrite:
-        check_fingerprint(plan.output_path, plan.fingerprint)
+        for warning in check_fingerprint(plan.output_path, plan.fingerprint, plan.provenance):
+            print(warning, file=sys.stderr)
     done = None if cfg.overwrite else DoneIndex.build(*output_dataset(plan.output_path, cfg.output_format))
     scan = scan_input(ds, cfg.id_column, done, cfg.input_path, cfg.input_format)
     return InputScan(scan.rows, scan.already_done, done)

@@ -194,11 +194,23 @@ def build_model_dir(directory: str | Path, shape: str = "tiny", with_weights: bo
             _write_random_llava_weights(staging)
         elif with_weights:
             _write_random_weights(staging, config)
-        shutil.rmtree(directory, ignore_errors=True)
-        staging.rename(directory)  # A half-built directory never looks finished.
+        commit_directory(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(directory)
+
+
+def commit_directory(staging: Path, directory: Path) -> None:
+    """`staging`, built whole, becomes `directory` in one rename: a half-built directory never looks finished.
+    Where another process (a parallel test worker) committed the same directory meanwhile, theirs stays: it
+    may be in use. One left incomplete by an older build is replaced."""
+    try:
+        staging.rename(directory)
+    except OSError:
+        if (directory / "config.json").exists():
+            return
+        shutil.rmtree(directory, ignore_errors=True)
+        staging.rename(directory)
 
 
 def build_adapter_dir(directory: str | Path, shape: str = "tiny", rank: int = 16, seed: int = 0,
