@@ -55,6 +55,12 @@ ENGINE_ARGS = ["--concurrency", "1", "--engine-arg", "dtype=float32", "--engine-
                "structured_outputs_config={'backend': 'xgrammar', 'disable_any_whitespace': True}"]
 PROMPTS = (REPO / "assets" / "prompts_100.txt").read_text().splitlines()
 
+# The suite runs in two workers (make test). Every Ray a test or its subprocess starts is its own: a plain
+# ray.init() would otherwise join another worker's running cluster (tests/test_faults.py starts one), and
+# each CPU engine's KV cache takes 1 GiB of RAM, not 2, so that two workers' engines fit in 24 GiB.
+os.environ["RAY_ADDRESS"] = "local"
+os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+
 # Exactly these are set (or, where None, removed) while the S3 fixtures are up.
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

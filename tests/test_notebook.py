@@ -56,7 +56,7 @@ def test_the_notebook_shows_the_predictor_class_and_one_literal_map_batches_call
     cells = code_cells(executed)
     printed = [o.get("text", "") for cell in executed.cells if cell.cell_type == "code" for o in cell.outputs]
     assert any("class LLMPredictor" not in text and "def __init__(self, model: str" in text and
-               "async def generate(self, request" in text for text in printed)  # the class's own source
+               "async def generate(self, engine, request" in text for text in printed)  # the class's own source
     predictor_calls = [call for cell in cells for call in calls(cell, "map_batches")
                        if call.args and getattr(call.args[0], "id", None) == "LLMPredictor"]
     assert len(predictor_calls) == 1

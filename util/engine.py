@@ -12,9 +12,9 @@ settings when no GPU is present, the job's features' (a replica's parallelism: u
 user's --engine-arg.
 """
 
-import dataclasses
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import ray
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # gave 7% more output tokens/s than vLLM's 1,024 for a 7B model. Other GPUs keep vLLM's defaults.
 GPU_ENGINE_DEFAULTS = {"H200": {"max_num_seqs": 2048}}
 VLLM_MAX_NUM_SEQS = 1024  # vLLM's offline default on a large GPU, when the engine arguments name none
-CPU_ENV_VARS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # on CPU the KV cache lives in RAM: a laptop's or a CI runner's
+CPU_ENV_VARS = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}  # GiB of RAM, not a GPU's
 CPU_ENGINE_KWARGS = {"max_model_len": 2048, "max_num_seqs": 32, "enforce_eager": True,
                      "gpu_memory_utilization": 0.3}  # on CPU: the share of RAM vLLM may take
 
@@ -79,7 +79,7 @@ def engine_kwargs(cfg: "Config", use_gpu: bool = True, features: dict | None = N
     """vLLM engine arguments for one replica. `features`: those the job's features need (their Parts')."""
     from vllm import AsyncEngineArgs
 
-    unknown = sorted(set(cfg.engine_arg) - {f.name for f in dataclasses.fields(AsyncEngineArgs)})
+    unknown = sorted(set(cfg.engine_arg) - {f.name for f in fields(AsyncEngineArgs)})
     if unknown:
         raise ValueError(f"unknown --engine-arg key(s): {', '.join(unknown)}; see vLLM's EngineArgs")
     kwargs = engine_defaults(cfg.model)
