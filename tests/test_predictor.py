@@ -37,6 +37,12 @@ def test_a_row_with_a_bad_override_fails_alone_saying_why(plan, override, messag
     assert str(refused.value) == message
 
 
+def test_a_rows_logit_bias_is_keyed_by_token_id_as_vllms_server_keys_it():
+    # JSON object keys are strings; SamplingParams wants token ids.
+    assert row_sampling(JOB, '{"logit_bias": {"7042": -100}}')["logit_bias"] == {7042: -100}
+    assert row_sampling(JOB, {"logit_bias": {"12": 5.0}})["logit_bias"] == {12: 5.0}
+
+
 def test_a_refused_rows_columns_are_null_and_the_engines_inputs_are_dropped():
     batch = pa.table({"id": ["a", "b"], "prompt_token_ids": [[1], [1]], "error": [None, "empty prompt"]})
     finished = finish_batch(batch, [{"generated_text": "{}", "finish_reason": "stop"}, {"error": "empty prompt"}],
