@@ -15,9 +15,8 @@ on every GPU of the Ray cluster, and write one output row per input row.
     python main.py --help                                # every knob
 
 Exit codes: 0 done; 1 a crash, or more failed rows than --max-error-fraction allows (all rows are still
-written); 2 bad input, with `error: <message>` on stderr (util/errors.py). README.ipynb walks through the
-same steps, cell by cell. The optional features (images, LoRA, structured output, ...) are parts the plan
-adds when the flags ask for them (util/features.py); this file runs the same steps for every job.
+written); 2 bad input, with `error: <message>` on stderr (util/errors.py). README.ipynb walks through these
+steps; the optional features are parts the plan adds when their flags ask (util/features.py).
 """
 
 import sys
@@ -39,8 +38,7 @@ def run(cfg: Config, replicas=None) -> int:
     """One job. `replicas`: engines already running (util/replica_pool.py) to answer it, else its own."""
     cfg = smoke_config(cfg) if cfg.smoke else cfg
 
-    # Before the run, what the workers get (util/workers.py): a gated model's Hugging Face token, through a
-    # setup hook in Ray's runtime environment (never a file or a logged variable), and the log levels.
+    # What the workers get (util/workers.py): a gated model's token, by a setup hook (never a file), log levels.
     from util.workers import prompt_for_hugging_face_token, ray_init_kwargs, worker_runtime_env
 
     token = prompt_for_hugging_face_token(cfg.model, interactive=False)
