@@ -48,15 +48,13 @@ class EmbeddingPredictor(LLMPredictor):
     async def encode(self, engine, row: dict) -> dict:
         from vllm import PoolingParams
 
-        from util.replica import row_refusal
-
         final = None
         try:
             async for output in engine.encode({"prompt_token_ids": row[col.PROMPT_TOKEN_IDS]},
                                               PoolingParams(task="embed"), f"{row[col.ID]}-{uuid.uuid4().hex[:8]}"):
                 final = output
         except Exception as error:
-            raise row_refusal(error, engine) from None
+            raise self.supervisor.refusal(error, engine) from None
         data = final.outputs.data  # a tensor of the model's hidden size
         return {EMBEDDING: data.float().tolist() if hasattr(data, "float") else list(data)}
 

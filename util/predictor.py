@@ -168,8 +168,6 @@ class LLMPredictor:
 
         for part in parts:
             await part.prepare(request)
-        from util.replica import row_refusal
-
         try:
             # FINAL_ONLY: one result per request, not a cumulative copy at every step. Rows without stop
             # strings are decoded once, at the end, here: the engine's detokenizer works token by token for
@@ -183,7 +181,7 @@ class LLMPredictor:
                                                      **request.generate_kwargs):
                 final = output
         except Exception as error:
-            raise row_refusal(error, engine) from None
+            raise self.supervisor.refusal(error, engine) from None
         final.outputs.sort(key=lambda completion: completion.index)
         samples = [{"text": self.tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens)
                     if decode_here else c.text, "finish_reason": c.finish_reason,

@@ -92,8 +92,19 @@ class EngineSupervisor:
 
     def died(self, task: asyncio.Task) -> bool:
         error = None if task.cancelled() else task.exception()
-        return task.cancelled() or (error is not None and not isinstance(error, RowError)
-                                    and (self.is_dead(error) or getattr(self.engine, "errored", False)))
+        return task.cancelled() or (error is not None and not isinstance(error, RowError) and self.gone(error, self.engine))
+
+    def gone(self, error: Exception, engine) -> bool:
+        """Whether `error` says the engine is dead (not that it refused one request)."""
+        return self.is_dead(error) or getattr(engine, "errored", False)
+
+    def refusal(self, error: Exception, engine) -> RowError:
+        """The engine's refusal of one request (bad sampling values, ...) as that row's error. A dead engine is
+        not the row's fault: its error is raised again, for `run` to replace the engine."""
+        if self.gone(error, engine):
+            raise error
+        # vLLM raises EngineGenerateError(), with no message, from the error that says why.
+        return RowError(f"{type(error).__name__}: {error}" if str(error).strip() else error_text(error))
 
     async def wait_turn(self, row_id: str) -> None:
         while True:
@@ -197,17 +208,6 @@ def _shutdown_if_alive(supervisor_ref: weakref.ref) -> None:
     supervisor = supervisor_ref()
     if supervisor is not None:
         supervisor.shutdown()
-
-
-def row_refusal(error: Exception, engine) -> RowError:
-    """The engine's refusal of one request (bad sampling values, ...) as that row's error. A dead engine is
-    not the row's fault: its error is raised again, for the supervisor."""
-    from util.internals import engine_dead_error
-
-    if isinstance(error, engine_dead_error()) or engine.errored:
-        raise error
-    # vLLM raises EngineGenerateError(), with no message, from the error that says why.
-    return RowError(f"{type(error).__name__}: {error}" if str(error).strip() else error_text(error))
 
 
 class ProgressClient:
