@@ -1,8 +1,7 @@
 """Offline batch LLM inference with Ray Data and vLLM: read prompts, format them for the model, run vLLM
 on every GPU of the Ray cluster, and write one output row per input row.
 
-    python main.py --smoke                               # offline on CPU with a small local model
-    python main.py --smoke --verbose                     # ... and every log line of Ray and vLLM
+    python main.py --smoke              # offline on CPU with a small local model (--verbose: every log line)
     python main.py --input-path assets/prompts_100.txt   # 100 prompts, Mistral-7B-Instruct, 4 GPUs
     python main.py --input-path s3://my-bucket/prompts.jsonl --text-column question --max-tokens 256
     python main.py --smoke --overwrite                   # start over instead of resuming the earlier output
@@ -27,11 +26,11 @@ import ray
 from util.config import Config, parse_args, smoke_config
 from util.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, failure_reason, refusal_reason
 from util.resume import Manifest
-from util.output import delete_output, output_counts, write_results
+from util.output import EMPTY_COUNTS, delete_output, output_counts, write_results
 from util.pipeline import pipeline_stages, read_input
 from util.plan import make_plan
-from util.report import ProgressReporter, check_accounting, format_report, over_error_budget, write_report
-from util.scan import check_before_run
+from util.report import ProgressReporter, check_accounting, over_error_budget
+from util.scan import ScanBeside, check_output
 
 
 def run(cfg: Config, replicas=None) -> int:
@@ -44,37 +43,39 @@ def run(cfg: Config, replicas=None) -> int:
     token = prompt_for_hugging_face_token(cfg.model, interactive=False)
     ray.init(**ray_init_kwargs(worker_runtime_env(token), cfg.verbose))  # vLLM and Ray: warnings up
 
-    # Plan: output path, accelerator, engine arguments, sampling, prompt format, the job's features and
-    # the fingerprint, resolved once (util/plan.py). Then check everything before any output is written
-    # or any GPU is taken: the path can be written, an earlier output there has the same fingerprint, and
-    # the input reads cleanly with unique ids (one distributed pass). A re-run resumes its output.
+    # Plan: output path, accelerator, engine arguments, sampling, prompt format, the job's features and the
+    # fingerprint, resolved once (util/plan.py). The output path can be written, and an earlier output there
+    # has the same fingerprint: a re-run resumes it (`done`: the rows it holds).
     plan = make_plan(cfg)
     if plan.run_instead:  # a feature that replaces the run: --preflight checks and estimates, no engine
         return plan.run_instead(plan)
-    scan = check_before_run(plan)
-    if cfg.overwrite:
-        delete_output(plan.output_path)
-    manifest = Manifest(plan.output_path, plan.fingerprint, plan.provenance)  # how the rows were made
-    manifest.start(input=scan.rows, already_done=scan.already_done)
+    done = check_output(plan)
+    manifest = Manifest(plan.output_path, plan.fingerprint, plan.provenance, cfg.overwrite)  # how rows were made
+
+    def release(scan) -> bool:  # the input passed its check: rows may run now (False: none is left to run)
+        if cfg.overwrite:
+            delete_output(plan.output_path)
+        manifest.start(input=scan.rows, already_done=scan.already_done)
+        progress.release(scan.rows - scan.already_done)
+        return scan.rows > scan.already_done
 
     try:
-        started, written = time.perf_counter(), {"ok": 0, "error": 0, "input_tokens": 0, "output_tokens": 0}
-        report = None
-        if scan.rows > scan.already_done:
+        started, written = time.perf_counter(), dict(EMPTY_COUNTS)
+        # The replicas start their engines now, while one distributed pass checks that the input reads cleanly,
+        # with unique ids (util/scan.py). They answer no row until it passes; a refusal stops them at once.
+        with ProgressReporter(None, cfg.progress_interval_s, plan.gpus_held, held=True) as progress, \
+                ScanBeside(plan, done, release) as checking:
             # 1. Read, without the rows an earlier run wrote. Nothing runs yet: Ray Data streams every stage.
-            ds = read_input(plan, scan.done)
             # 2. Format (the chat template, tokenized once, on CPU) and 3. generate (`concurrency` vLLM
             #    replicas, several batches in flight each), with the stages the job's features add.
-            stages = replicas.stages(plan, scan.done) if replicas else pipeline_stages(plan, scan.done)
-            for stage in stages:  # format, cut_blocks, predict (util/pipeline.py)
-                ds = stage.apply(ds)
+            ds = read_input(plan, done)
+            for stage in replicas.stages(plan, done) if replicas else pipeline_stages(plan, done):
+                ds = stage.apply(ds)  # format, cut_blocks, predict (util/pipeline.py)
             # 4. Write: each write task commits its file whole, so a killed run resumes from what it wrote.
-            with ProgressReporter(scan.rows - scan.already_done, cfg.progress_interval_s, plan.gpus_held) as progress:
-                written = write_results(ds, plan.output_path, cfg.output_format, rows_per_file=plan.rows_in_flight,
-                                        columns=plan.columns)
-            report = progress.report(written)
-        elapsed = time.perf_counter() - started
-
+            written = write_results(ds, plan.output_path, cfg.output_format, rows_per_file=plan.rows_in_flight,
+                                    columns=plan.columns)
+        scan, elapsed = checking.scan, time.perf_counter() - started
+        report = progress.report(written) if scan.rows > scan.already_done else None
         # Account for every input row (written now, ok or failed, or already there), then the error budget.
         check_accounting(scan.rows, written, scan.already_done)
         output = output_counts(plan.output_path, cfg.output_format)
@@ -86,8 +87,7 @@ def run(cfg: Config, replicas=None) -> int:
 
     # Report, once the replicas have shut their engines down (else vLLM's exit messages follow it).
     from util.internals import wait_for_replicas_to_exit
-    from util.results import sample_rows
-
+    from util.results import format_report, sample_rows, write_report
     wait_for_replicas_to_exit()
     if written["ok"] + written["error"]:  # a few rows at a glance
         for row in sample_rows(plan.output_path, cfg.output_format, columns=plan.glance):

@@ -57,7 +57,8 @@ def run(out: Path, rows: int, least: int, most: int) -> dict:
     from util.output import write_results
     from util.pipeline import build_pipeline, pipeline_stages
     from util.plan import make_plan
-    from util.report import ProgressReporter, format_report
+    from util.report import ProgressReporter
+    from util.results import format_report
 
     # The fake nodes' workers import util/ and bench/ from this checkout, whatever their cwd.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),

@@ -16,7 +16,7 @@ import pytest
 from conftest import PROMPTS, data_listing, line_ids, run_main
 from util.resume import read_manifest
 from util.output import OUTPUT_SCHEMA
-from util.report import PLOT_NAME, REPORT_NAME
+from util.results import PLOT_NAME, REPORT_NAME
 
 pytestmark = pytest.mark.engine
 CAPITAL = "What is the capital of France?"

@@ -19,7 +19,7 @@ from util.errors import EMPTY_PROMPT, INVALID_SAMPLING, TOO_LONG
 from util.preflight import (DEFAULT_TOK_PER_S, PREFLIGHT_FOLDER, estimate, median_of_counts, row_budgets,
                             row_error_kind, token_histogram)
 from util.prompt_format import PromptFormatter
-from util.report import REPORT_NAME
+from util.results import REPORT_NAME
 from util.tiny_model import tiny_model_dir
 
 ROWS = [

@@ -15,9 +15,8 @@ import pytest
 
 from conftest import ids_in
 from util.output import delete_output
-from util.results import read_results
-from util.report import (PLOT_NAME, REPORT_NAME, ProgressLog, ProgressReporter, build_report, eta_seconds,
-                         format_report, progress_line, write_report)
+from util.results import PLOT_NAME, REPORT_NAME, build_report, format_report, read_results, write_report
+from util.report import SURVIVED, ProgressLog, ProgressReporter, eta_seconds, progress_line
 from util.plots import throughput_series
 
 WRITTEN = {"ok": 9, "error": 1, "input_tokens": 700, "output_tokens": 150}
@@ -98,6 +97,37 @@ def test_the_progress_actor_aggregates_what_the_replicas_report(ray_local):
         ray.get_actor("batch-llm-progress")
 
 
+def test_a_held_run_lets_its_replicas_answer_only_once_released(ray_local):
+    """main.py starts the replicas while the input is still being checked: they wait for the release, and
+    no progress line is printed before it (the total is not known yet)."""
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    class StandInReplica:
+        def __init__(self):
+            from util.replica import ProgressClient
+
+            self.progress = ProgressClient.connect()
+
+        async def answer(self):
+            await self.progress.released()
+            self.progress.rows_done(4, 40, flush=True)
+            return time.time()
+
+    lines = []
+    with ProgressReporter(None, interval_s=0.1, write=lines.append, held=True) as progress:
+        answered = StandInReplica.remote().answer.remote()
+        ready, _ = ray.wait([answered], timeout=2)
+        assert not ready and not lines  # held: the replica waits, and nothing is printed
+        released = time.time()
+        progress.release(4)
+        assert ray.get(answered, timeout=30) >= released
+        deadline = time.time() + 30
+        while not any(line.startswith("progress: 4/4 rows (100%)") for line in lines) and time.time() < deadline:
+            time.sleep(0.05)
+    assert any(line.startswith("progress: 4/4 rows (100%)") for line in lines), lines
+
+
 def test_a_replica_finds_no_actor_outside_a_reporting_run(ray_local):
     from util.replica import ProgressClient
 
@@ -111,7 +141,7 @@ def synthetic_report() -> dict:
     started = 1_000.0
     snapshot = {"ready": {"a": started + 10, "b": started + 12},
                 "done": [("a", 4, 200, started + 30), ("b", 3, 150, started + 32), ("a", 2, 100, started + 60),
-                            ("b", 1, 50, started + 99.5)]}
+                            ("b", 1, 50, started + 99.5)], "survived": dict.fromkeys(SURVIVED, 0)}
     return build_report(snapshot, {"ok": 9, "error": 1, "input_tokens": 700, "output_tokens": 500},
                         started, started + 100, gpus=2)
 

@@ -10,11 +10,13 @@ capabilities that let it (`setpriv`, from util-linux). main.py's refusals run it
 (`main_in_process`, `main_here`), with the tiny local model; none may reach the pipeline.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -27,10 +29,10 @@ from util.config import Config, parse_args
 from util.errors import InputError
 from util.workers import prompt_for_hugging_face_token
 from util.output import output_dataset
-from util.storage import check_output_writable
+from util.cloud import check_output_writable
 from util.reading import read_prompts, row_id
 from util.resume import DoneIndex
-from util.scan import InputScan, scan_input
+from util.scan import InputScan, ScanBeside, scan_input
 from util.tiny_model import tiny_model_dir
 
 
@@ -124,7 +126,7 @@ def test_output_path_in_a_read_only_folder_leaves_nothing(tmp_path, locked):
     messages = run_with_permissions(f"""
 import json
 from util.errors import InputError
-from util.storage import check_output_writable
+from util.cloud import check_output_writable
 messages = []
 for path in ("{tmp_path}", "{tmp_path}/out/deeper"):
     try:
@@ -239,25 +241,37 @@ def refused_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["engine_arg", "missing_path", "empty_file", "output_not_writable", "missing_column"])
-def test_main_refuses_bad_input_with_exit_code_2(case, main_in_process, tmp_path, monkeypatch, capsys):
-    def no_pipeline(*args, **kwargs):
-        raise AssertionError("a refused run built its pipeline")
+REFUSED_BEFORE_THE_SCAN = ("engine_arg", "missing_path", "output_not_writable")  # no pipeline is built at all
 
-    monkeypatch.setattr(main, "read_input", no_pipeline)
+
+def replicas_alive() -> list[str]:
+    """The Ray Data actors (replicas among them) of this process's Ray that are not dead."""
+    from util.internals import _find
+
+    return [a["ActorClassName"] for a in _find("ray._private.state:actors")().values()
+            if a["ActorClassName"].startswith("MapWorker(") and a["State"] != "DEAD"]
+
+
+@pytest.mark.parametrize("case", ["engine_arg", "missing_path", "empty_file", "output_not_writable", "missing_column"])
+def test_main_refuses_bad_input_with_exit_code_2(case, main_here, tmp_path, monkeypatch):
+    """Refused where the run is planned and its output checked, before any pipeline; or by the input's
+    pass, which runs beside the replicas' start: then they are ended, and nothing is written."""
+    if case in REFUSED_BEFORE_THE_SCAN:
+        monkeypatch.setattr(main, "read_input", lambda *a, **k: pytest.fail("a refused run built its pipeline"))
     args, message = refused_cases(tmp_path)[case]
     output = tmp_path / "out"
     if "--output-path" not in args:
         args = [*args, "--output-path", str(output)]
-    assert main_in_process("--model", tiny_model_dir(), "--concurrency", "1", *args) == 2
-    assert capsys.readouterr().err == f"error: {message}\n"
+    job = main_here("--model", tiny_model_dir(), "--concurrency", "1", *args)
+    assert job.code == 2, job.err[-3000:]
+    assert job.err.splitlines()[-1] == f"error: {message}"
     assert not output.exists()
+    assert replicas_alive() == []
 
 
-def test_main_refuses_duplicate_ids_with_exit_code_2_before_any_engine_starts(main_here, tmp_path, monkeypatch):
-    """Duplicate ids are found by the distributed scan, on Ray's workers; the refusal reaches the driver as
-    exit code 2 and `error: ...` on stderr, before the pipeline (and its engines) is built."""
-    monkeypatch.setattr(main, "read_input", lambda *args, **kwargs: pytest.fail("a refused run built its pipeline"))
+def test_main_refuses_duplicate_ids_with_exit_code_2_and_ends_the_replicas(main_here, tmp_path):
+    """Duplicate ids are found by the distributed scan, on Ray's workers, while the replicas start; the
+    refusal reaches the driver as exit code 2 and `error: ...` on stderr, and the replicas are ended."""
     folder = tmp_path / "in"
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", [{"uid": "x", "text": "a"}])
@@ -268,3 +282,53 @@ def test_main_refuses_duplicate_ids_with_exit_code_2_before_any_engine_starts(ma
     assert job.code == 2, job.err[-3000:]
     assert job.err.splitlines()[-1] == "error: duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:1"
     assert not output.exists()
+    assert replicas_alive() == []
+
+
+# --- ScanBeside: the input's pass in a thread beside the run ---
+
+@pytest.fixture
+def duplicate_ids_plan(ray_local, tmp_path):
+    from util.plan import make_plan
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"uid": "x", "text": "a"}, {"uid": "y", "text": "b"}])
+    write_jsonl(folder / "b.jsonl", [{"uid": "x", "text": "c"}])
+    cfg = Config(model=tiny_model_dir(), input_path=str(folder), id_column="uid", concurrency=1,
+                 output_path=str(tmp_path / "out"))
+    return make_plan(cfg, resolve_model_files=False)
+
+
+def run_until_interrupted(ended: list, seconds: float = 120) -> None:
+    """A stand-in for a run: busy until interrupted, or `seconds` (then it records that it ended)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+    ended.append(True)
+
+
+def test_a_refusal_interrupts_the_run_beside_the_scan_and_is_raised(duplicate_ids_plan):
+    passed, ended = [], []
+    with pytest.raises(InputError, match="^duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:1$"):
+        with ScanBeside(duplicate_ids_plan, None, passed.append):
+            run_until_interrupted(ended)
+    assert passed == [] and ended == []
+
+
+def test_a_pass_with_nothing_to_run_stops_the_run_without_an_error(duplicate_ids_plan):
+    plan = dataclasses.replace(duplicate_ids_plan, cfg=dataclasses.replace(duplicate_ids_plan.cfg, id_column=None))
+    ended = []
+    with ScanBeside(plan, None, lambda scan: False) as checking:
+        run_until_interrupted(ended)
+    assert ended == [] and checking.stopped and checking.scan == InputScan(3, 0)
+
+
+def test_a_passed_scan_lets_the_run_finish(duplicate_ids_plan):
+    plan = dataclasses.replace(duplicate_ids_plan, cfg=dataclasses.replace(duplicate_ids_plan.cfg, id_column=None))
+    passed, ended = [], []
+    with ScanBeside(plan, None, lambda scan: passed.append(scan) or True) as checking:
+        run_until_interrupted(ended, seconds=0.5)
+        while not passed:  # a run ends when its rows are written, which is after the pass
+            time.sleep(0.02)
+    assert ended == [True] and not checking.stopped and passed == [checking.scan] == [InputScan(3, 0)]

@@ -1,8 +1,8 @@
-"""What the cloud tells: which A10G-class GPU --accelerator-type auto asks for, and whether an s3:// output
-path takes writes. Imported only when a job needs one of them.
+"""What the cloud tells: which A10G-class GPU --accelerator-type auto asks for, and whether an output path
+(local, s3:// or gs://) takes writes. Imported only when a job needs one of them.
 
     get_a10g_or_equivalent_accelerator_type(ray.cluster_resources())    # "A10G", "L4", or None
-    s3_write_refusal(s3_location("s3://bucket/run/"), ".write-probe-1")  # why S3 refuses a write, or None
+    check_output_writable("s3://bucket/run/")                            # InputError if it cannot be written
 
 The GPU's name comes from what the cluster advertises, else from the cloud's metadata server ("A10G" on AWS,
 "L4" on GCP), asked when no GPU node is up yet (an autoscaling cluster): a short probe, and anything that
@@ -12,7 +12,13 @@ does not answer as the cloud's server does is "not this cloud".
 import os
 import urllib.error
 import urllib.request
+import uuid
 from email.message import Message
+
+import pyarrow.fs as pafs
+
+from util.errors import InputError
+from util.storage import is_remote, join, resolve, s3_location
 
 
 A10G_EQUIVALENTS = ("A10G", "L4")  # preference order when a cluster advertises both
@@ -82,3 +88,35 @@ def s3_write_refusal(location, probe: str) -> str | None:
     except (ClientError, BotoCoreError):
         pass  # the path is writable; an unfinished upload is no object, and bucket lifecycle rules expire it
     return None
+
+
+def check_output_writable(output_path: str) -> None:
+    """Create a small file under `output_path` and delete it again (on S3: start an upload and abort it);
+    InputError if that fails. Nothing stays: no probe file, no folder the probe created, no S3 marker object."""
+    probe = f".write-probe-{uuid.uuid4().hex[:12]}"  # hidden: if it ever stayed, readers would skip it
+    try:
+        if output_path.startswith("s3://"):
+            if refusal := s3_write_refusal(s3_location(output_path), probe):
+                raise InputError(refusal)
+            return
+        filesystem, path = resolve(output_path)
+        first_missing = None  # a refused (or later failed) run must leave no empty folder that looks like a result
+        if not is_remote(output_path):  # gs:// has no folders to create
+            if filesystem.get_file_info(path).type == pafs.FileType.File:
+                raise InputError("it is a file, not a folder")
+            parent = path
+            while filesystem.get_file_info(parent).type == pafs.FileType.NotFound and parent != os.path.dirname(parent):
+                first_missing, parent = parent, os.path.dirname(parent)
+        try:
+            if not is_remote(output_path):
+                filesystem.create_dir(path, recursive=True)
+            filesystem.open_output_stream(join(path, probe)).close()
+            filesystem.delete_file(join(path, probe))
+        finally:
+            if first_missing and filesystem.get_file_info(first_missing).type == pafs.FileType.Directory:
+                filesystem.delete_dir(first_missing)
+    except InputError as error:
+        raise InputError(f"output path {output_path} is not writable: {error}") from None
+    except OSError as error:
+        raise InputError(f"output path {output_path} is not writable: "
+                         f"{os.strerror(error.errno) if error.errno else error}") from None

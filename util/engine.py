@@ -1,11 +1,8 @@
 """vLLM's engine arguments for a replica, and where Ray puts the replica: which GPU, how many.
 
-    choice = choose_accelerator("auto")      # or "A10G", "L4", "H100", "any"; after ray.init()
-    kwargs = engine_kwargs(cfg, use_gpu=choice.use_gpu)       # {"max_model_len": 16832, "seed": 0, ...}
-    ds.map_batches(..., **choice.ray_remote_args(gpus_per_replica=1))     # num_gpus=1, accelerator_type
-
-"auto" means an A10G-class (24 GB) GPU: "A10G" on AWS, "L4" on GCP. What the cluster advertises wins; the
-cloud's metadata server is asked when it advertises none (util/cloud.py); None means "any GPU will do".
+    choice = choose_accelerator("auto")      # after ray.init(): "auto" is an A10G-class (24 GB) GPU, A10G on
+    kwargs = engine_kwargs(cfg, use_gpu=choice.use_gpu)   # AWS, L4 on GCP (util/cloud.py asks the cloud when
+    ds.map_batches(..., **choice.ray_remote_args(gpus_per_replica=1))   # the cluster advertises none)
 
 Engine arguments, lowest precedence first: vLLM's defaults, the per-model table (util/models.py), CPU
 settings when no GPU is present, the job's features' (a replica's parallelism: util/parallel.py), the
@@ -77,11 +74,12 @@ def choose_accelerator(requested_type: str | None = None, cluster_resources: dic
 
 def engine_kwargs(cfg: "Config", use_gpu: bool = True, features: dict | None = None) -> dict:
     """vLLM engine arguments for one replica. `features`: those the job's features need (their Parts')."""
-    from vllm import AsyncEngineArgs
+    if cfg.engine_arg:  # vLLM is imported only to check these: the driver has no other use for it (8 s on 2 CPUs)
+        from vllm import AsyncEngineArgs
 
-    unknown = sorted(set(cfg.engine_arg) - {f.name for f in fields(AsyncEngineArgs)})
-    if unknown:
-        raise ValueError(f"unknown --engine-arg key(s): {', '.join(unknown)}; see vLLM's EngineArgs")
+        unknown = sorted(set(cfg.engine_arg) - {f.name for f in fields(AsyncEngineArgs)})
+        if unknown:
+            raise ValueError(f"unknown --engine-arg key(s): {', '.join(unknown)}; see vLLM's EngineArgs")
     kwargs = engine_defaults(cfg.model)
     if cfg.revision:
         kwargs["revision"] = cfg.revision

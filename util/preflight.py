@@ -44,7 +44,7 @@ from util.features import flag
 from util.output import output_counts
 from util.pipeline import Stage, build_pipeline, pipeline_stages
 from util.predictor import checked_request
-from util.report import REPORT_NAME
+from util.results import REPORT_NAME
 from util.resources import TASK_CPUS
 from util.scan import check_before_run
 from util.storage import commit_file, join, resolve

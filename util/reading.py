@@ -11,7 +11,6 @@ position: a line's byte offset, which a range's task knows without reading what 
 number). Errors name the file and line, counted only when one happens.
 """
 
-import codecs
 import functools
 import hashlib
 import itertools
@@ -55,6 +54,8 @@ def where(source: str, position: int) -> str:
 
 def describe_where(value: str, input_path: str | None, input_format: str = "auto") -> str:
     """`<file>:<line or row>` for a WHERE_COLUMN value: a byte offset becomes its line number."""
+    from util.where import line_number
+
     source, _, position = value.partition("\0")
     position = int(position)
     if input_path is None or source == "items":
@@ -62,7 +63,7 @@ def describe_where(value: str, input_path: str | None, input_format: str = "auto
     filesystem, root = resolve(input_path)
     path = root if os.path.basename(root) == source and filesystem.get_file_info(root).is_file else f"{root}/{source}"
     if detect_format(path, input_format) in ("text", "jsonl"):
-        position = _line_number(filesystem, path, position)
+        position = line_number(filesystem, path, position)
     return f"{source}:{position}"
 
 
@@ -118,32 +119,6 @@ class Columns:
         return table
 
 
-def _line_number(filesystem: pafs.FileSystem, path: str, offset: int) -> int:
-    """The 1-based line that starts at byte `offset`. Reads the file up to there: only errors need it."""
-    newlines = 0
-    with filesystem.open_input_stream(path) as stream:
-        while offset > 0 and (piece := stream.read(min(offset, 8 * 1024**2))):
-            newlines, offset = newlines + piece.count(b"\n"), offset - len(piece)
-    return newlines + 1
-
-
-def _utf8_error(filesystem: pafs.FileSystem, path: str) -> InputError:
-    """`<path>:<line>: not valid UTF-8 (...)` for the file's first bad byte, read as a stream."""
-    decoder, offset, newlines = codecs.getincrementaldecoder("utf-8")(), 0, 0
-    with filesystem.open_input_stream(path) as stream:
-        while True:
-            piece = stream.read(1024**2)
-            try:
-                decoder.decode(piece, final=not piece)
-            except UnicodeDecodeError as error:  # error.object: the decoder's held-back bytes, then the piece
-                line = newlines + error.object[: error.start].count(b"\n") + 1
-                at = offset - (len(error.object) - len(piece)) + error.start
-                return InputError(f"{path}:{line}: not valid UTF-8 ({error.reason} at byte {at})")
-            if not piece:
-                return InputError(f"{path}: not valid UTF-8")
-            offset, newlines = offset + len(piece), newlines + piece.count(b"\n")
-
-
 def _lines(filesystem: pafs.FileSystem, path: str, start: int, end: int):
     """(byte offset, raw line) for every line that starts in [start, end): a line that crosses `end` is
     read whole here, and the next range skips it."""
@@ -170,11 +145,12 @@ def _lines(filesystem: pafs.FileSystem, path: str, start: int, end: int):
 
 def _rows_in_range(filesystem, path: str, start: int, end: int, input_format: str, text_column: str):
     """(byte offset, row) for each line of a text or JSONL file's range; blank lines separate rows."""
+    from util.where import line_number, utf8_error  # where a bad row is: only errors need it
     for offset, raw in _lines(filesystem, path, start, end):
         try:
             line = raw.decode("utf-8-sig" if offset == 0 else "utf-8").removesuffix("\r")
         except UnicodeDecodeError:
-            raise _utf8_error(filesystem, path) from None
+            raise utf8_error(filesystem, path) from None
         if not line.strip():
             continue
         if input_format == "text":
@@ -183,10 +159,10 @@ def _rows_in_range(filesystem, path: str, start: int, end: int, input_format: st
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{_line_number(filesystem, path, offset)}: malformed JSON "
+            raise InputError(f"{path}:{line_number(filesystem, path, offset)}: malformed JSON "
                              f"({error.msg} at column {error.colno})") from None
         if not isinstance(row, dict):
-            raise InputError(f"{path}:{_line_number(filesystem, path, offset)}: each line must be a "
+            raise InputError(f"{path}:{line_number(filesystem, path, offset)}: each line must be a "
                              f"JSON object, got {type(row).__name__}")
         yield offset, row
 
@@ -198,6 +174,8 @@ def _read_range(filesystem, path: str, source: str, start: int, end: int, input_
 
 
 def _read_file(filesystem, path: str, source: str, input_format: str, columns: Columns):
+    from util.where import utf8_error
+
     try:
         if input_format not in EXTENSIONS:  # a feature's format: its reader gives rows and their positions
             for table, positions in registry("INPUT_FORMATS")[input_format].read(filesystem, path, BLOCK_ROWS):
@@ -216,10 +194,10 @@ def _read_file(filesystem, path: str, source: str, input_format: str, columns: C
                 yield columns.with_ids(part, list(range(position + 1, position + part.num_rows + 1)), source)
                 position += part.num_rows
     except UnicodeDecodeError:
-        raise _utf8_error(filesystem, path) from None
+        raise utf8_error(filesystem, path) from None
     except pa.ArrowException as error:  # a file that is not what its format says
         if "UTF8" in str(error) or "UTF-8" in str(error):
-            raise _utf8_error(filesystem, path) from None
+            raise utf8_error(filesystem, path) from None
         raise InputError(f"{path}: not a readable {input_format} file ({error})") from None
 
 

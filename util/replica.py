@@ -216,6 +216,7 @@ class ProgressClient:
 
     def __init__(self, replica: str = ""):
         self.replica, self.reporting_to, self.rows, self.tokens, self.sent = replica, None, 0, 0, time.monotonic()
+        self.released_by = None  # the run that let this replica answer rows
 
     @classmethod
     def connect(cls) -> "ProgressClient":
@@ -235,6 +236,13 @@ class ProgressClient:
             self.reporting_to = actor
             actor.replica_ready.remote(self.replica, time.time())
         return actor
+
+    async def released(self) -> None:
+        """Returns once the run lets rows run (its input has passed its check); at once if no run is reporting."""
+        actor = self._actor() if self.replica else None
+        if actor is not None and actor != self.released_by:
+            await actor.wait_released.remote()
+            self.released_by = actor
 
     def rows_done(self, rows: int, output_tokens: int, flush: bool = False) -> None:
         """Count finished rows; send them when FLUSH_S has passed since the last send, or `flush`."""

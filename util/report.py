@@ -2,14 +2,13 @@
 
     with ProgressReporter(total_rows=10_000, interval_s=30, gpus=plan.gpus_held) as progress:
         written = write_results(ds, output_path)   # prints `progress: 1,234/10,000 rows (12%), ...`
-    report = progress.report(written)               # rows, tokens, tok/s per replica, GPU-hours
-    print(format_report(report)); write_report(output_path, report)   # _report.json and _throughput.png
+    report = progress.report(written)   # rows, tokens, tok/s per replica, GPU-hours: util/results.py prints it
 
 Replicas send what they finish to a named actor, without waiting (util/replica.py: ProgressClient).
 """
 
+import asyncio
 import datetime
-import json
 import math
 import threading
 import time
@@ -17,9 +16,7 @@ import time
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from util.storage import commit_file, resolve
 
-REPORT_NAME, PLOT_NAME = "_report.json", "_throughput.png"
 FINAL_REPORTS_WAIT_S = 5.0  # the last reports are in flight when the write finishes
 # What a run survived (util/replica.py counts the first three in each replica; Ray restarts replicas).
 SURVIVED = ("engine_restarts", "rows_rerun", "rows_isolated", "replica_restarts", "nodes_lost")
@@ -28,7 +25,10 @@ SURVIVED = ("engine_restarts", "rows_rerun", "rows_isolated", "replica_restarts"
 class ProgressLog:
     """What the replicas reported: the progress actor's state (plain Python, so it tests without Ray)."""
 
-    def __init__(self):
+    def __init__(self, held: bool = False):
+        self.released = asyncio.Event()  # replicas answer no row before it is set (held: until `release`)
+        if not held:
+            self.released.set()
         self.ready: dict[str, float] = {}  # replica -> when its engine was ready
         self.done: list[tuple[str, int, int, float]] = []  # (replica, rows, output tokens, when)
         self.rows = self.output_tokens = 0
@@ -41,6 +41,12 @@ class ProgressLog:
 
     def count(self, name: str, n: int) -> None:
         self.survived[name] += n
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def wait_released(self) -> None:
+        await self.released.wait()
 
     def rows_done(self, replica: str, rows: int, output_tokens: int, at: float) -> None:
         self.done.append((replica, rows, output_tokens, at))
@@ -79,13 +85,16 @@ def eta_seconds(rows_done: int, total_rows: int | None, first_ready: float | Non
 
 class ProgressReporter:
     """Creates the progress actor and prints a progress line every `interval_s` seconds from a driver thread
-    while the `with` block runs; Ray Data's own progress bars are left as they are."""
+    while the `with` block runs; Ray Data's own progress bars are left as they are. `held`: the replicas
+    answer no row, and no line is printed, until `release(total_rows)` (the input has passed its check)."""
 
-    def __init__(self, total_rows: int | None, interval_s: float = 30.0, gpus: float = 0.0, write=None):
-        self.total_rows, self.interval_s, self.gpus = total_rows, interval_s, gpus
+    def __init__(self, total_rows: int | None, interval_s: float = 30.0, gpus: float = 0.0, write=None,
+                 held: bool = False):
+        self.total_rows, self.interval_s, self.gpus, self.held = total_rows, interval_s, gpus, held
         self.write = write or (lambda line: print(line, flush=True))
         self.started = self.finished = None
-        self.snapshot, self._stop = {"ready": {}, "done": []}, threading.Event()
+        self._stop = threading.Event()
+        self.snapshot = {"ready": {}, "done": [], "survived": dict.fromkeys(SURVIVED, 0)}
 
     def __enter__(self) -> "ProgressReporter":
         from util.replica import PROGRESS_ACTOR
@@ -97,15 +106,23 @@ class ProgressReporter:
         # Named and not detached: replicas find it by name, and it ends with the driver at the latest.
         # On the driver's node: it is lost only with the driver (a node lost mid-run is survived).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.actor = ray.remote(num_cpus=0)(ProgressLog).options(name=PROGRESS_ACTOR, scheduling_strategy=here).remote()
+        self.actor = ray.remote(num_cpus=0)(ProgressLog).options(name=PROGRESS_ACTOR, scheduling_strategy=here).remote(
+            self.held)
+        ray.get(self.actor.__ray_ready__.remote())  # a replica that starts now finds it, and waits for its release
         self.nodes = alive_nodes()
         self.started, self._thread = time.time(), threading.Thread(target=self._print_progress, daemon=True)
         self._thread.start()
         return self
 
+    def release(self, total_rows: int) -> None:
+        self.total_rows, self.held = total_rows, False
+        self.actor.release.remote()
+
     def _print_progress(self) -> None:
         last_at, last_tokens = self.started, 0
         while not self._stop.wait(self.interval_s):
+            if self.held:
+                continue
             try:
                 totals = ray.get(self.actor.totals.remote(), timeout=self.interval_s)
             except (ray.exceptions.RayError, TimeoutError):
@@ -142,7 +159,9 @@ class ProgressReporter:
             time.sleep(0.1 if self.total_rows is not None else 0.5)
 
     def report(self, written: dict) -> dict:
-        """The run report; `written` is util.output.write_results' counts."""
+        """The run report (util/results.py); `written` is util.output.write_results' counts."""
+        from util.results import build_report
+
         return build_report(self.snapshot, written, self.started, self.finished, self.gpus)
 
 
@@ -165,58 +184,3 @@ def over_error_budget(output: dict, max_error_fraction: float, output_path: str)
         return None
     return (f"{output['error']} of {rows} output rows failed ({failed_share:.0%}), more than "
             f"--max-error-fraction {max_error_fraction} allows; they are in {output_path}/errors")
-
-
-def build_report(snapshot: dict, written: dict, started: float, finished: float, gpus: float) -> dict:
-    from util.plots import throughput_series
-
-    wall = max(finished - started, 1e-9)
-    replicas = []
-    # In the order the replicas joined (an autoscaling pool's later ones last), each with its join time
-    # (when its engine was ready, from the run's start) and its own pace from then to its last row.
-    for replica, ready in sorted(snapshot["ready"].items(), key=lambda item: (item[1], item[0])):
-        mine = [d for d in snapshot["done"] if d[0] == replica]
-        tokens, last = sum(d[2] for d in mine), max((d[3] for d in mine), default=None)
-        busy = None if last is None else last - ready
-        replicas.append({"replica": replica, "rows": sum(d[1] for d in mine), "output_tokens": tokens,
-                         "output_tok_per_s": round(tokens / busy, 1) if busy and busy > 0 else None,
-                         "ready_s": round(ready - started, 1),
-                         "last_batch_s": None if last is None else round(last - started, 1)})
-    return {"rows": {"ok": written["ok"], "error": written["error"]},
-            "input_tokens": written["input_tokens"], "output_tokens": written["output_tokens"],
-            "wall_s": round(wall, 1), "output_tok_per_s": round(written["output_tokens"] / wall, 1),
-            "gpus": gpus, "gpu_hours": round(wall * gpus / 3600, 3), "replicas": replicas,
-            "survived": {**dict.fromkeys(SURVIVED, 0), **snapshot.get("survived", {})},
-            **{name: datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="seconds")
-               for name, at in (("started", started), ("finished", finished))},
-            "throughput": throughput_series(snapshot["done"], started, finished)}  # its plot's series
-
-
-def format_report(report: dict) -> str:
-    lines = ["run report",
-             f"  rows           {report['rows']['ok']:,} ok, {report['rows']['error']:,} error",
-             f"  input tokens   {report['input_tokens']:,}",
-             f"  output tokens  {report['output_tokens']:,}",
-             f"  output tok/s   {report['output_tok_per_s']:,.1f} overall (wall time, engine start included)",
-             f"  wall time      {datetime.timedelta(seconds=round(report['wall_s']))}",
-             f"  GPU-hours      {report['gpu_hours']:,.3f} ({report['gpus']:g} GPUs x wall time)",
-             "  survived       " + ", ".join(f"{n:,} {name.replace('_', ' ').replace('rerun', 'run again')}"
-                                              for name, n in report["survived"].items())]
-    if report["replicas"]:  # "joined at": seconds from the run's start to the replica's engine being ready
-        lines.append(f"  {'replica':<10} {'rows':>10} {'output tokens':>14} {'output tok/s':>13} {'joined at':>9}")
-        for r in report["replicas"]:
-            speed = "-" if r["output_tok_per_s"] is None else f"{r['output_tok_per_s']:,.1f}"
-            lines.append(f"  {r['replica']:<10} {r['rows']:>10,} {r['output_tokens']:>14,} {speed:>13} "
-                         f"{r['ready_s']:>8.1f}s")
-    return "\n".join(lines)
-
-
-def write_report(output_path: str, report: dict) -> list[str]:
-    """`_report.json` and the plot of its throughput, `_throughput.png`, beside the output; their paths."""
-    from util.plots import plot_throughput  # matplotlib: only when a report is written
-
-    filesystem, path = resolve(output_path)
-    files = {REPORT_NAME: json.dumps(report, indent=2).encode() + b"\n", PLOT_NAME: plot_throughput(report)}
-    for name, data in files.items():
-        commit_file(filesystem, f"{path}/{name}", data)
-    return [f"{output_path.rstrip('/')}/{name}" for name in files]

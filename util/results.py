@@ -1,10 +1,14 @@
 """A finished run's output, read back: every row (those that succeeded and those under errors/), its
-counts, and a few rows at a glance, which main.py prints at the end of a run.
+counts, and a few rows at a glance; and the run report. main.py prints both at the end of a run.
 
     rows = read_results("s3://bucket/run/").take(5)
     summarize(read_results("s3://bucket/run/"))        # {"rows": 100, "ok": 98, "errors": 2, ...}
     sample_rows("s3://bucket/run/")                     # [{"id": ..., "generated_text": ..., ...}, ...]
+    print(format_report(report)); write_report(output_path, report)   # _report.json and _throughput.png
 """
+
+import datetime
+import json
 
 import pyarrow.dataset as pads
 import pyarrow.json as pajson
@@ -12,7 +16,9 @@ import ray
 
 from util import columns as col
 from util.output import EMPTY_COUNTS, add_counts, data_files, output_dataset, output_format_of, row_counts
-from util.storage import resolve
+from util.storage import commit_file, resolve
+
+REPORT_NAME, PLOT_NAME = "_report.json", "_throughput.png"
 
 
 def read_results(output_path: str, output_format: str = "parquet") -> ray.data.Dataset:
@@ -60,3 +66,58 @@ def sample_rows(output_path: str, output_format: str = "parquet", count: int = 3
         rows = [fmt.preview(record) for record in
                 pads.dataset(paths, filesystem=filesystem, format="json").head(count).to_pylist()] if paths else []
     return [glance(row, columns or GLANCE_COLUMNS) for row in rows]
+
+
+def build_report(snapshot: dict, written: dict, started: float, finished: float, gpus: float) -> dict:
+    from util.plots import throughput_series
+
+    wall = max(finished - started, 1e-9)
+    replicas = []
+    # In the order the replicas joined (an autoscaling pool's later ones last), each with its join time
+    # (when its engine was ready, from the run's start) and its own pace from then to its last row.
+    for replica, ready in sorted(snapshot["ready"].items(), key=lambda item: (item[1], item[0])):
+        mine = [d for d in snapshot["done"] if d[0] == replica]
+        tokens, last = sum(d[2] for d in mine), max((d[3] for d in mine), default=None)
+        busy = None if last is None else last - ready
+        replicas.append({"replica": replica, "rows": sum(d[1] for d in mine), "output_tokens": tokens,
+                         "output_tok_per_s": round(tokens / busy, 1) if busy and busy > 0 else None,
+                         "ready_s": round(ready - started, 1),
+                         "last_batch_s": None if last is None else round(last - started, 1)})
+    return {"rows": {"ok": written["ok"], "error": written["error"]},
+            "input_tokens": written["input_tokens"], "output_tokens": written["output_tokens"],
+            "wall_s": round(wall, 1), "output_tok_per_s": round(written["output_tokens"] / wall, 1),
+            "gpus": gpus, "gpu_hours": round(wall * gpus / 3600, 3), "replicas": replicas,
+            "survived": dict(snapshot.get("survived", {})),
+            **{name: datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="seconds")
+               for name, at in (("started", started), ("finished", finished))},
+            "throughput": throughput_series(snapshot["done"], started, finished)}  # its plot's series
+
+
+def format_report(report: dict) -> str:
+    lines = ["run report",
+             f"  rows           {report['rows']['ok']:,} ok, {report['rows']['error']:,} error",
+             f"  input tokens   {report['input_tokens']:,}",
+             f"  output tokens  {report['output_tokens']:,}",
+             f"  output tok/s   {report['output_tok_per_s']:,.1f} overall (wall time, engine start included)",
+             f"  wall time      {datetime.timedelta(seconds=round(report['wall_s']))}",
+             f"  GPU-hours      {report['gpu_hours']:,.3f} ({report['gpus']:g} GPUs x wall time)",
+             "  survived       " + ", ".join(f"{n:,} {name.replace('_', ' ').replace('rerun', 'run again')}"
+                                              for name, n in report["survived"].items())]
+    if report["replicas"]:  # "joined at": seconds from the run's start to the replica's engine being ready
+        lines.append(f"  {'replica':<10} {'rows':>10} {'output tokens':>14} {'output tok/s':>13} {'joined at':>9}")
+        for r in report["replicas"]:
+            speed = "-" if r["output_tok_per_s"] is None else f"{r['output_tok_per_s']:,.1f}"
+            lines.append(f"  {r['replica']:<10} {r['rows']:>10,} {r['output_tokens']:>14,} {speed:>13} "
+                         f"{r['ready_s']:>8.1f}s")
+    return "\n".join(lines)
+
+
+def write_report(output_path: str, report: dict) -> list[str]:
+    """`_report.json` and the plot of its throughput, `_throughput.png`, beside the output; their paths."""
+    from util.plots import plot_throughput  # matplotlib: only when a report is written
+
+    filesystem, path = resolve(output_path)
+    files = {REPORT_NAME: json.dumps(report, indent=2).encode() + b"\n", PLOT_NAME: plot_throughput(report)}
+    for name, data in files.items():
+        commit_file(filesystem, f"{path}/{name}", data)
+    return [f"{output_path.rstrip('/')}/{name}" for name in files]

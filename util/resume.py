@@ -182,8 +182,9 @@ class Manifest:
     every run that wrote to the output, its provenance (versions, model commit, chat template hash,
     accelerator) and how it went; an earlier manifest's runs come first."""
 
-    def __init__(self, output_path: str, settings: dict, provenance: dict):
-        self.output_path, earlier = output_path, read_manifest(output_path) or {}
+    def __init__(self, output_path: str, settings: dict, provenance: dict, overwrite: bool = False):
+        """`overwrite`: the output is deleted before `start`, and the earlier manifest's runs with it."""
+        self.output_path, earlier = output_path, ({} if overwrite else read_manifest(output_path) or {})
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         runs = earlier.get("runs") or ([earlier["provenance"]] if earlier.get("provenance") else [])
         self.run = {**provenance, "started": None, "finished": None, "status": None}
@@ -208,4 +209,6 @@ class Manifest:
         self.save(status="failed" if failure else "complete", reason=failure, output=output, finished=now())
 
     def fail(self, reason: str) -> None:
-        self.save(status="failed", reason=reason, finished=now())
+        """The run failed after `start` (before it, an input refused, the output is left as it was)."""
+        if self.record["started"]:
+            self.save(status="failed", reason=reason, finished=now())

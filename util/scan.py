@@ -1,17 +1,16 @@
-"""The checks before a run, ending in one distributed pass over the input before any GPU is taken.
-
-    checked = check_before_run(plan)        # InputError where the run must be refused
-    checked.rows, checked.already_done, checked.done     # done: util.resume.DoneIndex or None
+"""The checks before any row runs: the output (check_output), then one distributed pass over the input,
+which main.py runs beside the replicas' start (ScanBeside), and --preflight on its own (check_before_run).
 
 The pass reads and parses every row, so a file-level error (malformed JSONL, non-UTF-8, a missing column,
-an empty file) stops the run before it writes a row. It counts rows, and rows an earlier run wrote, with
+an empty file) refuses the run before a row is generated. It counts rows, and rows an earlier run wrote, with
 Ray Data aggregations; with an --id-column it finds duplicate ids with a `groupby` over the ids alone. The
-driver receives a few numbers, never the ids. The run reads the input again: keeping the rows would hold
-the whole input in the object store.
+driver receives a few numbers, never the ids.
 """
 
+import _thread
 import functools
 import sys
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,7 +26,6 @@ from util.output import output_dataset
 from util.reading import SAMPLE_PROMPTS, WHERE_COLUMN, describe_where, read_prompts
 from util.resources import TASK_CPUS
 from util.resume import DoneIndex, check_fingerprint, mark_done
-from util.storage import check_output_writable
 
 if TYPE_CHECKING:
     from util.plan import Plan
@@ -41,19 +39,72 @@ class InputScan:
 
 
 def check_before_run(plan: "Plan") -> InputScan:
-    """Everything a run checks before it writes a row or takes a GPU, in order: the input's files are
-    listed (a missing path stops here), the output path can be written, an earlier output there was
-    made with the same settings (unless --overwrite), and the input reads cleanly, with unique ids."""
-    cfg = plan.cfg
-    ds = read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column, cfg.id_column,
-                      cfg.limit, with_where=bool(cfg.id_column), required=plan.input_columns)
-    check_output_writable(plan.output_path)
-    if not cfg.overwrite:
-        for warning in check_fingerprint(plan.output_path, plan.fingerprint, plan.provenance):
-            print(warning, file=sys.stderr)
-    done = None if cfg.overwrite else DoneIndex.build(*output_dataset(plan.output_path, cfg.output_format))
-    scan = scan_input(ds, cfg.id_column, done, cfg.input_path, cfg.input_format)
+    """Everything a run checks before it writes a row, in order: the input's files are listed (a missing
+    path stops here), the output (check_output), and the input reads cleanly, with unique ids."""
+    ds = scanned_input(plan)
+    done = check_output(plan)
+    scan = scan_input(ds, plan.cfg.id_column, done, plan.cfg.input_path, plan.cfg.input_format)
     return InputScan(scan.rows, scan.already_done, done)
+
+
+def scanned_input(plan: "Plan") -> ray.data.Dataset:
+    cfg = plan.cfg
+    return read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column, cfg.id_column,
+                        cfg.limit, with_where=bool(cfg.id_column), required=plan.input_columns)
+
+
+def check_output(plan: "Plan") -> DoneIndex | None:
+    """The output path can be written, and an earlier output there was made with the same settings (unless
+    --overwrite). The rows it holds, for the run to skip."""
+    from util.cloud import check_output_writable
+
+    cfg = plan.cfg
+    check_output_writable(plan.output_path)
+    if cfg.overwrite:
+        return None
+    for warning in check_fingerprint(plan.output_path, plan.fingerprint, plan.provenance):
+        print(warning, file=sys.stderr)
+    return DoneIndex.build(*output_dataset(plan.output_path, cfg.output_format))
+
+
+class ScanBeside:
+    """The input's pass in a thread, while the `with` body runs the job: its replicas start their engines
+    meanwhile, and answer no row until `on_pass(scan)` lets them (ProgressReporter(held=True)). A refusal
+    interrupts the body, as Ctrl-C would (Ray Data stops the run and its replicas), and is raised from the
+    `with`. `on_pass` returning False (no row left to run) stops the body the same way, with no error."""
+
+    def __init__(self, plan: "Plan", done: DoneIndex | None, on_pass):
+        self.ds, self.plan, self.done, self.on_pass = scanned_input(plan), plan, done, on_pass
+        self.scan = self.refusal = None
+        self.lock, self.closing, self.stopped = threading.Lock(), False, False
+
+    def __enter__(self) -> "ScanBeside":
+        self.thread = threading.Thread(target=self._check, daemon=True)
+        self.thread.start()
+        return self
+
+    def _check(self) -> None:
+        cfg = self.plan.cfg
+        try:
+            self.scan = scan_input(self.ds, cfg.id_column, self.done, cfg.input_path, cfg.input_format)
+            go_on = self.on_pass(self.scan)
+        except BaseException as error:
+            self.refusal, go_on = error, False
+        with self.lock:
+            if not go_on and not self.closing:
+                self.stopped = True
+                _thread.interrupt_main()
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        try:
+            with self.lock:
+                self.closing = True  # no interrupt from now on
+        except KeyboardInterrupt:  # ours, arriving only now
+            pass
+        self.thread.join()
+        if self.refusal is not None:
+            raise self.refusal
+        return kind is KeyboardInterrupt and self.stopped  # our own interrupt ends here
 
 
 def _block_counts(batch: pa.Table) -> pa.Table:

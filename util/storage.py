@@ -1,10 +1,9 @@
 """Where data lives: local paths, s3:// (s3://anonymous@bucket/... for public buckets) and gs://.
 
-    from util.storage import check_output_writable, commit_file, generate_output_path, resolve
+    from util.storage import commit_file, generate_output_path, resolve
     generate_output_path("mistralai/Mistral-7B-Instruct-v0.1")   # outputs/batch-llm/mistralai--Mistral-...
     filesystem, path = resolve("s3://anonymous@air-example-data/prompts_100.txt")
     commit_file(filesystem, f"{path}/_report.json", data)         # the file is whole or absent, never half
-    check_output_writable("s3://bucket/run/")                      # InputError if it cannot be written
 
 Everything goes through pyarrow's filesystems, which Ray Data's readers and writers accept as they are.
 `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) points s3:// at an S3-compatible store such as MinIO.
@@ -16,8 +15,6 @@ from typing import NamedTuple
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
-
-from util.errors import InputError
 
 TEMP_SUFFIX = ".tmp"  # commit_file's temporary files: hidden (a leading dot) and ending in this
 
@@ -94,37 +91,3 @@ def commit_file(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
         if os.path.exists(temp):
             os.remove(temp)
         raise
-
-
-def check_output_writable(output_path: str) -> None:
-    """Create a small file under `output_path` and delete it again (on S3: start an upload and abort it);
-    InputError if that fails. Nothing stays: no probe file, no folder the probe created, no S3 marker object."""
-    probe = f".write-probe-{uuid.uuid4().hex[:12]}"  # hidden: if it ever stayed, readers would skip it
-    try:
-        if output_path.startswith("s3://"):
-            from util.cloud import s3_write_refusal
-
-            if refusal := s3_write_refusal(s3_location(output_path), probe):
-                raise InputError(refusal)
-            return
-        filesystem, path = resolve(output_path)
-        first_missing = None  # a refused (or later failed) run must leave no empty folder that looks like a result
-        if not is_remote(output_path):  # gs:// has no folders to create
-            if filesystem.get_file_info(path).type == pafs.FileType.File:
-                raise InputError("it is a file, not a folder")
-            parent = path
-            while filesystem.get_file_info(parent).type == pafs.FileType.NotFound and parent != os.path.dirname(parent):
-                first_missing, parent = parent, os.path.dirname(parent)
-        try:
-            if not is_remote(output_path):
-                filesystem.create_dir(path, recursive=True)
-            filesystem.open_output_stream(join(path, probe)).close()
-            filesystem.delete_file(join(path, probe))
-        finally:
-            if first_missing and filesystem.get_file_info(first_missing).type == pafs.FileType.Directory:
-                filesystem.delete_dir(first_missing)
-    except InputError as error:
-        raise InputError(f"output path {output_path} is not writable: {error}") from None
-    except OSError as error:
-        raise InputError(f"output path {output_path} is not writable: "
-                         f"{os.strerror(error.errno) if error.errno else error}") from None
