@@ -62,7 +62,8 @@ def test_body_parameters_are_converted_as_vllms_server_converts_them(body, sampl
     ('["q-1"]', "in.jsonl:4", "in.jsonl:4: a request must be a JSON object, got list"),
     (json.dumps({"url": "/v1/chat/completions", "body": {}}), "in.jsonl:4", "in.jsonl:4: no custom_id (a non-empty string)"),
     (json.dumps({"custom_id": "q-1", "url": "/v1/completions", "body": {}}), "q-1",
-     "in.jsonl:4: only POST /v1/chat/completions or POST /v1/embeddings is supported, got POST /v1/completions"),
+     "in.jsonl:4: only POST to /v1/chat/completions, /v1/embeddings, /v1/score, /v1/rerank is supported, got "
+     "POST /v1/completions"),
     (json.dumps({"custom_id": "q-1", "url": "/v1/chat/completions", "body": {"messages": []}}), "q-1",
      "in.jsonl:4: body.messages must be a non-empty list of messages"),
     (request("q-1", "Hi", n=0), "q-1", "in.jsonl:4: n=0 must be a positive integer"),

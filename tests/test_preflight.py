@@ -189,7 +189,7 @@ def test_an_embedding_jobs_preflight_counts_input_tokens_and_ignores_sampling_pa
     result = json.loads((reports / "preflight.json").read_text())
     assert result["task"] == "embed" and result["failing"]["by_reason"] == {"empty": 1, "over max length": 1}
     assert result["estimate"] is None
-    assert result["throughput_source"] == ("not estimated: no embedding throughput is measured; pass "
+    assert result["throughput_source"] == ("not estimated: no embed, score or classify throughput is measured; pass "
                                            "--throughput-tok-per-s, the input tokens a second of one replica")
     printed = capsys.readouterr().out
     assert "  output tokens  none (--task embed: each row's input tokens are the work)" in printed

@@ -54,9 +54,9 @@ class CoreConfig:
     system_prompt: str | None = flag("System message for models with a chat template.", default=None)
     prompt_format: str = flag("auto (table, then chat template, then plain), chat_template, table or plain.",
                               default="auto")
-    task: str = flag("generate (text, the default) or embed (one `embedding` vector per row, the text embedded "
-                     "as given, no chat template). An OpenAI batch file of /v1/embeddings requests is an embed job "
-                     "without this flag.", default="generate")
+    task: str = flag("generate (text, the default), embed (an `embedding` per row), score (a `score` per pair of "
+                     "texts) or classify (`probs`, `label` per text); those three read texts as given, no chat template. "
+                     "An OpenAI batch file of /v1/embeddings, /v1/score or /v1/rerank requests sets it.", default="generate")
     # --- sampling (a row's `sampling_params` column may override any of it) ---
     max_tokens: int = flag("Most tokens generated per row.", default=2048)
     temperature: float = flag("0 is greedy and deterministic.", default=0.0)

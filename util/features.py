@@ -16,7 +16,7 @@ from types import ModuleType
 
 # In the order their parts run: structured output checks a sample's whole text before reasoning splits it.
 FEATURES = ("util.openai_batch", "util.images", "util.lora", "util.structured_output", "util.reasoning",
-            "util.samples", "util.embeddings", "util.parallel", "util.preflight", "util.autoscale")
+            "util.samples", "util.embeddings", "util.scoring", "util.parallel", "util.preflight", "util.autoscale")
 
 
 def flag(help: str, parse=None, metavar: str | None = None, is_flag: bool = True, unique: str | None = None,

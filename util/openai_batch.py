@@ -32,6 +32,13 @@ must not mix the two urls. Its record's body is a CreateEmbeddingResponse: `{"ob
 [{"object": "embedding", "index": 0, "embedding": [...]}], "model": ..., "usage": {"prompt_tokens": N,
 "total_tokens": N}}`.
 
+A `/v1/score` or `/v1/rerank` request, as vLLM's run-batch takes it (ScoreRequest: `text_1`/`text_2`, or
+`queries`/`documents`, `queries`/`items`, `data_1`/`data_2`; RerankRequest: `query`, `documents`, `top_n`), makes
+the run a score job (util/scoring.py); the two urls may share a file. One query a line, texts only; vLLM's
+truncation and score-template parameters are accepted at their defaults only. Its record's body is vLLM's
+ScoreResponse (`data`: `{"index", "object": "score", "score"}` per document) or RerankResponse (`results`:
+`{"index", "document": {"text"}, "relevance_score"}` by relevance, the top_n first).
+
 An output record:
 
     {"id": "batch_req_...", "custom_id": "q-1", "error": null,
@@ -71,8 +78,19 @@ from util.prompt_format import PromptFormatter
 
 CHAT_URL = "/v1/chat/completions"
 IMAGE_PART = "image_url"  # a content part holding an image: {"type": "image_url", "image_url": {"url": ...}}
-EMBEDDINGS_URL = "/v1/embeddings"
-TASK_OF_URL = {CHAT_URL: "generate", EMBEDDINGS_URL: "embed"}  # the url says the job's task (Config.task)
+EMBEDDINGS_URL, SCORE_URL, RERANK_URL = "/v1/embeddings", "/v1/score", "/v1/rerank"
+# The url says the job's task (Config.task): a score job takes /v1/score and /v1/rerank lines alike.
+TASK_OF_URL = {CHAT_URL: "generate", EMBEDDINGS_URL: "embed", SCORE_URL: "score", RERANK_URL: "score"}
+# vLLM's ScoreRequest (one of its four spellings of the two sides) and RerankRequest (query, documents, top_n),
+# vllm/entrypoints/pooling/scoring/protocol.py: the body parameters taken, and those taken at vLLM's defaults only.
+SCORE_SIDES = {SCORE_URL: (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"), ("data_1", "data_2")),
+               RERANK_URL: (("query", "documents"),)}
+SCORING_IGNORED = {"model", "user", "request_id", "priority", "top_n"}
+SCORING_DEFAULT_ONLY = {"use_activation": ([True], "scores after the model's activation"),
+                        "truncate_prompt_tokens": ([], "no truncation"), "max_tokens_per_query": ([0], "no truncation"),
+                        "max_tokens_per_doc": ([0], "no truncation"), "instruction": ([], "no score template"),
+                        "chat_template_kwargs": ([], "no score template"), "mm_processor_kwargs": ([], "text only"),
+                        "cache_salt": ([], "no prefix cache salt"), "encoding_format": (["float"], "float scores")}
 # Embeddings body parameters: ignored (who asked, the model), or accepted only at the value that asks for
 # what this runner gives: float vectors at the model's own size.
 EMBEDDING_IGNORED = {"model", "input", "user"}
@@ -274,11 +292,13 @@ def request_row(line: str, where: str) -> dict:
     if not isinstance(custom_id, str) or not custom_id:
         return _refused(where, f"{where}: no custom_id (a non-empty string)")
     if request.get("method", "POST") != "POST" or request.get("url") not in TASK_OF_URL:
-        return _refused(custom_id, f"{where}: only POST {CHAT_URL} or POST {EMBEDDINGS_URL} is supported, got "
+        return _refused(custom_id, f"{where}: only POST to {', '.join(TASK_OF_URL)} is supported, got "
                                    f"{request.get('method', 'POST')} {request.get('url')}")
     body = request.get("body")
     if request["url"] == EMBEDDINGS_URL:
         return embedding_request_row(custom_id, body, where)
+    if request["url"] in SCORE_SIDES:
+        return scoring_request_row(custom_id, request["url"], body, where)
     messages = body.get("messages") if isinstance(body, dict) else None
     if not isinstance(messages, list) or not messages:
         return _refused(custom_id, f"{where}: body.messages must be a non-empty list of messages")
@@ -313,6 +333,40 @@ def embedding_request_row(custom_id: str, body, where: str) -> dict:
         if reason := unsupported_value(name, value, EMBEDDING_IGNORED, EMBEDDING_DEFAULT_ONLY):
             return _refused(custom_id, f"{where}: {reason}")
     return {"custom_id": custom_id, "messages": json.dumps(text, ensure_ascii=False), col.SAMPLING_PARAMS: None,
+            col.REQUEST_MODEL: body.get("model"), col.REQUEST_ERROR: None}
+
+
+def scoring_request_row(custom_id: str, url: str, body, where: str) -> dict:
+    """A /v1/score or /v1/rerank body → a row whose `messages` holds, as JSON, its query, its documents (a
+    string: one pair; a list: a rerank), the url and top_n, for util/scoring.py's formatter and the output
+    record. One query a line (several queries against as many documents: one line each), texts only."""
+    if not isinstance(body, dict):
+        return _refused(custom_id, f"{where}: body must be a JSON object")
+    sides = next((pair for pair in SCORE_SIDES[url] if pair[0] in body or pair[1] in body), SCORE_SIDES[url][0])
+    unknown = sorted(set(body) - {*sides, *SCORING_IGNORED, *SCORING_DEFAULT_ONLY})
+    if unknown:
+        return _refused(custom_id, f"{where}: unknown body parameter(s): {', '.join(unknown)}")
+    for name, value in body.items():
+        if reason := unsupported_value(name, value, (*sides, *SCORING_IGNORED), SCORING_DEFAULT_ONLY):
+            return _refused(custom_id, f"{where}: {reason}")
+    query, documents = body.get(sides[0]), body.get(sides[1])
+    if isinstance(query, list) and len(query) == 1 and url == SCORE_URL:
+        query = query[0]  # 1:1 or 1:N, as vLLM pairs them
+    if not isinstance(query, str):
+        kind = "missing" if query is None else f"a {type(query).__name__}"
+        return _refused(custom_id, f"{where}: body.{sides[0]} must be one text, got {kind} (several queries: one "
+                                   "request line each; multi-modal content is not supported)")
+    if not (isinstance(documents, str) or isinstance(documents, list) and documents
+            and all(isinstance(d, str) for d in documents)):
+        return _refused(custom_id, f"{where}: body.{sides[1]} must be a text or a non-empty list of texts, got "
+                                   f"{_json(documents)[:80]}")
+    top_n = body.get("top_n") or 0
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
+        return _refused(custom_id, f"{where}: top_n={_json(top_n)} must be an integer >= 0")
+    if url == RERANK_URL and isinstance(documents, str):
+        documents = [documents]  # a rerank's results are a list, whatever it was given
+    pair = {"query": query, "documents": documents, "url": url, "top_n": top_n}
+    return {"custom_id": custom_id, "messages": _json(pair), col.SAMPLING_PARAMS: None,
             col.REQUEST_MODEL: body.get("model"), col.REQUEST_ERROR: None}
 
 
@@ -358,6 +412,9 @@ def output_record(row: dict, created: int | None = None) -> dict:
         body = {"error": {"message": row[col.ERROR], "type": "invalid_request_error", "param": None, "code": None}}
         return {**record, "response": {"status_code": 400, "request_id": request_id, "body": body},
                 "error": {"code": "invalid_request", "message": row[col.ERROR]}}
+    if row.get("score") is not None or row.get("scores") is not None:  # util/scoring.py's
+        return {**record, "response": {"status_code": 200, "request_id": request_id,
+                                       "body": scoring_body(row, request_id, created)}, "error": None}
     if row.get("embedding") is not None:  # an embeddings request: CreateEmbeddingResponse's shape
         tokens = row[col.NUM_INPUT_TOKENS] or 0
         body = {"object": "list", "model": row["model"],
@@ -378,6 +435,23 @@ def output_record(row: dict, created: int | None = None) -> dict:
     if row.get("prompt_logprobs") is not None:  # --prompt-logprobs: where vLLM's server puts them
         body["prompt_logprobs"] = row["prompt_logprobs"]
     return {**record, "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
+
+def scoring_body(row: dict, request_id: str, created: int | None) -> dict:
+    """A score row as vLLM's ScoreResponse (/v1/score: one `data` entry per document, in order) or
+    RerankResponse (/v1/rerank: `results` by relevance, the top_n first when asked)."""
+    request = json.loads(row["messages"])
+    scores = row["scores"] if row.get("scores") is not None else [row["score"]]
+    tokens = row[col.NUM_INPUT_TOKENS] or 0
+    if request["url"] == RERANK_URL:
+        results = sorted(({"index": i, "document": {"text": text}, "relevance_score": score}
+                          for i, (text, score) in enumerate(zip(request["documents"], scores))),
+                         key=lambda result: -result["relevance_score"])
+        return {"id": f"rerank-{request_id}", "model": row["model"], "results": results[:request["top_n"] or None],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {"id": f"score-{request_id}", "object": "list", "created": int(time.time()) if created is None else created,
+            "model": row["model"], "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
 
 
 def _token_logprob(token: dict) -> dict:
@@ -478,7 +552,7 @@ def batch_kind(source: str) -> BatchKind:
                 first_image = f"{path}:{number}"
             if first is None:
                 first = (url, f"{path}:{number}")
-            elif url != first[0]:
+            elif TASK_OF_URL[url] != TASK_OF_URL[first[0]]:
                 raise InputError(f"{path}:{number}: a {url} request in a batch of {first[0]} requests (the "
                                  f"first at {first[1]}); a run is one task: put them in separate files")
     return BatchKind(TASK_OF_URL[first[0]] if first else "generate", first_image)

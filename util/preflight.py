@@ -24,8 +24,9 @@ row's n samples. GPU-hours =
 output tokens / (output tok/s of one replica) x GPUs per replica; engine start (about a minute,
 BENCHMARKS.md) is not included. The replica throughput is --throughput-tok-per-s, else the one measured
 by the earlier run into the same output (its _report.json, same settings), else DEFAULT_TOK_PER_S.
-An embedding job (--task embed) generates nothing: its work is the input tokens, and GPU-hours are
-estimated only from --throughput-tok-per-s (input tok/s of one replica), since none was measured.
+An embedding, score or classify job (--task embed, score, classify) generates nothing: its work is the input
+tokens, and GPU-hours are estimated only from --throughput-tok-per-s (input tok/s of one replica), since none was
+measured.
 """
 
 import dataclasses
@@ -61,7 +62,7 @@ PREFLIGHT_FOLDER = "_preflight"
 DEFAULT_TOK_PER_S = 16_515.0
 DEFAULT_TOK_PER_S_SOURCE = "default: BENCHMARKS.md, this pipeline's median on 1x H200, Mistral-7B shape"
 MAX_OUTPUT_TOKENS = "max_output_tokens"  # the column the budget stage adds
-NO_EMBED_THROUGHPUT = ("not estimated: no embedding throughput is measured; pass --throughput-tok-per-s, "
+NO_EMBED_THROUGHPUT = ("not estimated: no embed, score or classify throughput is measured; pass --throughput-tok-per-s, "
                        "the input tokens a second of one replica")
 
 
@@ -79,7 +80,7 @@ class Flags:
                                             "<output-path>/_preflight/, which readers skip.", default=None)
     throughput_tok_per_s: float | None = flag("Output tok/s of one replica, for --preflight's GPU-hours. Default: the "
                                               "earlier run's measured number in the output's _report.json, else 16,515 "
-                                              "(BENCHMARKS.md: 1x H200, 7B). For --task embed: input tok/s, and no "
+                                              "(BENCHMARKS.md: 1x H200, 7B). For --task embed, score, classify: input tok/s, no "
                                               "default.", default=None)
     deadline_hours: float | None = flag("For --preflight: the replicas needed to finish within this many hours.",
                                         default=None)
@@ -152,7 +153,7 @@ def replica_throughput(cfg: "Config", output_path: str, task: str = "generate") 
         if not cfg.throughput_tok_per_s > 0:
             raise ValueError(f"--throughput-tok-per-s must be > 0, got {cfg.throughput_tok_per_s}")
         return cfg.throughput_tok_per_s, "--throughput-tok-per-s"
-    if task == "embed":
+    if task != "generate":
         return None, NO_EMBED_THROUGHPUT
     if not cfg.overwrite:  # the earlier output was made with these settings (check_fingerprint)
         filesystem, path = resolve(output_path)
@@ -234,8 +235,8 @@ def format_preflight(result: dict) -> str:
     reasons = ", ".join(f"{n:,} {kind}" for kind, n in sorted(failing["by_reason"].items())) or "none"
     lines += [f"  would fail     {failing['rows']:,} rows ({reasons}): {failing['fraction']:.1%} of the output's "
               f"rows after the run; --max-error-fraction {result['max_error_fraction']}"]
-    if result["task"] == "embed":
-        lines.append("  output tokens  none (--task embed: each row's input tokens are the work)")
+    if result["task"] != "generate":
+        lines.append(f"  output tokens  none (--task {result['task']}: each row's input tokens are the work)")
     else:
         lines.append(f"  output tokens  at most {est['output_tokens_at_most']:,} (each row's max_tokens, capped by "
                      "max_model_len)")
@@ -304,7 +305,7 @@ def run_preflight(plan: "Plan") -> int:
         throughput_source=source,
         estimate=None if tok_per_s is None else estimate(
             output_tokens, tok_per_s, plan.gpus_per_replica, plan.most_replicas, cfg.deadline_hours,
-            input_tokens=result["input_tokens"]["total"] if plan.task == "embed" else None))
+            input_tokens=result["input_tokens"]["total"] if plan.task != "generate" else None))
     print(format_preflight(result))
     print(f"  report         {', '.join(save_preflight(report_dir, result))}")
     return result["exit_code"]
