@@ -39,13 +39,12 @@ class ProgressLog:
             self.survived["replica_restarts"] += 1
         self.ready.setdefault(replica, at)
 
-    def count(self, name: str, n: int) -> None:
-        self.survived[name] += n
+    def count(self, name: str, n: int) -> None:  # a name not in SURVIVED: a feature's count of rows (--repair)
+        self.survived[name] = self.survived.get(name, 0) + n
 
     def rows_done(self, replica: str, rows: int, output_tokens: int, at: float) -> None:
         self.done.append((replica, rows, output_tokens, at))
-        self.rows += rows
-        self.output_tokens += output_tokens
+        self.rows, self.output_tokens = self.rows + rows, self.output_tokens + output_tokens
 
     def totals(self) -> dict:
         return {"rows": self.rows, "output_tokens": self.output_tokens, "replicas": len(self.ready),
@@ -161,10 +160,9 @@ def over_error_budget(output: dict, max_error_fraction: float, output_path: str)
     """Why the run fails although every row is written (too many failed rows in the output), or None."""
     rows = output["ok"] + output["error"]
     failed_share = output["error"] / max(1, rows)
-    if failed_share <= max_error_fraction:
-        return None
-    return (f"{output['error']} of {rows} output rows failed ({failed_share:.0%}), more than "
-            f"--max-error-fraction {max_error_fraction} allows; they are in {output_path}/errors")
+    return None if failed_share <= max_error_fraction else (
+        f"{output['error']} of {rows} output rows failed ({failed_share:.0%}), more than --max-error-fraction "
+        f"{max_error_fraction} allows; they are in {output_path}/errors")
 
 
 def build_report(snapshot: dict, written: dict, started: float, finished: float, gpus: float) -> dict:
@@ -182,11 +180,13 @@ def build_report(snapshot: dict, written: dict, started: float, finished: float,
                          "output_tok_per_s": round(tokens / busy, 1) if busy and busy > 0 else None,
                          "ready_s": round(ready - started, 1),
                          "last_batch_s": None if last is None else round(last - started, 1)})
-    return {"rows": {"ok": written["ok"], "error": written["error"]},
+    counted = snapshot.get("survived", {})  # SURVIVED, and a feature's counts of rows, shown beside ok and error
+    return {"rows": {"ok": written["ok"], "error": written["error"],
+                     **{name: n for name, n in counted.items() if name not in SURVIVED}},
             "input_tokens": written["input_tokens"], "output_tokens": written["output_tokens"],
             "wall_s": round(wall, 1), "output_tok_per_s": round(written["output_tokens"] / wall, 1),
             "gpus": gpus, "gpu_hours": round(wall * gpus / 3600, 3), "replicas": replicas,
-            "survived": {**dict.fromkeys(SURVIVED, 0), **snapshot.get("survived", {})},
+            "survived": {name: counted.get(name, 0) for name in SURVIVED},
             **{name: datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="seconds")
                for name, at in (("started", started), ("finished", finished))},
             "throughput": throughput_series(snapshot["done"], started, finished)}  # its plot's series
@@ -194,7 +194,7 @@ def build_report(snapshot: dict, written: dict, started: float, finished: float,
 
 def format_report(report: dict) -> str:
     lines = ["run report",
-             f"  rows           {report['rows']['ok']:,} ok, {report['rows']['error']:,} error",
+             "  rows           " + ", ".join(f"{n:,} {name.replace('_', ' ')}" for name, n in report["rows"].items()),
              f"  input tokens   {report['input_tokens']:,}",
              f"  output tokens  {report['output_tokens']:,}",
              f"  output tok/s   {report['output_tok_per_s']:,.1f} overall (wall time, engine start included)",
