@@ -55,7 +55,7 @@ def test_progress_log_totals_and_snapshot():
     assert log.totals() == {"rows": 5, "output_tokens": 55, "first_ready": 10.0, "replicas": 2, "restarts": 1}
     assert log.snapshot() == {"ready": {"a": 10.0, "b": 12.0}, "done": [("a", 3, 30, 20.0), ("b", 2, 25, 21.0)],
                               "survived": {"engine_restarts": 1, "rows_rerun": 7, "rows_isolated": 0,
-                                           "replica_restarts": 1, "nodes_lost": 0}}
+                                           "replica_restarts": 1, "nodes_lost": 0}, "counted": {}}
 
 
 def test_the_progress_actor_aggregates_what_the_replicas_report(ray_local):

@@ -7,30 +7,28 @@ checks), `part(plan)` (a Part: what it adds to this job, or None), and INPUT_FOR
   - at plan time: `engine_kwargs`, `sampling` and `fingerprint` to merge, its output `columns`, and
     `stages(plan, stages)`: the chain with its stages added or swapped in;
   - in the replica, per row: `check(request)` (RowError: the row fails; --preflight calls it too),
-    `prepare(request)` before the engine request, and `output(request, output, result)`: its columns.
+    `prepare(request)` before the engine request, `output(request, output, result)` (its columns), `again`.
 """
 
 import importlib
 from dataclasses import field
 from types import ModuleType
 
-# In the order their parts run: structured output checks a sample's whole text before reasoning splits it.
+# In their parts' order: structured output checks the whole text before reasoning splits it; repair reads its spec.
 FEATURES = ("util.openai_batch", "util.images", "util.lora", "util.structured_output", "util.reasoning",
-            "util.samples", "util.embeddings", "util.scoring", "util.parallel", "util.preflight", "util.autoscale")
+            "util.samples", "util.repair", "util.embeddings", "util.scoring", "util.parallel", "util.preflight",
+            "util.autoscale")
 
 
-def flag(help: str, parse=None, metavar: str | None = None, is_flag: bool = True, unique: str | None = None,
-         **field_kwargs):
+def flag(help: str, parse=None, metavar: str | None = None, is_flag: bool = True, unique: str | None = None, **kwargs):
     """A Config field and its --flag. `parse` reads the flag's text; a dict's flag repeats, each giving a key
     and a value, and `unique` (what a key names) refuses a key given twice."""
-    return field(metadata={"help": help, "parse": parse, "metavar": metavar, "flag": is_flag, "unique": unique},
-                 **field_kwargs)
+    return field(metadata=dict(help=help, parse=parse, metavar=metavar, flag=is_flag, unique=unique), **kwargs)
 
 
 def only_for_generation(cfg, given: dict[str, bool]) -> None:
     """A feature's check: its flags set (`given`, flag -> set?) shape generated text, which another task has none of."""
-    flags = [name for name, on in given.items() if on]
-    if cfg.task != "generate" and flags:
+    if cfg.task != "generate" and (flags := [name for name, on in given.items() if on]):
         raise ValueError(f"--task {cfg.task} takes no generation flags; got {', '.join(flags)}")
 
 
@@ -74,3 +72,6 @@ class Part:
     def output(self, request, output, result: dict) -> None:
         """vLLM's finished RequestOutput as columns: set keys of `result` (the row's) or of each of
         `result["samples"]` (one per completion; the first sample's become the row's)."""
+
+    def again(self, request, result: dict) -> bool:  # after the row's answer (`result`): True runs it once more
+        return False

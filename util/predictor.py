@@ -71,9 +71,7 @@ def check(request: Request, job_sampling: dict, parts: list) -> Request:
 def timings(metrics) -> dict:
     """Seconds in queue, to first token and generating, from vLLM v1's RequestStateStats; None where vLLM
     gives no number (stats disabled, or not reached)."""
-    def seconds(later, earlier):
-        return float(later - earlier) if later and earlier and later >= earlier else None
-
+    seconds = lambda later, earlier: float(later - earlier) if later and earlier and later >= earlier else None
     if metrics is None or not hasattr(metrics, "scheduled_ts"):
         return dict.fromkeys(TIMINGS)
     ttft = getattr(metrics, "first_token_latency", None)
@@ -157,7 +155,9 @@ class LLMPredictor:
         request = Request(row, {}, {"prompt_token_ids": row[col.PROMPT_TOKEN_IDS]}, replica=self)
         try:
             check(request, sampling, parts)  # a feature may name the row's model (LoRA) before it refuses
-            result = await self.supervisor.run(row[col.ID], lambda engine: self.generate(engine, request, parts))
+            result = await self.supervisor.run(row[col.ID], attempt := lambda engine: self.generate(engine, request, parts))
+            while any(part.again(request, result) for part in parts):  # a feature runs it once more (util/repair.py)
+                result = await self.supervisor.run(row[col.ID], attempt)  # timed, and rerun at a death, as its own row
         except RowError as refused:
             result = {col.ERROR: str(refused), col.MODEL: request.model or self.model_name}
         self.progress.rows_done(1, result.get(col.NUM_GENERATED_TOKENS, 0))  # the progress line moves row by row

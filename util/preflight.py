@@ -19,8 +19,8 @@ Exit codes, the run's own: 0 it would pass; 1 more rows would fail than --max-er
 2 it would be refused (bad input), with `error: <message>` on stderr.
 
 Estimates. Output tokens are an upper bound: each row's max_tokens (the job's, or the row's own
-`sampling_params`), capped at what max_model_len leaves after the prompt, as vLLM caps it, times the
-row's n samples. GPU-hours =
+`sampling_params`), capped at what max_model_len leaves after the prompt, as vLLM caps it, plus a retry's
+where --repair may run the row once more (util/repair.py), times the row's n samples. GPU-hours =
 output tokens / (output tok/s of one replica) x GPUs per replica; engine start (about a minute,
 BENCHMARKS.md) is not included. The replica throughput is --throughput-tok-per-s, else the one measured
 by the earlier run into the same output (its _report.json, same settings), else DEFAULT_TOK_PER_S.
@@ -103,9 +103,10 @@ def row_budgets(batch: pa.Table, job_sampling: dict | None, max_model_len: int |
         error, budget = row[col.ERROR], 0
         if error is None and job_sampling is not None:
             try:
-                sampling = checked_request(row, job_sampling, parts).sampling
+                sampling = (request := checked_request(row, job_sampling, parts)).sampling
                 budget = int(sampling["max_tokens"])
                 budget = budget if max_model_len is None else min(budget, max(0, max_model_len - row[col.NUM_INPUT_TOKENS]))
+                budget += request.state.get("retry_max_tokens") or 0  # a cut row run once more (util/repair.py)
                 budget *= int(sampling.get("n") or 1)  # each of the row's n samples
             except RowError as refused:
                 error = str(refused)
@@ -238,8 +239,8 @@ def format_preflight(result: dict) -> str:
     if result["task"] != "generate":
         lines.append(f"  output tokens  none (--task {result['task']}: each row's input tokens are the work)")
     else:
-        lines.append(f"  output tokens  at most {est['output_tokens_at_most']:,} (each row's max_tokens, capped by "
-                     "max_model_len)")
+        lines.append(f"  output tokens  at most {est['output_tokens_at_most']:,} (each row's max_tokens, and any "
+                     "retry's, capped by max_model_len)")
     if est is None:
         lines.append(f"  GPU-hours      {result['throughput_source']}")
     else:

@@ -39,8 +39,8 @@ class ProgressLog:
             self.survived["replica_restarts"] += 1
         self.ready.setdefault(replica, at)
 
-    def count(self, name: str, n: int) -> None:
-        self.survived[name] += n
+    def count(self, name: str, n: int) -> None:  # a name not in SURVIVED: a feature's count of rows (--repair)
+        self.survived[name] = self.survived.get(name, 0) + n
 
     def release(self) -> None:
         self.released.set()
@@ -50,15 +50,15 @@ class ProgressLog:
 
     def rows_done(self, replica: str, rows: int, output_tokens: int, at: float) -> None:
         self.done.append((replica, rows, output_tokens, at))
-        self.rows += rows
-        self.output_tokens += output_tokens
+        self.rows, self.output_tokens = self.rows + rows, self.output_tokens + output_tokens
 
     def totals(self) -> dict:
         return {"rows": self.rows, "output_tokens": self.output_tokens, "replicas": len(self.ready),
                 "first_ready": min(self.ready.values(), default=None), "restarts": self.survived["engine_restarts"]}
 
-    def snapshot(self) -> dict:
-        return {"ready": self.ready, "done": self.done, "survived": self.survived}
+    def snapshot(self) -> dict:  # `counted`: a feature's counts of rows (--repair's), shown beside ok and error
+        return {"ready": self.ready, "done": self.done, "survived": {n: self.survived[n] for n in SURVIVED},
+                "counted": {n: c for n, c in self.survived.items() if n not in SURVIVED}}
 
 
 def progress_line(rows_done: int, total_rows: int | None, output_tok_per_s: float, eta_s: float | None,
@@ -180,7 +180,6 @@ def over_error_budget(output: dict, max_error_fraction: float, output_path: str)
     """Why the run fails although every row is written (too many failed rows in the output), or None."""
     rows = output["ok"] + output["error"]
     failed_share = output["error"] / max(1, rows)
-    if failed_share <= max_error_fraction:
-        return None
-    return (f"{output['error']} of {rows} output rows failed ({failed_share:.0%}), more than "
-            f"--max-error-fraction {max_error_fraction} allows; they are in {output_path}/errors")
+    return None if failed_share <= max_error_fraction else (
+        f"{output['error']} of {rows} output rows failed ({failed_share:.0%}), more than --max-error-fraction "
+        f"{max_error_fraction} allows; they are in {output_path}/errors")

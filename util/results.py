@@ -83,7 +83,7 @@ def build_report(snapshot: dict, written: dict, started: float, finished: float,
                          "output_tok_per_s": round(tokens / busy, 1) if busy and busy > 0 else None,
                          "ready_s": round(ready - started, 1),
                          "last_batch_s": None if last is None else round(last - started, 1)})
-    return {"rows": {"ok": written["ok"], "error": written["error"]},
+    return {"rows": {"ok": written["ok"], "error": written["error"], **snapshot.get("counted", {})},
             "input_tokens": written["input_tokens"], "output_tokens": written["output_tokens"],
             "wall_s": round(wall, 1), "output_tok_per_s": round(written["output_tokens"] / wall, 1),
             "gpus": gpus, "gpu_hours": round(wall * gpus / 3600, 3), "replicas": replicas,
@@ -95,7 +95,7 @@ def build_report(snapshot: dict, written: dict, started: float, finished: float,
 
 def format_report(report: dict) -> str:
     lines = ["run report",
-             f"  rows           {report['rows']['ok']:,} ok, {report['rows']['error']:,} error",
+             "  rows           " + ", ".join(f"{n:,} {name.replace('_', ' ')}" for name, n in report["rows"].items()),
              f"  input tokens   {report['input_tokens']:,}",
              f"  output tokens  {report['output_tokens']:,}",
              f"  output tok/s   {report['output_tok_per_s']:,.1f} overall (wall time, engine start included)",

@@ -293,9 +293,9 @@ class StructuredOutput(Part):
         if spec:
             request.sampling["structured_outputs"] = request.state["structured_outputs"] = spec
 
-    async def prepare(self, request) -> None:
-        if "structured_outputs" in request.sampling:
-            request.sampling["structured_outputs"] = vllm_params(request.sampling["structured_outputs"])
+    async def prepare(self, request) -> None:  # from the spec each time: a row may run again (a new engine, --repair)
+        if "structured_outputs" in request.state:
+            request.sampling["structured_outputs"] = vllm_params(request.state["structured_outputs"])
 
     def output(self, request, output, result: dict) -> None:
         spec = request.state.get("structured_outputs")
