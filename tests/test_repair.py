@@ -131,7 +131,7 @@ def run_rows(predictor: LLMPredictor, rows: list[dict], mode: str = "structured"
     batch = pa.table({"id": [r["id"] for r in rows], "prompt_token_ids": [[1, 2, 3]] * len(rows),
                       "error": pa.array([None] * len(rows), pa.string()),
                       "sampling_params": [json.dumps(r["sampling"]) for r in rows]})
-    finished = asyncio.run(predictor.predict(batch, {"max_tokens": 64, "temperature": 0.0}, parts))
+    finished = asyncio.run(predictor.answer(batch, {"max_tokens": 64, "temperature": 0.0}, parts))
     return finished.to_pylist()
 
 

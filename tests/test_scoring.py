@@ -217,7 +217,7 @@ def run_predictor(task: str, rows: list[dict], outputs: dict, id2label: dict) ->
     predictor.supervisor = SimpleNamespace(engine=engine, run=lambda row_id, attempt: attempt(engine))
     part = Scoring(task, {}, "text_pair" if task == "score" else None)
     batch = pa.Table.from_pylist(rows)
-    return asyncio.run(predictor.predict(batch, {}, [part])).to_pylist()
+    return asyncio.run(predictor.answer(batch, {}, [part])).to_pylist()
 
 
 def test_classify_names_the_likeliest_label_from_id2label():

@@ -58,8 +58,7 @@ class EmbeddingPredictor(LLMPredictor):
         data = final.outputs.data  # a tensor of the model's hidden size
         return {EMBEDDING: data.float().tolist() if hasattr(data, "float") else list(data)}
 
-    async def predict(self, batch: pa.Table, sampling: dict, parts: list) -> pa.Table:
-        await self.progress.released()
+    async def answer(self, batch: pa.Table, sampling: dict, parts: list) -> pa.Table:
         results = await asyncio.gather(*[self.embed(row) for row in batch.to_pylist()])
         self.progress.rows_done(len(results), 0, flush=True)
         for result in results:

@@ -139,8 +139,11 @@ class LLMPredictor:
 
     async def predict(self, batch: pa.Table, sampling: dict, parts: list) -> pa.Table:
         """The batch answered with the job's `sampling` and features' `parts` (a warm replica serves a job
-        of its own: util/replica_pool.py), once the run lets rows run."""
+        of its own: util/replica_pool.py), once the run lets rows run (its input passed its check)."""
         await self.progress.released()
+        return await self.answer(batch, sampling, parts)
+
+    async def answer(self, batch: pa.Table, sampling: dict, parts: list) -> pa.Table:  # a task's own: embed, score
         results = await asyncio.gather(*[self.run_row(row, sampling, parts) for row in batch.to_pylist()])
         self.progress.rows_done(0, 0, flush=True)  # the batch's last rows: Ray Data writes it now
         columns = {**self.COLUMNS, **{k: v for part in parts for k, v in part.columns.items()}}

@@ -168,7 +168,7 @@ class ScoringPredictor(LLMPredictor):
         except TypeError:
             return engine_args_class(model=model, **{"task": "classify", **engine_kwargs})
 
-    async def predict(self, batch: pa.Table, sampling: dict, parts: list) -> pa.Table:
+    async def answer(self, batch: pa.Table, sampling: dict, parts: list) -> pa.Table:
         task = next(part.task for part in parts if isinstance(part, Scoring))
         results = await asyncio.gather(*[self.score_row(row, task) for row in batch.to_pylist()])
         self.progress.rows_done(len(results), 0, flush=True)
