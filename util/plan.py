@@ -88,12 +88,12 @@ def resolve_model(plan: Plan) -> None:
     """The prompt format "auto" stands for, max_model_len, and the model's hub commit and chat template hash,
     from its tokenizer, loaded once, here. A tokenizer that cannot be loaded on the driver is left to the
     formatter, which reports the problem with the rows it meets."""
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast  # not AutoTokenizer: its import takes torch, 3 s on 2 CPUs
 
     cfg = plan.cfg
     plan.provenance.update(model_commit=None, prompt_format=None, chat_template_sha256=None)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.model, revision=cfg.revision)
     except Exception:
         return
     plan.prompt_format = plan.provenance["prompt_format"] = choose_prompt_format(cfg.model, tokenizer, cfg.prompt_format)

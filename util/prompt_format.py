@@ -11,6 +11,7 @@ long) gets a reason instead of failing the batch.
 """
 
 import functools
+import json
 
 import pyarrow as pa
 
@@ -36,11 +37,12 @@ def model_max_length(model: str, revision: str | None = None, override: int | No
     """The longest sequence the engine accepts: an explicit max_model_len, else the model's config."""
     if override:
         return int(override)
-    from transformers import AutoConfig
+    from transformers.utils.hub import cached_file  # not AutoConfig: its import takes torch (the driver has none)
 
-    config = AutoConfig.from_pretrained(model, revision=revision)
+    with open(cached_file(model, "config.json", revision=revision), encoding="utf-8") as file:
+        config = json.load(file)
     # A vision-language model's config holds its text model's: the length is that model's.
-    return getattr(config.get_text_config(), "max_position_embeddings", None)
+    return config.get("text_config", config).get("max_position_embeddings")
 
 
 class PromptFormatter:
