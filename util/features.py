@@ -14,9 +14,9 @@ import importlib
 from dataclasses import field
 from types import ModuleType
 
-# In the order their parts run: structured output checks a sample's whole text before reasoning splits it.
+# In the order their parts run: structured output checks a whole text, reasoning splits it, tool calls read the rest.
 FEATURES = ("util.openai_batch", "util.images", "util.lora", "util.structured_output", "util.reasoning",
-            "util.samples", "util.embeddings", "util.parallel", "util.preflight", "util.autoscale")
+            "util.tool_calls", "util.samples", "util.embeddings", "util.parallel", "util.preflight", "util.autoscale")
 
 
 def flag(help: str, parse=None, metavar: str | None = None, is_flag: bool = True, unique: str | None = None,
