@@ -26,7 +26,8 @@ a parser's calls keep the parser's ids. Earlier turns' `tool_calls` and `role: "
 in an OpenAI request's messages go to the template as vLLM gives them: each call's arguments as an object.
 
 A bad `tools` or `tool_choice` fails its row alone, naming what is wrong (`invalid tools: tools[0].function
-has no name (a non-empty string)`), as does a row with tools whose prompt format is not the chat template, or whose job has images.
+has no name (a non-empty string)`), as does a row with tools whose prompt format is not the chat template,
+or whose job has images.
 """
 
 import dataclasses
