@@ -74,11 +74,12 @@ def test_body_parameters_are_converted_as_vllms_server_converts_them(body, sampl
     (request("q-1", "Hi", logprobs=True, top_logprobs=21), "q-1",
      "in.jsonl:4: top_logprobs=21 must be an integer from 0 to 20"),
     (request("q-1", "Hi", logprobs=1), "q-1", "in.jsonl:4: logprobs=1 must be true or false"),
-    (request("q-1", "Hi", tools=[{"type": "function", "function": {"name": "f"}}]), "q-1",
-     'in.jsonl:4: tools=[{"type": "function", "function": {"name": "f"}}] is not supported '
-     "(no tool calls; tools may be null or [])"),
-    (request("q-1", "Hi", tool_choice="required"), "q-1",
-     'in.jsonl:4: tool_choice="required" is not supported (no tool calls; tool_choice may be null or "none" or "auto")'),
+    # Tools are util/tool_calls.py's (tests/test_tool_calls.py); the deprecated functions are not served.
+    (request("q-1", "Hi", functions=[{"name": "f"}]), "q-1",
+     'in.jsonl:4: functions=[{"name": "f"}] is not supported (no function calls; functions may be null or [])'),
+    (request("q-1", "Hi", function_call={"name": "f"}), "q-1",
+     'in.jsonl:4: function_call={"name": "f"} is not supported (no function calls; function_call may be null or '
+     '"none" or "auto")'),
     (request("q-1", "Hi", modalities=["text", "audio"]), "q-1",
      'in.jsonl:4: modalities=["text", "audio"] is not supported (text output only; modalities may be null or ["text"])'),
     (request("q-1", "Hi", audio={"voice": "alloy", "format": "wav"}), "q-1",
@@ -419,3 +420,12 @@ def test_what_the_model_or_vllm_cannot_serve_is_that_lines_error_record(paramete
     # vLLM's own reasons.
     assert "token_id(s) [99999999] in logit_bias contain out-of-vocab token ids" in message["out-of-vocab"]
     assert "presence_penalty must be in [-2, 2], got 3" in message["penalty-out-of-range"]
+
+
+def test_without_the_tool_calls_feature_tools_are_refused(monkeypatch):
+    """util/tool_calls.py serves `tools` (its BODY_COLUMNS); a template without it refuses them, by line."""
+    monkeypatch.setattr("util.openai_batch.body_columns", dict)
+    row = request_row(request("q-1", "Hi", tools=[{"type": "function", "function": {"name": "f"}}]), "in.jsonl:4")
+    assert row["request_error"] == ('in.jsonl:4: tools=[{"type": "function", "function": {"name": "f"}}] is not '
+                                    "supported (no tool calls; tools may be null or [])")
+    assert request_row(request("q-2", "Hi", tools=[], tool_choice="auto"), "in.jsonl:5")["request_error"] is None

@@ -14,10 +14,11 @@ import importlib
 from dataclasses import field
 from types import ModuleType
 
-# In their parts' order: structured output checks the whole text before reasoning splits it; repair reads its spec.
+# In their parts' order: structured output checks a whole text, reasoning splits it, tool calls read the rest,
+# repair reads structured output's spec.
 FEATURES = ("util.openai_batch", "util.images", "util.lora", "util.structured_output", "util.reasoning",
-            "util.samples", "util.repair", "util.embeddings", "util.scoring", "util.parallel", "util.preflight",
-            "util.autoscale")
+            "util.tool_calls", "util.samples", "util.repair", "util.embeddings", "util.scoring", "util.parallel",
+            "util.preflight", "util.autoscale")
 
 
 def flag(help: str, parse=None, metavar: str | None = None, is_flag: bool = True, unique: str | None = None, **kwargs):

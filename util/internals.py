@@ -169,6 +169,23 @@ def chat_completion_request() -> type:
                 "nor vllm.entrypoints.openai.protocol")
 
 
+@functools.cache
+def tool_parser_names() -> tuple[str, ...]:
+    """The tool-call parsers vLLM registers (`vllm serve --tool-call-parser`)."""
+    return tuple(sorted(_find("vllm.tool_parsers:ToolParserManager").list_registered()))
+
+
+def tool_parser(name: str) -> type:
+    """vLLM's tool-call parser class of that name: ToolParser(tokenizer, tools).extract_tool_calls(text, request)."""
+    return _find("vllm.tool_parsers:ToolParserManager").get_tool_parser(name)
+
+
+def tool_call_schema():
+    """vLLM's get_json_schema_from_tools(tool_choice, tools): the JSON schema its server guides a named or
+    "required" tool_choice's text to (vllm.tool_parsers.utils in 0.26 and 0.32)."""
+    return _find("vllm.tool_parsers.utils:get_json_schema_from_tools")
+
+
 def image_media_io() -> type:
     """vLLM's image decoder for multi_modal_data, the one its OpenAI server decodes an image_url with."""
     return _find("vllm.multimodal.media:ImageMediaIO")
@@ -186,6 +203,9 @@ CHECKS = {
     "vllm.reasoning.ReasoningParserManager": reasoning_parser_names,
     "vllm ChatCompletionRequest": chat_completion_request,
     "vllm.multimodal.media.ImageMediaIO": image_media_io,
+    "vllm.tool_parsers.ToolParserManager": tool_parser_names,
+    "vllm.tool_parsers.ToolParserManager.get_tool_parser": lambda: tool_parser("hermes"),
+    "vllm.tool_parsers.utils.get_json_schema_from_tools": tool_call_schema,
 }
 
 

@@ -19,7 +19,9 @@ own sampling parameters (`max_tokens`, `max_completion_tokens`, `temperature`, `
 `top_logprobs`), converted as vLLM's own server converts them (body_sampling): max_completion_tokens over
 max_tokens, a stop string or list, logit_bias's token ids given as JSON strings, biases clamped to
 [-100, 100]. A null parameter counts as not given; one that asks for no unsupported feature is
-accepted (`"stream": false`, `"tools": []`, `parallel_tool_calls`, ...). A line that is not a valid
+accepted (`"stream": false`, `"tools": []`, ...). Parameters a feature serves go to columns of the row, one
+each (BODY_COLUMNS: util/tool_calls.py's `tools`, `tool_choice` and `parallel_tool_calls`); without that
+feature, `tools` must be empty and `tool_choice` "none" or "auto". A line that is not a valid
 request (not JSON, no custom_id, another url, a parameter the openai package does not know, a value of the
 wrong type, a value that asks for something unsupported, such as `"stream": true`, named in the message)
 becomes an error record instead of stopping the job, as the Batch API's error file has it; so does one whose
@@ -51,7 +53,8 @@ name registered with --lora is that adapter, the base model none, and another mo
 record's `model` names the adapter. Without --lora, `model` is ignored: the job's model answers.
 
 `"n": 2` gives two choices (usage.completion_tokens counts both); `"logprobs": true, "top_logprobs": 3`
-gives each choice `logprobs.content`, as the SDK's ChatCompletionTokenLogprob has it; a job run with
+gives each choice `logprobs.content`, as the SDK's ChatCompletionTokenLogprob has it; a choice whose answer
+called tools has `message.tool_calls` (util/tool_calls.py says when `finish_reason` is "tool_calls"); a job run with
 --reasoning-parser gives each message its `reasoning_content` (thinking) beside `content` (the answer),
 and one run with --prompt-logprobs the body's `prompt_logprobs`, as vLLM's server names them.
 
@@ -139,6 +142,11 @@ ROW_ERRORS[IMAGE_REFUSED] = "an image_url part ({part}), but {reason}"
 # Columns the reader gives each request; `messages` is what the prompt formatter reads.
 # `request_error`: why a line is not a valid request; the formatter turns it into the row's `error`.
 REQUEST_COLUMNS = ("custom_id", "messages", col.SAMPLING_PARAMS, col.REQUEST_MODEL, col.REQUEST_ERROR)
+
+
+def body_columns() -> dict[str, str]:
+    """Body parameters that a present feature serves (its BODY_COLUMNS), each to a column of its name: JSON text."""
+    return registry("BODY_COLUMNS")
 
 
 @functools.cache
@@ -276,7 +284,7 @@ def body_sampling(body: dict) -> dict:
 
 def _refused(custom_id: str, reason: str) -> dict:
     return {"custom_id": custom_id, "messages": None, col.SAMPLING_PARAMS: None, col.REQUEST_MODEL: None,
-            col.REQUEST_ERROR: reason}
+            col.REQUEST_ERROR: reason, **dict.fromkeys(body_columns().values())}
 
 
 def request_row(line: str, where: str) -> dict:
@@ -305,8 +313,9 @@ def request_row(line: str, where: str) -> dict:
     unknown = sorted(set(body) - chat_parameters())
     if unknown:
         return _refused(custom_id, f"{where}: unknown body parameter(s): {', '.join(unknown)}")
+    served = body_columns()
     for name, value in body.items():
-        if reason := unsupported_value(name, value):
+        if name not in served and (reason := unsupported_value(name, value)):
             return _refused(custom_id, f"{where}: {reason}")
     try:
         sampling = body_sampling(body)
@@ -314,7 +323,9 @@ def request_row(line: str, where: str) -> dict:
         return _refused(custom_id, f"{where}: {error}")
     return {"custom_id": custom_id, "messages": json.dumps(messages, ensure_ascii=False),
             col.SAMPLING_PARAMS: json.dumps(sampling, ensure_ascii=False) if sampling else None,
-            col.REQUEST_MODEL: body.get("model"), col.REQUEST_ERROR: None}
+            col.REQUEST_MODEL: body.get("model"), col.REQUEST_ERROR: None,
+            **{column: None if body.get(name) is None else json.dumps(body[name], ensure_ascii=False)
+               for name, column in served.items()}}
 
 
 def embedding_request_row(custom_id: str, body, where: str) -> dict:
@@ -333,7 +344,7 @@ def embedding_request_row(custom_id: str, body, where: str) -> dict:
         if reason := unsupported_value(name, value, EMBEDDING_IGNORED, EMBEDDING_DEFAULT_ONLY):
             return _refused(custom_id, f"{where}: {reason}")
     return {"custom_id": custom_id, "messages": json.dumps(text, ensure_ascii=False), col.SAMPLING_PARAMS: None,
-            col.REQUEST_MODEL: body.get("model"), col.REQUEST_ERROR: None}
+            col.REQUEST_MODEL: body.get("model"), col.REQUEST_ERROR: None, **dict.fromkeys(body_columns().values())}
 
 
 def scoring_request_row(custom_id: str, url: str, body, where: str) -> dict:
@@ -399,7 +410,8 @@ def request_kind(line: str) -> tuple[str | None, bool]:
 
 
 def request_table(rows: list[dict]) -> pa.Table:
-    return pa.table({name: pa.array([row[name] for row in rows], pa.string()) for name in REQUEST_COLUMNS})
+    return pa.table({name: pa.array([row[name] for row in rows], pa.string())
+                     for name in (*REQUEST_COLUMNS, *body_columns().values())})
 
 
 def output_record(row: dict, created: int | None = None) -> dict:
@@ -425,7 +437,7 @@ def output_record(row: dict, created: int | None = None) -> dict:
     # Each sample in the shape of a `completions` entry (util/columns.py COMPLETION): n of them, or the row's one.
     samples = row.get("completions") or [{"text": row[col.GENERATED_TEXT], "finish_reason": row[col.FINISH_REASON],
                                             "reasoning_content": row.get("reasoning_content"),
-                                            "logprobs": row.get("logprobs"),
+                                            "logprobs": row.get("logprobs"), "tool_calls": row.get("tool_calls"),
                                             "structured_output_error": row.get("structured_output_error")}]
     body = {"id": f"chatcmpl-{request_id}", "object": "chat.completion",
             "created": int(time.time()) if created is None else created, "model": row["model"],
@@ -470,6 +482,8 @@ def _choice(index: int, sample: dict) -> dict:
     message = {"role": "assistant", "content": sample["text"]}
     if sample.get("reasoning_content") is not None:  # a reasoning parser ran: the thinking, apart
         message["reasoning_content"] = sample["reasoning_content"]
+    if sample.get("tool_calls"):  # the answer called tools (util/tool_calls.py)
+        message["tool_calls"] = sample["tool_calls"]
     choice = {"index": index, "message": message, "logprobs": openai_logprobs(sample.get("logprobs")),
               "finish_reason": sample["finish_reason"]}
     if sample.get("structured_output_error"):  # asked for JSON (response_format) and the text does not parse

@@ -8,8 +8,8 @@ prompt_logprobs):
 - `generated_text`, `finish_reason` and the other per-sample columns are the first sample's, so a reader
   that knows nothing of `n` keeps working; `num_generated_tokens` counts every sample's tokens (as OpenAI's
   usage.completion_tokens does).
-- `completions`: every sample, each with its text, reasoning, finish reason, token count, log-probabilities
-  and structured-output check, when the row asked for n > 1; else null.
+- `completions`: every sample, each with its text, reasoning, finish reason, token count, log-probabilities,
+  structured-output check and tool calls, when the row asked for n > 1; else null.
 - `logprobs`: per generated token, {token, token_id, logprob, top_logprobs: the K likeliest, by rank}, when
   the row asked for them (`logprobs: K`, K = 0 for the chosen token's alone); `prompt_logprobs` the same per
   prompt token (`prompt_logprobs: K`), the first token's logprob null (nothing precedes it).
@@ -32,9 +32,13 @@ COMPLETIONS, LOGPROBS, PROMPT_LOGPROBS = "completions", "logprobs", "prompt_logp
 TOP_LOGPROB = pa.struct([("token", pa.string()), ("token_id", pa.int64()), ("logprob", pa.float64())])
 TOKEN_LOGPROBS = pa.list_(pa.struct([*TOP_LOGPROB, pa.field("top_logprobs", pa.list_(TOP_LOGPROB))]))
 # A sample: its own columns, and those other features give each sample (reasoning, structured output).
+# tool_calls: util/tool_calls.py's TOOL_CALLS_TYPE, spelled here so that neither feature needs the other.
+TOOL_CALLS = pa.list_(pa.struct([("id", pa.string()), ("type", pa.string()),
+                                 ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))]))
 COMPLETION = pa.struct([("text", pa.string()), ("reasoning_content", pa.string()),
                         ("finish_reason", pa.string()), ("num_generated_tokens", pa.int64()),
-                        ("logprobs", TOKEN_LOGPROBS), ("structured_output_error", pa.string())])
+                        ("logprobs", TOKEN_LOGPROBS), ("structured_output_error", pa.string()),
+                        ("tool_calls", TOOL_CALLS)])
 COMPLETIONS_TYPE = pa.list_(COMPLETION)
 LOGPROB_FLOOR = -9999.0  # what vLLM's OpenAI server writes for -inf
 
