@@ -5,7 +5,7 @@
     python -m bench.agreement --model <dir> --config 'fp8_both=quantization=fp8;kv_cache_dtype=fp8' --out a
     python -m bench.agreement --model <dir> --config bf16_again= --out noise  # the baseline against itself
     python -m bench.agreement --model <dir> --configs bf16 --config float32=dtype=float32 \\
-        --num-prompts 8 --max-tokens 16 --out /tmp/agree                      # CPU: FP8 needs a GPU
+        --num-prompts 8 --max-tokens 16 --out /tmp/agree                      # CPU: FP8 weights need a GPU
 
 The smoke model (SmolLM2-135M-Instruct) is built with
 `python -c "from util.smol_model import smol_model_dir; print(smol_model_dir())"`; any local model
@@ -35,6 +35,7 @@ the same as a table.
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -97,12 +98,20 @@ def summarize(runs: dict[str, dict], baseline: str) -> dict:
     return {"baseline": baseline, "baseline_failed": base is None, "configs": configs}
 
 
+def failure_cause(failure: dict) -> str:
+    """The first exception in the log (its root cause: the engine process's, above the client's "see root
+    cause above"), else the log's last line."""
+    for line in failure["error_lines"]:
+        if exception := re.search(r"\w+(?:Error|Exception): .*", line):
+            return exception[0].strip()
+    return (failure["log_tail"] or [""])[-1].strip()
+
+
 def table(summary: dict) -> str:
     lines = [f"{'configuration':16} {'same text':>10} {'same ids':>10} {'1st diff (median)':>18} {'out tok/s':>10}"]
     for name, row in summary["configs"].items():
         if "failed" in row:
-            cause = (row["failed"]["error_lines"] or row["failed"]["log_tail"] or [""])[-1].strip()
-            lines.append(f"{name:16} FAILED (exit {row['failed']['exit_code']}): {cause[:120]}")
+            lines.append(f"{name:16} FAILED (exit {row['failed']['exit_code']}): {failure_cause(row['failed'])[:120]}")
             continue
         if name == summary["baseline"]:
             text = ids = "baseline"

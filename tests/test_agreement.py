@@ -72,7 +72,9 @@ def test_answers_for_other_prompts_are_refused():
 
 def test_a_failed_configuration_is_reported_in_run_order_and_the_others_compared():
     failure = {"exit_code": 1, "log": "logs/fp8_weights.log", "log_tail": ["Traceback", "last line"],
-               "error_lines": ["ValueError: fp8 quantization is not supported on CPU"]}
+               "error_lines": ["(Worker pid=7) ERROR 12-05 01:41:20 [executor.py:953] ValueError: no fp8 on CPU",
+                               "    raise RuntimeError(",
+                               "RuntimeError: Engine core initialization failed. See root cause above."]}
     parted = [answer(1, 2, 3, 5), *BASELINE[1:]]
     summary = summarize({"bf16": run(BASELINE, 120.0), "fp8_weights": {"failed": failure},
                          "fp8_kv": run(parted, 150.0)}, baseline="bf16")
@@ -84,7 +86,7 @@ def test_a_failed_configuration_is_reported_in_run_order_and_the_others_compared
     assert (kv["identical_token_ids_share"], kv["first_difference_median"], kv["output_tok_per_s"]) == (0.75, 3, 150.0)
     lines = table(summary).splitlines()
     assert lines[1].split() == ["bf16", "baseline", "baseline", "120.0"]
-    assert lines[2] == "fp8_weights      FAILED (exit 1): ValueError: fp8 quantization is not supported on CPU"
+    assert lines[2] == "fp8_weights      FAILED (exit 1): ValueError: no fp8 on CPU"
     assert lines[3].split() == ["fp8_kv", "75.0%", "75.0%", "3", "150.0"]
 
 
