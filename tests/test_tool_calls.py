@@ -419,7 +419,7 @@ def test_a_tables_tools_column_gives_a_tool_calls_column(table_run):
     assert (parsed["generated_text"], parsed["finish_reason"]) == ("", "tool_calls")
     assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed["tool_calls"]] == [
         ("function", "get_weather", {"city": "Paris"})]
-    assert named["finish_reason"] == "stop" and named["tool_calls"][0]["id"] == call_id("named", 0, 0)
+    assert named["finish_reason"] == "tool_calls" and named["tool_calls"][0]["id"] == call_id("named", 0, 0)
     assert set(json.loads(named["tool_calls"][0]["function"]["arguments"])) == {"city"}
     assert (plain["generated_text"], plain["tool_calls"]) == ("The capital of France is Paris.", None)
     assert bad["error"].startswith("invalid tools: tools[0].function.parameters is not a valid JSON schema: 'text' is not")

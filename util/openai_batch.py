@@ -410,7 +410,7 @@ def request_kind(line: str) -> tuple[str | None, bool]:
 
 
 def request_table(rows: list[dict]) -> pa.Table:
-    return pa.table({name: pa.array([row[name] for row in rows], pa.string())
+    return pa.table({name: pa.array([row.get(name) for row in rows], pa.string())  # a score line has no tools
                      for name in (*REQUEST_COLUMNS, *body_columns().values())})
 
 

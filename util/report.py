@@ -107,8 +107,7 @@ class ProgressReporter:
         # On the driver's node: it is lost only with the driver (a node lost mid-run is survived).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.actor = ray.remote(num_cpus=0)(ProgressLog).options(name=PROGRESS_ACTOR, scheduling_strategy=here).remote(
-            self.held)
-        ray.get(self.actor.__ray_ready__.remote())  # a replica that starts now finds it, and waits for its release
+            self.held)  # registered by now (a name is claimed at once): a replica that starts finds it
         self.nodes = alive_nodes()
         self.started, self._thread = time.time(), threading.Thread(target=self._print_progress, daemon=True)
         self._thread.start()
