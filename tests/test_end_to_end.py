@@ -67,6 +67,25 @@ def test_summary_line_and_nothing_after_the_report_but_the_end(smoke_run):
     assert "logging_progress.py" not in output and " INFO " not in output, output
 
 
+# Warnings the run quiets at their source (util/workers.py, util/engine.py CPU_ENV_VARS, util/replica_host.py),
+# and what an engine stopped under its replica used to print after a good run.
+QUIETED = ("Model Runner V2 requires Triton", "torch.distributed.reduce_op", "Passing raw prompts to InputProcessor",
+           "Loading safetensors checkpoint shards", "Token authentication is enabled", "resource_tracker",
+           "engine core exited unexpectedly", "output_handler failed", "force killing")
+# Ray core logs this at ERROR, once per driver, for every Ray Data actor pool: Ray Data passes each actor its
+# DataContext and transformer by reference, and sets max_restarts -1 (ray-project/ray#53727).
+RAY_DATA_ACTOR_LINE = "has constructor arguments in the object store and max_restarts > 0"
+
+
+def test_a_good_run_prints_no_error_no_traceback_and_no_quieted_warning(smoke_run):
+    lines = smoke_run["output"].splitlines()  # the driver's, and every line Ray forwards from the replica
+    bad = [line for line in lines if ("ERROR" in line or "Traceback" in line or " E " in line)
+           and RAY_DATA_ACTOR_LINE not in line]
+    assert bad == [], "\n".join(bad)
+    quieted = [line for line in lines if any(text in line for text in QUIETED)]
+    assert quieted == [], "\n".join(quieted)
+
+
 def test_smoke_run_leaves_a_complete_manifest_that_accounts_for_every_row(smoke_run):
     table, manifest = smoke_run["table"], smoke_run["manifest"]
     assert (manifest["status"], manifest["reason"]) == ("complete", None)

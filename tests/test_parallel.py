@@ -7,6 +7,7 @@ bundle per shard, and the GPUs a run holds. No Ray, no model files: `make_plan` 
 import pytest
 
 from util.config import Config, parse_args
+from util.engine import REPLICA_ENV_VARS
 from util.plan import make_plan
 
 GPUS = {"CPU": 32.0, "GPU": 8.0, "accelerator_type:H100": 8.0}
@@ -19,7 +20,8 @@ def plan_of(cluster: dict = GPUS, **config):
 def test_a_one_gpu_replica_has_no_part_and_reserves_its_gpu_as_an_actor():
     plan = plan_of(accelerator_type="H100")
     assert not [p for p in plan.parts if type(p).__name__ == "Parallel"]
-    assert plan.replica_resources == {"num_gpus": 1.0, "accelerator_type": "H100"}
+    assert plan.replica_resources == {"num_gpus": 1.0, "accelerator_type": "H100",
+                                      "runtime_env": {"env_vars": REPLICA_ENV_VARS}}
     assert "tensor_parallel_size" not in plan.engine_kwargs
 
 
@@ -40,7 +42,8 @@ def test_a_multi_gpu_replica_gets_a_placement_group_of_one_gpu_bundle_each():
 def test_local_shard_processes_make_the_actor_reserve_the_gpus_itself():
     local = plan_of(accelerator_type="H100", tensor_parallel_size=2,
                     engine_arg={"distributed_executor_backend": "mp"})
-    assert local.replica_resources == {"num_gpus": 2, "accelerator_type": "H100"}
+    assert local.replica_resources == {"num_gpus": 2, "accelerator_type": "H100",
+                                       "runtime_env": {"env_vars": REPLICA_ENV_VARS}}
     assert local.engine_kwargs["distributed_executor_backend"] == "mp"  # the user's --engine-arg wins
 
 

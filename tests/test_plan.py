@@ -10,7 +10,7 @@ import json
 import pytest
 
 from util.config import Config
-from util.engine import CPU_ENGINE_KWARGS, CPU_ENV_VARS, engine_kwargs
+from util.engine import CPU_ENGINE_KWARGS, CPU_ENV_VARS, REPLICA_ENV_VARS, engine_kwargs
 from util.errors import InputError
 from util.plan import check_cluster_fits, make_plan
 
@@ -38,7 +38,10 @@ def test_engine_kwargs_precedence():
 def test_a_cpu_plan_runs_half_a_cpu_replica_with_the_cpu_engine_settings():
     plan = plan_of(concurrency=1)
     assert not plan.choice.use_gpu
-    assert plan.replica_resources == {"num_cpus": 0.5, "runtime_env": {"env_vars": CPU_ENV_VARS}}
+    # Ray leaves the replica's engine processes to it (util/replica_host.py), which learns how many share the cores.
+    assert plan.replica_resources == {"num_cpus": 0.5, "runtime_env": {"env_vars": {
+        "RAY_kill_child_processes_on_worker_exit": "false", **CPU_ENV_VARS, "BATCH_LLM_REPLICAS": "1"}}}
+    assert plan_of(concurrency=2).replica_resources["runtime_env"]["env_vars"]["BATCH_LLM_REPLICAS"] == "2"
     assert plan.engine_kwargs["max_num_seqs"] == CPU_ENGINE_KWARGS["max_num_seqs"]
     assert plan.gpus_held == 0 and plan.provenance["accelerator"] == "CPU"
     assert plan.fingerprint["engine"] == plan.engine_kwargs and plan.fingerprint["sampling"] == plan.sampling
@@ -46,10 +49,12 @@ def test_a_cpu_plan_runs_half_a_cpu_replica_with_the_cpu_engine_settings():
 
 def test_gpus_held_are_every_replicas_for_the_whole_run():
     plan = plan_of({"CPU": 16.0, "GPU": 8.0}, concurrency=3, accelerator_type="any")
-    assert (plan.gpus_per_replica, plan.gpus_held, plan.replica_resources) == (1, 3, {"num_gpus": 1.0})
+    on_gpu = {"runtime_env": {"env_vars": REPLICA_ENV_VARS}}  # no CPU settings
+    assert (plan.gpus_per_replica, plan.gpus_held, plan.replica_resources) == (1, 3, {"num_gpus": 1.0, **on_gpu})
     assert plan.provenance["accelerator"] == "GPU"
     shared = plan_of({"CPU": 16.0, "GPU": 1.0}, concurrency=2, gpus_per_replica=0.5, accelerator_type="any")
-    assert (shared.gpus_per_replica, shared.gpus_held, shared.replica_resources) == (0.5, 1.0, {"num_gpus": 0.5})
+    assert (shared.gpus_per_replica, shared.gpus_held) == (0.5, 1.0)
+    assert shared.replica_resources == {"num_gpus": 0.5, **on_gpu}
 
 
 def test_an_h200_cluster_gets_2048_sequences_and_batches_in_flight_for_twice_that():

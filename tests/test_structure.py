@@ -130,9 +130,11 @@ def test_the_cores_tests_pass_with_every_feature_deleted():
 
 @pytest.mark.engine
 def test_the_smoke_job_runs_with_every_feature_deleted(tmp_path):
-    run = subprocess.run([sys.executable, "main.py", "--smoke", "--limit", "3", "--output-path", str(tmp_path / "out")],
-                         cwd=REPO, env=without_features(), capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "main.py", "--smoke", "--limit", "3", "--output-path", str(tmp_path / "out"),
+                          "--verbose"], cwd=REPO, env=without_features(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-5000:]
+    shown = run.stdout + run.stderr  # --verbose: vLLM's INFO lines, and its loading's progress bar
+    assert " INFO " in shown and "Loading safetensors checkpoint shards" in shown
     assert "summary: 3 rows: 3 ok, 0 errors, 0 already done" in run.stdout
     table = pq.read_table(tmp_path / "out")
     assert table.num_rows == 3 and all(table["generated_text"].to_pylist())

@@ -3,7 +3,10 @@
 
 import json
 import logging
+import logging.config
 import os
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,8 +17,8 @@ import pytest
 from conftest import closed_local_port_url
 from util import workers as hf_token
 from util.config import parse_args
-from util.workers import (model_access, prompt_for_hugging_face_token, ray_init_kwargs, resolve_hugging_face_token,
-                          worker_runtime_env)
+from util.workers import (QUIET_LOGGERS, model_access, prompt_for_hugging_face_token, ray_init_kwargs,
+                          resolve_hugging_face_token, worker_runtime_env)
 
 GRANTED = "hf_granted_token"  # the one token the stand-in accepts for the gated model
 DENIED = "hf_denied_token"  # a valid-looking token whose account was never granted access
@@ -201,17 +204,65 @@ def test_worker_runtime_env_sets_the_token_through_a_setup_hook(monkeypatch):
 # --- the log levels ---
 
 def test_a_run_shows_warnings_up_and_keeps_the_jobs_runtime_env(monkeypatch):
+    ran = []
+
     def hook():
-        pass
+        ran.append("token")
 
     for handler in logging.getLogger("ray.data").handlers:  # set back after the test: it quiets this process
         monkeypatch.setattr(handler, "level", handler.level)
+    for name in QUIET_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    monkeypatch.delenv("PYTHONWARNINGS", raising=False)
     kwargs = ray_init_kwargs({"worker_process_setup_hook": hook, "env_vars": {"A": "1"}})
+    quiet_hook = kwargs["runtime_env"].pop("worker_process_setup_hook")
     assert kwargs == {"logging_level": logging.WARNING, "runtime_env": {
-        "worker_process_setup_hook": hook,
-        "env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "RAY_DATA_LOG_LEVEL": "WARNING", "A": "1"}}}
+        "env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "RAY_DATA_LOG_LEVEL": "WARNING", "A": "1",
+                     "PYTHONWARNINGS": "ignore::FutureWarning:vllm.triton_utils.dispatcher"}}}
     console = [h for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "PlainRayHandler"]
     assert console and all(h.level == logging.WARNING for h in console)
+    assert all(passes_errors_only(name) for name in QUIET_LOGGERS)  # in this process
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).filters = []
+    quiet_hook()  # what each worker runs first: the job's own hook, then the same filters
+    assert ran == ["token"] and all(passes_errors_only(name) for name in QUIET_LOGGERS)
+    logging.config.dictConfig({"version": 1, "disable_existing_loggers": False,  # as vLLM sets its logging up
+                               "loggers": {"vllm": {"level": "INFO"}}})
+    assert all(passes_errors_only(name) for name in QUIET_LOGGERS)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).filters = []
+    ray_init_kwargs({}), ray_init_kwargs({})  # a second run in this process adds no second filter
+    assert all(len(logging.getLogger(name).filters) == 1 for name in QUIET_LOGGERS)
+
+
+def test_the_workers_hook_runs_where_this_project_cannot_be_imported(tmp_path):
+    import ray.cloudpickle
+
+    hook = ray_init_kwargs({})["runtime_env"]["worker_process_setup_hook"]  # as Ray pickles it for the workers
+    worker = subprocess.run([sys.executable, "-c", "import logging, pickle, sys; "
+                             "pickle.loads(sys.stdin.buffer.read())(); "
+                             f"print(all(logging.getLogger(n).filters for n in {QUIET_LOGGERS!r}))"],
+                            input=ray.cloudpickle.dumps(hook), capture_output=True, cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert worker.returncode == 0 and worker.stdout.strip() == b"True", worker.stderr.decode()[-2000:]
+
+
+def passes_errors_only(name: str) -> bool:
+    logger = logging.getLogger(name)
+    record = lambda level: logger.makeRecord(name, level, __file__, 0, "a line", (), None)
+    return not logger.filter(record(logging.WARNING)) and logger.filter(record(logging.ERROR))
+
+
+def test_a_users_python_warnings_filter_is_kept(monkeypatch):
+    monkeypatch.setenv("PYTHONWARNINGS", "error::DeprecationWarning")
+    import importlib
+
+    import util.workers
+
+    assert importlib.reload(util.workers).QUIET_ENV_VARS["PYTHONWARNINGS"] == \
+        "error::DeprecationWarning,ignore::FutureWarning:vllm.triton_utils.dispatcher"
+    monkeypatch.delenv("PYTHONWARNINGS")
+    importlib.reload(util.workers)
 
 
 def test_verbose_shows_every_line():

@@ -115,6 +115,9 @@ def engine_dead_error() -> type:
     return _find("vllm.v1.engine.exceptions:EngineDeadError")
 
 
+ENGINE_STOP_S = 30.0
+
+
 def shutdown_engine(engine) -> None:
     """AsyncLLM's shutdown, its output task first. vLLM's own stops the engine process first and cancels the
     task that reads its outputs (AsyncLLM.output_handler, None before the first request) after, so that the
@@ -136,7 +139,12 @@ def shutdown_engine(engine) -> None:
                 pass
         else:
             handler.cancel()  # not running, or this is its thread: it will resume only to be cancelled
-    engine.shutdown()
+    import inspect
+
+    # vLLM 0.3x gives its engine process 5 s after SIGTERM, then kills it and logs that; a CPU engine on a
+    # busy node takes longer to stop its worker. 0.26 takes no timeout.
+    timeout = {"timeout": ENGINE_STOP_S} if "timeout" in inspect.signature(engine.shutdown).parameters else {}
+    engine.shutdown(**timeout)
 
 
 async def _cancel(task: asyncio.Task) -> None:

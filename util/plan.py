@@ -17,8 +17,8 @@ from typing import Callable
 import ray
 
 from util.config import Config
-from util.engine import (CPU_ENV_VARS, AcceleratorChoice, advertised_accelerator_types, batches_in_flight,
-                         choose_accelerator, engine_kwargs, with_gpu_defaults)
+from util.engine import (CPU_ENV_VARS, REPLICA_ENV_VARS, AcceleratorChoice, advertised_accelerator_types,
+                         batches_in_flight, choose_accelerator, engine_kwargs, with_gpu_defaults)
 from util.errors import InputError
 from util.features import Part, features
 from util.predictor import LLMPredictor
@@ -85,9 +85,8 @@ def check_cluster_fits(concurrency: int, use_gpu: bool, cluster: dict) -> None:
 
 
 def resolve_model(plan: Plan) -> None:
-    """The prompt format "auto" stands for, max_model_len, and the model's hub commit and chat template hash,
-    from its tokenizer, loaded once, here. A tokenizer that cannot be loaded on the driver is left to the
-    formatter, which reports the problem with the rows it meets."""
+    """The prompt format "auto" stands for, max_model_len, the model's hub commit and chat template hash, from
+    its tokenizer, loaded once, here; one that does not load here is left to the formatter, which reports it."""
     from transformers import PreTrainedTokenizerFast  # not AutoTokenizer: its import takes torch, 3 s on 2 CPUs
 
     cfg = plan.cfg
@@ -156,7 +155,7 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
     plan.sampling = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "stop": list(cfg.stop), "seed": cfg.seed, **{k: v for p in plan.parts for k, v in p.sampling.items()}}
     plan.replica_resources = plan.replica_resources or choice.ray_remote_args(plan.gpus_per_replica)
-    if not choice.use_gpu:
-        plan.replica_resources["runtime_env"] = {"env_vars": CPU_ENV_VARS}
+    plan.replica_resources["runtime_env"] = {"env_vars": {**REPLICA_ENV_VARS, **({} if choice.use_gpu else {
+        **CPU_ENV_VARS, "BATCH_LLM_REPLICAS": str(plan.most_replicas)})}}  # how many share a CPU node's cores
     plan.fingerprint = fingerprint(cfg, plan.sampling, engine, {k: v for p in plan.parts for k, v in p.fingerprint.items()})
     return plan

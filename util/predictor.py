@@ -110,8 +110,10 @@ class LLMPredictor:
 
         from util.internals import engine_process_forked
         from util.replica import EngineSupervisor, ProgressClient
+        from util.replica_host import prepare_replica_host
 
         engine_kwargs = engine_kwargs or {}
+        prepare_replica_host(engine_kwargs)  # its engine's processes end with it; on CPU, its own cores
         self.model_name = model_name or model
         self.sampling, self.parts = dict(sampling or {}), list(parts or [])
         self.tokenizer = load_tokenizer(model, engine_kwargs)

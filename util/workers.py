@@ -6,8 +6,9 @@
 The token comes from $HF_TOKEN, then the token `hf auth login` stored, then (in a notebook only) a prompt.
 It reaches the workers through a worker setup hook, a pickled function that Ray's logs name by a hash only,
 not as a runtime-env variable, whose value Ray logs in plain text. Nothing here prints or writes it.
-A run prints Ray's and vLLM's warnings and errors and its own lines; with --verbose, every log line (Ray Data
-keeps its full log in the session's ray-data.log whatever the level).
+A run prints Ray's and vLLM's warnings and errors and its own lines, less the warnings that say nothing to
+the user (QUIET_ENV_VARS, QUIET_LOGGERS); with --verbose, every log line (Ray Data keeps its full log in the
+session's ray-data.log whatever the level).
 """
 
 import getpass
@@ -92,21 +93,43 @@ def worker_runtime_env(token: str | None) -> dict:
     return {"worker_process_setup_hook": set_hugging_face_token}
 
 
-# Read by vLLM and by Ray Data in each worker process (an engine's own processes inherit them).
-QUIET_ENV_VARS = {"VLLM_LOGGING_LEVEL": "WARNING", "RAY_DATA_LOG_LEVEL": "WARNING"}
-# Ray's own kill_child_processes_on_worker_exit stays on: a replica killed outright (SIGKILL, a lost
-# node) runs no exit hook, and only Ray then stops its engine's processes, which would otherwise keep
-# their GPU. A worker that exits normally may kill its engine before LLMPredictor.shutdown (an exit
-# hook) runs; main.py waits for the replicas before its summary, so what vLLM logs then comes before it.
+# Read by vLLM and by Ray Data in each worker process (an engine's own processes inherit them), and by
+# Python there: a deprecated torch name that vLLM's dispatcher touches says nothing to the user.
+QUIET_ENV_VARS = {"VLLM_LOGGING_LEVEL": "WARNING", "RAY_DATA_LOG_LEVEL": "WARNING",
+                  "PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"),
+                                                           "ignore::FutureWarning:vllm.triton_utils.dispatcher"]))}
+# Loggers whose warnings say nothing to the user: in the driver and the replicas they pass errors only (the
+# engine's own processes start afresh: vLLM's logging reaches them only through VLLM_LOGGING_LEVEL).
+QUIET_LOGGERS = (
+    "ray._private.authentication.authentication_token_setup",  # a new local cluster has token auth: Ray's default
+    "vllm.triton_utils.importing",  # a Triton without a CPU backend (xgrammar's dependency): vLLM goes without
+    "vllm.v1.engine.input_processor",  # token ids as a prompt: vLLM 0.32 deprecates it, 0.26 takes nothing else
+)
+# Ray's kill_child_processes_on_worker_exit is off for the replicas (util/engine.py REPLICA_ENV_VARS): Ray
+# would kill a replica's engine before the replica's exit hook stops it. util/replica_host.py ends what a
+# replica leaves behind when it dies any other way.
+
+
+def quiet_loggers() -> None:
+    """QUIET_LOGGERS pass errors only, in this process (quiet_worker_hook: in each worker)."""
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if errors_only not in logger.filters:
+            logger.addFilter(errors_only)
+
+
+def errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 def quiet_driver() -> None:
-    """This process: Ray Data's console handler at WARNING. Its log file keeps every level."""
+    """This process: Ray Data's console handler at WARNING (its log file keeps every level), QUIET_LOGGERS."""
     from util.internals import ray_data_file_handler
 
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, (ray_data_file_handler(), logging.FileHandler)):
             handler.setLevel(logging.WARNING)
+    quiet_loggers()
 
 
 def ray_init_kwargs(runtime_env: dict | None = None, verbose: bool = False) -> dict:
@@ -117,5 +140,26 @@ def ray_init_kwargs(runtime_env: dict | None = None, verbose: bool = False) -> d
     if verbose:
         return {"runtime_env": runtime_env}
     runtime_env["env_vars"] = {**QUIET_ENV_VARS, **runtime_env.get("env_vars", {})}
+    runtime_env["worker_process_setup_hook"] = quiet_worker_hook(runtime_env.get("worker_process_setup_hook"))
     quiet_driver()
     return {"runtime_env": runtime_env, "logging_level": logging.WARNING}
+
+
+def quiet_worker_hook(setup_hook=None):
+    """A worker setup hook: `setup_hook` (the token's), then QUIET_LOGGERS pass errors only, by a filter on
+    each logger: vLLM's logging setup, when its engine starts, sets its loggers' levels back, not their
+    filters."""
+    names = QUIET_LOGGERS
+
+    def set_up_quiet_worker():  # a closure, pickled by value: a worker need not import this module
+        import logging
+
+        def errors_only(record) -> bool:
+            return record.levelno >= logging.ERROR
+
+        if setup_hook is not None:
+            setup_hook()
+        for name in names:
+            logging.getLogger(name).addFilter(errors_only)
+
+    return set_up_quiet_worker
