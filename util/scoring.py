@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from util import columns as col
 from util.columns import set_columns
-from util.errors import EMPTY_PROMPT, ROW_ERRORS, TOO_LONG, RowError, row_error
+from util.errors import EMPTY_PROMPT, ROW_ERRORS, RowError, row_error
 from util.features import Part, flag
 from util.predictor import LLMPredictor, finish_batch
 from util.prompt_format import PromptFormatter
