@@ -244,12 +244,18 @@ def refused_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 REFUSED_BEFORE_THE_SCAN = ("engine_arg", "missing_path", "output_not_writable")  # no pipeline is built at all
 
 
-def replicas_alive() -> list[str]:
-    """The Ray Data actors (replicas among them) of this process's Ray that are not dead."""
+def replicas_alive(wait_s: float = 30) -> list[str]:
+    """The Ray Data actors (replicas among them) of this process's Ray that are not dead `wait_s` after the run
+    returned (Ray Data kills them as it stops; Ray's state says so a moment later)."""
     from util.internals import _find
 
-    return [a["ActorClassName"] for a in _find("ray._private.state:actors")().values()
-            if a["ActorClassName"].startswith("MapWorker(") and a["State"] != "DEAD"]
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [a["ActorClassName"] for a in _find("ray._private.state:actors")().values()
+                 if a["ActorClassName"].startswith("MapWorker(") and a["State"] != "DEAD"]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("case", ["engine_arg", "missing_path", "empty_file", "output_not_writable", "missing_column"])
