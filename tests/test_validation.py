@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -338,3 +339,22 @@ def test_a_passed_scan_lets_the_run_finish(duplicate_ids_plan):
         while not passed:  # a run ends when its rows are written, which is after the pass
             time.sleep(0.02)
     assert ended == [True] and not checking.stopped and passed == [checking.scan] == [InputScan(3, 0)]
+
+
+def test_off_the_main_thread_the_pass_runs_first_and_a_refusal_stops_the_run_before_its_body(duplicate_ids_plan):
+    """Only the main thread can be interrupted (a driver may call main.run from another thread): there the
+    pass runs before the body, as before the run, and a refusal is raised before it starts."""
+    outcome = {}
+
+    def run():
+        try:
+            with ScanBeside(duplicate_ids_plan, None, lambda scan: True):
+                outcome["body"] = True
+        except InputError as error:
+            outcome["refused"] = str(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=300)
+    assert outcome == {"refused": "duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:1"}
+

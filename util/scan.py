@@ -80,7 +80,13 @@ class ScanBeside:
 
     def __enter__(self) -> "ScanBeside":
         self.thread = threading.Thread(target=self._check, daemon=True)
-        self.thread.start()
+        if threading.current_thread() is threading.main_thread():
+            self.thread.start()
+            return self
+        self.closing = True  # off the main thread nothing can interrupt the body: the pass runs first
+        self._check()
+        if self.refusal is not None:
+            raise self.refusal
         return self
 
     def _check(self) -> None:
@@ -101,7 +107,8 @@ class ScanBeside:
                 self.closing = True  # no interrupt from now on
         except KeyboardInterrupt:  # ours, arriving only now
             pass
-        self.thread.join()
+        if self.thread.ident is not None:
+            self.thread.join()
         if self.refusal is not None:
             raise self.refusal
         return kind is KeyboardInterrupt and self.stopped  # our own interrupt ends here
