@@ -1,4 +1,4 @@
-"""The checks before a run: bad input is refused before any engine starts, with a message that names the
+"""The checks before a run: bad input is refused before any row is generated, with a message that names the
 path, the column or the flag, and with nothing left behind; and the input scan's counts. The reader's
 own refusals (a file's malformed line, a missing column, duplicate ids) are in test_reading.py.
 
@@ -7,7 +7,8 @@ own refusals (a file's malformed line, a missing column, duplicate ids) are in t
 Ray runs locally (`ray_local`), S3 is moto's server (`s3_bucket`). Permission cases run in a child
 process with permission bits in force: root ignores them, so as root the child drops the two
 capabilities that let it (`setpriv`, from util-linux). main.py's refusals run it in this process
-(`main_in_process`, `main_here`), with the tiny local model; none may reach the pipeline.
+(`main_here`), with the tiny local model: a flag, path or output refused reaches no pipeline; an input the
+scan refuses ends the replicas that started beside it (ScanBeside, whose own tests close the file).
 """
 
 import dataclasses
