@@ -128,6 +128,31 @@ def test_a_held_run_lets_its_replicas_answer_only_once_released(ray_local):
     assert any(line.startswith("progress: 4/4 rows (100%)") for line in lines), lines
 
 
+def test_the_first_finished_row_is_printed_at_once_not_at_the_next_tick(ray_local):
+    """Progress moves from the first finished row: its line follows within about a second, though the
+    interval between lines is a minute (and no line with no row comes before a tick)."""
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    class StandInReplica:
+        def __init__(self):
+            from util.replica import ProgressClient
+
+            self.progress = ProgressClient.connect()
+
+        def run(self):
+            self.progress.rows_done(1, 12, flush=True)
+            return time.time()
+
+    lines = []
+    with ProgressReporter(total_rows=4, interval_s=60, write=lines.append):
+        reported = ray.get(StandInReplica.remote().run.remote(), timeout=60)
+        deadline = reported + 30
+        while not lines and time.time() < deadline:
+            time.sleep(0.05)
+    assert lines and lines[0].startswith("progress: 1/4 rows (25%), "), lines
+
+
 def test_a_replica_finds_no_actor_outside_a_reporting_run(ray_local):
     from util.replica import ProgressClient
 

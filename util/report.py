@@ -17,6 +17,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
+FIRST_ROW_POLL_S = 1.0  # how soon the first finished row's progress line follows it
 FINAL_REPORTS_WAIT_S = 5.0  # the last reports are in flight when the write finishes
 # What a run survived (util/replica.py counts the first three in each replica; Ray restarts replicas).
 SURVIVED = ("engine_restarts", "rows_rerun", "rows_isolated", "replica_restarts", "nodes_lost")
@@ -118,15 +119,19 @@ class ProgressReporter:
         self.actor.release.remote()
 
     def _print_progress(self) -> None:
-        last_at, last_tokens = self.started, 0
-        while not self._stop.wait(self.interval_s):
+        last_at, last_tokens, rows_in = self.started, 0, False
+        # Until the first row is in, the actor is asked every second: that row's line comes at once, not at
+        # the next tick (30 s by default); lines with no row yet still come once a tick.
+        while not self._stop.wait(self.interval_s if rows_in else min(self.interval_s, FIRST_ROW_POLL_S)):
             if self.held:
                 continue
             try:
                 totals = ray.get(self.actor.totals.remote(), timeout=self.interval_s)
             except (ray.exceptions.RayError, TimeoutError):
                 continue  # progress is a courtesy: never fail the run over it
-            now, tokens = time.time(), totals["output_tokens"]
+            now, tokens, rows_in = time.time(), totals["output_tokens"], totals["rows"] > 0
+            if not rows_in and now - last_at < self.interval_s:
+                continue
             eta = eta_seconds(totals["rows"], self.total_rows, totals["first_ready"], now)
             self.write(progress_line(totals["rows"], self.total_rows, (tokens - last_tokens) / max(now - last_at, 1e-9),
                                      eta, totals["restarts"]))
