@@ -16,6 +16,8 @@ import time
 
 
 def engine_arg(text: str) -> tuple[str, object]:
+    """--engine-arg as main.py reads it (util/config.py parse_engine_arg), without importing the project:
+    util.config's imports take about 2 s, which the script being timed would pay and a plain one does not."""
     key, _, value = text.partition("=")
     try:
         return key, ast.literal_eval(value)  # numbers, booleans, dicts
