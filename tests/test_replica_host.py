@@ -112,10 +112,12 @@ def alive(pid: int) -> bool:
 def test_the_watcher_ends_the_children_of_a_process_killed_outright():
     # A stand-in replica: it starts the watcher (as a replica whose Ray leaves its children to it), then a
     # child that ignores nothing, then one that ignores SIGTERM, prints their pids, and waits to be killed.
+    # The watcher scans without pause, so the kill mostly lands mid-scan: a watcher that trusted such a
+    # scan saw no children left and ended none (a killed job once left its engine running that way).
     replica = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
         "from util import replica_host\n"
-        "replica_host.WATCH_S = 0.1\n"
+        "replica_host.WATCH_S = 0.0\n"
         "replica_host.end_children_with_this_process()\n"
         "a = subprocess.Popen(['sleep', '300'])\n"
         "b = subprocess.Popen([sys.executable, '-c', 'import signal, time; "

@@ -27,9 +27,10 @@ REPLICAS_VAR = "BATCH_LLM_REPLICAS"  # the job's most replicas, in a CPU replica
 SLOTS_DIR = os.path.join(tempfile.gettempdir(), "batch-llm-cpu-slots")  # per node: /tmp is the node's own
 WATCH_S = 0.5
 
-# The watcher: every WATCH_S it notes its parent's children; once its parent is gone, it asks those still
-# running to stop (SIGTERM: vLLM's engine stops itself), then kills what is left after 5 s. A child is known
-# by its pid and start time, so a pid the system gave to a new process is left alone.
+# The watcher: every WATCH_S it notes its parent's children, keeping a scan only if the parent outlived it
+# (one that dies mid-scan leaves the rest of its children orphaned, unseen). Once its parent is gone, it asks
+# those still running to stop (SIGTERM: vLLM's engine stops itself), then kills what is left after 5 s. A
+# child is known by its pid and start time, so a pid the system gave to a new process is left alone.
 _WATCHER = r"""
 import os, signal, sys, time
 parent, me = int(sys.argv[1]), os.getpid()
@@ -49,8 +50,11 @@ def children():
                 found.add((int(name), start))
     return found
 known = set()
-while os.getppid() == parent:
-    known = children()
+while True:
+    found = children()
+    if os.getppid() != parent:  # it died during the scan, which then saw its children already orphaned
+        break
+    known = found
     time.sleep(float(sys.argv[2]))
 for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
     for pid, start in known:
