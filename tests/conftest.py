@@ -191,13 +191,18 @@ def s3_server():
 def ray_local(s3_server):
     import ray
 
+    from util.workers import worker_setup_hook
+
     if ray.is_initialized():  # started without our environment: its workers would miss the S3 settings
         ray.shutdown()
     # Workers unpickle util.* functions by reference, so they must import this repo whatever their cwd.
     python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     environ = dict(os.environ)  # ray.init() sets RAY_AUTH_MODE, PYTHONBREAKPOINT and others in os.environ
+    # Its workers are set up as a run's are (util/workers.py), but for the log levels: the suite reads many
+    # inputs, and stops many reads early, in this one cluster.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             object_store_memory=256 * 1024**2, runtime_env={"env_vars": {"PYTHONPATH": python_path}})
+             object_store_memory=256 * 1024**2, runtime_env={"env_vars": {"PYTHONPATH": python_path},
+                                                             "worker_process_setup_hook": worker_setup_hook(quiet=False)})
     context = ray.data.DataContext.get_current()
     progress_bars, context.enable_progress_bars = context.enable_progress_bars, False  # quiet test output
     try:

@@ -111,7 +111,7 @@ QUIET_LOGGERS = (
 
 
 def quiet_loggers() -> None:
-    """QUIET_LOGGERS pass errors only, in this process (quiet_worker_hook: in each worker)."""
+    """QUIET_LOGGERS pass errors only, in this process (worker_setup_hook: in each worker)."""
     for name in QUIET_LOGGERS:
         logger = logging.getLogger(name)
         if errors_only not in logger.filters:
@@ -133,25 +133,31 @@ def quiet_driver() -> None:
 
 
 def ray_init_kwargs(runtime_env: dict | None = None, verbose: bool = False) -> dict:
-    """`ray.init` keyword arguments: `runtime_env` with the workers' variables added (log levels unless
-    verbose), and the level of the "ray" logger in this process. Actors that set their own env_vars
+    """`ray.init` keyword arguments: `runtime_env` with the workers' setup hook and, unless verbose, their
+    log levels, and the level of the "ray" logger in this process. Actors that set their own env_vars
     (the CPU settings of util/engine.py) keep these: Ray merges a child's env_vars into the job's."""
     runtime_env = dict(runtime_env or {})
+    runtime_env["worker_process_setup_hook"] = worker_setup_hook(runtime_env.get("worker_process_setup_hook"),
+                                                                 quiet=not verbose)
     if verbose:
         return {"runtime_env": runtime_env}
     runtime_env["env_vars"] = {**QUIET_ENV_VARS, **runtime_env.get("env_vars", {})}
-    runtime_env["worker_process_setup_hook"] = quiet_worker_hook(runtime_env.get("worker_process_setup_hook"))
     quiet_driver()
     return {"runtime_env": runtime_env, "logging_level": logging.WARNING}
 
 
-def quiet_worker_hook(setup_hook=None):
-    """A worker setup hook: `setup_hook` (the token's), then QUIET_LOGGERS pass errors only, by a filter on
-    each logger: vLLM's logging setup, when its engine starts, sets its loggers' levels back, not their
-    filters."""
-    names = QUIET_LOGGERS
+def worker_setup_hook(setup_hook=None, quiet: bool = True):
+    """A worker setup hook: `setup_hook` (the token's); fsspec's HTTP filesystem imported (below); and, when
+    `quiet`, QUIET_LOGGERS pass errors only, by a filter on each logger: vLLM's logging setup, when its engine
+    starts, sets its loggers' levels back, not their filters.
 
-    def set_up_quiet_worker():  # a closure, pickled by value: a worker need not import this module
+    Ray Data's file listing imports fsspec's HTTP filesystem on first use, in each of its threads at once. A
+    listing cancelled meanwhile (a read stopped early: --limit, a refused input) once left its worker with
+    that import half done, and the worker's next listing waited on it for good: imported before any task,
+    a listing imports nothing."""
+    names = QUIET_LOGGERS if quiet else ()
+
+    def set_up_worker():  # a closure, pickled by value: a worker need not import this module
         import logging
 
         def errors_only(record) -> bool:
@@ -159,7 +165,11 @@ def quiet_worker_hook(setup_hook=None):
 
         if setup_hook is not None:
             setup_hook()
+        try:
+            import fsspec.implementations.http  # noqa: F401
+        except ImportError:  # without fsspec, Ray Data's listing imports nothing either
+            pass
         for name in names:
             logging.getLogger(name).addFilter(errors_only)
 
-    return set_up_quiet_worker
+    return set_up_worker
