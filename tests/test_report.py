@@ -56,6 +56,9 @@ def test_progress_log_totals_and_snapshot():
     assert log.snapshot() == {"ready": {"a": 10.0, "b": 12.0}, "done": [("a", 3, 30, 20.0), ("b", 2, 25, 21.0)],
                               "survived": {"engine_restarts": 1, "rows_rerun": 7, "rows_isolated": 0,
                                            "replica_restarts": 1, "nodes_lost": 0}, "counted": {}}
+    log.count("still_cut", 1)  # a feature's counts (--repair's), in whatever order the replicas' reports come
+    log.count("repaired", 2)
+    assert list(log.snapshot()["counted"].items()) == [("repaired", 2), ("still_cut", 1)]  # the report's order
 
 
 def test_the_progress_actor_aggregates_what_the_replicas_report(ray_local):

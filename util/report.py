@@ -57,9 +57,10 @@ class ProgressLog:
         return {"rows": self.rows, "output_tokens": self.output_tokens, "replicas": len(self.ready),
                 "first_ready": min(self.ready.values(), default=None), "restarts": self.survived["engine_restarts"]}
 
-    def snapshot(self) -> dict:  # `counted`: a feature's counts of rows (--repair's), shown beside ok and error
+    def snapshot(self) -> dict:  # `counted`: a feature's counts of rows (--repair's), shown beside ok and error,
+        # by name: the replicas' reports come in any order
         return {"ready": self.ready, "done": self.done, "survived": {n: self.survived[n] for n in SURVIVED},
-                "counted": {n: c for n, c in self.survived.items() if n not in SURVIVED}}
+                "counted": {n: self.survived[n] for n in sorted(self.survived) if n not in SURVIVED}}
 
 
 def progress_line(rows_done: int, total_rows: int | None, output_tok_per_s: float, eta_s: float | None,
