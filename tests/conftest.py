@@ -162,6 +162,10 @@ def pytest_collection_modifyitems(items):
     for item in items:  # a test on the session's warm engine needs one, as much as one that starts its own
         if "warm_engine" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.engine)
+    # The files that start engines or harnesses first: `make test` hands whole files to its two workers in
+    # this order (--dist loadfile --no-loadscope-reorder), so no long file starts while the other worker idles.
+    slow = {item.path for item in items if item.get_closest_marker("engine") or item.get_closest_marker("harness")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: each file's tests keep their order
 
 
 @pytest.fixture(scope="session")
