@@ -1,4 +1,5 @@
-"""What the run's Ray workers get, set up before the run: a Hugging Face token, and the log levels.
+"""What the run's Ray workers get, set up before the run: a Hugging Face token, the log levels, and an import
+that Ray Data's file listing would otherwise do in its threads (worker_setup_hook says why).
 
     token = prompt_for_hugging_face_token("meta-llama/Meta-Llama-3-8B-Instruct")   # PermissionError if gated
     ray.init(**ray_init_kwargs(worker_runtime_env(token), verbose=False))
