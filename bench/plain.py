@@ -18,11 +18,13 @@ import time
 def engine_arg(text: str) -> tuple[str, object]:
     """--engine-arg as main.py reads it (util/config.py parse_engine_arg), without importing the project:
     util.config's imports take about 2 s, which the script being timed would pay and a plain one does not."""
-    key, _, value = text.partition("=")
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--engine-arg takes key=value, got {text!r}")
     try:
-        return key, ast.literal_eval(value)  # numbers, booleans, dicts
+        return key.strip(), ast.literal_eval(value)  # numbers, booleans, lists, dicts
     except (ValueError, SyntaxError):
-        return key, value
+        return key.strip(), value  # plain strings need no quotes
 
 
 def main() -> None:
