@@ -62,9 +62,9 @@ def run(cfg: Config, replicas=None) -> int:
     try:
         started, written = time.perf_counter(), dict(EMPTY_COUNTS)
         # The replicas start their engines now, while one distributed pass checks that the input reads cleanly,
-        # with unique ids (util/scan.py). They answer no row until it passes; a refusal stops them at once.
+        # with unique ids (util/scan.py). They answer no row until it passes; a refusal fails their first batch.
         with ProgressReporter(None, cfg.progress_interval_s, plan.gpus_held, held=True) as progress, \
-                ScanBeside(plan, done, release) as checking:
+                ScanBeside(plan, done, release, progress.stop) as checking:
             # 1. Read, without the rows an earlier run wrote. Nothing runs yet: Ray Data streams every stage.
             # 2. Format (the chat template, tokenized once, on CPU) and 3. generate (`concurrency` vLLM
             #    replicas, several batches in flight each), with the stages the job's features add.

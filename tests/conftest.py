@@ -41,6 +41,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -90,6 +91,53 @@ def run_main(*args, timeout: float = 600, **kwargs) -> subprocess.CompletedProce
     if "stdout" not in options and "stderr" not in options:
         options["capture_output"] = True
     return subprocess.run([sys.executable, "main.py", *map(str, args)], **options)
+
+
+class Run:
+    """`python main.py *args` in a new session, so that every process it starts (Ray's workers and vLLM's
+    engines take process groups of their own, but stay in the session) can be found, with its own RAY_TMPDIR
+    (its Ray logs can be searched). stdout and stderr go to files: a pipe nobody reads would block it.
+    `command`: another command than main.py's; `preexec_fn`: run in the child before it starts (signal
+    settings a launcher would leave)."""
+
+    def __init__(self, workdir: Path, args: list, env: dict | None = None, command: list | None = None,
+                 preexec_fn=None):
+        # Ray's socket paths must fit in 107 bytes, which a test's own folder (under a pytest-xdist worker's) may not.
+        self.workdir, self.ray_dir = workdir, Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_TOKEN")}
+        environ.update({"RAY_TMPDIR": str(self.ray_dir), "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local", **(env or {})})
+        command = command or [sys.executable, "main.py"]
+        with open(workdir / "stdout", "w") as stdout, open(workdir / "stderr", "w") as stderr:
+            self.process = subprocess.Popen([*command, *map(str, args)], cwd=REPO, env=environ, stdout=stdout,
+                                            stderr=stderr, start_new_session=True, preexec_fn=preexec_fn)
+        self.sid = self.process.pid
+
+    def wait(self, timeout: float = 600) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stdout(self) -> str:
+        return (self.workdir / "stdout").read_text()
+
+    def stderr(self) -> str:
+        return (self.workdir / "stderr").read_text()
+
+    def processes(self, title: str = "") -> list:
+        """This run's live processes whose title starts with `title` (Ray and vLLM retitle theirs)."""
+        import psutil
+
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if (os.getsid(process.pid) == self.sid and process.status() != psutil.STATUS_ZOMBIE
+                        and " ".join(process.cmdline()).startswith(title)):
+                    found.append(process)
+            except (psutil.Error, OSError):  # it exited while we looked
+                pass
+        return found
+
+    def kill_leftovers(self) -> None:
+        for process in self.processes():
+            process.kill()
 
 
 def h8(text: str) -> str:

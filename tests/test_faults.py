@@ -33,7 +33,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PROMPTS, REPO, line_ids
+from conftest import PROMPTS, REPO, Run, line_ids
 from util.resume import MANIFEST_NAME, read_manifest
 from util.tiny_model import tiny_model_dir
 
@@ -65,51 +65,12 @@ def write_input(folder: Path) -> set[str]:
     return ids
 
 
-class Run:
-    """main.py in a new session. stdout and stderr go to files: a pipe nobody reads would block it."""
-
-    def __init__(self, workdir: Path, input_path: Path, out: Path, env: dict[str, str], args=RUN_ARGS):
-        # Ray's socket paths must fit in 107 bytes, which a test's own folder (under a pytest-xdist worker's) may not.
-        self.workdir, self.out, self.ray_dir = workdir, out, Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-        RAY_DIRS.append(self.ray_dir)
-        environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_TOKEN")}
-        environ.update(RAY_TMPDIR=str(self.ray_dir), PYTHONUNBUFFERED="1", RAY_ADDRESS="local")
-        environ.update(env)
-        command = [sys.executable, "main.py", "--model", tiny_model_dir(), "--input-path", str(input_path),
-                   "--output-path", str(out), *args]
-        with open(workdir / "stdout", "w") as stdout, open(workdir / "stderr", "w") as stderr:
-            self.process = subprocess.Popen(command, cwd=REPO, env=environ, stdout=stdout, stderr=stderr,
-                                            start_new_session=True)
-        self.sid = self.process.pid  # Ray's workers take process groups of their own, but stay in this session
-
-    def wait(self, timeout: float = 600) -> int:
-        return self.process.wait(timeout=timeout)
-
-    def stdout(self) -> str:
-        return (self.workdir / "stdout").read_text()
-
-    def stderr(self) -> str:
-        return (self.workdir / "stderr").read_text()
-
-    def processes(self, title: str = "") -> list[psutil.Process]:
-        """This run's live processes whose title starts with `title` (Ray and vLLM retitle theirs)."""
-        found = []
-        for process in psutil.process_iter():
-            try:
-                if (os.getsid(process.pid) == self.sid and process.status() != psutil.STATUS_ZOMBIE
-                        and " ".join(process.cmdline()).startswith(title)):
-                    found.append(process)
-            except (psutil.Error, OSError):  # it exited while we looked
-                pass
-        return found
-
-    def kill_leftovers(self) -> None:
-        for process in self.processes():
-            process.kill()
-
-
 def start(tmp_path_factory, name: str, input_path: Path, out: Path, env: dict[str, str], args=RUN_ARGS) -> Run:
-    return Run(tmp_path_factory.mktemp(name), input_path, out, env, args)
+    run = Run(tmp_path_factory.mktemp(name), ["--model", tiny_model_dir(), "--input-path", str(input_path),
+                                              "--output-path", str(out), *args], env)
+    RAY_DIRS.append(run.ray_dir)
+    run.out = out
+    return run
 
 
 def wait_for(condition, timeout: float, what: str):

@@ -8,7 +8,8 @@ Ray runs locally (`ray_local`), S3 is moto's server (`s3_bucket`). Permission ca
 process with permission bits in force: root ignores them, so as root the child drops the two
 capabilities that let it (`setpriv`, from util-linux). main.py's refusals run it in this process
 (`main_here`), with the tiny local model: a flag, path or output refused reaches no pipeline; an input the
-scan refuses ends the replicas that started beside it (ScanBeside, whose own tests close the file).
+scan refuses fails the held replicas' first batch, which ends them (ScanBeside, whose own tests close the
+file; tests/test_launchers.py runs the same refusal under other launchers).
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import ray
 
 import main
 from conftest import REPO, done_index, write_jsonl
@@ -33,6 +35,8 @@ from util.workers import prompt_for_hugging_face_token
 from util.output import output_dataset
 from util.cloud import check_output_writable
 from util.reading import read_prompts, row_id
+from util.report import ProgressReporter
+from util.resources import TASK_CPUS
 from util.resume import DoneIndex
 from util.scan import InputScan, ScanBeside, scan_input
 from util.tiny_model import tiny_model_dir
@@ -308,49 +312,57 @@ def duplicate_ids_plan(ray_local, tmp_path):
     return make_plan(cfg, resolve_model_files=False)
 
 
-def run_until_interrupted(ended: list, seconds: float = 120) -> None:
-    """A stand-in for a run: busy until interrupted, or `seconds` (then it records that it ended)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.02)
-    ended.append(True)
+class HeldReplica:
+    """A stand-in replica: like LLMPredictor, it answers a batch only once the run lets rows run."""
+
+    def __init__(self):
+        from util.replica import ProgressClient
+
+        self.progress = ProgressClient.connect()
+
+    async def __call__(self, batch):
+        await self.progress.released()
+        return batch
 
 
-def test_a_refusal_interrupts_the_run_beside_the_scan_and_is_raised(duplicate_ids_plan):
-    passed, ended = [], []
+def held_run(on_pass, plan) -> tuple[list, ScanBeside]:
+    """Three rows through a held stand-in replica beside the plan's scan; `on_pass(scan, progress)` is the
+    run's verdict (main.py's releases the replicas and returns True). The rows that came out, and the scan."""
+    rows = []
+    with ProgressReporter(None, interval_s=60, write=lambda line: None, held=True) as progress, \
+            ScanBeside(plan, None, lambda scan: on_pass(scan, progress), progress.stop) as checking:
+        rows = ray.data.range(3).map_batches(HeldReplica, compute=ray.data.ActorPoolStrategy(size=1),
+                                             num_cpus=TASK_CPUS, batch_size=3).take_all()
+    return rows, checking
+
+
+def test_a_refusal_fails_the_held_replicas_first_batch_and_is_raised(duplicate_ids_plan):
+    passed = []
     with pytest.raises(InputError, match="^duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:1$"):
-        with ScanBeside(duplicate_ids_plan, None, passed.append):
-            run_until_interrupted(ended)
-    assert passed == [] and ended == []
+        held_run(lambda scan, progress: passed.append(scan), duplicate_ids_plan)
+    assert passed == []
 
 
 def test_a_pass_with_nothing_to_run_stops_the_run_without_an_error(duplicate_ids_plan):
     plan = dataclasses.replace(duplicate_ids_plan, cfg=dataclasses.replace(duplicate_ids_plan.cfg, id_column=None))
-    ended = []
-    with ScanBeside(plan, None, lambda scan: False) as checking:
-        run_until_interrupted(ended)
-    assert ended == [] and checking.stopped and checking.scan == InputScan(3, 0)
+    rows, checking = held_run(lambda scan, progress: False, plan)
+    assert rows == [] and checking.stopped and checking.scan == InputScan(3, 0)
 
 
-def test_a_passed_scan_lets_the_run_finish(duplicate_ids_plan):
+def test_a_passed_scan_lets_the_held_replica_answer(duplicate_ids_plan):
     plan = dataclasses.replace(duplicate_ids_plan, cfg=dataclasses.replace(duplicate_ids_plan.cfg, id_column=None))
-    passed, ended = [], []
-    with ScanBeside(plan, None, lambda scan: passed.append(scan) or True) as checking:
-        run_until_interrupted(ended, seconds=0.5)
-        while not passed:  # a run ends when its rows are written, which is after the pass
-            time.sleep(0.02)
-    assert ended == [True] and not checking.stopped and passed == [checking.scan] == [InputScan(3, 0)]
+    rows, checking = held_run(lambda scan, progress: progress.release(scan.rows) or True, plan)
+    assert sorted(row["id"] for row in rows) == [0, 1, 2]
+    assert not checking.stopped and checking.scan == InputScan(3, 0)
 
 
-def test_off_the_main_thread_the_pass_runs_first_and_a_refusal_stops_the_run_before_its_body(duplicate_ids_plan):
-    """Only the main thread can be interrupted (a driver may call main.run from another thread): there the
-    pass runs before the body, as before the run, and a refusal is raised before it starts."""
+def test_off_the_main_thread_a_refusal_stops_the_run_the_same_way(duplicate_ids_plan):
+    """A driver may call main.run from another thread, where no signal could reach it."""
     outcome = {}
 
     def run():
         try:
-            with ScanBeside(duplicate_ids_plan, None, lambda scan: True):
-                outcome["body"] = True
+            outcome["rows"] = held_run(lambda scan, progress: progress.release(scan.rows) or True, duplicate_ids_plan)
         except InputError as error:
             outcome["refused"] = str(error)
 

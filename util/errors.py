@@ -36,6 +36,11 @@ class RowError(InputError):
     """Why one row cannot go to the engine: that row is written as an error row, and the run goes on."""
 
 
+class RunStopped(Exception):
+    """Raised in a replica's first batch when the run was stopped before any row ran (its input was refused,
+    or no row is left to run): Ray Data then ends the run and its replicas (util/scan.py ScanBeside)."""
+
+
 def row_error(kind: str, **details) -> str:
     return ROW_ERRORS[kind].format(**details)
 

@@ -19,8 +19,9 @@ import pyarrow as pa
 
 from util import columns as col
 from util.columns import TIMINGS, set_columns
-from util.errors import INVALID_SAMPLING, RowError, row_error
+from util.errors import INVALID_SAMPLING, RowError, RunStopped, row_error
 
+STOPPED_REPLICA_EXIT_S = 2.0  # a stopped replica's actor ends this long after it failed its batch
 CORE_COLUMNS = {col.GENERATED_TEXT: pa.string(), col.FINISH_REASON: pa.string(),
                 col.NUM_GENERATED_TOKENS: pa.int64(), col.ERROR: pa.string(), col.MODEL: pa.string(),
                 **{name: pa.float64() for name in TIMINGS}}
@@ -98,6 +99,19 @@ def load_tokenizer(model: str, engine_kwargs: dict):
         trust_remote_code=engine_kwargs.get("trust_remote_code", False))
 
 
+def end_stopped_replica(stop_engine) -> None:
+    """A stopped run's replica: its engine ends now, and its actor once its batch's failure has reached Ray Data.
+    Ray Data drops the actor as it aborts, but a task callback of its executor can hold the actor's handle in
+    a long-lived driver (a notebook, a test session), so the actor would keep its GPU reserved."""
+    import threading
+
+    import ray
+
+    stop_engine()
+    threading.Timer(STOPPED_REPLICA_EXIT_S, ray.kill, (ray.get_runtime_context().current_actor,),
+                    {"no_restart": True}).start()
+
+
 class LLMPredictor:
     """One AsyncLLM engine per replica; all rows of all in-flight batches run concurrently."""
     COLUMNS = CORE_COLUMNS  # what it adds to each row, before the features' columns
@@ -137,7 +151,11 @@ class LLMPredictor:
         return engine_args_class(model=model, **engine_kwargs)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        return await self.predict(batch, self.sampling, self.parts)
+        try:
+            return await self.predict(batch, self.sampling, self.parts)
+        except RunStopped:  # its run was stopped before any row ran (util/scan.py): Ray Data aborts it now
+            end_stopped_replica(self.shutdown)
+            raise
 
     async def predict(self, batch: pa.Table, sampling: dict, parts: list) -> pa.Table:
         """The batch answered with the job's `sampling` and features' `parts` (a warm replica serves a job

@@ -31,7 +31,7 @@ import weakref
 import ray
 
 from util import columns as col
-from util.errors import RowError, error_text
+from util.errors import RowError, RunStopped, error_text
 
 WINDOW_S = 600.0  # max_restarts is counted over this window
 STALL_FLOOR_S = 300.0  # the stall bound is never shorter...
@@ -238,10 +238,13 @@ class ProgressClient:
         return actor
 
     async def released(self) -> None:
-        """Returns once the run lets rows run (its input has passed its check); at once if no run is reporting."""
+        """Returns once the run lets rows run (its input has passed its check); at once if no run is reporting.
+        RunStopped if the run was stopped instead (its input refused, or no row left to run)."""
         actor = self._actor() if self.replica else None
         if actor is not None and actor != self.released_by:
-            await actor.wait_released.remote()
+            stopped = await actor.wait_released.remote()
+            if stopped is not None:
+                raise RunStopped(stopped)
             self.released_by = actor
 
     def rows_done(self, rows: int, output_tokens: int, flush: bool = False) -> None:

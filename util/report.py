@@ -28,6 +28,7 @@ class ProgressLog:
 
     def __init__(self, held: bool = False):
         self.released = asyncio.Event()  # replicas answer no row before it is set (held: until `release`)
+        self.stopped: str | None = None  # why no row may run at all (`stop`), once released
         if not held:
             self.released.set()
         self.ready: dict[str, float] = {}  # replica -> when its engine was ready
@@ -46,8 +47,14 @@ class ProgressLog:
     def release(self) -> None:
         self.released.set()
 
-    async def wait_released(self) -> None:
+    def stop(self, reason: str) -> None:  # the run ends before any row runs: each replica's batch raises
+        self.stopped = reason
+        self.released.set()
+
+    async def wait_released(self) -> str | None:
+        """None once rows may run; why not, if the run was stopped instead."""
         await self.released.wait()
+        return self.stopped
 
     def rows_done(self, replica: str, rows: int, output_tokens: int, at: float) -> None:
         self.done.append((replica, rows, output_tokens, at))
@@ -118,6 +125,11 @@ class ProgressReporter:
     def release(self, total_rows: int) -> None:
         self.total_rows, self.held = total_rows, False
         self.actor.release.remote()
+
+    def stop(self, reason: str) -> None:
+        """No row will run: the held replicas fail their first batch with RunStopped(reason), so Ray Data
+        ends the run and its replicas, whatever thread or signal settings the driver has."""
+        ray.get(self.actor.stop.remote(reason), timeout=30)
 
     def _print_progress(self) -> None:
         last_at, last_tokens, rows_in = self.started, 0, False

@@ -7,7 +7,6 @@ Ray Data aggregations; with an --id-column it finds duplicate ids with a `groupb
 driver receives a few numbers, never the ids.
 """
 
-import _thread
 import functools
 import sys
 import threading
@@ -21,7 +20,7 @@ from ray.data.aggregate import Count, Max, Min, Sum
 from ray.data.context import ShuffleStrategy
 
 from util import columns as col
-from util.errors import InputError, original
+from util.errors import InputError, RunStopped, original
 from util.output import output_dataset
 from util.reading import SAMPLE_PROMPTS, WHERE_COLUMN, describe_where, read_prompts
 from util.resources import TASK_CPUS
@@ -69,24 +68,20 @@ def check_output(plan: "Plan") -> DoneIndex | None:
 
 class ScanBeside:
     """The input's pass in a thread, while the `with` body runs the job: its replicas start their engines
-    meanwhile, and answer no row until `on_pass(scan)` lets them (ProgressReporter(held=True)). A refusal
-    interrupts the body, as Ctrl-C would (Ray Data stops the run and its replicas), and is raised from the
-    `with`. `on_pass` returning False (no row left to run) stops the body the same way, with no error."""
+    meanwhile, and answer no row until `on_pass(scan)` lets them (ProgressReporter(held=True)). A refusal, or
+    `on_pass` returning False (no row left to run), calls `stop(reason)` instead: the held replicas fail their
+    first batch with RunStopped, so Ray Data ends the run and its replicas. The `with` then raises the refusal,
+    or, with nothing to run, ends quietly. No signal carries the verdict, so it reaches the run from any
+    thread, and under a launcher that ignores SIGINT (a background job, a supervisor)."""
 
-    def __init__(self, plan: "Plan", done: DoneIndex | None, on_pass):
-        self.ds, self.plan, self.done, self.on_pass = scanned_input(plan), plan, done, on_pass
+    def __init__(self, plan: "Plan", done: DoneIndex | None, on_pass, stop):
+        self.ds, self.plan, self.done, self.on_pass, self.stop = scanned_input(plan), plan, done, on_pass, stop
         self.scan = self.refusal = None
-        self.lock, self.closing, self.stopped = threading.Lock(), False, False
+        self.stopped = False
 
     def __enter__(self) -> "ScanBeside":
         self.thread = threading.Thread(target=self._check, daemon=True)
-        if threading.current_thread() is threading.main_thread():
-            self.thread.start()
-            return self
-        self.closing = True  # off the main thread nothing can interrupt the body: the pass runs first
-        self._check()
-        if self.refusal is not None:
-            raise self.refusal
+        self.thread.start()
         return self
 
     def _check(self) -> None:
@@ -96,22 +91,15 @@ class ScanBeside:
             go_on = self.on_pass(self.scan)
         except BaseException as error:
             self.refusal, go_on = error, False
-        with self.lock:
-            if not go_on and not self.closing:
-                self.stopped = True
-                _thread.interrupt_main()
+        if not go_on:
+            self.stopped = True
+            self.stop(str(self.refusal) if self.refusal is not None else "no row is left to run")
 
     def __exit__(self, kind, error, traceback) -> bool:
-        try:
-            with self.lock:
-                self.closing = True  # no interrupt from now on
-        except KeyboardInterrupt:  # ours, arriving only now
-            pass
-        if self.thread.ident is not None:
-            self.thread.join()
+        self.thread.join()
         if self.refusal is not None:
-            raise self.refusal
-        return kind is KeyboardInterrupt and self.stopped  # our own interrupt ends here
+            raise self.refusal  # the run's own failure, if any, followed from it
+        return self.stopped and kind is not None and isinstance(original(error), RunStopped)  # nothing to run
 
 
 def _block_counts(batch: pa.Table) -> pa.Table:
