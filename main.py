@@ -15,7 +15,7 @@ on every GPU of the Ray cluster, and write one output row per input row.
 
 Exit codes: 0 done; 1 a crash, or more failed rows than --max-error-fraction allows (all rows are still
 written); 2 bad input, with `error: <message>` on stderr (util/errors.py). README.ipynb walks through these
-steps; the optional features are parts the plan adds when their flags ask (util/features.py).
+steps; the optional features are parts the plan adds when their flags ask (util/parts.py).
 """
 
 import sys
@@ -34,11 +34,11 @@ from util.scan import ScanBeside, check_output
 
 
 def run(cfg: Config, replicas=None) -> int:
-    """One job. `replicas`: engines already running (util/replica_pool.py) to answer it, else its own."""
+    """One job. `replicas`: engines already running (util/features/replica_pool.py) to answer it, else its own."""
     cfg = smoke_config(cfg) if cfg.smoke else cfg
 
-    # What the workers get (util/workers.py): a gated model's token, by a setup hook (never a file), log levels.
-    from util.workers import prompt_for_hugging_face_token, ray_init_kwargs, worker_runtime_env
+    # What the workers get (util/replica/workers.py): a gated model's token, by a setup hook (never a file), log levels.
+    from util.replica.workers import prompt_for_hugging_face_token, ray_init_kwargs, worker_runtime_env
 
     token = prompt_for_hugging_face_token(cfg.model, interactive=False)
     ray.init(**ray_init_kwargs(worker_runtime_env(token), cfg.verbose))  # vLLM and Ray: warnings up
@@ -86,7 +86,7 @@ def run(cfg: Config, replicas=None) -> int:
     manifest.finish(written["ok"], written["error"], output, failure)
 
     # Report, once the replicas have shut their engines down (else vLLM's exit messages follow it).
-    from util.internals import wait_for_replicas_to_exit
+    from util.replica.internals import wait_for_replicas_to_exit
     from util.results import format_report, sample_rows, write_report
     wait_for_replicas_to_exit()
     if written["ok"] + written["error"]:  # a few rows at a glance

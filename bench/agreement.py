@@ -8,7 +8,7 @@
         --num-prompts 8 --max-tokens 16 --out /tmp/agree                      # CPU: FP8 weights need a GPU
 
 The smoke model (SmolLM2-135M-Instruct) is built with
-`python -c "from util.smol_model import smol_model_dir; print(smol_model_dir())"`; any local model
+`python -c "from util.model_dirs.smol_model import smol_model_dir; print(smol_model_dir())"`; any local model
 directory or hub id works as well.
 
 Configurations (CONFIGS), each over the engine arguments every one shares (dtype bfloat16, seed 0,

@@ -39,7 +39,7 @@ def add_node_after_first_batch(cluster, progress, running: threading.Thread) -> 
     main thread: starting a node sets signal handlers.)"""
     import ray
 
-    from util.replica import PROGRESS_ACTOR
+    from util.replica.supervisor import PROGRESS_ACTOR
 
     actor = ray.get_actor(PROGRESS_ACTOR)
     while ray.get(actor.totals.remote())["rows"] == 0 and running.is_alive():

@@ -1,4 +1,4 @@
-"""Vision throughput through main.py: a LLaVA-1.5-7B-like model (util/tiny_model.py `llava-7b`: CLIP
+"""Vision throughput through main.py: a LLaVA-1.5-7B-like model (util/model_dirs/tiny_model.py `llava-7b`: CLIP
 ViT-L/14 at 336 px, 576 image tokens, on Mistral-7B; vLLM load_format=dummy), one image per row.
 
     python -m bench.images --out bench-images                                    # GPU: 2,000 rows, 1 GPU
@@ -74,7 +74,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    from util.tiny_model import build_model_dir, tiny_llava_dir
+    from util.model_dirs.tiny_model import build_model_dir, tiny_llava_dir
 
     model = tiny_llava_dir() if args.tiny else build_model_dir(args.model_dir, "llava-7b")
     workload = write_workload(out, args.num_prompts, args.max_output)

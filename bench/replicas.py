@@ -41,7 +41,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    from util.tiny_model import build_model_dir, tiny_model_dir
+    from util.model_dirs.tiny_model import build_model_dir, tiny_model_dir
 
     model = tiny_model_dir() if args.tiny else build_model_dir(f"/tmp/bench-{args.shape}", args.shape)
     workload = out / "workload.jsonl"

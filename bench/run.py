@@ -21,7 +21,7 @@ Designs:
             workload N times in one engine (prefix cache reset between), `start=spawn` (pipeline only) spawns
             the replica's engine process, as before util/engine.py forked it (SpawnTimed), `loras=N`
             (pipeline only) spreads the rows over N random LoRA adapters of rank `lora_rank` (16), written
-            for the model's shape (util/tiny_model.py build_adapter_dir) and registered as --lora does, and
+            for the model's shape (util/model_dirs/tiny_model.py build_adapter_dir) and registered as --lora does, and
             any other key is an engine argument.
 
 Order: an untimed warm-up (raw on --warmup-prompts rows) fills vLLM's compile cache, so that no timed
@@ -61,13 +61,13 @@ import ray
 from bench.workload import make_workload
 from util.engine import choose_accelerator
 from util.config import Config, parse_engine_arg
-from util.internals import wait_for_replicas_to_exit
+from util.replica.internals import wait_for_replicas_to_exit
 from util.predictor import LLMPredictor, finish_batch, row_sampling
 from util.prompt_format import PromptFormatter
 from util.engine import CPU_ENV_VARS, engine_kwargs
 from util.pipeline import build_pipeline, pipeline_stages
 from util.plan import make_plan
-from util.tiny_model import build_adapter_dir, build_model_dir, tiny_model_dir
+from util.model_dirs.tiny_model import build_adapter_dir, build_model_dir, tiny_model_dir
 
 # vLLM arguments every design shares: dummy weights, and the offline batch limits for an 80 GB card.
 GPU_ENGINE_ARGS = {"load_format": "dummy", "max_model_len": 4096, "max_num_seqs": 1024}
@@ -139,7 +139,7 @@ class AsyncTimed(LLMPredictor):
 
 
 class SpawnTimed(AsyncTimed):
-    """The replica's start as it was before util/internals.py's engine_process_forked: vLLM spawns the engine
+    """The replica's start as it was before util/replica/internals.py's engine_process_forked: vLLM spawns the engine
     process from the Ray actor, and the new interpreter imports torch and vLLM again."""
 
     def __init__(self, *args, **kwargs):
@@ -373,7 +373,7 @@ def main() -> None:
     parser.add_argument("--seed-prompts", type=int, default=100, help="rows for the slow seed design")
     parser.add_argument("--max-output", type=int, default=512)
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU instead of a 7B shape on GPU")
-    parser.add_argument("--shape", default="mistral-7b", help="model shape (util/tiny_model.py SHAPES)")
+    parser.add_argument("--shape", default="mistral-7b", help="model shape (util/model_dirs/tiny_model.py SHAPES)")
     parser.add_argument("--model-dir", default=None, help="where to build it (default /tmp/bench-<shape>)")
     parser.add_argument("--concurrency", type=int, default=1, help="replicas for the Ray designs")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)

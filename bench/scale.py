@@ -57,7 +57,7 @@ class StandInPredictor:
     def __init__(self, model_name: str = "stand-in", **_):
         import ray
 
-        from util.replica import ProgressClient
+        from util.replica.supervisor import ProgressClient
 
         self.model_name, self.replica = model_name, ray.get_runtime_context().get_actor_id()[:8]
         self.progress = ProgressClient.connect()
@@ -66,7 +66,7 @@ class StandInPredictor:
         return self.predict(batch)
 
     def predict(self, batch: pa.Table, sampling: dict | None = None, parts: list | None = None) -> pa.Table:
-        """A batch, as a warm replica answers one for any job (util/replica_pool.py)."""
+        """A batch, as a warm replica answers one for any job (util/features/replica_pool.py)."""
         n = batch.num_rows
         time.sleep(n * SECONDS_PER_ROW)
         columns = {"generated_text": pa.array(["ok"] * n), "finish_reason": pa.array(["stop"] * n),
@@ -128,7 +128,7 @@ def run_case(input_path: str, output_path: str, replicas: int, batch_size: int, 
     from util.pipeline import build_pipeline, pipeline_stages
     from util.plan import make_plan
     from util.scan import check_before_run
-    from util.tiny_model import tiny_model_dir
+    from util.model_dirs.tiny_model import tiny_model_dir
 
     # Logical CPUs: the stand-ins need none of their own, but Ray counts them like real replicas.
     ray.init(num_cpus=2 + replicas, include_dashboard=False, log_to_driver=False)

@@ -9,11 +9,11 @@
   environment when ray.init() starts them, which is why the S3 settings must be in place first.
   Tests that monkeypatch os.environ reach the driver only, not workers that are already running.
 - `s3_bucket`: a fresh, uniquely named bucket on the moto server; yields its name.
-- `test_model` (session): SmolLM2-135M-Instruct (util/smol_model.py) whose tokenizer spells two unused
+- `test_model` (session): SmolLM2-135M-Instruct (util/model_dirs/smol_model.py) whose tokenizer spells two unused
   special tokens `<think>` and `</think>`, for the reasoning tests; the weights are the same file.
 - `warm_engine` (session, needs `ray_local`): one engine for the whole session, on `test_model` in float32
   (so that it can match transformers exactly) with compact JSON for guided decoding (ENGINE_ARGS), kept warm
-  in a ReplicaPool (util/replica_pool.py). Every test file that needs real answers runs its jobs on it.
+  in a ReplicaPool (util/features/replica_pool.py). Every test file that needs real answers runs its jobs on it.
 - `main_here` (session, needs `ray_local`): main.main in this process, on the test session's Ray, with no
   Hugging Face token asked for: main_here(*args, replicas=None) gives the exit code and what it printed (Job).
 - `main_in_process` (needs `ray_local`): the same, what it prints left to capsys; it returns the exit code.
@@ -243,14 +243,14 @@ def s3_server():
 def ray_local(s3_server):
     import ray
 
-    from util.workers import worker_setup_hook
+    from util.replica.workers import worker_setup_hook
 
     if ray.is_initialized():  # started without our environment: its workers would miss the S3 settings
         ray.shutdown()
     # Workers unpickle util.* functions by reference, so they must import this repo whatever their cwd.
     python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     environ = dict(os.environ)  # ray.init() sets RAY_AUTH_MODE, PYTHONBREAKPOINT and others in os.environ
-    # Its workers are set up as a run's are (util/workers.py), but for the log levels: the suite reads many
+    # Its workers are set up as a run's are (util/replica/workers.py), but for the log levels: the suite reads many
     # inputs, and stops many reads early, in this one cluster.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              object_store_memory=256 * 1024**2, runtime_env={"env_vars": {"PYTHONPATH": python_path},
@@ -288,7 +288,7 @@ def test_model(tmp_path_factory) -> str:
     link to the original's: the model is the same, and so are its answers to any other text."""
     import shutil
 
-    from util.smol_model import smol_model_dir
+    from util.model_dirs.smol_model import smol_model_dir
 
     source, directory = Path(smol_model_dir()), tmp_path_factory.mktemp("think") / "smollm2-think"
     directory.mkdir()
@@ -329,7 +329,7 @@ def hf_model(test_model):
 def warm_engine(ray_local, test_model):
     from util.config import parse_args
     from util.plan import make_plan
-    from util.replica_pool import ReplicaPool
+    from util.features.replica_pool import ReplicaPool
 
     plan = make_plan(parse_args(["--model", test_model, *ENGINE_ARGS]))
     # Held for the whole session: its Ray reservation would leave the session's 2 CPUs short for the tests
@@ -350,7 +350,7 @@ def main_on_session_ray(*args, replicas=None) -> int:
     import main
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("util.workers.prompt_for_hugging_face_token", lambda model, interactive: None)
+        patch.setattr("util.replica.workers.prompt_for_hugging_face_token", lambda model, interactive: None)
         patch.setattr(main.ray, "init", lambda **kwargs: None)  # the test session's Ray is already up
         return main.main([str(a) for a in args], replicas=replicas)
 

@@ -4,10 +4,10 @@ what a run resolves from the config are in test_plan.py."""
 import pytest
 
 from util.config import parse_args
-from util.features import features, registry
+from util.parts import features, registry
 
 OUTPUT_FORMATS = list(registry("OUTPUT_FORMATS"))  # a feature's formats (openai's), where it is present
-IMAGES = "util.images" in [module.__name__ for module in features()]
+IMAGES = "util.features.images" in [module.__name__ for module in features()]
 
 
 def test_defaults_match_the_original_template():

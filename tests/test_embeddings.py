@@ -1,5 +1,5 @@
-"""--task embed (util/embeddings.py), and OpenAI batch files of /v1/embeddings requests: one main.py run in
-this process with real weights (SmolLM2, util/smol_model.py, float32 on CPU) for the whole file, whose
+"""--task embed (util/features/embeddings.py), and OpenAI batch files of /v1/embeddings requests: one main.py run in
+this process with real weights (SmolLM2, util/model_dirs/smol_model.py, float32 on CPU) for the whole file, whose
 embeddings match transformers' pooling of the same model (the last token's final hidden state, L2-normalized, as vLLM pools a causal
 LM converted to embed); the OpenAI records, the task's resolution and the mixed-url refusal without an
 engine.
@@ -17,10 +17,10 @@ import conftest
 from conftest import write_jsonl
 from util.config import Config
 from util.errors import InputError, refusal_reason
-from util.openai_batch import output_record, request_row
+from util.features.openai_batch import output_record, request_row
 from util.pipeline import check_contracts, pipeline_stages
 from util.plan import make_plan
-from util.tiny_model import tiny_model_dir
+from util.model_dirs.tiny_model import tiny_model_dir
 
 TEXTS = [*conftest.PROMPTS[:3], "What is the capital of France?"]
 
@@ -46,7 +46,7 @@ def test_embeddings_match_transformers_pooling(embed_run):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from util.smol_model import smol_model_dir
+    from util.model_dirs.smol_model import smol_model_dir
 
     _, table = embed_run
     rows = {row["text"]: row for row in table.to_pylist()}

@@ -67,7 +67,7 @@ def test_summary_line_and_nothing_after_the_report_but_the_end(smoke_run):
     assert "logging_progress.py" not in output and " INFO " not in output, output
 
 
-# Warnings the run quiets at their source (util/workers.py, util/engine.py CPU_ENV_VARS, util/replica_host.py),
+# Warnings the run quiets at their source (util/replica/workers.py, util/engine.py CPU_ENV_VARS, util/replica/host.py),
 # and what an engine stopped under its replica used to print after a good run.
 QUIETED = ("Model Runner V2 requires Triton", "torch.distributed.reduce_op", "Passing raw prompts to InputProcessor",
            "Loading safetensors checkpoint shards", "Token authentication is enabled", "resource_tracker",

@@ -1,4 +1,4 @@
-"""A one-GPU replica's engine process is forked, not spawned (util/internals.py engine_process_forked): in a
+"""A one-GPU replica's engine process is forked, not spawned (util/replica/internals.py engine_process_forked): in a
 Ray actor vLLM's own check (_maybe_force_spawn) picks spawn, and inside the context it does not, unless the
 user asked for spawn or the replica spans several GPUs.
 
@@ -16,7 +16,7 @@ class Replica:
     def start_method(self, engine: dict, forked: bool, asked: str | None = None) -> str | None:
         from vllm.utils import system_utils
 
-        from util.internals import engine_process_forked
+        from util.replica.internals import engine_process_forked
 
         os.environ.pop("VLLM_WORKER_MULTIPROC_METHOD", None)
         if asked:
@@ -52,7 +52,7 @@ def test_spawn_stays_for_several_gpus_the_ray_executor_or_when_asked(replica):
 def test_the_check_is_vllms_own_again_after_the_start():
     from vllm.utils import system_utils
 
-    from util.internals import engine_process_forked
+    from util.replica.internals import engine_process_forked
 
     check = system_utils.is_in_ray_actor
     with engine_process_forked({}):

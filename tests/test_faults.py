@@ -3,7 +3,7 @@
 - the whole job is SIGKILLed mid-run: it leaves only whole files and no process, and a re-run writes
   exactly the missing rows;
 - a replica's vLLM engine process is SIGKILLed three times, at random moments, then the replica's actor:
-  the replica gets a new engine each time (util/replica.py), Ray restarts the actor, and every row is
+  the replica gets a new engine each time (util/replica/supervisor.py), Ray restarts the actor, and every row is
   written once;
 - (tests/test_faults_isolated.py, with these helpers: a row that kills every engine, a hung engine, a node
   lost mid-run;)
@@ -35,7 +35,7 @@ import pytest
 
 from conftest import PROMPTS, REPO, Run, line_ids
 from util.resume import MANIFEST_NAME, read_manifest
-from util.tiny_model import tiny_model_dir
+from util.model_dirs.tiny_model import tiny_model_dir
 
 pytestmark = pytest.mark.engine  # every test here starts vLLM engines
 

@@ -1,4 +1,4 @@
-"""Images for vision-language models: one main.py run of the tiny random LLaVA (util/tiny_model.py) serves
+"""Images for vision-language models: one main.py run of the tiny random LLaVA (util/model_dirs/tiny_model.py) serves
 the run's tests. Its input is a Parquet file whose `image` column holds, per row, a list of images in
 Hugging Face datasets' form ({"bytes", "path"}): a local path, the bytes themselves, an http URL (a local
 http.server), an s3:// path (moto), two images, none; and bad ones: a missing file, a file that is not an
@@ -31,10 +31,10 @@ import pytest
 from bench.images import write_workload
 from conftest import REPO, closed_local_port_url, run_main
 from util import columns as col
-from util.images import PROMPT_IMAGES, ImageError, Images, VisionFormatter, describe, fetch_images, image_sources, open_image
-from util.openai_batch import batch_kind, output_record, request_row, request_table
-from util.preflight import row_error_kind
-from util.tiny_model import tiny_llava_dir, tiny_model_dir
+from util.features.images import PROMPT_IMAGES, ImageError, Images, VisionFormatter, describe, fetch_images, image_sources, open_image
+from util.features.openai_batch import batch_kind, output_record, request_row, request_table
+from util.features.preflight import row_error_kind
+from util.model_dirs.tiny_model import tiny_llava_dir, tiny_model_dir
 
 MAX_TOKENS, MAX_IMAGE_BYTES = 6, 30_000
 SHIM = REPO / "tests" / "no_torchvision"
@@ -271,7 +271,7 @@ def test_a_text_only_model_refuses_only_the_openai_requests_with_images(tmp_path
     (no exit 2), and its formatter makes each request with an image an error record saying why; the others
     run (tests/test_openai_batch.py runs such a file on the smoke model)."""
     from util.config import parse_args
-    from util.images import NoImages
+    from util.features.images import NoImages
     from util.pipeline import pipeline_stages
     from util.plan import make_plan
 

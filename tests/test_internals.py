@@ -1,4 +1,4 @@
-"""Every private item of Ray and vLLM the project relies on (util/internals.py) is still where it was, on
+"""Every private item of Ray and vLLM the project relies on (util/replica/internals.py) is still where it was, on
 the installed versions: a version bump that moves one fails here, by name, instead of turning a wait into
 a skip or a forked engine start into a spawned one.
 
@@ -10,8 +10,8 @@ import os
 import pytest
 import ray
 
-from util import internals
-from util.internals import CHECKS, Moved
+from util.replica import internals
+from util.replica.internals import CHECKS, Moved
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))

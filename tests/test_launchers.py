@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, Run, write_jsonl
-from util.tiny_model import tiny_model_dir
+from util.model_dirs.tiny_model import tiny_model_dir
 
 pytestmark = pytest.mark.harness  # each test runs main.py, with its own Ray and engine, in a subprocess
 

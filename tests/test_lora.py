@@ -1,4 +1,4 @@
-"""LoRA adapters per row (util/lora.py): adapters made for the tiny model with peft, one main.py run (in this
+"""LoRA adapters per row (util/features/lora.py): adapters made for the tiny model with peft, one main.py run (in this
 process, on the test session's Ray) over
 rows that use none, a zero adapter (peft's default init: B = 0), a random one (by name, by local path
 and by s3:// path on moto), a wider one, and adapters that cannot be used. The random and wide adapters'
@@ -17,11 +17,11 @@ import pytest
 from conftest import write_jsonl
 from util.config import Config, parse_args
 from util.errors import InputError
-from util.lora import Lora, plan_lora
-from util.openai_batch import request_row, request_table
+from util.features.lora import Lora, plan_lora
+from util.features.openai_batch import request_row, request_table
 from util.plan import make_plan
 from util.predictor import checked_request
-from util.tiny_model import tiny_model_dir
+from util.model_dirs.tiny_model import tiny_model_dir
 
 CAPITAL, COLORS = "What is the capital of France?", "Name three colors."
 MAX_TOKENS = 12
@@ -95,7 +95,7 @@ def run(main_here, adapters, s3_adapter, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("lora-run")
     write_jsonl(folder / "in.jsonl", lora_rows(adapters, s3_adapter))
     # --max-loras 6: the five adapters this run loads, plus the spare slot that keeps base rows exact on
-    # vLLM's CPU backend (util/lora.py CPU_SPARE_SLOT); float32, for parity with transformers.
+    # vLLM's CPU backend (util/features/lora.py CPU_SPARE_SLOT); float32, for parity with transformers.
     job = main_here("--model", tiny_model_dir(), "--input-path", folder / "in.jsonl", "--id-column", "id",
                     "--lora", f"zero={adapters['zero']}", "--lora", f"rand={adapters['rand']}",
                     "--lora", f"wide={adapters['wide']}", "--max-loras", 6, "--concurrency", 1,

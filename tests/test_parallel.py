@@ -1,4 +1,4 @@
-"""Replicas across several GPUs (util/parallel.py): the engine arguments, the placement group of one GPU
+"""Replicas across several GPUs (util/features/parallel.py): the engine arguments, the placement group of one GPU
 bundle per shard, and the GPUs a run holds. No Ray, no model files: `make_plan` is given the cluster.
 
     .venv/bin/python -m pytest tests/test_parallel.py -q

@@ -13,7 +13,7 @@ from util.pipeline import Stage, build_pipeline, check_contracts, formatter_stag
 from util.plan import make_plan
 from util.reading import read_prompts
 from util.resume import DoneIndex
-from util.tiny_model import tiny_model_dir
+from util.model_dirs.tiny_model import tiny_model_dir
 
 READ = ("id", "text")  # what the reader gives every stage after it
 

@@ -38,7 +38,7 @@ def test_engine_kwargs_precedence():
 def test_a_cpu_plan_runs_half_a_cpu_replica_with_the_cpu_engine_settings():
     plan = plan_of(concurrency=1)
     assert not plan.choice.use_gpu
-    # Ray leaves the replica's engine processes to it (util/replica_host.py), which learns how many share the cores.
+    # Ray leaves the replica's engine processes to it (util/replica/host.py), which learns how many share the cores.
     assert plan.replica_resources == {"num_cpus": 0.5, "runtime_env": {"env_vars": {
         "RAY_kill_child_processes_on_worker_exit": "false", **CPU_ENV_VARS, "BATCH_LLM_REPLICAS": "1"}}}
     assert plan_of(concurrency=2).replica_resources["runtime_env"]["env_vars"]["BATCH_LLM_REPLICAS"] == "2"

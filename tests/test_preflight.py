@@ -16,11 +16,11 @@ import pytest
 
 from conftest import write_jsonl
 from util.errors import EMPTY_PROMPT, INVALID_SAMPLING, TOO_LONG
-from util.preflight import (DEFAULT_TOK_PER_S, PREFLIGHT_FOLDER, estimate, median_of_counts, row_budgets,
+from util.features.preflight import (DEFAULT_TOK_PER_S, PREFLIGHT_FOLDER, estimate, median_of_counts, row_budgets,
                             row_error_kind, token_histogram)
 from util.prompt_format import PromptFormatter
 from util.results import REPORT_NAME
-from util.tiny_model import tiny_model_dir
+from util.model_dirs.tiny_model import tiny_model_dir
 
 ROWS = [
     {"uid": "a", "text": "Hello there"},
@@ -62,7 +62,7 @@ def test_the_budget_stage_follows_the_formatter_in_the_chain():
     from util.config import Config
     from util.pipeline import check_contracts, formatter_stage, pipeline_stages
     from util.plan import make_plan
-    from util.preflight import budget_stage
+    from util.features.preflight import budget_stage
 
     plan = make_plan(Config(concurrency=1, model="m"), cluster={"CPU": 2.0}, resolve_model_files=False)
     check_contracts(pipeline_stages(plan, until="format") + [budget_stage(plan)], ("id", "text"))

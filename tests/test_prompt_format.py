@@ -5,7 +5,7 @@ import pytest
 
 from util.models import MODEL_PROMPT_FORMATS, engine_defaults, table_prompt_format
 from util.prompt_format import PromptFormatter, choose_prompt_format
-from util.tiny_model import tiny_model_dir
+from util.model_dirs.tiny_model import tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import ray
 
 from conftest import REPO, h8, scan_error, write_jsonl
 from util.errors import InputError, original
-from util.features import registry
+from util.parts import registry
 from util.reading import PromptFiles, list_files, read_prompts
 from util.scan import InputScan, scan_input
 

@@ -1,4 +1,4 @@
-"""Rows repaired instead of cut (util/repair.py, --repair): the flag, the fingerprint, the retry's size, the
+"""Rows repaired instead of cut (util/features/repair.py, --repair): the flag, the fingerprint, the retry's size, the
 predictor's loop on a stand-in engine (a row cut, run again, written once; an engine death during the
 retry), the run report's counts, --preflight's bound; then one job on the session's warm engine (SmolLM2,
 guided to a JSON schema) with a row repaired, a row still cut, a row never cut, and a row without a spec.
@@ -20,13 +20,13 @@ from util import columns as col
 from util.config import Config, parse_args
 from util.plan import make_plan
 from util.predictor import LLMPredictor, checked_request
-from util.preflight import MAX_OUTPUT_TOKENS, row_budgets
-from util.repair import RETRY_MAX_TOKENS, Repair, retry_max_tokens
-from util.replica import EngineSupervisor
+from util.features.preflight import MAX_OUTPUT_TOKENS, row_budgets
+from util.features.repair import RETRY_MAX_TOKENS, Repair, retry_max_tokens
+from util.replica.supervisor import EngineSupervisor
 from util.report import ProgressLog
 from util.results import build_report, format_report
 from util.resume import fingerprint_changes
-from util.structured_output import StructuredOutput
+from util.features.structured_output import StructuredOutput
 
 
 def plan_of(*args: str):

@@ -1,4 +1,4 @@
-"""The engine supervisor (util/replica.py) on stand-in engines: deaths, a row that kills every engine, the
+"""The engine supervisor (util/replica/supervisor.py) on stand-in engines: deaths, a row that kills every engine, the
 bound on restarts, a hung engine. The same faults on real vLLM engines: tests/test_faults.py."""
 
 import asyncio
@@ -7,7 +7,7 @@ import pytest
 
 from util import columns as col
 from util.errors import RowError
-from util.replica import EngineSupervisor
+from util.replica.supervisor import EngineSupervisor
 
 
 class Dead(Exception):

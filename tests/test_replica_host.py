@@ -1,4 +1,4 @@
-"""util/replica_host.py without an engine: how a node's cores are shared among CPU replicas, how a replica
+"""util/replica/host.py without an engine: how a node's cores are shared among CPU replicas, how a replica
 claims its slot (and one whose process died leaves it to the next), when vLLM's own binding stays, and the
 watcher that ends a replica's children when the replica dies.
 
@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from util import replica_host
-from util.replica_host import bind_cpu_replica, claim_slot, core_share, parse_cpu_list
+from util.replica import host as replica_host
+from util.replica.host import bind_cpu_replica, claim_slot, core_share, parse_cpu_list
 
 
 @pytest.mark.parametrize("cores, replicas, shares", [
@@ -50,7 +50,7 @@ def test_slots_are_claimed_lowest_first_and_a_full_node_gives_none(tmp_path):
 
 
 def test_a_slot_held_by_a_dead_process_is_claimed_again(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from util.replica_host import claim_slot; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from util.replica.host import claim_slot; "
                                f"held = claim_slot(2, {str(tmp_path)!r}); print(held[0], flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": "."})
     try:
@@ -116,7 +116,7 @@ def test_the_watcher_ends_the_children_of_a_process_killed_outright():
     # scan saw no children left and ended none (a killed job once left its engine running that way).
     replica = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
-        "from util import replica_host\n"
+        "from util.replica import host as replica_host\n"
         "replica_host.WATCH_S = 0.0\n"
         "replica_host.end_children_with_this_process()\n"
         "a = subprocess.Popen(['sleep', '300'])\n"

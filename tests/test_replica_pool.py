@@ -1,4 +1,4 @@
-"""Engines kept warm (util/replica_pool.py): a second pipeline run on the same pool starts no replica and
+"""Engines kept warm (util/features/replica_pool.py): a second pipeline run on the same pool starts no replica and
 no engine, every row is answered once per run, and shutdown ends the replicas. The scale harness's
 stand-ins (bench/scale.py) stand for the formatter and the engine, so this runs in seconds.
 
@@ -13,7 +13,7 @@ from util import columns as col
 from util.config import Config
 from util.pipeline import build_pipeline
 from util.plan import make_plan
-from util.replica_pool import ReplicaPool
+from util.features.replica_pool import ReplicaPool
 
 
 def plan_of(task: str):

@@ -30,7 +30,7 @@ def test_progress_line_format():
     assert progress_line(10, 10, 0.0, 0) == "progress: 10/10 rows (100%), 0 output tok/s, ETA 0:00:00"
     # Rows not counted beforehand: no share, no ETA.
     assert progress_line(1234, None, 5678.4, None) == "progress: 1,234 rows, 5,678 output tok/s"
-    # Engines replaced on the way (util/replica.py) are shown.
+    # Engines replaced on the way (util/replica/supervisor.py) are shown.
     assert progress_line(5, 10, 1.0, 5, restarts=1).endswith("ETA 0:00:05, 1 engine restart")
     assert progress_line(5, None, 1.0, None, restarts=2) == "progress: 5 rows, 1 output tok/s, 2 engine restarts"
 
@@ -67,7 +67,7 @@ def test_the_progress_actor_aggregates_what_the_replicas_report(ray_local):
     @ray.remote(num_cpus=0)
     class StandInReplica:  # reports the way LLMPredictor does; defined here so Ray ships it by value
         def __init__(self):
-            from util.replica import ProgressClient
+            from util.replica.supervisor import ProgressClient
 
             self.progress = ProgressClient.connect()
 
@@ -108,7 +108,7 @@ def test_a_held_run_lets_its_replicas_answer_only_once_released(ray_local):
     @ray.remote(num_cpus=0)
     class StandInReplica:
         def __init__(self):
-            from util.replica import ProgressClient
+            from util.replica.supervisor import ProgressClient
 
             self.progress = ProgressClient.connect()
 
@@ -139,7 +139,7 @@ def test_the_first_finished_row_is_printed_at_once_not_at_the_next_tick(ray_loca
     @ray.remote(num_cpus=0)
     class StandInReplica:
         def __init__(self):
-            from util.replica import ProgressClient
+            from util.replica.supervisor import ProgressClient
 
             self.progress = ProgressClient.connect()
 
@@ -157,7 +157,7 @@ def test_the_first_finished_row_is_printed_at_once_not_at_the_next_tick(ray_loca
 
 
 def test_a_replica_finds_no_actor_outside_a_reporting_run(ray_local):
-    from util.replica import ProgressClient
+    from util.replica.supervisor import ProgressClient
 
     client = ProgressClient.connect()
     client.rows_done(3, 30, flush=True)  # nothing to report to, and no error

@@ -1,6 +1,6 @@
 """Richer outputs: n samples per row, log-probabilities of the answer and of the prompt, a reasoning
-model's thinking kept apart, per-row timings, and structured output checked per sample (util/samples.py,
-util/reasoning.py, util/structured_output.py). One job on the session's warm engine (SmolLM2 in float32,
+model's thinking kept apart, per-row timings, and structured output checked per sample (util/features/samples.py,
+util/features/reasoning.py, util/features/structured_output.py). One job on the session's warm engine (SmolLM2 in float32,
 its tokenizer with the think tags `<think>` and `</think>`: conftest.py) serves the whole file, and a regex
 forces the reasoning shape through guided decoding.
 
@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletion
 
 from util.columns import TIMINGS
 from util.config import Config, parse_args
-from util.openai_batch import output_record
+from util.features.openai_batch import output_record
 from util.output import OUTPUT_SCHEMA, output_schema
 from util.plan import make_plan
 from util.predictor import CORE_COLUMNS, RowError, checked_request, finish_batch, timings

@@ -1,5 +1,5 @@
-"""--task score and --task classify (util/scoring.py), and OpenAI batch files of /v1/score and /v1/rerank
-requests. One engine for the whole file, kept warm (util/replica_pool.py): SmolLM2 (util/smol_model.py) in
+"""--task score and --task classify (util/features/scoring.py), and OpenAI batch files of /v1/score and /v1/rerank
+requests. One engine for the whole file, kept warm (util/features/replica_pool.py): SmolLM2 (util/model_dirs/smol_model.py) in
 float32, made a yes/no reranker as vLLM makes Qwen3-Reranker one (hf_overrides: classifier_from_token
 ["no", "yes"], method from_2_way_softmax: one label, sigmoid(logit(yes) - logit(no)) at the last token),
 which serves both tasks. Its scores and probabilities match transformers' causal LM on the same tokens.
@@ -20,11 +20,11 @@ import pytest
 from conftest import scan_error, write_jsonl
 from util.config import Config
 from util.errors import InputError, refusal_reason
-from util.openai_batch import output_record, request_row
+from util.features.openai_batch import output_record, request_row
 from util.pipeline import check_contracts, pipeline_stages
 from util.plan import make_plan
-from util.scoring import PairFormatter, ScoringPredictor, Scoring, joins_pair, token_type_start
-from util.tiny_model import tiny_model_dir
+from util.features.scoring import PairFormatter, ScoringPredictor, Scoring, joins_pair, token_type_start
+from util.model_dirs.tiny_model import tiny_model_dir
 
 RERANKER = {"architectures": ["LlamaForSequenceClassification"], "classifier_from_token": ["no", "yes"],
             "method": "from_2_way_softmax"}
@@ -42,8 +42,8 @@ def model_args(model: str) -> list[str]:
 def reranker(ray_local, main_here):
     """The reranker's engine, warm for the module; `run(*args)` runs main.py on it."""
     from util.config import parse_args
-    from util.replica_pool import ReplicaPool
-    from util.smol_model import smol_model_dir
+    from util.features.replica_pool import ReplicaPool
+    from util.model_dirs.smol_model import smol_model_dir
 
     model = smol_model_dir()
     plan = make_plan(parse_args([*model_args(model), "--task", "score"]))

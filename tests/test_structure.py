@@ -1,5 +1,5 @@
 """The project's shape: a core that every job imports, and the optional features, each a module the core
-never imports (util/features.py).
+never imports (util/parts.py).
 
 - main.py's module-level import closure within the repo (the core) holds no feature module, and is at most
   CORE_LINES lines; no core module imports a feature, even inside a function;
@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from util.features import FEATURES
 
 MOST_MODULES_DEEP = 6
 CORE_LINES = 2500
@@ -32,9 +31,18 @@ CORE_TESTS = ["test_config.py", "test_plan.py", "test_pipeline.py", "test_predic
               "test_validation.py"]
 
 
+def module_name(dotted: str) -> str | None:
+    """`util.replica.host` -> `replica.host`: a module of ours by its path under util/ (a package: its
+    __init__), or None where `dotted` is not one."""
+    if not dotted.startswith("util."):
+        return None
+    name = dotted[len("util."):]
+    return name if module_path(name).exists() else None
+
+
 def util_imports(path: Path, top_level_only: bool = False) -> set[str]:
-    """The util modules a file imports: at module level (in `if` and `try` blocks too), or anywhere, in
-    functions too, except under `if TYPE_CHECKING:`."""
+    """The util modules a file imports (`replica.host`, `config`): at module level (in `if` and `try` blocks
+    too), or anywhere, in functions too, except under `if TYPE_CHECKING:`."""
     found = set()
 
     def visit(node, depth: int):
@@ -42,26 +50,30 @@ def util_imports(path: Path, top_level_only: bool = False) -> set[str]:
             return
         if top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
             return
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("util."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.ImportFrom) and node.module == "util":
-            found.update(alias.name for alias in node.names)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "util":
+            for alias in node.names:  # a submodule by name, else the module it comes from
+                found.add(module_name(f"{node.module}.{alias.name}") or module_name(node.module))
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("util."))
+            found.update(module_name(a.name) for a in node.names)
         for child in ast.iter_child_nodes(node):
             visit(child, depth + 1)
 
     visit(ast.parse(path.read_text()), 0)
-    return found
+    return found - {None}
 
 
 def module_path(name: str) -> Path:
-    return REPO / "main.py" if name == "main" else REPO / "util" / f"{name}.py"
+    if name == "main":
+        return REPO / "main.py"
+    path = REPO / "util" / name.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def import_graph(top_level_only: bool = False) -> dict[str, set[str]]:
-    graph = {path.stem: util_imports(path, top_level_only) for path in (REPO / "util").glob("*.py")
-             if path.stem != "__init__"}
+    graph = {}
+    for path in (REPO / "util").rglob("*.py"):
+        name = ".".join(path.relative_to(REPO / "util").with_suffix("").parts)
+        graph[name.removesuffix(".__init__") if name != "__init__" else "__init__"] = util_imports(path, top_level_only)
     graph["main"] = util_imports(REPO / "main.py", top_level_only)
     return graph
 
@@ -87,7 +99,7 @@ def longest_chain(graph: dict[str, set[str]], start: str = "main") -> list[str]:
     return list(chain(start, frozenset()))
 
 
-FEATURE_NAMES = {name.split(".")[1] for name in FEATURES}
+FEATURE_NAMES = {name for name in import_graph() if name.split(".")[0] == "features"}  # util/features/ whole
 
 
 def test_the_core_holds_no_feature_and_reads_in_an_hour():
@@ -111,8 +123,9 @@ def test_longest_import_chain_is_at_most_six_modules():
 def test_the_chain_is_measured_through_imports_inside_functions():
     graph = {"main": {"a"}, "a": {"b"}, "b": set()}
     assert longest_chain(graph) == ["main", "a", "b"]
-    assert "tiny_model" in util_imports(REPO / "util" / "smol_model.py")
-    assert "smol_model" not in util_imports(REPO / "util" / "config.py", top_level_only=True)
+    assert "model_dirs.tiny_model" in util_imports(REPO / "util" / "model_dirs" / "smol_model.py")
+    assert "model_dirs.smol_model" not in util_imports(REPO / "util" / "config.py", top_level_only=True)
+    assert util_imports(REPO / "tests" / "test_replica_host.py") == {"replica.host"}
 
 
 def without_features() -> dict:

@@ -1,4 +1,4 @@
-"""Structured output (util/structured_output.py): the flags, a row's own spec, the check of each row's text,
+"""Structured output (util/features/structured_output.py): the flags, a row's own spec, the check of each row's text,
 and guided decoding on the real engine with a real model: jobs on the session's warm engine (SmolLM2, with
 compact JSON: conftest.py), each guided to PERSON by --json-schema, read from a file.
 
@@ -19,7 +19,7 @@ from util.errors import RowError
 from util.pipeline import pipeline_stages, predictor_stage
 from util.plan import make_plan
 from util.predictor import checked_request
-from util.structured_output import output_error, read_json_schema, row_spec
+from util.features.structured_output import output_error, read_json_schema, row_spec
 
 # Small enough for a 135M model to finish well within max_tokens.
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "ok", "n"],
@@ -99,7 +99,7 @@ def test_the_plan_reads_a_json_schema_file_once(tmp_path, monkeypatch):
 
 def test_a_missing_schema_file_refuses_the_run_with_exit_2(main_in_process, tmp_path, capsys):
     """The Config takes a schema file's name; the plan reads it, once, before anything else runs."""
-    from util.tiny_model import tiny_model_dir
+    from util.model_dirs.tiny_model import tiny_model_dir
 
     assert main_in_process("--model", tiny_model_dir(), "--concurrency", "1", "--json-schema",
                            tmp_path / "no-schema.json", "--output-path", tmp_path / "out") == 2

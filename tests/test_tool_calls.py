@@ -1,4 +1,4 @@
-"""Tool calls (util/tool_calls.py): a row's tools through the chat template, a named or "required" tool_choice
+"""Tool calls (util/features/tool_calls.py): a row's tools through the chat template, a named or "required" tool_choice
 held to vLLM's own schema by guided decoding, "auto" read by vLLM's tool-call parsers, and the calls in the
 `tool_calls` column and in OpenAI batch records (checked with the openai package's ChatCompletion). The
 checks of every edge need no engine; two jobs (an OpenAI batch file, a table) run on the session's warm engine.
@@ -16,15 +16,15 @@ import pytest
 from openai.types import BatchError
 from openai.types.chat import ChatCompletion
 
-from util import samples, tool_calls
+from util.features import samples, tool_calls
 from util.errors import RowError
-from util.internals import tool_call_schema
-from util.openai_batch import ChatFormatter, output_record, request_row, request_table
+from util.replica.internals import tool_call_schema
+from util.features.openai_batch import ChatFormatter, output_record, request_row, request_table
 from util.predictor import Request
 from util.prompt_format import PromptFormatter
-from util.smol_model import smol_model_dir
-from util.structured_output import StructuredOutput
-from util.tool_calls import (ToolCalls, ToolFormatter, ToolRequest, call_id, forced_calls, forced_schema,
+from util.model_dirs.smol_model import smol_model_dir
+from util.features.structured_output import StructuredOutput
+from util.features.tool_calls import (ToolCalls, ToolFormatter, ToolRequest, call_id, forced_calls, forced_schema,
                              template_messages, tool_request)
 
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],

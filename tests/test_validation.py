@@ -28,10 +28,10 @@ import ray
 
 import main
 from conftest import REPO, done_index, write_jsonl
-from util import workers as hf_token
+from util.replica import workers as hf_token
 from util.config import Config, parse_args
 from util.errors import InputError
-from util.workers import prompt_for_hugging_face_token
+from util.replica.workers import prompt_for_hugging_face_token
 from util.output import output_dataset
 from util.cloud import check_output_writable
 from util.reading import read_prompts, row_id
@@ -39,7 +39,7 @@ from util.report import ProgressReporter
 from util.resources import TASK_CPUS
 from util.resume import DoneIndex
 from util.scan import InputScan, ScanBeside, scan_input
-from util.tiny_model import tiny_model_dir
+from util.model_dirs.tiny_model import tiny_model_dir
 
 
 def tree(folder: Path) -> list[str]:
@@ -253,7 +253,7 @@ REFUSED_BEFORE_THE_SCAN = ("engine_arg", "missing_path", "output_not_writable") 
 def replicas_alive(wait_s: float = 30) -> list[str]:
     """The Ray Data actors (replicas among them) of this process's Ray that are not dead `wait_s` after the run
     returned (Ray Data kills them as it stops; Ray's state says so a moment later)."""
-    from util.internals import _find
+    from util.replica.internals import _find
 
     deadline = time.monotonic() + wait_s
     while True:
@@ -316,7 +316,7 @@ class HeldReplica:
     """A stand-in replica: like LLMPredictor, it answers a batch only once the run lets rows run."""
 
     def __init__(self):
-        from util.replica import ProgressClient
+        from util.replica.supervisor import ProgressClient
 
         self.progress = ProgressClient.connect()
 

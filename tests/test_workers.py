@@ -1,4 +1,4 @@
-"""What the workers get (util/workers.py): a Hugging Face token, checked against a stand-in for the hub on
+"""What the workers get (util/replica/workers.py): a Hugging Face token, checked against a stand-in for the hub on
 127.0.0.1 (no real hub, no real token), and the log levels (none with --verbose) beside the job's runtime env."""
 
 import json
@@ -15,9 +15,9 @@ import huggingface_hub.constants
 import pytest
 
 from conftest import closed_local_port_url
-from util import workers as hf_token
+from util.replica import workers as hf_token
 from util.config import parse_args
-from util.workers import (QUIET_LOGGERS, model_access, prompt_for_hugging_face_token, ray_init_kwargs,
+from util.replica.workers import (QUIET_LOGGERS, model_access, prompt_for_hugging_face_token, ray_init_kwargs,
                           resolve_hugging_face_token, worker_runtime_env)
 
 GRANTED = "hf_granted_token"  # the one token the stand-in accepts for the gated model
@@ -245,7 +245,7 @@ def test_the_workers_hook_runs_where_this_project_cannot_be_imported(tmp_path):
                              "'fsspec.implementations.http' in sys.modules)"],
                             input=ray.cloudpickle.dumps(hook), capture_output=True, cwd=tmp_path,
                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    # Quieted, and Ray Data's listing finds fsspec's HTTP filesystem imported (util/workers.py says why).
+    # Quieted, and Ray Data's listing finds fsspec's HTTP filesystem imported (util/replica/workers.py says why).
     assert worker.returncode == 0 and worker.stdout.strip() == b"True True", worker.stderr.decode()[-2000:]
 
 
@@ -259,12 +259,12 @@ def test_a_users_python_warnings_filter_is_kept(monkeypatch):
     monkeypatch.setenv("PYTHONWARNINGS", "error::DeprecationWarning")
     import importlib
 
-    import util.workers
+    import util.replica.workers
 
-    assert importlib.reload(util.workers).QUIET_ENV_VARS["PYTHONWARNINGS"] == \
+    assert importlib.reload(util.replica.workers).QUIET_ENV_VARS["PYTHONWARNINGS"] == \
         "error::DeprecationWarning,ignore::FutureWarning:vllm.triton_utils.dispatcher"
     monkeypatch.delenv("PYTHONWARNINGS")
-    importlib.reload(util.workers)
+    importlib.reload(util.replica.workers)
 
 
 def test_verbose_shows_every_line(monkeypatch):

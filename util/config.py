@@ -3,7 +3,7 @@
     cfg = parse_args(["--model", "google/gemma-7b-it", "--max-tokens", "256"])
     cfg = Config(model="google/gemma-7b-it", max_tokens=256)      # the same, from Python
 
-Config is the core's flags below and each present feature's `Flags` group (util/features.py), one flat
+Config is the core's flags below and each present feature's `Flags` group (util/parts.py), one flat
 dataclass. Each field is a `--flag` with its help text; a bad flag or value exits 2 before anything starts.
 """
 
@@ -14,7 +14,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 
-from util.features import features, flag, registry
+from util.parts import features, flag, registry
 
 
 def parse_engine_arg(text: str) -> tuple[str, typing.Any]:
@@ -28,7 +28,7 @@ def parse_engine_arg(text: str) -> tuple[str, typing.Any]:
 
 
 def parse_concurrency(text: str) -> tuple[int, int | None]:
-    """--concurrency N (a fixed pool) or MIN-MAX (an autoscaling one, util/autoscale.py): (N, None) or (MIN, MAX)."""
+    """--concurrency N (a fixed pool) or MIN-MAX (an autoscaling one, util/features/autoscale.py): (N, None) or (MIN, MAX)."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
     if not match:
         raise argparse.ArgumentTypeError(f"--concurrency takes N or MIN-MAX (e.g. 4, or 1-8 to autoscale), "
@@ -45,7 +45,7 @@ class CoreConfig:
     input_path: str | None = flag("File or folder of prompts: local, s3:// or gs://. Default: the five sample "
                                   "prompts.", default=None)
     input_format: str = flag("auto, text, jsonl, csv, parquet, or openai (OpenAI Batch API request lines, see "
-                             "util/openai_batch.py). auto goes by file extension.", default="auto")
+                             "util/features/openai_batch.py). auto goes by file extension.", default="auto")
     text_column: str = flag("Column holding the prompt text (text files: 'text').", default="text")
     id_column: str | None = flag("Column holding a unique row id. Default: derived from position and content.",
                                  default=None)
@@ -77,7 +77,7 @@ class CoreConfig:
     accelerator_type: str = flag("auto (A10G on AWS, L4 on GCP, or what the cluster advertises), any, or a Ray "
                                  "accelerator type such as A10G, L4, H100.", default="auto")
     max_engine_restarts: int = flag("Engine deaths a replica survives in 10 minutes, each with a new engine and its "
-                                    "rows run again (util/replica.py); one more stops the run.", default=3)
+                                    "rows run again (util/replica/supervisor.py); one more stops the run.", default=3)
     stall_timeout_s: float | None = flag("Seconds without a finished row after which an engine counts as hung. "
                                          "Default: 3x the slowest row's pace over --max-tokens, >= 5 min.", default=None)
     engine_arg: dict = flag("Extra vLLM engine argument key=value (repeatable), e.g. max_num_seqs=256.",
@@ -127,7 +127,7 @@ def assemble(core: type) -> type:
     extra = [(f.name, f.type, field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
              for feature in features() if hasattr(feature, "Flags") for f in dataclasses.fields(feature.Flags)]
     config = dataclasses.make_dataclass("Config", extra, bases=(core,), namespace={"__module__": __name__})
-    config.__doc__ = "The job's configuration: the core's flags and each present feature's (util/features.py)."
+    config.__doc__ = "The job's configuration: the core's flags and each present feature's (util/parts.py)."
     return config
 
 
@@ -165,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             args[f.name] = dict(args[f.name])
     if "concurrency" in args:
         args["concurrency"], most = args["concurrency"]
-        if most is not None:  # an autoscaling pool (util/autoscale.py); 4-4 is a fixed pool of 4
+        if most is not None:  # an autoscaling pool (util/features/autoscale.py); 4-4 is a fixed pool of 4
             args["max_concurrency"] = most
     try:
         return Config(**args)
@@ -176,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def smoke_config(cfg: Config) -> Config:
     """The offline trial run: a small real instruct model built locally, a few prompts, short outputs.
     Only fields still at their defaults change, so `--smoke --limit 5` still means 5 rows."""
-    from util.smol_model import smol_model_dir
+    from util.model_dirs.smol_model import smol_model_dir
 
     defaults, preset = Config(), {"model": smol_model_dir(), "input_path": "assets/prompts_100.txt",
                                   "limit": 20, "max_tokens": 32, "concurrency": 1, "run_name": "smoke"}

@@ -5,7 +5,7 @@
     ds.map_batches(..., **choice.ray_remote_args(gpus_per_replica=1))   # the cluster advertises none)
 
 Engine arguments, lowest precedence first: vLLM's defaults, the per-model table (util/models.py), CPU
-settings when no GPU is present, the job's features' (a replica's parallelism: util/parallel.py), the
+settings when no GPU is present, the job's features' (a replica's parallelism: util/features/parallel.py), the
 user's --engine-arg.
 """
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # gave 7% more output tokens/s than vLLM's 1,024 for a 7B model. Other GPUs keep vLLM's defaults.
 GPU_ENGINE_DEFAULTS = {"H200": {"max_num_seqs": 2048}}
 VLLM_MAX_NUM_SEQS = 1024  # vLLM's offline default on a large GPU, when the engine arguments name none
-REPLICA_ENV_VARS = {"RAY_kill_child_processes_on_worker_exit": "false"}  # it ends them: util/replica_host.py
+REPLICA_ENV_VARS = {"RAY_kill_child_processes_on_worker_exit": "false"}  # it ends them: util/replica/host.py
 CPU_ENV_VARS = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),  # GiB of RAM, not a GPU's
                 "VLLM_USE_V2_MODEL_RUNNER": "0"}  # V2 needs Triton's CPU backend: vLLM falls back to V1, and warns
 CPU_ENGINE_KWARGS = {"max_model_len": 2048, "max_num_seqs": 32, "enforce_eager": True,

@@ -31,7 +31,7 @@ from ray.data.block import BlockAccessor
 from util import columns as col
 from util.columns import TIMINGS
 from util.errors import InputError
-from util.features import registry
+from util.parts import registry
 from util.resources import TASK_CPUS
 from util.storage import TEMP_SUFFIX, commit_file, resolve
 

@@ -75,7 +75,7 @@ def cut_blocks_stage(rows: int) -> Stage:
     """Blocks of about `rows` rows, in tasks at the data tasks' CPU share (a whole CPU could wait forever
     beside the replicas on a small machine), fused with the formatter's."""
     def cut(ds: ray.data.Dataset) -> ray.data.Dataset:
-        from util.internals import set_last_operator_cpus
+        from util.replica.internals import set_last_operator_cpus
 
         return set_last_operator_cpus(ds.repartition(target_num_rows_per_block=rows), TASK_CPUS)
 

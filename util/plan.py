@@ -2,7 +2,7 @@
 
     plan = make_plan(Config(model="google/gemma-7b-it", max_tokens=256))   # after ray.init()
     plan.output_path, plan.engine_kwargs, plan.sampling, plan.prompt_format, plan.fingerprint
-    plan.parts      # what the job's features add (util/features.py), each asked once, here
+    plan.parts      # what the job's features add (util/parts.py), each asked once, here
 
 A CPU-only cluster too small for the replicas is refused here (InputError): Ray would otherwise wait forever
 for a CPU that never frees.
@@ -20,7 +20,7 @@ from util.config import Config
 from util.engine import (CPU_ENV_VARS, REPLICA_ENV_VARS, AcceleratorChoice, advertised_accelerator_types,
                          batches_in_flight, choose_accelerator, engine_kwargs, with_gpu_defaults)
 from util.errors import InputError
-from util.features import Part, features
+from util.parts import Part, features
 from util.predictor import LLMPredictor
 from util.prompt_format import choose_prompt_format, model_max_length
 from util.resources import CPU_REPLICA_CPUS, TASK_CPUS
@@ -39,7 +39,7 @@ class Plan:
     max_model_len: int | None = None  # the longest prompt plus output the engine takes (None: not known here)
     provenance: dict = dataclasses.field(default_factory=dict)  # versions, model commit, template hash
     parts: list[Part] = dataclasses.field(default_factory=list)  # the job's features, in FEATURES order
-    predictor: type = LLMPredictor  # the replicas' class (a task's own: util/embeddings.py)
+    predictor: type = LLMPredictor  # the replicas' class (a task's own: util/features/embeddings.py)
     most_replicas: int = 0  # replicas the run may hold at once (an autoscaling pool's MAX)
     gpus_per_replica: float = 1.0  # --gpus-per-replica (a share of one GPU is allowed), or a parallel replica's
     run_instead: Callable | None = None  # a feature that replaces the run (--preflight): run_instead(plan) -> exit code

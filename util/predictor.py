@@ -7,7 +7,7 @@
 Each replica holds one vLLM AsyncLLM engine, and every row of every batch it holds is its own request, so
 the scheduler always has work queued: a short row frees its slot instead of waiting for its batch's
 longest. A row's `sampling_params` (a dict or JSON object) go over the job's; the job's features (`parts`,
-util/features.py) see each row's Request before the engine does, and turn its output into their columns.
+util/parts.py) see each row's Request before the engine does, and turn its output into their columns.
 """
 
 import asyncio
@@ -29,7 +29,7 @@ CORE_COLUMNS = {col.GENERATED_TEXT: pa.string(), col.FINISH_REASON: pa.string(),
 
 @dataclass
 class Request:
-    """One row on its way to the engine, as the job's features see it (util/features.py)."""
+    """One row on its way to the engine, as the job's features see it (util/parts.py)."""
     row: dict  # the row's columns
     sampling: dict  # SamplingParams' keyword arguments: the job's, with the row's own on top
     prompt: dict  # vLLM's prompt: {"prompt_token_ids": [...]}, and what a feature adds (multi_modal_data)
@@ -122,9 +122,9 @@ class LLMPredictor:
         from vllm import AsyncEngineArgs, AsyncLLMEngine
         from vllm.usage.usage_lib import UsageContext
 
-        from util.internals import engine_process_forked
-        from util.replica import EngineSupervisor, ProgressClient
-        from util.replica_host import prepare_replica_host
+        from util.replica.internals import engine_process_forked
+        from util.replica.supervisor import EngineSupervisor, ProgressClient
+        from util.replica.host import prepare_replica_host
 
         engine_kwargs = engine_kwargs or {}
         prepare_replica_host(engine_kwargs)  # its engine's processes end with it; on CPU, its own cores
@@ -138,7 +138,7 @@ class LLMPredictor:
                 return AsyncLLMEngine.from_engine_args(self.engine_args(AsyncEngineArgs, model, engine_kwargs),
                                                        usage_context=UsageContext.LLM_CLASS)
 
-        # The engine: a new one whenever it dies or hangs, stopped at the replica's exit (util/replica.py).
+        # The engine: a new one whenever it dies or hangs, stopped at the replica's exit (util/replica/supervisor.py).
         self.supervisor = EngineSupervisor(start_engine, max_engine_restarts, stall_timeout_s,
                                            self.sampling.get("max_tokens", 2048), lambda name, n: self.progress.count(name, n))
         self.progress = ProgressClient.connect()  # the run's progress actor, if one is listening
@@ -159,7 +159,7 @@ class LLMPredictor:
 
     async def predict(self, batch: pa.Table, sampling: dict, parts: list) -> pa.Table:
         """The batch answered with the job's `sampling` and features' `parts` (a warm replica serves a job
-        of its own: util/replica_pool.py), once the run lets rows run (its input passed its check)."""
+        of its own: util/features/replica_pool.py), once the run lets rows run (its input passed its check)."""
         await self.progress.released()
         return await self.answer(batch, sampling, parts)
 
@@ -179,7 +179,7 @@ class LLMPredictor:
         try:
             check(request, sampling, parts)  # a feature may name the row's model (LoRA) before it refuses
             result = await self.supervisor.run(row[col.ID], attempt := lambda engine: self.generate(engine, request, parts))
-            while any(part.again(request, result) for part in parts):  # a feature runs it once more (util/repair.py)
+            while any(part.again(request, result) for part in parts):  # a feature runs it once more (util/features/repair.py)
                 result = await self.supervisor.run(row[col.ID], attempt)  # timed, and rerun at a death, as its own row
         except RowError as refused:
             result = {col.ERROR: str(refused), col.MODEL: request.model or self.model_name}

@@ -29,7 +29,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from util import columns as col
 from util.errors import InputError
-from util.features import registry
+from util.parts import registry
 from util.resources import TASK_CPUS
 from util.storage import resolve
 

@@ -4,7 +4,7 @@
         written = write_results(ds, output_path)   # prints `progress: 1,234/10,000 rows (12%), ...`
     report = progress.report(written)   # rows, tokens, tok/s per replica, GPU-hours: util/results.py prints it
 
-Replicas send what they finish to a named actor, without waiting (util/replica.py: ProgressClient).
+Replicas send what they finish to a named actor, without waiting (util/replica/supervisor.py: ProgressClient).
 """
 
 import asyncio
@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 FIRST_ROW_POLL_S = 1.0  # how soon the first finished row's progress line follows it
 FINAL_REPORTS_WAIT_S = 5.0  # the last reports are in flight when the write finishes
-# What a run survived (util/replica.py counts the first three in each replica; Ray restarts replicas).
+# What a run survived (util/replica/supervisor.py counts the first three in each replica; Ray restarts replicas).
 SURVIVED = ("engine_restarts", "rows_rerun", "rows_isolated", "replica_restarts", "nodes_lost")
 
 
@@ -106,7 +106,7 @@ class ProgressReporter:
         self.snapshot = {"ready": {}, "done": [], "survived": dict.fromkeys(SURVIVED, 0)}
 
     def __enter__(self) -> "ProgressReporter":
-        from util.replica import PROGRESS_ACTOR
+        from util.replica.supervisor import PROGRESS_ACTOR
 
         try:  # one left behind by an interrupted run in this driver (a notebook) holds the name
             ray.kill(ray.get_actor(PROGRESS_ACTOR))

@@ -1,24 +1,20 @@
-"""Makes every optional feature's module unimportable, as if it had been deleted (util/features.py lists
-them), in each Python process that starts with this folder on its path: main.py, Ray's workers, vLLM's
-engine. The template must then still run its core: tests/test_structure.py runs the core's tests, and
-main.py --smoke, so.
+"""Makes the optional features' folder, util/features/, unimportable, as if it had been deleted, in each
+Python process that starts with this folder on its path: main.py, Ray's workers, vLLM's engine. The
+template must then still run its core: tests/test_structure.py runs the core's tests, and main.py --smoke,
+so.
 
     PYTHONPATH=tests/no_features python main.py --smoke --limit 3
 """
 
-import ast
 import importlib.abc
 import sys
-from pathlib import Path
 
-_source = (Path(__file__).resolve().parents[2] / "util" / "features.py").read_text()
-FEATURES = next(ast.literal_eval(node.value) for node in ast.parse(_source).body
-                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "FEATURES")
+FEATURES_PACKAGE = "util.features"
 
 
 class _Deleted(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name in FEATURES:
+        if name == FEATURES_PACKAGE or name.startswith(FEATURES_PACKAGE + "."):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 

@@ -107,7 +107,7 @@ QUIET_LOGGERS = (
     "vllm.v1.engine.input_processor",  # token ids as a prompt: vLLM 0.32 deprecates it, 0.26 takes nothing else
 )
 # Ray's kill_child_processes_on_worker_exit is off for the replicas (util/engine.py REPLICA_ENV_VARS): Ray
-# would kill a replica's engine before the replica's exit hook stops it. util/replica_host.py ends what a
+# would kill a replica's engine before the replica's exit hook stops it. util/replica/host.py ends what a
 # replica leaves behind when it dies any other way.
 
 
@@ -125,7 +125,7 @@ def errors_only(record: logging.LogRecord) -> bool:
 
 def quiet_driver() -> None:
     """This process: Ray Data's console handler at WARNING (its log file keeps every level), QUIET_LOGGERS."""
-    from util.internals import ray_data_file_handler
+    from util.replica.internals import ray_data_file_handler
 
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, (ray_data_file_handler(), logging.FileHandler)):

@@ -1,8 +1,8 @@
-"""Structured output (a feature, util/features.py): vLLM's guided decoding for a whole job or for one row,
+"""Structured output (a feature, util/parts.py): vLLM's guided decoding for a whole job or for one row,
 and a check of each row's text.
 
     python main.py --input-path prompts.jsonl --json-schema schema.json     # or --regex '...', --choice yes --choice no
-    from util.structured_output import check_job_flags, job_spec, row_spec, vllm_params, output_error
+    from util.features.structured_output import check_job_flags, job_spec, row_spec, vllm_params, output_error
     check_job_flags(json_schema="schema.json", regex=None, choice=[])    # the flags' checks that read no file
     spec = job_spec(json_schema="schema.json", regex=None, choice=[])     # {"json": {...schema...}}
     spec = row_spec({"response_format": {"type": "json_object"}}, job=spec)  # {"json_object": True}
@@ -37,7 +37,7 @@ import re
 
 import pyarrow as pa
 
-from util.features import Part, flag, only_for_generation
+from util.parts import Part, flag, only_for_generation
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")

@@ -1,4 +1,4 @@
-"""Scores and classes (a feature, util/features.py): `--task score` writes each pair's `score`, `--task classify`
+"""Scores and classes (a feature, util/parts.py): `--task score` writes each pair's `score`, `--task classify`
 each text's `probs` and `label`, from a sequence-classification model (a cross-encoder, a reranker, a classifier).
 
     python main.py --task score --model BAAI/bge-reranker-base --input-path pairs.jsonl   # {"text": q, "text_pair": d}
@@ -22,7 +22,7 @@ classify: a row's text as given (prompt format `plain`: no chat template); `prob
 `label`, the likeliest one's name from the model's id2label.
 
 Ids, error rows and resume are as for generation; the task is in the output's fingerprint. An OpenAI batch
-file of /v1/score or /v1/rerank requests is a score job without the flag (util/openai_batch.py), written as
+file of /v1/score or /v1/rerank requests is a score job without the flag (util/features/openai_batch.py), written as
 vLLM's server answers them.
 """
 
@@ -36,7 +36,7 @@ import pyarrow as pa
 from util import columns as col
 from util.columns import set_columns
 from util.errors import EMPTY_PROMPT, ROW_ERRORS, RowError, row_error
-from util.features import Part, flag
+from util.parts import Part, flag
 from util.predictor import LLMPredictor, finish_batch
 from util.prompt_format import PromptFormatter
 
@@ -94,7 +94,7 @@ class PairFormatter(PromptFormatter):
     def __init__(self, model: str, text_column: str, text_pair_column: str = "text_pair",
                  hf_overrides: str | None = None, request_lines: bool = False, no_images: str | None = None,
                  **options):
-        super().__init__(model, text_column, **options)  # no_images: util/images.py's, for chat requests
+        super().__init__(model, text_column, **options)  # no_images: util/features/images.py's, for chat requests
         self.text_pair_column, self.request_lines = text_pair_column, request_lines
         self.joined = joins_pair(model, options.get("revision"), json.loads(hf_overrides) if hf_overrides else None)
 
@@ -110,7 +110,7 @@ class PairFormatter(PromptFormatter):
 
     def pair(self, first, second) -> tuple[str, list[str], bool]:
         """A row's query, its documents, and whether it is a rerank (its documents a list)."""
-        if self.request_lines:  # util/openai_batch.py: {"query": ..., "documents": ...} as JSON
+        if self.request_lines:  # util/features/openai_batch.py: {"query": ..., "documents": ...} as JSON
             request = json.loads(first)
             first, second = request["query"], request["documents"]
         if first is None or not str(first).strip():

@@ -1,4 +1,4 @@
-"""Tool calls (a feature, util/features.py): a row's tools go through the model's chat template, and its
+"""Tool calls (a feature, util/parts.py): a row's tools go through the model's chat template, and its
 answer comes back as tool calls, as vLLM's OpenAI server answers a chat request with `tools`.
 
     python main.py --input-path rows.jsonl --tool-call-parser hermes
@@ -8,7 +8,7 @@ answer comes back as tool calls, as vLLM's OpenAI server answers a chat request 
 
 A row asks for tools in its `tools` column (OpenAI's list of function tools: a list, or its JSON text), with
 `tool_choice` and `parallel_tool_calls` beside it; in an OpenAI batch file, the request body's parameters of
-those names fill these columns (util/openai_batch.py BODY_COLUMNS). The tools reach the chat template as
+those names fill these columns (util/features/openai_batch.py BODY_COLUMNS). The tools reach the chat template as
 `apply_chat_template(messages, tools=...)`; a template that ignores them (SmolLM2's) leaves them out of the
 prompt. What the row's `tool_choice` asks for, as vLLM's server does it:
   - a function (`{"type": "function", "function": {"name": ...}}`) or "required": guided decoding constrains
@@ -38,8 +38,8 @@ import pyarrow as pa
 
 from util import columns as col
 from util.errors import ROW_ERRORS, RowError, error_text, row_error
-from util.features import Part, flag, only_for_generation
-from util.internals import chat_completion_request, tool_call_schema, tool_parser, tool_parser_names
+from util.parts import Part, flag, only_for_generation
+from util.replica.internals import chat_completion_request, tool_call_schema, tool_parser, tool_parser_names
 from util.prompt_format import PromptFormatter
 
 TOOLS, TOOL_CHOICE, PARALLEL_TOOL_CALLS = "tools", "tool_choice", "parallel_tool_calls"  # a row's input columns
@@ -352,7 +352,7 @@ class ToolCalls(Part):
 
     async def prepare(self, request) -> None:
         spec = request.sampling.get("structured_outputs")
-        if TOOLS in request.state and isinstance(spec, dict):  # not made vLLM's already (util/structured_output.py)
+        if TOOLS in request.state and isinstance(spec, dict):  # not made vLLM's already (util/features/structured_output.py)
             from vllm.sampling_params import StructuredOutputsParams
 
             request.sampling["structured_outputs"] = StructuredOutputsParams(**spec)

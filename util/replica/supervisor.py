@@ -49,7 +49,7 @@ class EngineSupervisor:
                  max_tokens: int = 2048, count=lambda name, n: None, stop_engine=None, is_dead=None):
         """`start_engine()` -> a vLLM AsyncLLM; `count(name, n)`: what it survived, for the run's report;
         `stop_engine(engine)` and `is_dead(error)` (the engine is gone): vLLM's, unless given."""
-        from util.internals import engine_dead_error, shutdown_engine
+        from util.replica.internals import engine_dead_error, shutdown_engine
 
         self.start_engine, self.count = start_engine, count
         self.stop_engine = stop_engine or shutdown_engine

@@ -6,7 +6,7 @@ CPU, its own share of the node's cores.
 - **Its engine's processes.** Ray kills a worker's child processes as the worker starts to exit, before
   the worker's exit hooks run, so a replica's engine would die under it and vLLM log a crash after a good
   run. The replicas' runtime env turns that off (util/engine.py replica_env_vars): the replica's exit hook
-  stops its engine (util/replica.py), and a watcher process, started here, ends whatever children the
+  stops its engine (util/replica/supervisor.py), and a watcher process, started here, ends whatever children the
   replica leaves when it dies any other way (ray.kill, SIGKILL, a crash), which Ray's own only partly did.
 - **Its cores.** vLLM binds a CPU engine's threads to cores it picks for the node (all but one, with
   VLLM_CPU_OMP_THREADS_BIND=auto), whatever other engines run there: two replicas on one node then work on
@@ -154,7 +154,7 @@ def bind_cpu_replica(engine_kwargs: dict) -> str | None:
 
 def prepare_replica_host(engine_kwargs: dict) -> None:
     """In a replica, before its first engine starts: the watcher, on CPU its cores (above), and no progress bar
-    of the weights' loading where vLLM logs warnings only (util/workers.py QUIET_ENV_VARS: not --verbose)."""
+    of the weights' loading where vLLM logs warnings only (util/replica/workers.py QUIET_ENV_VARS: not --verbose)."""
     end_children_with_this_process()
     bind_cpu_replica(engine_kwargs)
     if os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() not in ("DEBUG", "INFO"):

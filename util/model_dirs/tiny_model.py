@@ -1,10 +1,10 @@
 """Model directories built locally, so the template runs with no download and no real weights.
 
-    python -m util.tiny_model /tmp/tiny                       # tiny random Mistral, with weights
-    python -m util.tiny_model /tmp/m7b --shape mistral-7b     # config + tokenizer only: vLLM load_format=dummy
-    python -m util.tiny_model /tmp/tl --shape tiny-llava      # tiny random LLaVA (vision-language), with weights
-    python -m util.tiny_model /tmp/l7b --shape llava-7b       # LLaVA-1.5-7B-like: config, tokenizer, processor
-    python -m util.tiny_model /tmp/a0 --shape mistral-7b --lora-rank 16   # a random LoRA adapter for that shape
+    python -m util.model_dirs.tiny_model /tmp/tiny                       # tiny random Mistral, with weights
+    python -m util.model_dirs.tiny_model /tmp/m7b --shape mistral-7b     # config + tokenizer only: vLLM load_format=dummy
+    python -m util.model_dirs.tiny_model /tmp/tl --shape tiny-llava      # tiny random LLaVA (vision-language), with weights
+    python -m util.model_dirs.tiny_model /tmp/l7b --shape llava-7b       # LLaVA-1.5-7B-like: config, tokenizer, processor
+    python -m util.model_dirs.tiny_model /tmp/a0 --shape mistral-7b --lora-rank 16   # a random LoRA adapter for that shape
 
 Every directory holds the real Mistral-7B v0.1 tokenizer, which ships inside `mistral_common` (a vLLM
 dependency), and a Mistral-architecture `config.json`. vLLM loads it like any Hugging Face model

@@ -1,5 +1,5 @@
 """Rows cut by max_tokens run once more, with room to finish, instead of being written cut (a feature,
-util/features.py).
+util/parts.py).
 
     python main.py --input-path prompts.jsonl --json-schema schema.json --max-tokens 256 --repair structured
     python main.py --input-path prompts.jsonl --max-tokens 256 --repair all
@@ -31,13 +31,13 @@ import dataclasses
 import pyarrow as pa
 
 from util import columns as col
-from util.features import Part, flag, only_for_generation
+from util.parts import Part, flag, only_for_generation
 
 MODES = ("structured", "all")
 ATTEMPTS, FIRST_FINISH_REASON = "attempts", "first_finish_reason"
 REPAIRED, STILL_CUT = "repaired", "still_cut"  # the run report's counts (util/report.py: the rows line)
 # In request.state of a row this setting repairs: the retry's max_tokens, None where there is no room for
-# more. --preflight reads it (util/preflight.py).
+# more. --preflight reads it (util/features/preflight.py).
 RETRY_MAX_TOKENS = "retry_max_tokens"
 
 

@@ -1,4 +1,4 @@
-"""LoRA adapters (a feature, util/features.py): one base model serves many fine-tunes in one job, each row
+"""LoRA adapters (a feature, util/parts.py): one base model serves many fine-tunes in one job, each row
 naming its own adapter.
 
     python main.py --input-path rows.jsonl --lora support=/adapters/support --lora legal=s3://bucket/legal
@@ -6,7 +6,7 @@ naming its own adapter.
     #              {"text": "...", "lora": "s3://bucket/adapters/sql"} a path: local, s3:// or gs://
     #              {"text": "..."}                                   null or empty: the base model
 
-    from util.lora import plan_lora
+    from util.features.lora import plan_lora
     adapters, engine = plan_lora(cfg.lora, cfg.max_loras, cfg.max_lora_rank)  # the plan: reads each adapter's config
     engine    # {"enable_lora": True, "max_loras": 2, "max_lora_rank": 16}: vLLM's LoRA engine arguments
 
@@ -41,8 +41,8 @@ import pyarrow.fs as pafs
 
 from util import columns as col
 from util.errors import ROW_ERRORS, InputError, RowError, row_error
-from util.features import Part, flag
-from util.internals import engine_dead_error, lora_ranks
+from util.parts import Part, flag
+from util.replica.internals import engine_dead_error, lora_ranks
 from util.storage import is_remote, resolve
 
 CONFIG_NAME = "adapter_config.json"  # peft's: every LoRA adapter folder has one
@@ -81,7 +81,7 @@ class Flags:
                       parse=parse_lora, metavar="NAME=PATH", unique="an adapter", default_factory=dict)
     max_loras: int | None = flag("Most adapters in one engine step (vLLM's max_loras); also enables LoRA for adapters "
                                  "given by path only. Default: the --lora adapters, at most 8 (on CPU one more: "
-                                 "util/lora.py says why).", default=None)
+                                 "util/features/lora.py says why).", default=None)
     max_lora_rank: int | None = flag("Largest adapter rank the engine takes (vLLM's max_lora_rank). Default: the "
                                      "largest --lora adapter's, else vLLM's (16).", default=None)
 

@@ -1,4 +1,4 @@
-"""Check a job before it runs, on CPU, without an engine (a feature, util/features.py): would the input be
+"""Check a job before it runs, on CPU, without an engine (a feature, util/parts.py): would the input be
 accepted, how many rows would fail, how many tokens would it generate, and how many GPU-hours and replicas
 would that take.
 
@@ -9,7 +9,7 @@ would that take.
 It reads the input as the run would (util.reading), applies the run's checks (output path writable, same
 settings as an earlier output, file errors, duplicate ids: util.scan.check_before_run), and formats and
 tokenizes every row with the run's own stages (util.pipeline), then checks each row as the replica would
-(the job's features' checks: util/features.py) and counts its token budget. It prints, and writes as
+(the job's features' checks: util/parts.py) and counts its token budget. It prints, and writes as
 preflight.json and input_tokens.png: rows, an input-token histogram, rows that would fail (empty, over
 max_model_len, invalid sampling_params, a LoRA adapter that cannot be used) by reason, and the estimates. Reports go
 to --preflight-report-dir, else to <output-path>/_preflight/, which readers of the output skip (a
@@ -20,7 +20,7 @@ Exit codes, the run's own: 0 it would pass; 1 more rows would fail than --max-er
 
 Estimates. Output tokens are an upper bound: each row's max_tokens (the job's, or the row's own
 `sampling_params`), capped at what max_model_len leaves after the prompt, as vLLM caps it, plus a retry's
-where --repair may run the row once more (util/repair.py), times the row's n samples. GPU-hours =
+where --repair may run the row once more (util/features/repair.py), times the row's n samples. GPU-hours =
 output tokens / (output tok/s of one replica) x GPUs per replica; engine start (about a minute,
 BENCHMARKS.md) is not included. The replica throughput is --throughput-tok-per-s, else the one measured
 by the earlier run into the same output (its _report.json, same settings), else DEFAULT_TOK_PER_S.
@@ -41,7 +41,7 @@ import pyarrow as pa
 from util import columns as col
 from util.errors import (EXIT_FAILED, EXIT_OK, EXIT_REFUSED, INVALID_SAMPLING, ROW_ERRORS, RowError, refusal_reason,
                          row_error)
-from util.features import flag
+from util.parts import flag
 from util.output import output_counts
 from util.pipeline import Stage, build_pipeline, pipeline_stages
 from util.predictor import checked_request
@@ -106,7 +106,7 @@ def row_budgets(batch: pa.Table, job_sampling: dict | None, max_model_len: int |
                 sampling = (request := checked_request(row, job_sampling, parts)).sampling
                 budget = int(sampling["max_tokens"])
                 budget = budget if max_model_len is None else min(budget, max(0, max_model_len - row[col.NUM_INPUT_TOKENS]))
-                budget += request.state.get("retry_max_tokens") or 0  # a cut row run once more (util/repair.py)
+                budget += request.state.get("retry_max_tokens") or 0  # a cut row run once more (util/features/repair.py)
                 budget *= int(sampling.get("n") or 1)  # each of the row's n samples
             except RowError as refused:
                 error = str(refused)

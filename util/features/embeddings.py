@@ -1,4 +1,4 @@
-"""Embeddings (a feature, util/features.py): `--task embed` writes each row's `embedding` instead of text.
+"""Embeddings (a feature, util/parts.py): `--task embed` writes each row's `embedding` instead of text.
 
     python main.py --input-path corpus.jsonl --task embed --model BAAI/bge-base-en-v1.5
 
@@ -6,7 +6,7 @@ The text is embedded as given (prompt format `plain` unless one is asked for: no
 same replicas, placement and batches as generation, each engine a pooling model: each row one `encode`
 request, whose pooled vector (for a causal LM, vLLM's default: the last token's hidden state,
 L2-normalized) becomes the row's `embedding`. Row errors, ids and resume are as for generation. An OpenAI
-batch file of /v1/embeddings requests is an embedding job without the flag (util/openai_batch.py).
+batch file of /v1/embeddings requests is an embedding job without the flag (util/features/openai_batch.py).
 """
 
 import asyncio
@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from util import columns as col
 from util.errors import RowError
-from util.features import Part
+from util.parts import Part
 from util.predictor import LLMPredictor, finish_batch
 
 EMBEDDING = "embedding"

@@ -25,7 +25,7 @@ def _find(path: str):
         for name in filter(None, attributes.split(".")):
             value = getattr(value, name)
     except (ImportError, AttributeError) as error:
-        raise Moved(f"{path} is gone ({type(error).__name__}: {error}); util/internals.py says what it was for") from None
+        raise Moved(f"{path} is gone ({type(error).__name__}: {error}); util/replica/internals.py says what it was for") from None
     return value
 
 

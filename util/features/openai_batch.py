@@ -12,7 +12,7 @@ An input line is a request, as the Batch API takes it:
 Every request the `openai` package's chat-completions types accept is served, within what this runner
 does. Its `messages` go through the model's chat template (content given as a list of text parts is
 joined with "\n", as vLLM's OpenAI server joins it; a vision-language model gets `image_url` parts, whose
-url is an http(s):// or data: URL, as the images of its template's image parts: util/images.py; for a
+url is an http(s):// or data: URL, as the images of its template's image parts: util/features/images.py; for a
 text-only model a request with one is an error record saying so), and its body parameters become the row's
 own sampling parameters (`max_tokens`, `max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed`,
 `presence_penalty`, `frequency_penalty`, `logit_bias`, `response_format`, `n`, and `logprobs` with
@@ -20,7 +20,7 @@ own sampling parameters (`max_tokens`, `max_completion_tokens`, `temperature`, `
 max_tokens, a stop string or list, logit_bias's token ids given as JSON strings, biases clamped to
 [-100, 100]. A null parameter counts as not given; one that asks for no unsupported feature is
 accepted (`"stream": false`, `"tools": []`, ...). Parameters a feature serves go to columns of the row, one
-each (BODY_COLUMNS: util/tool_calls.py's `tools`, `tool_choice` and `parallel_tool_calls`); without that
+each (BODY_COLUMNS: util/features/tool_calls.py's `tools`, `tool_choice` and `parallel_tool_calls`); without that
 feature, `tools` must be empty and `tool_choice` "none" or "auto". A line that is not a valid
 request (not JSON, no custom_id, another url, a parameter the openai package does not know, a value of the
 wrong type, a value that asks for something unsupported, such as `"stream": true`, named in the message)
@@ -36,7 +36,7 @@ must not mix the two urls. Its record's body is a CreateEmbeddingResponse: `{"ob
 
 A `/v1/score` or `/v1/rerank` request, as vLLM's run-batch takes it (ScoreRequest: `text_1`/`text_2`, or
 `queries`/`documents`, `queries`/`items`, `data_1`/`data_2`; RerankRequest: `query`, `documents`, `top_n`), makes
-the run a score job (util/scoring.py); the two urls may share a file. One query a line, texts only; vLLM's
+the run a score job (util/features/scoring.py); the two urls may share a file. One query a line, texts only; vLLM's
 truncation and score-template parameters are accepted at their defaults only. Its record's body is vLLM's
 ScoreResponse (`data`: `{"index", "object": "score", "score"}` per document) or RerankResponse (`results`:
 `{"index", "document": {"text"}, "relevance_score"}` by relevance, the top_n first).
@@ -48,13 +48,13 @@ An output record:
        "choices": [{"index": 0, "message": {"role": "assistant", "content": "..."}, "finish_reason": "stop"}],
        "usage": {"prompt_tokens": 12, "completion_tokens": 64, "total_tokens": 76}}}}
 
-With --lora adapters (util/lora.py), a request's `model` picks its adapter, as ray.data.llm reads it: a
+With --lora adapters (util/features/lora.py), a request's `model` picks its adapter, as ray.data.llm reads it: a
 name registered with --lora is that adapter, the base model none, and another model an error record; the
 record's `model` names the adapter. Without --lora, `model` is ignored: the job's model answers.
 
 `"n": 2` gives two choices (usage.completion_tokens counts both); `"logprobs": true, "top_logprobs": 3`
 gives each choice `logprobs.content`, as the SDK's ChatCompletionTokenLogprob has it; a choice whose answer
-called tools has `message.tool_calls` (util/tool_calls.py says when `finish_reason` is "tool_calls"); a job run with
+called tools has `message.tool_calls` (util/features/tool_calls.py says when `finish_reason` is "tool_calls"); a job run with
 --reasoning-parser gives each message its `reasoning_content` (thinking) beside `content` (the answer),
 and one run with --prompt-logprobs the body's `prompt_logprobs`, as vLLM's server names them.
 
@@ -75,7 +75,7 @@ import pyarrow as pa
 
 from util import columns as col
 from util.errors import EMPTY_PROMPT, ROW_ERRORS, InputError, RowError, error_text, row_error
-from util.features import Part, registry
+from util.parts import Part, registry
 from util.output import OutputFormat, jsonl_bytes
 from util.prompt_format import PromptFormatter
 
@@ -99,7 +99,7 @@ SCORING_DEFAULT_ONLY = {"use_activation": ([True], "scores after the model's act
 EMBEDDING_IGNORED = {"model", "input", "user"}
 EMBEDDING_DEFAULT_ONLY = {"encoding_format": (["float"], "float vectors only"),
                           "dimensions": ([], "the model's own size only")}
-# Body parameters and the SamplingParams field each one sets (response_format: util/structured_output.py),
+# Body parameters and the SamplingParams field each one sets (response_format: util/features/structured_output.py),
 # each converted as body_sampling says.
 SAMPLING_PARAMETERS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
                        "temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
@@ -115,7 +115,7 @@ LOGIT_BIAS_RANGE = (-100.0, 100.0)
 # OpenAI's logprobs (a flag) and top_logprobs (how many alternatives) become vLLM's one `logprobs`: K.
 LOGPROB_PARAMETERS = ("logprobs", "top_logprobs")
 # Parameters that change nothing in the answer: who asked, caching and billing hints, the model (the
-# job's model answers every request; with --lora, the model picks the row's adapter, util/lora.py), and
+# job's model answers every request; with --lora, the model picks the row's adapter, util/features/lora.py), and
 # settings that only matter beside a feature refused below.
 IGNORED_PARAMETERS = {"model", "messages", "user", "metadata", "store", "service_tier", "safety_identifier",
                       "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
@@ -136,7 +136,7 @@ DEFAULT_ONLY_PARAMETERS = {
     "reasoning_effort": ([], "no reasoning settings"),
     "verbosity": ([], "no verbosity setting"),
 }
-# A request with an image for a model that takes none: that line's error record (util/images.py says why).
+# A request with an image for a model that takes none: that line's error record (util/features/images.py says why).
 IMAGE_REFUSED = "image for a text-only model"
 ROW_ERRORS[IMAGE_REFUSED] = "an image_url part ({part}), but {reason}"
 # Columns the reader gives each request; `messages` is what the prompt formatter reads.
@@ -349,7 +349,7 @@ def embedding_request_row(custom_id: str, body, where: str) -> dict:
 
 def scoring_request_row(custom_id: str, url: str, body, where: str) -> dict:
     """A /v1/score or /v1/rerank body → a row whose `messages` holds, as JSON, its query, its documents (a
-    string: one pair; a list: a rerank), the url and top_n, for util/scoring.py's formatter and the output
+    string: one pair; a list: a rerank), the url and top_n, for util/features/scoring.py's formatter and the output
     record. One query a line (several queries against as many documents: one line each), texts only."""
     if not isinstance(body, dict):
         return _refused(custom_id, f"{where}: body must be a JSON object")
@@ -424,7 +424,7 @@ def output_record(row: dict, created: int | None = None) -> dict:
         body = {"error": {"message": row[col.ERROR], "type": "invalid_request_error", "param": None, "code": None}}
         return {**record, "response": {"status_code": 400, "request_id": request_id, "body": body},
                 "error": {"code": "invalid_request", "message": row[col.ERROR]}}
-    if row.get("score") is not None or row.get("scores") is not None:  # util/scoring.py's
+    if row.get("score") is not None or row.get("scores") is not None:  # util/features/scoring.py's
         return {**record, "response": {"status_code": 200, "request_id": request_id,
                                        "body": scoring_body(row, request_id, created)}, "error": None}
     if row.get("embedding") is not None:  # an embeddings request: CreateEmbeddingResponse's shape
@@ -482,7 +482,7 @@ def _choice(index: int, sample: dict) -> dict:
     message = {"role": "assistant", "content": sample["text"]}
     if sample.get("reasoning_content") is not None:  # a reasoning parser ran: the thinking, apart
         message["reasoning_content"] = sample["reasoning_content"]
-    if sample.get("tool_calls"):  # the answer called tools (util/tool_calls.py)
+    if sample.get("tool_calls"):  # the answer called tools (util/features/tool_calls.py)
         message["tool_calls"] = sample["tool_calls"]
     choice = {"index": index, "message": message, "logprobs": openai_logprobs(sample.get("logprobs")),
               "finish_reason": sample["finish_reason"]}
@@ -601,7 +601,7 @@ def join_text_parts(message: dict, index: int = 0) -> dict:
 class ChatFormatter(PromptFormatter):
     """The formatter of an OpenAI batch job: each request's messages (kept as JSON text) through the model's
     chat template; an embeddings request's input, as given. `no_images`: why the job's model takes no images
-    (util/images.py sets it for a text-only model), for the error of each request that holds one."""
+    (util/features/images.py sets it for a text-only model), for the error of each request that holds one."""
 
     def __init__(self, *args, no_images: str | None = None, **options):
         super().__init__(*args, **options)
@@ -625,7 +625,7 @@ class ChatFormatter(PromptFormatter):
 
 class OpenAIBatch(Part):
     def __init__(self, kind: BatchKind):
-        self.first_image = kind.first_image  # util/images.py takes the job for a vision job from it
+        self.first_image = kind.first_image  # util/features/images.py takes the job for a vision job from it
 
     def stages(self, plan, stages: list) -> list:
         return [stage.with_options(fn_kwargs={**stage.map_batches["fn_kwargs"], "formatter": ChatFormatter})

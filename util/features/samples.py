@@ -1,4 +1,4 @@
-"""n samples per row, and the log-probabilities of the answer and of the prompt (a feature, util/features.py).
+"""n samples per row, and the log-probabilities of the answer and of the prompt (a feature, util/parts.py).
 
     python main.py --input-path prompts.jsonl --n 4 --temperature 0.8 --logprobs 5   # 4 samples a row, top-5 logprobs
     python main.py --input-path texts.jsonl --prompt-format plain --prompt-logprobs 1 --max-tokens 1  # score texts
@@ -26,13 +26,13 @@ import math
 
 import pyarrow as pa
 
-from util.features import Part, flag, only_for_generation
+from util.parts import Part, flag, only_for_generation
 
 COMPLETIONS, LOGPROBS, PROMPT_LOGPROBS = "completions", "logprobs", "prompt_logprobs"
 TOP_LOGPROB = pa.struct([("token", pa.string()), ("token_id", pa.int64()), ("logprob", pa.float64())])
 TOKEN_LOGPROBS = pa.list_(pa.struct([*TOP_LOGPROB, pa.field("top_logprobs", pa.list_(TOP_LOGPROB))]))
 # A sample: its own columns, and those other features give each sample (reasoning, structured output).
-# tool_calls: util/tool_calls.py's TOOL_CALLS_TYPE, spelled here so that neither feature needs the other.
+# tool_calls: util/features/tool_calls.py's TOOL_CALLS_TYPE, spelled here so that neither feature needs the other.
 TOOL_CALLS = pa.list_(pa.struct([("id", pa.string()), ("type", pa.string()),
                                  ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))]))
 COMPLETION = pa.struct([("text", pa.string()), ("reasoning_content", pa.string()),

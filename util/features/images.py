@@ -1,9 +1,9 @@
-"""Images for vision-language models (a feature, util/features.py): where a row's images come from, fetched
+"""Images for vision-language models (a feature, util/parts.py): where a row's images come from, fetched
 and checked on CPU by the formatter, placed by the model's own chat template, and decoded for vLLM in the
 replica.
 
     python main.py --model llava-hf/llava-1.5-7b-hf --input-path photos.parquet --image-column image
-    from util.images import ImageError, engine_images, fetch_images, image_sources, open_image
+    from util.features.images import ImageError, engine_images, fetch_images, image_sources, open_image
     sources = image_sources(row["image"])        # ["s3://bucket/cat.jpg"], [b"\\x89PNG..."], ...
     blobs = fetch_images(sources, most=20 * 1024**2)   # each the encoded bytes, or the ImageError
     open_image(blobs[0])                         # decoded and checked (PIL), or ImageError
@@ -44,8 +44,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from util.errors import ROW_ERRORS, RowError, error_text, row_error
-from util.features import Part, flag
-from util.internals import image_media_io
+from util.parts import Part, flag
+from util.replica.internals import image_media_io
 from util.prompt_format import PromptFormatter, choose_prompt_format
 from util.storage import resolve, s3_location
 
@@ -288,7 +288,7 @@ class Images(Part):
 
 class NoImages(Part):
     """An OpenAI batch job whose model takes no images: the formatter makes each request that holds one an
-    error record saying why (util/openai_batch.py ChatFormatter), and the others run."""
+    error record saying why (util/features/openai_batch.py ChatFormatter), and the others run."""
 
     def __init__(self, reason: str):
         self.reason = reason

@@ -1,5 +1,6 @@
 """The optional features, and the hooks through which a job uses them. The core never imports a feature:
-it finds the modules in FEATURES at run time, and a deleted one is simply not there.
+it finds the modules in FEATURES (util/features/, which holds nothing else) at run time, and a deleted one
+is simply not there.
 
 A feature module may hold `Flags` (a dataclass of its flags, part of Config), `check(cfg)` (its flags'
 checks), `part(plan)` (a Part: what it adds to this job, or None), and INPUT_FORMATS, OUTPUT_FORMATS, TASKS
@@ -16,9 +17,9 @@ from types import ModuleType
 
 # In their parts' order: structured output checks a whole text, reasoning splits it, tool calls read the rest,
 # repair reads structured output's spec.
-FEATURES = ("util.openai_batch", "util.images", "util.lora", "util.structured_output", "util.reasoning",
-            "util.tool_calls", "util.samples", "util.repair", "util.embeddings", "util.scoring", "util.parallel",
-            "util.preflight", "util.autoscale")
+FEATURES = tuple(f"util.features.{name}" for name in (
+    "openai_batch", "images", "lora", "structured_output", "reasoning", "tool_calls", "samples", "repair", "embeddings",
+    "scoring", "parallel", "preflight", "autoscale"))
 
 
 def flag(help: str, parse=None, metavar: str | None = None, is_flag: bool = True, unique: str | None = None, **kwargs):
@@ -40,8 +41,8 @@ def features() -> list[ModuleType]:
         try:
             found.append(importlib.import_module(name))
         except ModuleNotFoundError as error:
-            if error.name != name:  # the feature is there, but something it imports is not
-                raise
+            if not error.name or not (name == error.name or name.startswith(error.name + ".")):
+                raise  # the feature is there (or util/features/ is), but something it imports is not
     return found
 
 

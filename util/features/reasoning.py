@@ -1,9 +1,9 @@
 """A reasoning model's thinking kept apart from its answer, by vLLM's own reasoning parsers, offline (a
-feature, util/features.py).
+feature, util/parts.py).
 
     python main.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --reasoning-parser deepseek_r1
 
-    from util.reasoning import check_parser_name, ReasoningSplitter
+    from util.features.reasoning import check_parser_name, ReasoningSplitter
     check_parser_name("deepseek_r1")              # ValueError naming the parsers this vLLM has, if unknown
     split = ReasoningSplitter("deepseek_r1", tokenizer)
     split("<think>add them</think>4")             # ("add them", "4")
@@ -29,8 +29,8 @@ import dataclasses
 import pyarrow as pa
 
 from util.errors import RowError
-from util.features import Part, flag, only_for_generation
-from util.internals import chat_completion_request, reasoning_parser_names
+from util.parts import Part, flag, only_for_generation
+from util.replica.internals import chat_completion_request, reasoning_parser_names
 
 REASONING_CONTENT = "reasoning_content"  # a reasoning parser's thinking; generated_text holds the rest
 

@@ -1,9 +1,9 @@
-"""Engines kept warm (a feature, util/features.py): replicas that outlive one pipeline run, so that a driver
+"""Engines kept warm (a feature, util/parts.py): replicas that outlive one pipeline run, so that a driver
 which runs the pipeline again (a notebook, a script looping over inputs, a test session) starts no engine
 the second time.
 
     from util.pipeline import build_pipeline
-    from util.replica_pool import ReplicaPool
+    from util.features.replica_pool import ReplicaPool
     with ReplicaPool(plan) as pool:                     # starts `concurrency` engines, once
         for path in ["a.jsonl", "b.jsonl"]:
             ds = build_pipeline(plan, source=path, stages=pool.stages(plan))
