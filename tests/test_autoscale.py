@@ -15,8 +15,9 @@ import pytest
 
 from conftest import REPO
 from util.config import Config, parse_args
+from util.errors import InputError
 from util.pipeline import pipeline_stages
-from util.plan import check_cluster_fits, make_plan
+from util.plan import make_plan
 
 
 @pytest.mark.parametrize("value, least, most", [
@@ -48,8 +49,10 @@ def test_an_autoscaling_pool_holds_at_most_its_max_and_resumes_a_fixed_pools_out
 
 
 def test_a_range_must_fit_its_min_on_a_cpu_only_cluster():
-    plan_of({"CPU": 2.0}, concurrency=1, max_concurrency=8)  # it grows as CPUs free
-    check_cluster_fits(1, use_gpu=False, cluster={"CPU": 2})
+    plan = plan_of({"CPU": 2.0}, concurrency=1, max_concurrency=8)  # its MIN fits: it grows as CPUs free
+    assert (plan.cfg.concurrency, plan.most_replicas) == (1, 8)
+    with pytest.raises(InputError, match=r"^--concurrency 4 needs 2.5 CPUs on this CPU-only cluster"):
+        plan_of({"CPU": 2.0}, concurrency=4, max_concurrency=8)  # its MIN does not
 
 
 @pytest.mark.parametrize("max_concurrency, least, most, tasks_per_replica", [

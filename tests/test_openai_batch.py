@@ -74,7 +74,7 @@ def test_body_parameters_are_converted_as_vllms_server_converts_them(body, sampl
     (request("q-1", "Hi", logprobs=True, top_logprobs=21), "q-1",
      "in.jsonl:4: top_logprobs=21 must be an integer from 0 to 20"),
     (request("q-1", "Hi", logprobs=1), "q-1", "in.jsonl:4: logprobs=1 must be true or false"),
-    # Tools are util/features/tool_calls.py's (tests/test_tool_calls.py); the deprecated functions are not served.
+    # Tools are util/features/tool_calls/'s (tests/test_tool_calls.py); the deprecated functions are not served.
     (request("q-1", "Hi", functions=[{"name": "f"}]), "q-1",
      'in.jsonl:4: functions=[{"name": "f"}] is not supported (no function calls; functions may be null or [])'),
     (request("q-1", "Hi", function_call={"name": "f"}), "q-1",
@@ -154,7 +154,7 @@ def test_text_parts_are_joined_with_newlines_as_vllms_server_joins_them():
 
 
 def test_a_request_with_an_image_for_a_text_only_model_is_refused_on_its_line():
-    """Its record says why (util/features/images.py gives the formatter the reason: NoImages); the other requests
+    """Its record says why (util/features/images/ gives the formatter the reason: NoImages); the other requests
     are formatted as ever."""
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
     lines = [request("text", "Hi"), request("image", [{"type": "text", "text": "What is this?"}, image]),
@@ -423,8 +423,8 @@ def test_what_the_model_or_vllm_cannot_serve_is_that_lines_error_record(paramete
 
 
 def test_without_the_tool_calls_feature_tools_are_refused(monkeypatch):
-    """util/features/tool_calls.py serves `tools` (its BODY_COLUMNS); a template without it refuses them, by line."""
-    monkeypatch.setattr("util.features.openai_batch.body_columns", dict)
+    """util/features/tool_calls/ serves `tools` (its BODY_COLUMNS); a template without it refuses them, by line."""
+    monkeypatch.setattr("util.features.openai_batch.request_rows.body_columns", dict)
     row = request_row(request("q-1", "Hi", tools=[{"type": "function", "function": {"name": "f"}}]), "in.jsonl:4")
     assert row["request_error"] == ('in.jsonl:4: tools=[{"type": "function", "function": {"name": "f"}}] is not '
                                     "supported (no tool calls; tools may be null or [])")

@@ -1,4 +1,4 @@
-"""Tool calls (util/features/tool_calls.py): a row's tools through the chat template, a named or "required" tool_choice
+"""Tool calls (util/features/tool_calls/): a row's tools through the chat template, a named or "required" tool_choice
 held to vLLM's own schema by guided decoding, "auto" read by vLLM's tool-call parsers, and the calls in the
 `tool_calls` column and in OpenAI batch records (checked with the openai package's ChatCompletion). The
 checks of every edge need no engine; two jobs (an OpenAI batch file, a table) run on the session's warm engine.
@@ -355,7 +355,7 @@ def batch_run(run_job, tmp_path_factory):
                   folder / "out", "--tool-call-parser", "hermes", "--max-error-fraction", "0.5")
     assert job.code == 0, job.err[-3000:]
     records = _records(folder / "out")
-    print(json.dumps(records.get("required")))  # with -s: a record, as README.md shows one
+    print(json.dumps(records.get("required")))  # with -s: a record, as util/features/tool_calls.md shows one
     return job.out, records, _records(folder / "out" / "errors")
 
 
@@ -407,7 +407,7 @@ def table_run(run_job, tmp_path_factory):
     assert job.code == 0, job.err[-3000:]
     rows = {row["id"]: row for row in pq.read_table(folder / "out").to_pylist()}
     print({k: rows["parsed"][k] for k in ("id", "generated_text", "finish_reason", "tool_calls", "num_generated_tokens",
-                                          "error")})  # with -s: the row README.md shows
+                                          "error")})  # with -s: the row util/features/tool_calls.md shows
     return job, rows, args
 
 

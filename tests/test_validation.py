@@ -250,15 +250,20 @@ def refused_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 REFUSED_BEFORE_THE_SCAN = ("engine_arg", "missing_path", "output_not_writable")  # no pipeline is built at all
 
 
-def replicas_alive(wait_s: float = 30) -> list[str]:
-    """The Ray Data actors (replicas among them) of this process's Ray that are not dead `wait_s` after the run
-    returned (Ray Data kills them as it stops; Ray's state says so a moment later)."""
+def replicas() -> dict[str, str]:
+    """This process's Ray's replicas, ever started (Ray Data's actors of our predictor): actor id -> state."""
     from util.replica.internals import _find
 
+    return {actor_id: a["State"] for actor_id, a in _find("ray._private.state:actors")().items()
+            if "LLMPredictor" in a["ActorClassName"]}
+
+
+def replicas_alive(wait_s: float = 30, besides: tuple = ()) -> list[str]:
+    """The replicas, but `besides`, that are not dead `wait_s` after the run returned (Ray's state says so a
+    moment after they end)."""
     deadline = time.monotonic() + wait_s
     while True:
-        alive = [a["ActorClassName"] for a in _find("ray._private.state:actors")().values()
-                 if a["ActorClassName"].startswith("MapWorker(") and a["State"] != "DEAD"]
+        alive = [actor_id for actor_id, state in replicas().items() if state != "DEAD" and actor_id not in besides]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.2)
@@ -274,11 +279,12 @@ def test_main_refuses_bad_input_with_exit_code_2(case, main_here, tmp_path, monk
     output = tmp_path / "out"
     if "--output-path" not in args:
         args = [*args, "--output-path", str(output)]
+    before = replicas()  # a warm pool's, which another test file of this worker may hold
     job = main_here("--model", tiny_model_dir(), "--concurrency", "1", *args)
     assert job.code == 2, job.err[-3000:]
     assert job.err.splitlines()[-1] == f"error: {message}"
     assert not output.exists()
-    assert replicas_alive() == []
+    assert replicas_alive(besides=tuple(before)) == []
 
 
 def test_main_refuses_duplicate_ids_with_exit_code_2_and_ends_the_replicas(main_here, tmp_path):
@@ -289,12 +295,14 @@ def test_main_refuses_duplicate_ids_with_exit_code_2_and_ends_the_replicas(main_
     write_jsonl(folder / "a.jsonl", [{"uid": "x", "text": "a"}])
     write_jsonl(folder / "b.jsonl", [{"uid": "x", "text": "b"}])
     output = tmp_path / "out"
+    before = replicas()
     job = main_here("--model", tiny_model_dir(), "--concurrency", "1", "--input-path", folder, "--id-column", "uid",
                     "--output-path", output)
     assert job.code == 2, job.err[-3000:]
     assert job.err.splitlines()[-1] == "error: duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:1"
     assert not output.exists()
-    assert replicas_alive() == []
+    assert set(replicas()) - set(before), "no replica started beside the scan"
+    assert replicas_alive(besides=tuple(before)) == []
 
 
 # --- ScanBeside: the input's pass in a thread beside the run ---

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 
 from util.parts import features, flag, registry
+from util.errors import InputError
 
 
 def parse_engine_arg(text: str) -> tuple[str, typing.Any]:
@@ -45,7 +46,7 @@ class CoreConfig:
     input_path: str | None = flag("File or folder of prompts: local, s3:// or gs://. Default: the five sample "
                                   "prompts.", default=None)
     input_format: str = flag("auto, text, jsonl, csv, parquet, or openai (OpenAI Batch API request lines, see "
-                             "util/features/openai_batch.py). auto goes by file extension.", default="auto")
+                             "util/features/openai_batch/). auto goes by file extension.", default="auto")
     text_column: str = flag("Column holding the prompt text (text files: 'text').", default="text")
     id_column: str | None = flag("Column holding a unique row id. Default: derived from position and content.",
                                  default=None)
@@ -109,7 +110,7 @@ class CoreConfig:
                    "output_format": ("parquet", "jsonl", *registry("OUTPUT_FORMATS"))}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         # Checked here, not by vLLM in every replica after the engines started.
         for name, rule, holds in (("temperature", ">= 0", self.temperature >= 0), ("max_tokens", "> 0", self.max_tokens > 0),
                                   ("top_p", "in (0, 1]", 0 < self.top_p <= 1),
@@ -117,9 +118,9 @@ class CoreConfig:
                                   ("max_engine_restarts", ">= 0", self.max_engine_restarts >= 0),
                                   ("stall_timeout_s", "> 0", self.stall_timeout_s is None or self.stall_timeout_s > 0)):
             if not holds:  # a comparison with NaN is false: NaN is refused too
-                raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+                raise InputError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
         if not self.concurrency >= 1:
-            raise ValueError(f"--concurrency needs at least 1 replica, got {self.concurrency}")
+            raise InputError(f"--concurrency needs at least 1 replica, got {self.concurrency}")
 
 
 def assemble(core: type) -> type:

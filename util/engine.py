@@ -18,6 +18,7 @@ import ray
 
 from util.models import engine_defaults
 from util.resources import CPU_REPLICA_CPUS
+from util.errors import InputError
 
 if TYPE_CHECKING:
     from util.config import Config
@@ -68,7 +69,7 @@ def choose_accelerator(requested_type: str | None = None, cluster_resources: dic
     else:
         advertised = advertised_accelerator_types(cluster_resources)
         if advertised and requested_type not in advertised:
-            raise ValueError(f"Accelerator type {requested_type!r} was requested, but this cluster advertises only "
+            raise InputError(f"Accelerator type {requested_type!r} was requested, but this cluster advertises only "
                              f"{', '.join(advertised)}. Pick one of those, 'auto' or 'any'.")
         accelerator_type = requested_type
     return AcceleratorChoice(use_gpu=True, accelerator_type=accelerator_type, num_gpus_in_cluster=num_gpus)
@@ -81,7 +82,7 @@ def engine_kwargs(cfg: "Config", use_gpu: bool = True, features: dict | None = N
 
         unknown = sorted(set(cfg.engine_arg) - {f.name for f in fields(AsyncEngineArgs)})
         if unknown:
-            raise ValueError(f"unknown --engine-arg key(s): {', '.join(unknown)}; see vLLM's EngineArgs")
+            raise InputError(f"unknown --engine-arg key(s): {', '.join(unknown)}; see vLLM's EngineArgs")
     kwargs = engine_defaults(cfg.model)
     if cfg.revision:
         kwargs["revision"] = cfg.revision

@@ -3,7 +3,7 @@
     raise InputError("prompts.jsonl:7: malformed JSON (Expecting value at column 1)")   # the run: exit 2
     raise RowError(row_error(EMPTY_PROMPT, column="text"))   # one row fails: "empty prompt in column 'text'"
 
-Bad input (InputError, or a ValueError from a flag) refuses the run before any GPU work: `error: <message>`
+Bad input (InputError, this project's own: never a library's ValueError) refuses the run before any GPU work: `error: <message>`
 on stderr, exit 2. A row the engine cannot take is an error row, its message built from ROW_ERRORS so that
 --preflight counts rows by kind (a feature adds its kinds). Anything else is a crash: exit 1.
 """
@@ -65,9 +65,11 @@ def original(error: BaseException) -> BaseException:
 
 
 def refusal_reason(error: BaseException) -> Exception | None:
-    """Why a run is refused (exit 2): bad input, a bad flag value, a gated model without a token; else None."""
+    """Why a run is refused (exit 2): bad input or a bad flag value (InputError, raised by this project only),
+    a gated model without a token (PermissionError); else None: any other exception, a ValueError from a
+    library or a bug included, is a crash, with its traceback (exit 1)."""
     error = original(error)
-    return error if isinstance(error, (ValueError, PermissionError)) else None
+    return error if isinstance(error, (InputError, PermissionError)) else None
 
 
 def failure_reason(error: BaseException) -> str:

@@ -14,6 +14,7 @@ checks), `part(plan)` (a Part: what it adds to this job, or None), and INPUT_FOR
 import importlib
 from dataclasses import field
 from types import ModuleType
+from util.errors import InputError
 
 # In their parts' order: structured output checks a whole text, reasoning splits it, tool calls read the rest,
 # repair reads structured output's spec.
@@ -31,7 +32,7 @@ def flag(help: str, parse=None, metavar: str | None = None, is_flag: bool = True
 def only_for_generation(cfg, given: dict[str, bool]) -> None:
     """A feature's check: its flags set (`given`, flag -> set?) shape generated text, which another task has none of."""
     if cfg.task != "generate" and (flags := [name for name, on in given.items() if on]):
-        raise ValueError(f"--task {cfg.task} takes no generation flags; got {', '.join(flags)}")
+        raise InputError(f"--task {cfg.task} takes no generation flags; got {', '.join(flags)}")
 
 
 def features() -> list[ModuleType]:

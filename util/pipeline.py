@@ -16,7 +16,7 @@ import ray
 
 from util import columns as col
 from util.predictor import CORE_COLUMNS
-from util.prompt_format import format_prompts
+from util.prompt_format import format_prompts, tokenizer_args
 from util.reading import SAMPLE_PROMPTS, read_prompts
 from util.resources import TASK_CPUS
 
@@ -68,7 +68,9 @@ def formatter_stage(plan: "Plan", formatter=format_prompts) -> Stage:
                      fn=formatter, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=TASK_CPUS,
                      fn_kwargs={"model": cfg.model, "text_column": cfg.text_column, "system_prompt": cfg.system_prompt,
                                 "prompt_format": plan.prompt_format, "revision": cfg.revision,
-                                "max_model_len": plan.max_model_len}))
+                                "max_model_len": plan.max_model_len,
+                                # hashable, as every option: each worker caches its formatter by them
+                                "tokenizer": tuple(tokenizer_args(cfg.model, plan.engine_kwargs).items())}))
 
 
 def cut_blocks_stage(rows: int) -> Stage:
@@ -96,10 +98,17 @@ def predictor_stage(plan: "Plan", predictor=None) -> Stage:
                                             "sampling": plan.sampling, "parts": plan.parts,
                                             "max_engine_restarts": cfg.max_engine_restarts,
                                             "stall_timeout_s": cfg.stall_timeout_s},
-                     compute=ray.data.ActorPoolStrategy(size=cfg.concurrency,
-                                                        max_tasks_in_flight_per_actor=cfg.batches_in_flight,
-                                                        max_concurrent_calls_per_actor=cfg.batches_in_flight),
+                     compute=actor_pool(cfg.concurrency, cfg.batches_in_flight),
                      batch_size=cfg.batch_size, batch_format="pyarrow", **plan.replica_resources))
+
+
+def actor_pool(least: int, batches_in_flight: int, most: int | None = None,
+               tasks_per_replica: int | None = None) -> ray.data.ActorPoolStrategy:
+    """Ray Data's pool of `least` replicas (up to `most`: it autoscales), each running `batches_in_flight`
+    batches at once and sent `tasks_per_replica` (by default as many; more are queued behind them)."""
+    return ray.data.ActorPoolStrategy(min_size=least, max_size=most or least,
+                                      max_tasks_in_flight_per_actor=tasks_per_replica or batches_in_flight,
+                                      max_concurrent_calls_per_actor=batches_in_flight)
 
 
 def pipeline_stages(plan: "Plan", done: "DoneIndex | None" = None, until: str | None = None,

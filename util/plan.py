@@ -22,7 +22,7 @@ from util.engine import (CPU_ENV_VARS, REPLICA_ENV_VARS, AcceleratorChoice, adve
 from util.errors import InputError
 from util.parts import Part, features
 from util.predictor import LLMPredictor
-from util.prompt_format import choose_prompt_format, model_max_length
+from util.prompt_format import choose_prompt_format, load_tokenizer, model_max_length, tokenizer_args
 from util.resources import CPU_REPLICA_CPUS, TASK_CPUS
 from util.resume import fingerprint
 from util.storage import generate_output_path
@@ -84,17 +84,24 @@ def check_cluster_fits(concurrency: int, use_gpu: bool, cluster: dict) -> None:
             f"the cluster has {cpus:g}. Lower --concurrency, or add CPUs")
 
 
+def plan_tokenizer(tokenizer: dict):
+    """The engine's tokenizer (prompt_format.tokenizer_args), for its chat template: read as a fast tokenizer's
+    file where it has one (AutoTokenizer's import takes torch, 3 s on 2 CPUs), else as the formatter loads it.
+    InputError when it does not load at all: the prompts could not be formatted."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(**tokenizer)
+    except Exception:  # no tokenizer.json (a sentencepiece-only model): AutoTokenizer converts it
+        return load_tokenizer(tokenizer)
+
+
 def resolve_model(plan: Plan) -> None:
     """The prompt format "auto" stands for, max_model_len, the model's hub commit and chat template hash, from
-    its tokenizer, loaded once, here; one that does not load here is left to the formatter, which reports it."""
-    from transformers import PreTrainedTokenizerFast  # not AutoTokenizer: its import takes torch, 3 s on 2 CPUs
-
+    the engine's tokenizer, loaded once, here (InputError if it does not load)."""
     cfg = plan.cfg
     plan.provenance.update(model_commit=None, prompt_format=None, chat_template_sha256=None)
-    try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.model, revision=cfg.revision)
-    except Exception:
-        return
+    tokenizer = plan_tokenizer(tokenizer_args(cfg.model, plan.engine_kwargs))
     plan.prompt_format = plan.provenance["prompt_format"] = choose_prompt_format(cfg.model, tokenizer, cfg.prompt_format)
     template_hash(plan, tokenizer)
     try:

@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from util import columns as col
 from util.columns import TIMINGS, set_columns
-from util.errors import INVALID_SAMPLING, RowError, RunStopped, row_error
+from util.errors import INVALID_SAMPLING, InputError, RowError, RunStopped, row_error
+from util.prompt_format import load_tokenizer, tokenizer_args
 
 STOPPED_REPLICA_EXIT_S = 2.0  # a stopped replica's actor ends this long after it failed its batch
 CORE_COLUMNS = {col.GENERATED_TEXT: pa.string(), col.FINISH_REASON: pa.string(),
@@ -45,7 +46,7 @@ def row_sampling(job_sampling: dict, row_override) -> dict:
         return dict(job_sampling)
     override = json.loads(row_override) if isinstance(row_override, str) else dict(row_override)
     if not isinstance(override, dict):
-        raise ValueError(f"must be a JSON object, got {type(override).__name__}")
+        raise InputError(f"must be a JSON object, got {type(override).__name__}")
     if isinstance(override.get("logit_bias"), dict):  # JSON's keys are strings; vLLM's are token ids, as its server's
         override["logit_bias"] = {int(token): bias for token, bias in override["logit_bias"].items()}
     return {**job_sampling, **{k: v for k, v in override.items() if v is not None}}
@@ -89,16 +90,6 @@ def finish_batch(batch: pa.Table, results: list[dict], columns: dict, engine_inp
         for name, kind in columns.items()})
 
 
-def load_tokenizer(model: str, engine_kwargs: dict):
-    """The tokenizer the engine uses, as the engine arguments name it."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(
-        engine_kwargs.get("tokenizer") or model,
-        revision=engine_kwargs.get("tokenizer_revision") or engine_kwargs.get("revision"),
-        trust_remote_code=engine_kwargs.get("trust_remote_code", False))
-
-
 def end_stopped_replica(stop_engine) -> None:
     """A stopped run's replica: its engine ends now, and its actor once its batch's failure has reached Ray Data.
     Ray Data drops the actor as it aborts, but a task callback of its executor can hold the actor's handle in
@@ -130,7 +121,7 @@ class LLMPredictor:
         prepare_replica_host(engine_kwargs)  # its engine's processes end with it; on CPU, its own cores
         self.model_name = model_name or model
         self.sampling, self.parts = dict(sampling or {}), list(parts or [])
-        self.tokenizer = load_tokenizer(model, engine_kwargs)
+        self.tokenizer = load_tokenizer(tokenizer_args(model, engine_kwargs))
         # LLM_CLASS selects vLLM's offline defaults (on an H100: 1024 sequences, 16k batched tokens); the
         # engine's own default context is sized for online serving and halves throughput here.
         def start_engine():

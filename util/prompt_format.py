@@ -12,21 +12,24 @@ long) gets a reason instead of failing the batch.
 
 import functools
 import json
+import logging
 
 import pyarrow as pa
 
 from util import columns as col
 from util.columns import set_columns
-from util.errors import EMPTY_PROMPT, TOO_LONG, RowError, row_error
+from util.errors import EMPTY_PROMPT, TOO_LONG, InputError, RowError, row_error
 from util.models import table_prompt_format
+
+logger = logging.getLogger(__name__)
 
 
 def choose_prompt_format(model: str, tokenizer, requested: str = "auto") -> str:
     has_template, has_table = bool(getattr(tokenizer, "chat_template", None)), bool(table_prompt_format(model))
     if requested == "chat_template" and not has_template:
-        raise ValueError(f"{model} has no chat template; use --prompt-format plain or table")
+        raise InputError(f"{model} has no chat template; use --prompt-format plain or table")
     if requested == "table" and not has_table:
-        raise ValueError(f"{model} has no entry in util/models.py MODEL_PROMPT_FORMATS; "
+        raise InputError(f"{model} has no entry in util/models.py MODEL_PROMPT_FORMATS; "
                          "use --prompt-format chat_template or plain")
     if requested != "auto":
         return requested
@@ -45,15 +48,35 @@ def model_max_length(model: str, revision: str | None = None, override: int | No
     return config.get("text_config", config).get("max_position_embeddings")
 
 
+def tokenizer_args(model: str, engine_kwargs: dict) -> dict:
+    """The tokenizer the engine uses, as its arguments name it (vLLM's defaults: the model's, at its revision):
+    the plan, the formatter and the predictor each load this one, so the token ids the formatter makes are
+    the ones the engine would make."""
+    return {"pretrained_model_name_or_path": engine_kwargs.get("tokenizer") or model,
+            "revision": engine_kwargs.get("tokenizer_revision") or engine_kwargs.get("revision"),
+            "trust_remote_code": bool(engine_kwargs.get("trust_remote_code", False))}
+
+
+def load_tokenizer(tokenizer: dict):
+    """`tokenizer`: tokenizer_args'. InputError, naming the tokenizer, when it does not load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(**tokenizer)
+    except Exception as error:
+        raise InputError(f"the tokenizer {tokenizer['pretrained_model_name_or_path']!r} does not load: "
+                         f"{type(error).__name__}: {error}") from error
+
+
 class PromptFormatter:
-    """Ray Data stage. Needs `text_column`; adds prompt, prompt_token_ids, num_input_tokens, error."""
+    """Ray Data stage. Needs `text_column`; adds prompt, prompt_token_ids, num_input_tokens, error.
+    `tokenizer`: tokenizer_args' items (the engine's); by default the model's at `revision`."""
 
     def __init__(self, model: str, text_column: str, system_prompt: str | None = None, prompt_format: str = "auto",
-                 revision: str | None = None, max_model_len: int | None = None):
-        from transformers import AutoTokenizer
-
+                 revision: str | None = None, max_model_len: int | None = None, tokenizer: tuple = ()):
         self.model, self.text_column, self.system_prompt = model, text_column, system_prompt
-        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+        self.warned_system_role = False
+        self.tokenizer = load_tokenizer(dict(tokenizer) or tokenizer_args(model, {"revision": revision}))
         self.templates = self.chat_templates(model, revision)
         self.prompt_format = choose_prompt_format(model, self.templates, prompt_format)
         self.max_model_len = model_max_length(model, revision, max_model_len)
@@ -72,11 +95,17 @@ class PromptFormatter:
     def chat(self, messages: list[dict]) -> str:
         """A conversation through the chat template, the system prompt first unless it has one. Some
         templates (Gemma's) refuse a system role: the system prompt then opens the first user turn."""
+        from jinja2.exceptions import TemplateError
+
         if not self.system_prompt or any(m.get("role") == "system" for m in messages):
             return self.apply_chat_template(messages)
         try:
             return self.apply_chat_template([{"role": "system", "content": self.content(self.system_prompt)}, *messages])
-        except Exception:
+        except TemplateError as refused:  # the template's own refusal (raise_exception); any other error is raised
+            if not self.warned_system_role:
+                self.warned_system_role = True
+                logger.warning("%s's chat template refuses a system message (%s): the system prompt opens the first "
+                               "user turn instead", self.model, refused)
             first, prefix = messages[0], f"{self.system_prompt}\n\n"
             content = prefix + first["content"] if isinstance(first["content"], str) else [
                 {"type": "text", "text": prefix}, *first["content"]]

@@ -14,7 +14,9 @@ import math
 
 import ray
 
+from util.errors import InputError
 from util.parts import Part, flag
+from util.pipeline import actor_pool
 
 
 @dataclasses.dataclass
@@ -32,9 +34,9 @@ def check(cfg) -> None:
     if cfg.max_concurrency is None:
         return
     if not cfg.concurrency >= 1:
-        raise ValueError(f"--concurrency needs at least 1 replica, got {concurrency_text(cfg.concurrency, cfg.max_concurrency)}")
+        raise InputError(f"--concurrency needs at least 1 replica, got {concurrency_text(cfg.concurrency, cfg.max_concurrency)}")
     if not cfg.max_concurrency >= cfg.concurrency:
-        raise ValueError(f"--concurrency MIN-MAX needs MIN <= MAX, got {concurrency_text(cfg.concurrency, cfg.max_concurrency)}")
+        raise InputError(f"--concurrency MIN-MAX needs MIN <= MAX, got {concurrency_text(cfg.concurrency, cfg.max_concurrency)}")
     if cfg.max_concurrency == cfg.concurrency:  # 4-4 is a fixed pool of 4
         cfg.max_concurrency = None
 
@@ -55,9 +57,7 @@ class Autoscale(Part):
     def stages(self, plan, stages: list) -> list:
         """The model's stage as an autoscaling actor pool of MIN to MAX replicas."""
         cfg = plan.cfg
-        compute = ray.data.ActorPoolStrategy(min_size=self.least, max_size=self.most,
-                                             max_tasks_in_flight_per_actor=tasks_in_flight(cfg.batches_in_flight),
-                                             max_concurrent_calls_per_actor=cfg.batches_in_flight)
+        compute = actor_pool(self.least, cfg.batches_in_flight, self.most, tasks_in_flight(cfg.batches_in_flight))
         return [stage.with_options(compute=compute) if "compute" in stage.map_batches else stage for stage in stages]
 
 

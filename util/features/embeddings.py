@@ -6,7 +6,7 @@ The text is embedded as given (prompt format `plain` unless one is asked for: no
 same replicas, placement and batches as generation, each engine a pooling model: each row one `encode`
 request, whose pooled vector (for a causal LM, vLLM's default: the last token's hidden state,
 L2-normalized) becomes the row's `embedding`. Row errors, ids and resume are as for generation. An OpenAI
-batch file of /v1/embeddings requests is an embedding job without the flag (util/features/openai_batch.py).
+batch file of /v1/embeddings requests is an embedding job without the flag (util/features/openai_batch/).
 """
 
 import asyncio

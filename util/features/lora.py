@@ -95,13 +95,13 @@ def check_lora_flags(lora: dict, max_loras: int | None, max_lora_rank: int | Non
     """--lora, --max-loras and --max-lora-rank as given (no I/O): ValueError naming the flag."""
     for name, path in lora.items():
         if not name or not path or "/" in name:
-            raise ValueError(f"--lora takes NAME=PATH with a NAME without '/' (a row's `lora` value with a '/' "
+            raise InputError(f"--lora takes NAME=PATH with a NAME without '/' (a row's `lora` value with a '/' "
                              f"is a path), got {name}={path}")
     if max_loras is not None and not max_loras >= 1:
-        raise ValueError(f"--max-loras must be >= 1, got {max_loras}")
+        raise InputError(f"--max-loras must be >= 1, got {max_loras}")
     ranks = lora_ranks()
     if max_lora_rank is not None and (not max_lora_rank >= 1 or ranks and max_lora_rank not in ranks):
-        raise ValueError(f"--max-lora-rank must be one of vLLM's ranks ({', '.join(map(str, ranks))}), "
+        raise InputError(f"--max-lora-rank must be one of vLLM's ranks ({', '.join(map(str, ranks))}), "
                          f"got {max_lora_rank}")
 
 

@@ -16,6 +16,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from util.parts import Part, flag
+from util.errors import InputError
 
 
 @dataclasses.dataclass
@@ -27,7 +28,7 @@ class Flags:
 
 def check(cfg) -> None:
     if not (cfg.tensor_parallel_size >= 1 and cfg.pipeline_parallel_size >= 1):
-        raise ValueError(f"--tensor-parallel-size and --pipeline-parallel-size must be >= 1, got "
+        raise InputError(f"--tensor-parallel-size and --pipeline-parallel-size must be >= 1, got "
                          f"{cfg.tensor_parallel_size} and {cfg.pipeline_parallel_size}")
 
 

@@ -39,8 +39,8 @@ import numpy as np
 import pyarrow as pa
 
 from util import columns as col
-from util.errors import (EXIT_FAILED, EXIT_OK, EXIT_REFUSED, INVALID_SAMPLING, ROW_ERRORS, RowError, refusal_reason,
-                         row_error)
+from util.errors import (EXIT_FAILED, EXIT_OK, EXIT_REFUSED, INVALID_SAMPLING, ROW_ERRORS, InputError, RowError,
+                         refusal_reason, row_error)
 from util.parts import flag
 from util.output import output_counts
 from util.pipeline import Stage, build_pipeline, pipeline_stages
@@ -152,7 +152,7 @@ def replica_throughput(cfg: "Config", output_path: str, task: str = "generate") 
     None for an embedding job without --throughput-tok-per-s, for which nothing was measured."""
     if cfg.throughput_tok_per_s is not None:
         if not cfg.throughput_tok_per_s > 0:
-            raise ValueError(f"--throughput-tok-per-s must be > 0, got {cfg.throughput_tok_per_s}")
+            raise InputError(f"--throughput-tok-per-s must be > 0, got {cfg.throughput_tok_per_s}")
         return cfg.throughput_tok_per_s, "--throughput-tok-per-s"
     if task != "generate":
         return None, NO_EMBED_THROUGHPUT
@@ -281,7 +281,7 @@ def run_preflight(plan: "Plan") -> int:
               "task": plan.task, "max_error_fraction": cfg.max_error_fraction}
     try:
         if cfg.deadline_hours is not None and not cfg.deadline_hours > 0:
-            raise ValueError(f"--deadline-hours must be > 0, got {cfg.deadline_hours}")
+            raise InputError(f"--deadline-hours must be > 0, got {cfg.deadline_hours}")
         tok_per_s, source = replica_throughput(cfg, output_path, plan.task)
         result.update(inspect_input(plan))
     except Exception as error:  # refused as the run would refuse it (main.py: exit code 2)

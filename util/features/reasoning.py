@@ -28,7 +28,7 @@ import dataclasses
 
 import pyarrow as pa
 
-from util.errors import RowError
+from util.errors import InputError, RowError
 from util.parts import Part, flag, only_for_generation
 from util.replica.internals import chat_completion_request, reasoning_parser_names
 
@@ -40,7 +40,7 @@ def check_parser_name(name, where: str = "--reasoning-parser") -> str:
     if not isinstance(name, str) or name not in reasoning_parser_names():
         import vllm
 
-        raise ValueError(f"{where}: unknown reasoning parser {name!r}; vLLM {vllm.__version__} has "
+        raise InputError(f"{where}: unknown reasoning parser {name!r}; vLLM {vllm.__version__} has "
                          f"{', '.join(reasoning_parser_names())}")
     return name
 

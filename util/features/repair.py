@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from util import columns as col
 from util.parts import Part, flag, only_for_generation
+from util.errors import InputError
 
 MODES = ("structured", "all")
 ATTEMPTS, FIRST_FINISH_REASON = "attempts", "first_finish_reason"
@@ -51,7 +52,7 @@ class Flags:
 
 def check(cfg) -> None:
     if cfg.repair is not None and cfg.repair not in MODES:
-        raise ValueError(f"--repair takes {' or '.join(MODES)}, got {cfg.repair!r}")
+        raise InputError(f"--repair takes {' or '.join(MODES)}, got {cfg.repair!r}")
     only_for_generation(cfg, {"--repair": cfg.repair is not None})
 
 

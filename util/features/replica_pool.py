@@ -27,7 +27,7 @@ import time
 import pyarrow as pa
 import ray
 
-from util.pipeline import pipeline_stages, predictor_stage
+from util.pipeline import actor_pool, pipeline_stages, predictor_stage
 
 FORWARDER_CPUS = 0.01  # a forwarder only awaits its replica's answer
 SHUTDOWN_TIMEOUT_S = 60  # for the engines to stop, then again for the killed replicas to end
@@ -95,9 +95,7 @@ class ReplicaPool:
                              f"{plan.cfg.model} with {plan.engine_kwargs}")
         forward = {"fn": ReplicaClient, "fn_constructor_kwargs": {"replicas": self.replicas, "sampling": plan.sampling,
                                                                   "parts": plan.parts},
-                   "compute": ray.data.ActorPoolStrategy(size=len(self.replicas),
-                                                         max_tasks_in_flight_per_actor=self.batches_in_flight,
-                                                         max_concurrent_calls_per_actor=self.batches_in_flight),
+                   "compute": actor_pool(len(self.replicas), self.batches_in_flight),
                    "batch_size": plan.cfg.batch_size, "batch_format": "pyarrow", "num_cpus": FORWARDER_CPUS}
         model_stage = predictor_stage(plan).name
         return [stage.with_options(**forward) if stage.name == model_stage else stage

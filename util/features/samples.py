@@ -27,12 +27,13 @@ import math
 import pyarrow as pa
 
 from util.parts import Part, flag, only_for_generation
+from util.errors import InputError
 
 COMPLETIONS, LOGPROBS, PROMPT_LOGPROBS = "completions", "logprobs", "prompt_logprobs"
 TOP_LOGPROB = pa.struct([("token", pa.string()), ("token_id", pa.int64()), ("logprob", pa.float64())])
 TOKEN_LOGPROBS = pa.list_(pa.struct([*TOP_LOGPROB, pa.field("top_logprobs", pa.list_(TOP_LOGPROB))]))
 # A sample: its own columns, and those other features give each sample (reasoning, structured output).
-# tool_calls: util/features/tool_calls.py's TOOL_CALLS_TYPE, spelled here so that neither feature needs the other.
+# tool_calls: util/features/tool_calls/'s TOOL_CALLS_TYPE, spelled here so that neither feature needs the other.
 TOOL_CALLS = pa.list_(pa.struct([("id", pa.string()), ("type", pa.string()),
                                  ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))]))
 COMPLETION = pa.struct([("text", pa.string()), ("reasoning_content", pa.string()),
@@ -55,15 +56,15 @@ class Flags:
 
 def check(cfg) -> None:
     if not cfg.n >= 1:
-        raise ValueError(f"--n must be >= 1, got {cfg.n}")
+        raise InputError(f"--n must be >= 1, got {cfg.n}")
     if cfg.n > 1 and cfg.temperature == 0:
-        raise ValueError(f"--n {cfg.n} needs --temperature > 0: greedy sampling gives one answer")
+        raise InputError(f"--n {cfg.n} needs --temperature > 0: greedy sampling gives one answer")
     most = cfg.engine_arg.get("max_logprobs", 20)  # vLLM refuses more (an engine argument; -1: no limit)
     for name, k in (("--logprobs", cfg.logprobs), ("--prompt-logprobs", cfg.prompt_logprobs)):
         if k is not None and not k >= 0:
-            raise ValueError(f"{name} must be >= 0, got {k}")
+            raise InputError(f"{name} must be >= 0, got {k}")
         if k is not None and most != -1 and k > most:
-            raise ValueError(f"{name} must be <= {most} (the engine's max_logprobs; raise it with "
+            raise InputError(f"{name} must be <= {most} (the engine's max_logprobs; raise it with "
                              f"--engine-arg max_logprobs=N), got {k}")
     only_for_generation(cfg, {"--n": cfg.n != 1, "--logprobs": cfg.logprobs is not None,
                               "--prompt-logprobs": cfg.prompt_logprobs is not None})
@@ -104,7 +105,7 @@ class Samples(Part):
     def check(self, request) -> None:
         n = request.sampling.get("n", 1)
         if isinstance(n, int) and n > 1 and request.sampling.get("temperature", 1.0) == 0:
-            raise ValueError(f"n={n} needs temperature > 0: greedy sampling gives one answer")
+            raise InputError(f"n={n} needs temperature > 0: greedy sampling gives one answer")
 
     def spell(self, tokenizer, token_id: int) -> str:
         if token_id not in self.spelled:

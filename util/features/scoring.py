@@ -22,7 +22,7 @@ classify: a row's text as given (prompt format `plain`: no chat template); `prob
 `label`, the likeliest one's name from the model's id2label.
 
 Ids, error rows and resume are as for generation; the task is in the output's fingerprint. An OpenAI batch
-file of /v1/score or /v1/rerank requests is a score job without the flag (util/features/openai_batch.py), written as
+file of /v1/score or /v1/rerank requests is a score job without the flag (util/features/openai_batch/), written as
 vLLM's server answers them.
 """
 
@@ -94,7 +94,7 @@ class PairFormatter(PromptFormatter):
     def __init__(self, model: str, text_column: str, text_pair_column: str = "text_pair",
                  hf_overrides: str | None = None, request_lines: bool = False, no_images: str | None = None,
                  **options):
-        super().__init__(model, text_column, **options)  # no_images: util/features/images.py's, for chat requests
+        super().__init__(model, text_column, **options)  # no_images: util/features/images/'s, for chat requests
         self.text_pair_column, self.request_lines = text_pair_column, request_lines
         self.joined = joins_pair(model, options.get("revision"), json.loads(hf_overrides) if hf_overrides else None)
 
@@ -110,7 +110,7 @@ class PairFormatter(PromptFormatter):
 
     def pair(self, first, second) -> tuple[str, list[str], bool]:
         """A row's query, its documents, and whether it is a rerank (its documents a list)."""
-        if self.request_lines:  # util/features/openai_batch.py: {"query": ..., "documents": ...} as JSON
+        if self.request_lines:  # util/features/openai_batch/: {"query": ..., "documents": ...} as JSON
             request = json.loads(first)
             first, second = request["query"], request["documents"]
         if first is None or not str(first).strip():

@@ -38,6 +38,7 @@ import re
 import pyarrow as pa
 
 from util.parts import Part, flag, only_for_generation
+from util.errors import InputError
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
@@ -59,41 +60,41 @@ def _check_json_schema(schema) -> dict:
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as error:
-            raise ValueError(f"not valid JSON: {error}") from None
+            raise InputError(f"not valid JSON: {error}") from None
     if not isinstance(schema, dict):
-        raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+        raise InputError(f"a JSON schema must be an object, got {type(schema).__name__}")
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as error:
-        raise ValueError(f"not a valid JSON schema: {error.message}") from None
+        raise InputError(f"not a valid JSON schema: {error.message}") from None
     return schema
 
 
 def _check_regex(pattern) -> str:
     if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"a regular expression must be a non-empty string, got {pattern!r}")
+        raise InputError(f"a regular expression must be a non-empty string, got {pattern!r}")
     try:
         re.compile(pattern)
     except re.error as error:
-        raise ValueError(f"not a valid regular expression: {error}") from None
+        raise InputError(f"not a valid regular expression: {error}") from None
     return pattern
 
 
 def _check_choice(choices) -> list[str]:
     if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
-        raise ValueError(f"must be a non-empty list of strings, got {choices!r}")
+        raise InputError(f"must be a non-empty list of strings, got {choices!r}")
     return list(choices)
 
 
 def _check_grammar(grammar) -> str:
     if not isinstance(grammar, str) or not grammar.strip():
-        raise ValueError(f"a grammar must be a non-empty string, got {grammar!r}")
+        raise InputError(f"a grammar must be a non-empty string, got {grammar!r}")
     return grammar
 
 
 def _check_json_object(value) -> bool:
     if value is not True:
-        raise ValueError(f"must be true, got {value!r}")
+        raise InputError(f"must be true, got {value!r}")
     return True
 
 
@@ -104,19 +105,19 @@ CHECKS = {"json": _check_json_schema, "regex": _check_regex, "choice": _check_ch
 def check_spec(spec, where: str = "structured_outputs") -> dict:
     """`spec` checked and normalized (a schema given as a string is parsed); ValueError naming `where`."""
     if not isinstance(spec, dict):
-        raise ValueError(f"{where} must be an object, got {type(spec).__name__}")
+        raise InputError(f"{where} must be an object, got {type(spec).__name__}")
     spec = {k: v for k, v in spec.items() if v is not None}
     unknown = sorted(set(spec) - set(KINDS))
     if unknown:
-        raise ValueError(f"{where} has unknown key(s) {', '.join(unknown)}; it takes exactly one of "
+        raise InputError(f"{where} has unknown key(s) {', '.join(unknown)}; it takes exactly one of "
                          f"{', '.join(KINDS)}")
     if len(spec) != 1:
-        raise ValueError(f"{where} must have exactly one of {', '.join(KINDS)}; got {', '.join(spec) or 'none'}")
+        raise InputError(f"{where} must have exactly one of {', '.join(KINDS)}; got {', '.join(spec) or 'none'}")
     (kind, value), = spec.items()
     try:
         return {kind: CHECKS[kind](_without_nulls(value) if kind == "json" else value)}
     except ValueError as error:
-        raise ValueError(f"{where}.{kind}: {error}") from None
+        raise InputError(f"{where}.{kind}: {error}") from None
 
 
 def _parse_inline(json_schema):
@@ -126,7 +127,7 @@ def _parse_inline(json_schema):
     try:
         return json.loads(json_schema)
     except json.JSONDecodeError as error:
-        raise ValueError(f"--json-schema: not valid JSON: {error}") from None
+        raise InputError(f"--json-schema: not valid JSON: {error}") from None
 
 
 def job_spec(json_schema: str | dict | None, regex: str | None, choice: list[str] | None) -> dict | None:
@@ -135,7 +136,7 @@ def job_spec(json_schema: str | dict | None, regex: str | None, choice: list[str
     given = {flag: value for flag, value in (("--json-schema", json_schema), ("--regex", regex),
                                              ("--choice", choice or None)) if value is not None}
     if len(given) > 1:
-        raise ValueError(f"{' and '.join(given)} cannot be used together: pass at most one of "
+        raise InputError(f"{' and '.join(given)} cannot be used together: pass at most one of "
                          "--json-schema, --regex, --choice")
     if not given:
         return None
@@ -146,7 +147,7 @@ def job_spec(json_schema: str | dict | None, regex: str | None, choice: list[str
     try:
         return {kind: CHECKS[kind](value)}
     except ValueError as error:
-        raise ValueError(f"{flag}: {error}") from None
+        raise InputError(f"{flag}: {error}") from None
 
 
 def check_job_flags(json_schema: str | None, regex: str | None, choice: list[str] | None) -> None:
@@ -159,28 +160,28 @@ def check_job_flags(json_schema: str | None, regex: str | None, choice: list[str
 def from_response_format(response_format) -> dict | None:
     """OpenAI's `response_format` as a spec; None for {"type": "text"}."""
     if not isinstance(response_format, dict):
-        raise ValueError(f"response_format must be an object, got {type(response_format).__name__}")
+        raise InputError(f"response_format must be an object, got {type(response_format).__name__}")
     kind = response_format.get("type")
     if kind not in RESPONSE_FORMAT_TYPES:
-        raise ValueError(f"response_format.type must be one of {', '.join(RESPONSE_FORMAT_TYPES)}; got {kind!r}")
+        raise InputError(f"response_format.type must be one of {', '.join(RESPONSE_FORMAT_TYPES)}; got {kind!r}")
     if kind == "text":
         return None
     if kind == "json_object":
         return {"json_object": True}
     schema = (response_format.get("json_schema") or {}).get("schema")
     if schema is None:
-        raise ValueError("response_format.json_schema.schema is missing")
+        raise InputError("response_format.json_schema.schema is missing")
     try:
         return {"json": _check_json_schema(_without_nulls(schema))}
     except ValueError as error:
-        raise ValueError(f"response_format.json_schema.schema: {error}") from None
+        raise InputError(f"response_format.json_schema.schema: {error}") from None
 
 
 def row_spec(override: dict, job: dict | None = None) -> dict | None:
     """The spec one row runs with: its own `structured_outputs` or `response_format` (of its
     sampling_params, nulls already dropped), else the job's. ValueError when the row's is invalid."""
     if "structured_outputs" in override and "response_format" in override:
-        raise ValueError("give structured_outputs or response_format, not both")
+        raise InputError("give structured_outputs or response_format, not both")
     if "response_format" in override:
         return from_response_format(override["response_format"])
     if "structured_outputs" in override:
@@ -269,11 +270,11 @@ def read_json_schema(json_schema: str | None):
         with filesystem.open_input_stream(path) as stream:
             text = stream.read().decode("utf-8")
     except FileNotFoundError:
-        raise ValueError(f"--json-schema: no such file {json_schema} (pass a schema inline or a .json file)") from None
+        raise InputError(f"--json-schema: no such file {json_schema} (pass a schema inline or a .json file)") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"--json-schema: {json_schema} is not valid JSON: {error}") from None
+        raise InputError(f"--json-schema: {json_schema} is not valid JSON: {error}") from None
 
 
 class StructuredOutput(Part):

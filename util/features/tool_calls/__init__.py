@@ -8,7 +8,7 @@ answer comes back as tool calls, as vLLM's OpenAI server answers a chat request 
 
 A row asks for tools in its `tools` column (OpenAI's list of function tools: a list, or its JSON text), with
 `tool_choice` and `parallel_tool_calls` beside it; in an OpenAI batch file, the request body's parameters of
-those names fill these columns (util/features/openai_batch.py BODY_COLUMNS). The tools reach the chat template as
+those names fill these columns (util/features/openai_batch/ BODY_COLUMNS). The tools reach the chat template as
 `apply_chat_template(messages, tools=...)`; a template that ignores them (SmolLM2's) leaves them out of the
 prompt. What the row's `tool_choice` asks for, as vLLM's server does it:
   - a function (`{"type": "function", "function": {"name": ...}}`) or "required": guided decoding constrains
@@ -33,134 +33,31 @@ or whose job has images.
 import dataclasses
 import hashlib
 import json
+import logging
 
 import pyarrow as pa
 
 from util import columns as col
-from util.errors import ROW_ERRORS, RowError, error_text, row_error
+from util.errors import ROW_ERRORS, InputError, RowError, error_text, row_error
 from util.parts import Part, flag, only_for_generation
 from util.replica.internals import chat_completion_request, tool_call_schema, tool_parser, tool_parser_names
 from util.prompt_format import PromptFormatter
+# A row's tools, read and checked; tool_request is imported from here by the tests.
+from util.features.tool_calls.tool_request import (INVALID_TOOLS, PARALLEL_TOOL_CALLS, TOOL_CHOICE, TOOLS, ToolRequest,
+                                                   row_tool_request, tool_request)
 
-TOOLS, TOOL_CHOICE, PARALLEL_TOOL_CALLS = "tools", "tool_choice", "parallel_tool_calls"  # a row's input columns
 TOOL_CALLS = "tool_calls"  # the output column
 TOOL_CALL = pa.struct([("id", pa.string()), ("type", pa.string()),
                        ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
 TOOL_CALLS_TYPE = pa.list_(TOOL_CALL)
 # An OpenAI request's body parameters that this feature takes, each into the row's column of that name.
 BODY_COLUMNS = {TOOLS: TOOLS, TOOL_CHOICE: TOOL_CHOICE, PARALLEL_TOOL_CALLS: PARALLEL_TOOL_CALLS}
-CHOICES = ("none", "auto", "required")
-INVALID_TOOLS, NO_PARSER, TOOLS_NOT_RENDERED = "invalid tools", "tool calls without a parser", "tools not rendered"
-ROW_ERRORS[INVALID_TOOLS] = "invalid tools: {reason}"
+NO_PARSER, TOOLS_NOT_RENDERED = "tool calls without a parser", "tools not rendered"
 ROW_ERRORS[NO_PARSER] = ('tool_choice "auto" needs --tool-call-parser NAME to read the calls out of the text (a name '
                          'of `vllm serve --tool-call-parser`, e.g. hermes); or ask for "required" or a function')
 ROW_ERRORS[TOOLS_NOT_RENDERED] = "tools cannot be given to the model: {reason}"
 
-
-@dataclasses.dataclass(frozen=True)
-class ToolRequest:
-    """A row's tools, checked: OpenAI's function tools, and its tool_choice ("none", "auto", "required", or the
-    name of the function it must call)."""
-    tools: tuple  # of dicts: {"type": "function", "function": {"name", "description"?, "parameters"?, "strict"?}}
-    choice: str
-    function: str | None = None  # the function tool_choice names
-    parallel: bool = True
-
-    @property
-    def openai_choice(self):
-        return {"type": "function", "function": {"name": self.function}} if self.function else self.choice
-
-
-def _without_nulls(value):  # Arrow fills a JSON file's missing keys with nulls: they were never given
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
-
-
-def _json_value(value, name: str, plain_strings: bool = False):
-    """A column's value: as given (a list or dict read from JSON, nulls dropped), or JSON text parsed. With
-    `plain_strings`, text that is not JSON stands for itself (tool_choice: auto)."""
-    if not isinstance(value, str):
-        return _without_nulls(value)
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as error:
-        if plain_strings:
-            return value.strip()
-        raise ValueError(f"{name} is not valid JSON ({error})") from None
-
-
-def _check_tool(index: int, tool) -> dict:
-    where = f"tools[{index}]"
-    if not isinstance(tool, dict):
-        raise ValueError(f"{where} must be an object, got {type(tool).__name__}")
-    if tool.get("type", "function") != "function":
-        raise ValueError(f"{where}.type must be \"function\", got {json.dumps(tool['type'])}")
-    function = tool.get("function")
-    if not isinstance(function, dict):
-        raise ValueError(f"{where}.function must be an object with a name, got {json.dumps(function)}")
-    if not isinstance(function.get("name"), str) or not function["name"].strip():
-        raise ValueError(f"{where}.function has no name (a non-empty string)")
-    if not isinstance(function.get("description", ""), str):
-        raise ValueError(f"{where}.function.description must be a string")
-    parameters = function.get("parameters")
-    if parameters is not None:
-        from jsonschema import SchemaError
-        from jsonschema.validators import validator_for
-
-        if not isinstance(parameters, dict):
-            raise ValueError(f"{where}.function.parameters must be a JSON schema object, "
-                             f"got {type(parameters).__name__}")
-        try:
-            validator_for(parameters).check_schema(parameters)
-        except SchemaError as error:
-            raise ValueError(f"{where}.function.parameters is not a valid JSON schema: {error.message}") from None
-    return {"type": "function", "function": function}
-
-
-def tool_request(tools, choice=None, parallel=None) -> ToolRequest | None:
-    """A row's `tools`, `tool_choice` and `parallel_tool_calls` values, checked, or None when the row has no
-    tools and asks for none (null, [], tool_choice "none" or "auto"). ValueError naming what is wrong."""
-    given = lambda value: value is not None and value != ""  # a CSV's empty cell too
-    tools = _json_value(tools, TOOLS) if given(tools) else None
-    choice = _json_value(choice, TOOL_CHOICE, plain_strings=True) if given(choice) else None
-    parallel = _json_value(parallel, PARALLEL_TOOL_CALLS, plain_strings=True) if given(parallel) else None
-    if tools is not None and not isinstance(tools, list):
-        raise ValueError(f"tools must be a list of function tools, got {type(tools).__name__}")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise ValueError(f"parallel_tool_calls must be true or false, got {json.dumps(parallel)}")
-    checked = [_check_tool(i, tool) for i, tool in enumerate(tools or [])]
-    names = [tool["function"]["name"] for tool in checked]
-    if len(set(names)) < len(names):
-        raise ValueError(f"tools name {next(n for n in names if names.count(n) > 1)!r} more than once")
-    function = None
-    if isinstance(choice, dict):
-        function = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
-        if choice.get("type", "function") != "function" or not isinstance(function, str):
-            raise ValueError(f"tool_choice={json.dumps(choice)} must be \"none\", \"auto\", \"required\" or "
-                             '{"type": "function", "function": {"name": "..."}}')
-        if function not in names:
-            raise ValueError(f"tool_choice names the function {function!r}, which is not in tools"
-                             f" ({', '.join(names) or 'none given'})")
-        choice = "function"
-    elif choice is not None and choice not in CHOICES:
-        raise ValueError(f"tool_choice={json.dumps(choice)} must be \"none\", \"auto\", \"required\" or "
-                         '{"type": "function", "function": {"name": "..."}}')
-    if not checked:
-        if choice == "required":
-            raise ValueError('tool_choice "required" needs tools')
-        return None
-    return ToolRequest(tuple(checked), choice or "auto", function, parallel is not False)
-
-
-def row_tool_request(row: dict) -> ToolRequest | None:
-    """The row's ToolRequest (from its columns), or None; RowError for a bad one."""
-    try:
-        return tool_request(row.get(TOOLS), row.get(TOOL_CHOICE), row.get(PARALLEL_TOOL_CALLS))
-    except ValueError as error:
-        raise RowError(row_error(INVALID_TOOLS, reason=error)) from None
+logger = logging.getLogger(__name__)
 
 
 def template_messages(messages: list) -> list:
@@ -186,7 +83,7 @@ def template_messages(messages: list) -> list:
 def _call_with_object_arguments(call):
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict):
-        raise ValueError("an assistant message's tool_calls must each be {\"type\": \"function\", \"function\": {...}}")
+        raise InputError("an assistant message's tool_calls must each be {\"type\": \"function\", \"function\": {...}}")
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
@@ -309,7 +206,7 @@ def check_parser_name(name) -> str:
     if not isinstance(name, str) or name not in tool_parser_names():
         import vllm
 
-        raise ValueError(f"--tool-call-parser: unknown tool-call parser {name!r}; vLLM {vllm.__version__} has "
+        raise InputError(f"--tool-call-parser: unknown tool-call parser {name!r}; vLLM {vllm.__version__} has "
                          f"{', '.join(tool_parser_names())}")
     return name
 
@@ -389,7 +286,9 @@ class ToolCalls(Part):
                            f"({type(error).__name__}: {error_text(error)})") from None
         try:
             found = parser.extract_tool_calls(text, vllm_request)
-        except Exception:  # a parser that chokes on text it does not expect: the text holds no calls it can read
+        except Exception as error:  # a parser that chokes on text it does not expect: no calls it can read
+            logger.warning("tool-call parser %s failed on row %s (%s: %s); the row's text is kept whole, with no "
+                           "calls", self.parser, request.row.get("id"), type(error).__name__, error_text(error))
             return [], text
         if not found.tools_called:
             return [], text
