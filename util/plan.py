@@ -103,7 +103,7 @@ def resolve_model(plan: Plan) -> None:
     plan.provenance.update(model_commit=None, prompt_format=None, chat_template_sha256=None)
     tokenizer = plan_tokenizer(tokenizer_args(cfg.model, plan.engine_kwargs))
     plan.prompt_format = plan.provenance["prompt_format"] = choose_prompt_format(cfg.model, tokenizer, cfg.prompt_format)
-    template_hash(plan, tokenizer)
+    plan.provenance.update(template_provenance(tokenizer))
     try:
         plan.max_model_len = model_max_length(cfg.model, cfg.revision, plan.max_model_len)
     except Exception:  # a tokenizer without a model config: the formatter looks again
@@ -117,10 +117,12 @@ def resolve_model(plan: Plan) -> None:
             pass
 
 
-def template_hash(plan: Plan, templates) -> None:
-    """Records the hash of the chat template that formats the prompts (a tokenizer's, or a processor's)."""
+def template_provenance(templates) -> dict:
+    """The hash of the chat template that formats the prompts (a tokenizer's, or a processor's), for the plan's
+    provenance; {} where there is none."""
     if isinstance(template := getattr(templates, "chat_template", None), str):
-        plan.provenance["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest()[:16]
+        return {"chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16]}
+    return {}
 
 
 def installed(module: str) -> str | None:
@@ -148,10 +150,17 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
                     "accelerator": choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU")})
     if resolve_model_files:
         resolve_model(plan)
-    for feature in features():  # each feature's part in this job, if it has one; it may refine the plan
+    for feature in features():  # each feature's part in this job, if it has one, and what it sets in the plan
         part = feature.part(plan) if hasattr(feature, "part") else None
         if part is not None:
             plan.parts.append(part)
+            for name, value in part.plan.items():
+                if name == "provenance":
+                    plan.provenance.update(value)
+                else:
+                    setattr(plan, name, value)
+            if "prompt_format" in part.plan:
+                plan.provenance["prompt_format"] = plan.prompt_format
     engine = engine_kwargs(cfg, choice.use_gpu, {k: v for part in plan.parts for k, v in part.engine_kwargs.items()})
     # The GPU type's scheduling defaults go under every other engine argument, and stay out of the
     # fingerprint: they change how fast rows come back, not what they say.

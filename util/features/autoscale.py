@@ -30,15 +30,14 @@ def concurrency_text(least: int, most: int | None) -> str:
     return f"{least}" if most is None else f"{least}-{most}"
 
 
-def check(cfg) -> None:
+def check(cfg) -> dict:
     if cfg.max_concurrency is None:
-        return
+        return {}
     if not cfg.concurrency >= 1:
         raise InputError(f"--concurrency needs at least 1 replica, got {concurrency_text(cfg.concurrency, cfg.max_concurrency)}")
     if not cfg.max_concurrency >= cfg.concurrency:
         raise InputError(f"--concurrency MIN-MAX needs MIN <= MAX, got {concurrency_text(cfg.concurrency, cfg.max_concurrency)}")
-    if cfg.max_concurrency == cfg.concurrency:  # 4-4 is a fixed pool of 4
-        cfg.max_concurrency = None
+    return {"max_concurrency": None} if cfg.max_concurrency == cfg.concurrency else {}  # 4-4: a fixed pool of 4
 
 
 def tasks_in_flight(batches_in_flight: int) -> int:
@@ -53,6 +52,7 @@ def tasks_in_flight(batches_in_flight: int) -> int:
 class Autoscale(Part):
     def __init__(self, least: int, most: int):
         self.least, self.most = least, most
+        self.plan = {"most_replicas": most}
 
     def stages(self, plan, stages: list) -> list:
         """The model's stage as an autoscaling actor pool of MIN to MAX replicas."""
@@ -65,5 +65,4 @@ def part(plan) -> Autoscale | None:
     cfg = plan.cfg
     if cfg.max_concurrency is None:
         return None
-    plan.most_replicas = cfg.max_concurrency
     return Autoscale(cfg.concurrency, cfg.max_concurrency)

@@ -75,7 +75,7 @@ class Embeddings(Part):
 def part(plan) -> Embeddings | None:
     if plan.task != "embed":
         return None
-    plan.predictor = EmbeddingPredictor
-    if plan.cfg.prompt_format == "auto":  # the text embedded as given: no chat template
-        plan.prompt_format = plan.provenance["prompt_format"] = "plain"
-    return Embeddings()
+    embeddings = Embeddings()
+    # The text embedded as given: no chat template.
+    embeddings.plan = {"predictor": EmbeddingPredictor, **({"prompt_format": "plain"} if plan.cfg.prompt_format == "auto" else {})}
+    return embeddings

@@ -50,12 +50,13 @@ def part(plan) -> Parallel | None:
     gpus = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
     if gpus == 1:
         return None
-    plan.gpus_per_replica = max(cfg.gpus_per_replica, gpus)  # at least a whole GPU per shard
+    parallel = Parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    parallel.plan = {"gpus_per_replica": max(cfg.gpus_per_replica, gpus)}  # at least a whole GPU per shard
     if plan.choice.use_gpu and cfg.engine_arg.get("distributed_executor_backend", "ray") == "ray":
         accelerator = plan.choice.accelerator_type
         bundle = {"GPU": 1, "CPU": 1, **({f"accelerator_type:{accelerator}": 0.001} if accelerator else {})}
         strategy = "STRICT_PACK" if cfg.pipeline_parallel_size == 1 else "PACK"
         # The replica's actor holds no GPU: vLLM's workers take the bundles.
-        plan.replica_resources = {"num_gpus": 0, "ray_remote_args_fn": functools.partial(
+        parallel.plan["replica_resources"] = {"num_gpus": 0, "ray_remote_args_fn": functools.partial(
             placement_group, [bundle] * gpus, strategy)}
-    return Parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    return parallel

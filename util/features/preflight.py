@@ -41,7 +41,7 @@ import pyarrow as pa
 from util import columns as col
 from util.errors import (EXIT_FAILED, EXIT_OK, EXIT_REFUSED, INVALID_SAMPLING, ROW_ERRORS, InputError, RowError,
                          refusal_reason, row_error)
-from util.parts import flag
+from util.parts import Part, flag
 from util.output import output_counts
 from util.pipeline import Stage, build_pipeline, pipeline_stages
 from util.predictor import checked_request
@@ -86,11 +86,15 @@ class Flags:
                                         default=None)
 
 
-def part(plan: "Plan") -> None:
-    """--preflight replaces the run (main.py calls plan.run_instead); it adds nothing to a run."""
-    if plan.cfg.preflight:
-        plan.run_instead = run_preflight
-    return None
+class Preflight(Part):
+    """--preflight replaces the run (main.py calls plan.run_instead); it adds nothing to a row."""
+
+    def __init__(self):
+        self.plan = {"run_instead": run_preflight}
+
+
+def part(plan: "Plan") -> Preflight | None:
+    return Preflight() if plan.cfg.preflight else None
 
 
 def row_budgets(batch: pa.Table, job_sampling: dict | None, max_model_len: int | None, parts: list = ()) -> pa.Table:

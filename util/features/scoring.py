@@ -248,12 +248,13 @@ def part(plan) -> Scoring | None:
     if plan.task not in TASKS:
         return None
     cfg = plan.cfg
-    plan.predictor = ScoringPredictor
-    if cfg.prompt_format == "auto":  # the texts as given: no chat template
-        plan.prompt_format = plan.provenance["prompt_format"] = "plain"
     if plan.task == "classify":
-        return Scoring("classify")
-    request_lines, overrides = cfg.input_format == "openai", cfg.engine_arg.get("hf_overrides")
-    options = {"text_pair_column": cfg.text_pair_column, "request_lines": request_lines,  # hashable: the formatter is cached
-               "hf_overrides": json.dumps(overrides) if isinstance(overrides, dict) else None}
-    return Scoring("score", options, None if request_lines else cfg.text_pair_column)
+        scoring = Scoring("classify")
+    else:
+        request_lines, overrides = cfg.input_format == "openai", cfg.engine_arg.get("hf_overrides")
+        options = {"text_pair_column": cfg.text_pair_column, "request_lines": request_lines,  # hashable: the formatter is cached
+                   "hf_overrides": json.dumps(overrides) if isinstance(overrides, dict) else None}
+        scoring = Scoring("score", options, None if request_lines else cfg.text_pair_column)
+    # The texts as given: no chat template.
+    scoring.plan = {"predictor": ScoringPredictor, **({"prompt_format": "plain"} if cfg.prompt_format == "auto" else {})}
+    return scoring

@@ -124,9 +124,10 @@ def part(plan) -> Images | NoImages | None:
             raise InputError(f"{given}, but images need the model's chat template to place them: --prompt-format "
                              f"{cfg.prompt_format} and {cfg.model} has "
                              f"{'a' if getattr(processor, 'chat_template', None) else 'no'} chat template")
-        from util.plan import template_hash
-
-        plan.prompt_format = plan.provenance["prompt_format"] = "chat_template"
-        template_hash(plan, processor)  # the processor's template formats a vision job's prompts
     most = (cfg.engine_arg.get("limit_mm_per_prompt") or {}).get("image", cfg.max_images_per_row)
-    return Images(cfg, most)
+    images = Images(cfg, most)
+    if processor is not None:  # the processor's template formats a vision job's prompts
+        from util.plan import template_provenance
+
+        images.plan = {"prompt_format": "chat_template", "provenance": template_provenance(processor)}
+    return images

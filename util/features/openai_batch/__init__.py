@@ -83,12 +83,12 @@ INPUT_FORMATS = {"openai": RequestLines()}
 OUTPUT_FORMATS = {"openai": OutputFormat(".jsonl", records_bytes, "custom_id", RECORD_SCHEMA, preview)}
 
 
-def check(cfg) -> None:
+def check(cfg) -> dict:
     """An OpenAI file's requests carry their messages and custom_id; its output is records unless told."""
-    if cfg.input_format == "openai":
-        cfg.text_column, cfg.id_column = RequestLines.text_column, RequestLines.id_column
-        if cfg.output_format is None:
-            cfg.output_format = "openai"
+    if cfg.input_format != "openai":
+        return {}
+    return {"text_column": RequestLines.text_column, "id_column": RequestLines.id_column,
+            **({"output_format": "openai"} if cfg.output_format is None else {})}
 
 
 class BatchKind(NamedTuple):
@@ -203,5 +203,6 @@ def part(plan) -> OpenAIBatch | None:
         raise InputError(f"{cfg.input_path} holds requests for the {kind.task} task, which this template does not have")
     if cfg.task != "generate" and kind.task != cfg.task:
         raise InputError(f"--task {cfg.task}, but {cfg.input_path} holds requests for the {kind.task} task")
-    plan.task = kind.task
-    return OpenAIBatch(kind)
+    batch = OpenAIBatch(kind)
+    batch.plan = {"task": kind.task}
+    return batch
