@@ -320,22 +320,22 @@ def duplicate_ids_plan(ray_local, tmp_path):
     return make_plan(cfg, resolve_model_files=False)
 
 
-class HeldReplica:
-    """A stand-in replica: like LLMPredictor, it answers a batch only once the run lets rows run."""
-
-    def __init__(self):
-        from util.replica.supervisor import ProgressClient
-
-        self.progress = ProgressClient.connect()
-
-    async def __call__(self, batch):
-        await self.progress.released()
-        return batch
-
-
 def held_run(on_pass, plan) -> tuple[list, ScanBeside]:
     """Three rows through a held stand-in replica beside the plan's scan; `on_pass(scan, progress)` is the
     run's verdict (main.py's releases the replicas and returns True). The rows that came out, and the scan."""
+
+    class HeldReplica:  # defined here, so that Ray pickles it by value: its workers cannot import this file
+        """A stand-in replica: like LLMPredictor, it answers a batch only once the run lets rows run."""
+
+        def __init__(self):
+            from util.replica.supervisor import ProgressClient
+
+            self.progress = ProgressClient.connect()
+
+        async def __call__(self, batch):
+            await self.progress.released()
+            return batch
+
     rows = []
     with ProgressReporter(None, interval_s=60, write=lambda line: None, held=True) as progress, \
             ScanBeside(plan, None, lambda scan: on_pass(scan, progress), progress.stop) as checking:
