@@ -216,7 +216,7 @@ def test_a_run_shows_warnings_up_and_keeps_the_jobs_runtime_env(monkeypatch):
     monkeypatch.delenv("PYTHONWARNINGS", raising=False)
     kwargs = ray_init_kwargs({"worker_process_setup_hook": hook, "env_vars": {"A": "1"}})
     quiet_hook = kwargs["runtime_env"].pop("worker_process_setup_hook")
-    assert kwargs == {"logging_level": logging.WARNING, "runtime_env": {
+    assert kwargs == {"logging_level": logging.WARNING, "include_dashboard": False, "runtime_env": {
         "env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "RAY_DATA_LOG_LEVEL": "WARNING", "A": "1",
                      "PYTHONWARNINGS": "ignore::FutureWarning:vllm.triton_utils.dispatcher"}}}
     console = [h for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "PlainRayHandler"]
@@ -271,7 +271,7 @@ def test_verbose_shows_every_line(monkeypatch):
     assert parse_args(["--verbose"]).verbose and not parse_args([]).verbose
     kwargs = ray_init_kwargs({}, verbose=True)
     hook = kwargs["runtime_env"].pop("worker_process_setup_hook")
-    assert kwargs == {"runtime_env": {}}  # no log levels, and no filter in this process or the workers
+    assert kwargs == {"runtime_env": {}, "include_dashboard": False}  # no log levels, no filter here or in workers
     for name in QUIET_LOGGERS:
         monkeypatch.setattr(logging.getLogger(name), "filters", [])
     hook()

@@ -140,11 +140,15 @@ def ray_init_kwargs(runtime_env: dict | None = None, verbose: bool = False) -> d
     runtime_env = dict(runtime_env or {})
     runtime_env["worker_process_setup_hook"] = worker_setup_hook(runtime_env.get("worker_process_setup_hook"),
                                                                  quiet=not verbose)
+    # A cluster started here (no address: one machine) gets no dashboard: where its packages are installed, it
+    # starts with the cluster, and on a loaded machine its start can fail ray.init. Ray ignores this for a
+    # cluster that is already running (a GPU cluster's, with its own dashboard).
+    kwargs = {"runtime_env": runtime_env, "include_dashboard": False}
     if verbose:
-        return {"runtime_env": runtime_env}
+        return kwargs
     runtime_env["env_vars"] = {**QUIET_ENV_VARS, **runtime_env.get("env_vars", {})}
     quiet_driver()
-    return {"runtime_env": runtime_env, "logging_level": logging.WARNING}
+    return {**kwargs, "logging_level": logging.WARNING}
 
 
 def worker_setup_hook(setup_hook=None, quiet: bool = True):
