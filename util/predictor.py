@@ -110,16 +110,12 @@ class LLMPredictor:
     def __init__(self, model: str, engine_kwargs: dict | None = None, sampling: dict | None = None,
                  parts: list | None = None, model_name: str | None = None, max_engine_restarts: int = 3,
                  stall_timeout_s: float | None = None):
-        from util.replica.supervisor import EngineSupervisor, ProgressClient
-
-        if (stopped := ProgressClient.stopped()) is not None:  # stopped while this replica started: no engine
-            raise RunStopped(stopped)
-
         from vllm import AsyncEngineArgs, AsyncLLMEngine
         from vllm.usage.usage_lib import UsageContext
 
         from util.replica.host import prepare_replica_host
         from util.replica.internals import engine_process_forked
+        from util.replica.supervisor import EngineSupervisor, ProgressClient
         engine_kwargs = engine_kwargs or {}
         prepare_replica_host(engine_kwargs)  # its engine's processes end with it; on CPU, its own cores
         self.model_name = model_name or model

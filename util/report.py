@@ -51,9 +51,6 @@ class ProgressLog:
         self.stopped = reason
         self.released.set()
 
-    def verdict(self) -> str | None:  # at once: why the run was stopped, if it was
-        return self.stopped
-
     async def wait_released(self) -> str | None:
         """None once rows may run; why not, if the run was stopped instead."""
         await self.released.wait()

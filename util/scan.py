@@ -20,7 +20,7 @@ from ray.data.aggregate import Count, Max, Min, Sum
 from ray.data.context import ShuffleStrategy
 
 from util import columns as col
-from util.errors import InputError, original
+from util.errors import InputError, RunStopped, original
 from util.output import output_dataset
 from util.reading import SAMPLE_PROMPTS, WHERE_COLUMN, describe_where, read_prompts
 from util.resources import TASK_CPUS
@@ -69,9 +69,8 @@ def check_output(plan: "Plan") -> DoneIndex | None:
 class ScanBeside:
     """The input's pass in a thread, while the `with` body runs the job: its replicas start their engines
     meanwhile, and answer no row until `on_pass(scan)` lets them (ProgressReporter(held=True)). A refusal, or
-    `on_pass` returning False (no row left to run), calls `stop(reason)` instead: a replica still starting
-    raises RunStopped before its engine starts, one already started fails its first batch with it, and either
-    way Ray Data ends the run and its replicas. The `with` then raises the refusal,
+    `on_pass` returning False (no row left to run), calls `stop(reason)` instead: the held replicas fail their
+    first batch with RunStopped, so Ray Data ends the run and its replicas. The `with` then raises the refusal,
     or, with nothing to run, ends quietly. No signal carries the verdict, so it reaches the run from any
     thread, and under a launcher that ignores SIGINT (a background job, a supervisor)."""
 
@@ -100,7 +99,7 @@ class ScanBeside:
         self.thread.join()
         if self.refusal is not None:
             raise self.refusal  # the run's own failure, if any, followed from it
-        return self.stopped and kind is not None  # nothing to run: the run failed as it was stopped
+        return self.stopped and kind is not None and isinstance(original(error), RunStopped)  # nothing to run
 
 
 def _block_counts(batch: pa.Table) -> pa.Table:

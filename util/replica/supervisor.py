@@ -237,16 +237,6 @@ class ProgressClient:
             actor.replica_ready.remote(self.replica, time.time())
         return actor
 
-    @staticmethod
-    def stopped() -> str | None:
-        """Why the run that is reporting was stopped before any row ran, if it was; at once."""
-        if not ray.is_initialized():
-            return None
-        try:
-            return ray.get(ray.get_actor(PROGRESS_ACTOR).verdict.remote(), timeout=30)
-        except (ValueError, ray.exceptions.RayError, TimeoutError):  # no run is reporting, or it just ended
-            return None
-
     async def released(self) -> None:
         """Returns once the run lets rows run (its input has passed its check); at once if no run is reporting.
         RunStopped if the run was stopped instead (its input refused, or no row left to run)."""
