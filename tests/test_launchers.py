@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import REPO, Run, write_jsonl
@@ -154,7 +155,12 @@ def job_status(dashboard: str, submission_id: str) -> str:
 
 def job_processes(head: Run) -> list[str]:
     """The cluster's processes that the job started: its driver, replicas (MapWorker actors), vLLM's engines."""
-    commands = [p.cmdline() for p in head.processes()]
+    commands = []
+    for process in head.processes():
+        try:
+            commands.append(process.cmdline())
+        except psutil.Error:  # it exited while we looked
+            pass
     return [" ".join(c)[:120] for c in commands if c and (c[0].startswith(("ray::MapWorker", "VLLM::"))
                                                         or c[1:2] == ["main.py"])]
 
