@@ -121,7 +121,7 @@ def test_under_ray_job_submit_the_job_fails_with_the_message(duplicate_ids, tmp_
                           "--port", str(free_port())],
                command=[str(Path(sys.executable).parent / "ray")], env={"RAY_ADDRESS": "", **NO_AUTH, **JOB_SERVER})
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # the dashboard and job server start slowly on a loaded machine
         while ray_cli("job", "list", "--address", dashboard).returncode != 0:
             assert head.process.poll() is None and time.monotonic() < deadline, head.stderr()[-3000:]
             time.sleep(1)

@@ -20,7 +20,7 @@ from ray.data.aggregate import Count, Max, Min, Sum
 from ray.data.context import ShuffleStrategy
 
 from util import columns as col
-from util.errors import InputError, RunStopped, original
+from util.errors import InputError, original
 from util.output import output_dataset
 from util.reading import SAMPLE_PROMPTS, WHERE_COLUMN, describe_where, read_prompts
 from util.resources import TASK_CPUS
@@ -99,7 +99,9 @@ class ScanBeside:
         self.thread.join()
         if self.refusal is not None:
             raise self.refusal  # the run's own failure, if any, followed from it
-        return self.stopped and kind is not None and isinstance(original(error), RunStopped)  # nothing to run
+        # Nothing was left to run: the run's failure followed from our stop (Ray Data's wrapping of RunStopped
+        # keeps it only as text), and a Ctrl-C still ends the job.
+        return self.stopped and kind is not None and issubclass(kind, Exception)
 
 
 def _block_counts(batch: pa.Table) -> pa.Table:
