@@ -149,8 +149,14 @@ def test_under_ray_job_submit_the_job_fails_with_the_message(duplicate_ids, tmp_
 def job_status(dashboard: str, submission_id: str) -> str:
     code = ("import sys; from ray.job_submission import JobSubmissionClient; "
             "print(JobSubmissionClient(sys.argv[1]).get_job_status(sys.argv[2]).value)")
-    return subprocess.run([sys.executable, "-c", code, dashboard, submission_id], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **NO_AUTH, **JOB_SERVER}).stdout.strip()
+    deadline, status = time.monotonic() + 120, None
+    while time.monotonic() < deadline:  # a busy job server may not answer the first time
+        status = subprocess.run([sys.executable, "-c", code, dashboard, submission_id], capture_output=True, text=True,
+                                timeout=60, env={**os.environ, **NO_AUTH, **JOB_SERVER})
+        if status.stdout.strip():
+            return status.stdout.strip()
+        time.sleep(2)
+    return status.stderr[-2000:]
 
 
 def job_processes(head: Run) -> list[str]:
