@@ -21,9 +21,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
