@@ -61,6 +61,12 @@ PROMPTS = (REPO / "assets" / "prompts_100.txt").read_text().splitlines()
 # each CPU engine's KV cache takes 1 GiB of RAM, not 2, so that two workers' engines fit in 24 GiB.
 os.environ["RAY_ADDRESS"] = "local"
 os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+# vLLM's CPU engine pins its threads to core 0 by default, leaving the last core to everything else, so the
+# two workers' engines would share one core and starve each other, and Ray's node start (a fixed 30 s) with
+# them. Each worker's engines get a core of their own instead. A test that shards an engine sets its own.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker.startswith("gw"):
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(_worker[2:]) % (os.cpu_count() or 1)))
 
 # Exactly these are set (or, where None, removed) while the S3 fixtures are up.
 S3_ENV = {

@@ -112,6 +112,7 @@ def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env={**os.environ, **NO_AUTH, **JOB_SERVER})
 
 
+@pytest.mark.solo  # a cluster with its dashboard and job server: on a loaded machine they start late
 def test_under_ray_job_submit_the_job_fails_with_the_message(duplicate_ids, tmp_path):
     """The way an Anyscale job runs it: a job's entrypoint on a running cluster, its status FAILED."""
     out, dashboard = tmp_path / "out", f"http://127.0.0.1:{free_port()}"
@@ -123,7 +124,7 @@ def test_under_ray_job_submit_the_job_fails_with_the_message(duplicate_ids, tmp_
     try:
         deadline = time.monotonic() + 300  # the dashboard and job server start slowly on a loaded machine
         while ray_cli("job", "list", "--address", dashboard).returncode != 0:
-            assert head.process.poll() is None and time.monotonic() < deadline, head.stderr()[-3000:]
+            assert head.process.poll() is None and time.monotonic() < deadline, head.stderr()[-2000:] + dashboard_log(head)
             time.sleep(1)
         # The entrypoint runs in a shell on the head, in its folder: the repository's.
         submitted = ray_cli("job", "submit", "--address", dashboard, "--submission-id", "refused", "--",
@@ -144,6 +145,11 @@ def test_under_ray_job_submit_the_job_fails_with_the_message(duplicate_ids, tmp_
             head.wait(timeout=30)
         head.kill_leftovers()
         shutil.rmtree(head.ray_dir, ignore_errors=True)
+
+
+def dashboard_log(head: Run) -> str:
+    return "".join(f"\n{log}:\n{log.read_text(errors='replace')[-2000:]}"
+                   for log in sorted(head.ray_dir.glob("**/logs/dashboard*.log")))
 
 
 def job_status(dashboard: str, submission_id: str) -> str:
