@@ -27,7 +27,7 @@ from util.config import Config, parse_args, smoke_config
 from util.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, failure_reason, refusal_reason
 from util.resume import Manifest
 from util.output import EMPTY_COUNTS, delete_output, output_counts, write_results
-from util.pipeline import pipeline_stages, read_input
+from util.pipeline import order_rows, pipeline_stages, read_input
 from util.plan import make_plan
 from util.report import ProgressReporter, check_accounting, over_error_budget
 from util.scan import ScanBeside, check_output
@@ -50,6 +50,9 @@ def run(cfg: Config, replicas=None) -> int:
     if plan.run_instead:  # a feature that replaces the run: --preflight checks and estimates, no engine
         return plan.run_instead(plan)
     done = check_output(plan)
+    # Rows whose prompts share a long prefix go next to each other, where the first rows show that it pays
+    # (--row-order; util/grouping.py): vLLM's prefix cache then computes each shared prefix once.
+    order_rows(plan, done)
     manifest = Manifest(plan.output_path, plan.fingerprint, plan.provenance, cfg.overwrite)  # how rows were made
 
     def release(scan) -> bool:  # the input passed its check: rows may run now (False: none is left to run)
@@ -70,12 +73,12 @@ def run(cfg: Config, replicas=None) -> int:
             #    replicas, several batches in flight each), with the stages the job's features add.
             ds = read_input(plan, done)
             for stage in replicas.stages(plan, done) if replicas else pipeline_stages(plan, done):
-                ds = stage.apply(ds)  # format, cut_blocks, predict (util/pipeline.py)
+                ds = stage.apply(ds)  # format, (group), cut_blocks, predict (util/pipeline.py)
             # 4. Write: each write task commits its file whole, so a killed run resumes from what it wrote.
             written = write_results(ds, plan.output_path, cfg.output_format, rows_per_file=plan.rows_in_flight,
                                     columns=plan.columns)
         scan, elapsed = checking.scan, time.perf_counter() - started
-        report = progress.report(written) if scan.rows > scan.already_done else None
+        report = progress.report(written, plan.row_order, plan.sample_shared_share) if scan.rows > scan.already_done else None
         # Account for every input row (written now, ok or failed, or already there), then the error budget.
         check_accounting(scan.rows, written, scan.already_done)
         output = output_counts(plan.output_path, cfg.output_format)

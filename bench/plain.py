@@ -40,7 +40,7 @@ def main() -> None:
 
     with open(args.input) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    llm = LLM(model=args.model, seed=0, **dict(args.engine_arg))
+    llm = LLM(model=args.model, **{"seed": 0, **dict(args.engine_arg)})
     ready = time.time()
     params = [SamplingParams(**{"temperature": 0.0, "max_tokens": 2048, **row.get("sampling_params", {})})
               for row in rows]

@@ -10,9 +10,13 @@
     python -m bench.run --designs pipeline --concurrency 2 --repeats 1 --out dp2          # 2 data-parallel replicas
     python -m bench.run --designs pipeline --shape mixtral-8x7b --tensor-parallel-size 2 --repeats 1 --out tp2
     python -m bench.run --designs pipeline,lora4 --variant lora4=pipeline:loras=4 --repeats 1 --out lora   # LoRA
+    python -m bench.run --workload prefix --designs plain,pipeline,input --variant input=pipeline:row_order=input \
+        --engine-arg max_num_seqs=2048 --out prefix                # documents x questions, shuffled: grouping
+    python -m bench.run --workload table --designs plain,pipeline,input --variant input=pipeline:row_order=input --out table
 
 Designs:
   raw       vLLM `LLM.generate` on the whole workload in one call, in a fresh process per run
+  plain     bench/plain.py, the plain vLLM script main.py replaces (`LLM.chat` on the file's rows in its order)
   pipeline  this project's pipeline with its shipped defaults (util/pipeline.py, as main.py runs it)
   seed      the original template: synchronous `LLM.generate` per batch of 5 (on --seed-prompts rows: SeedPredictor)
   ray_llm   ray.data.llm `build_processor` (batch 256, the same engine arguments)
@@ -29,9 +33,12 @@ run pays for compiling the shared engine configuration; then --repeats rounds of
 (raw, pipeline, ray_llm, raw, ...) so that a drift of the machine hits every design alike; then each of
 --then once.
 
-The workload (bench/workload.py): prompts of about 100 tokens, output lengths 16-512 fixed per prompt with
-ignore_eos, so every design generates exactly the same number of tokens. Every run is timed the same way:
-output tokens / (last output - first request), so engine start is excluded. Time to first request (TTFT
+The workload (bench/workload.py, --workload): standard (prompts of about 100 tokens, output lengths 16-512),
+prefix (documents x questions, shuffled) or table (one long instruction over short rows); output lengths are
+fixed per row with ignore_eos, so every design generates exactly the same number of tokens. Every run is
+timed the same way: output tokens / (last output - first request), so engine start is excluded; and
+`ready_to_last_s`, from the engine being ready to the last answer (plain and pipeline: the generation time
+that grouping shortens, its wait for the sort included). Time to first request (TTFT
 below: the first token follows within the first prefill step) is measured from the run's start: for raw
 the launch of its process (imports, engine start, tokenizing the prompts); for the Ray designs the call
 that builds the dataset (actor start, imports, tokenizer load, engine start). For the pipeline each
@@ -43,269 +50,25 @@ throughput.png under --out.
 """
 
 import argparse
-import collections
-import contextlib
 import dataclasses
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import ray
 
-from bench.workload import make_workload
-from util.engine import choose_accelerator
+from bench.designs import (AsyncTimed, SeedPredictor, SpawnTimed, _wait_gpu_free, job_sampling, raw_child, run_pipeline,
+                           run_plain, run_ray_llm, run_raw, with_adapters)
+from bench.workload import make_rows, workload_flags, write_rows
 from util.config import Config, parse_engine_arg
-from util.replica.internals import wait_for_replicas_to_exit
-from util.predictor import LLMPredictor, finish_batch, row_sampling
-from util.prompt_format import PromptFormatter
-from util.engine import CPU_ENV_VARS, engine_kwargs
-from util.pipeline import build_pipeline, pipeline_stages
-from util.plan import make_plan
-from util.model_dirs.tiny_model import build_adapter_dir, build_model_dir, tiny_model_dir
+from util.engine import CPU_ENV_VARS, choose_accelerator, engine_kwargs
+from util.model_dirs.tiny_model import build_model_dir, tiny_model_dir
 
 # vLLM arguments every design shares: dummy weights, and the offline batch limits for an 80 GB card.
 GPU_ENGINE_ARGS = {"load_format": "dummy", "max_model_len": 4096, "max_num_seqs": 1024}
-WORKLOADS = {"standard": 4000, "large": 20000}
-BASES = ("raw", "pipeline", "seed", "ray_llm")
-# A replica's start, in order; each a column of the predictor's output (the same value on every row).
-START_MARKS = ("t_process_start", "t_init_entered", "t_vllm_imported", "t_tokenizer_loaded", "t_engine_ready")
-
-
-def _stamp(table: pa.Table, start: float, marks: dict) -> pa.Table:
-    n = table.num_rows
-    table = table.append_column("t_start", pa.array([start] * n)).append_column("t_end", pa.array([time.time()] * n))
-    for name in START_MARKS:
-        table = table.append_column(name, pa.array([marks.get(name)] * n, pa.float64()))
-    return table
-
-
-def _process_start() -> float | None:
-    """When this process was created (wall clock), to tell the worker's own start from Ray's scheduling."""
-    try:
-        import psutil
-
-        return psutil.Process(os.getpid()).create_time()
-    except Exception:
-        return None
-
-
-@contextlib.contextmanager
-def _mark_tokenizer_load(marks: dict):
-    """Stamps the end of the replica's tokenizer load (util/predictor.py `_tokenizer`, when it has one)."""
-    import util.predictor as predictor
-
-    load = getattr(predictor, "_tokenizer", None)
-    if load is None:
-        yield
-        return
-
-    def timed(*args, **kwargs):
-        tokenizer = load(*args, **kwargs)
-        marks["t_tokenizer_loaded"] = time.time()
-        return tokenizer
-
-    predictor._tokenizer = timed
-    try:
-        yield
-    finally:
-        predictor._tokenizer = load
-
-
-def _start_marks() -> dict:
-    marks = {"t_init_entered": time.time(), "t_process_start": _process_start()}
-    import vllm  # noqa: F401  (the import the parent's __init__ does first, timed on its own)
-    from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
-
-    marks["t_vllm_imported"] = time.time()
-    return marks
-
-
-class AsyncTimed(LLMPredictor):
-    def __init__(self, *args, **kwargs):
-        marks = _start_marks()
-        with _mark_tokenizer_load(marks):
-            super().__init__(*args, **kwargs)
-        self.marks = {**marks, "t_engine_ready": time.time()}
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        start = time.time()
-        return _stamp(await super().__call__(batch), start, self.marks)
-
-
-class SpawnTimed(AsyncTimed):
-    """The replica's start as it was before util/replica/internals.py's engine_process_forked: vLLM spawns the engine
-    process from the Ray actor, and the new interpreter imports torch and vLLM again."""
-
-    def __init__(self, *args, **kwargs):
-        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # vLLM's own switch; it then spawns regardless
-        try:
-            super().__init__(*args, **kwargs)
-        finally:
-            os.environ.pop("VLLM_WORKER_MULTIPROC_METHOD", None)
-
-
-class SeedPredictor:
-    """The seed template's predictor: one blocking `LLM.generate` call per batch, so each batch waits for its
-    longest row while the GPU idles, and vLLM never sees more than one batch of sequences."""
-
-    def __init__(self, model: str, engine_kwargs: dict, sampling: dict, parts: list = (), **_):
-        from vllm import LLM
-
-        marks = _start_marks()
-        self.model, self.sampling = model, sampling
-        self.llm = LLM(model=model, **engine_kwargs)
-        self.marks = {**marks, "t_engine_ready": time.time()}
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from vllm import SamplingParams
-
-        start, rows = time.time(), batch.to_pylist()
-        params = [SamplingParams(**row_sampling(self.sampling, row.get("sampling_params"))) for row in rows]
-        outputs = self.llm.generate([{"prompt_token_ids": row["prompt_token_ids"]} for row in rows], params,
-                                    use_tqdm=False)
-        results = [{"generated_text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
-                    "num_generated_tokens": len(o.outputs[0].token_ids), "model": self.model} for o in outputs]
-        return _stamp(finish_batch(batch, results, LLMPredictor.COLUMNS), start, self.marks)
-
-
-def _result(name: str, tokens: int, rows: int, first: float, last: float, began: float, wall: float,
-            **extra) -> dict:
-    return {"design": name, "rows": rows, "output_tokens": tokens, "generate_s": round(last - first, 2),
-            "output_tok_per_s": round(tokens / (last - first), 1), "ttft_s": round(first - began, 1),
-            "wall_s": round(wall, 1), **extra}
-
-
-def _wait_gpu_free(use_gpu: bool, timeout_s: float = 120.0) -> float:
-    """Seconds waited until the GPUs hold under 2 GiB: the last run's engine must be gone before the next
-    one sizes its KV cache from the free memory."""
-    if not use_gpu:
-        return 0.0
-    began = time.time()
-    while time.time() - began < timeout_s:
-        used = os.popen("nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits").read().split()
-        if not used or max(float(u) for u in used) < 2048:
-            break
-        time.sleep(1)
-    return round(time.time() - began, 1)
-
-
-def run_raw(name: str, model: str, num_prompts: int, max_output: int, engine: dict, sampling: dict,
-            generates: int, out: Path, tag: str) -> list[dict]:
-    """Raw vLLM in a fresh process, so that its TTFT counts the imports as the Ray designs' does, and its
-    engine is surely gone (GPU memory and all) when the process ends."""
-    spec, result = out / f"raw-{tag}.spec.json", out / f"raw-{tag}.result.json"
-    began = time.time()
-    spec.write_text(json.dumps({"name": name, "model": model, "num_prompts": num_prompts, "max_output": max_output,
-                                "engine": engine, "sampling": sampling, "generates": generates, "began": began,
-                                "result": str(result)}))
-    code = subprocess.run([sys.executable, "-m", "bench.run", "--child", str(spec)]).returncode
-    if code != 0:
-        raise SystemExit(f"{name}: the raw process exited with {code}")
-    return json.loads(result.read_text())
-
-
-def raw_child(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    began = spec["began"]
-    from vllm import LLM, SamplingParams
-
-    imported = time.time()
-    rows = make_workload(spec["num_prompts"], max_tokens=spec["max_output"])
-    llm = LLM(model=spec["model"], **spec["engine"])
-    ready = time.time()
-    # The same prompts, token for token, as the pipeline sends: the chat template, tokenized once.
-    token_ids = PromptFormatter(spec["model"], "text")(pa.Table.from_pylist([{"text": r["text"]} for r in rows]))
-    prompts = [{"prompt_token_ids": ids} for ids in token_ids["prompt_token_ids"].to_pylist()]
-    params = [SamplingParams(**row_sampling(spec["sampling"], r["sampling_params"])) for r in rows]
-    results = []
-    for i in range(spec["generates"]):
-        if i:  # the same prompts again: without the reset their prefill would come from the cache
-            llm.reset_prefix_cache()
-        first = time.time()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        last = time.time()
-        marks = {"vllm_imported": round(imported - began, 1), "engine_ready": round(ready - began, 1)} if not i else {}
-        results.append(_result(spec["name"], sum(len(o.outputs[0].token_ids) for o in outputs), len(outputs),
-                               first, last, began, last - began, generate_index=i, start_marks=marks))
-        if i:
-            results[-1]["ttft_s"] = None  # the engine was started by the first pass
-    Path(spec["result"]).write_text(json.dumps(results))
-    del llm
-
-
-def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor) -> dict:
-    began = time.time()
-    plan = make_plan(dataclasses.replace(cfg, id_column="id"))  # as main.py plans a run: part of its start
-    ds = build_pipeline(plan, source=rows, stages=pipeline_stages(plan, predictor=predictor))
-    executing = time.time()
-    columns = ["num_generated_tokens", "model", "error", "t_start", "t_end", *START_MARKS]
-    refs = ds.select_columns(columns).to_arrow_refs()
-    table = pa.concat_tables(ray.get(refs))
-    ended = time.time()
-    wait_for_replicas_to_exit()
-    first, last = min(table["t_start"].to_pylist()), max(table["t_end"].to_pylist())
-    # Time since the run's start: the first replica's marks (with several replicas, each mark's earliest).
-    marks = {"execution_start": executing - began}
-    for mark in START_MARKS:
-        values = [v for v in table[mark].to_pylist() if v is not None]
-        if values:
-            marks[mark[2:]] = min(values) - began
-    marks.update(first_batch_in=first - began, first_batch_out=min(table["t_end"].to_pylist()) - began)
-    marks = {k: round(v, 1) for k, v in marks.items()}
-    # Rows by the model that answered them (a LoRA adapter's name, or "base"), and rows that failed.
-    answered = collections.Counter("base" if m == model else m for m in table["model"].to_pylist())
-    return _result(name, sum(table["num_generated_tokens"].to_pylist()), table.num_rows, first, last, began,
-                   ended - began, start_marks=marks, rows_by_model=dict(sorted(answered.items())),
-                   errors=table.num_rows - table["error"].null_count)
-
-
-def run_ray_llm(name: str, model: str, rows: list[dict], engine: dict, sampling: dict, use_gpu: bool,
-                concurrency: int, batch_size: int = 256) -> dict:
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
-    config = vLLMEngineProcessorConfig(model_source=model, engine_kwargs=dict(engine), batch_size=batch_size,
-                                       concurrency=concurrency,
-                                       **({} if use_gpu else {"placement_group_config": {"bundles": [{"CPU": 0.5}]}}))
-    processor = build_processor(
-        config,
-        preprocess=lambda row: {"messages": [{"role": "user", "content": row["text"]}],
-                                "sampling_params": row_sampling(sampling, row["sampling_params"])},
-        postprocess=lambda row: {"num_generated_tokens": len(row["generated_tokens"]), "t_end": time.time(),
-                                 "time_taken_llm": row["time_taken_llm"]})
-    began = time.time()
-    out = processor(ray.data.from_items(rows)).to_pandas()
-    ended = time.time()
-    wait_for_replicas_to_exit()
-    first = float((out["t_end"] - out["time_taken_llm"]).min())
-    return _result(name, int(out["num_generated_tokens"].sum()), len(out), first, float(out["t_end"].max()),
-                   began, ended - began, start_marks={"first_batch_out": round(float(out["t_end"].min()) - began, 1)})
-
-
-def job_sampling(cfg: Config) -> dict:
-    """The job's sampling, as the plan resolves it (with no model files: the sampling needs none)."""
-    return make_plan(cfg, resolve_model_files=False).sampling
-
-
-def with_adapters(cfg: Config, rows: list[dict], own: dict, shape: str) -> tuple[Config, list[dict]]:
-    """For `loras=N`: N random adapters for the model's shape, registered (--lora a0=... a1=...), and
-    the rows spread over them in turn, each row's `lora` column naming its adapter. Else as they were."""
-    count = int(own.get("loras") or 0)
-    if not count:
-        return cfg, rows
-    rank = int(own.get("lora_rank", 16))
-    folder = Path(tempfile.gettempdir()) / f"bench-{shape}-lora-r{rank}"
-    adapters = {f"a{k}": build_adapter_dir(folder / f"a{k}", shape, rank, seed=k) for k in range(count)}
-    names = list(adapters)
-    return (dataclasses.replace(cfg, lora=adapters),
-            [{**row, "lora": names[i % count]} for i, row in enumerate(rows)])
-
-
+BASES = ("raw", "plain", "pipeline", "seed", "ray_llm")
 def parse_variant(text: str) -> tuple[str, str, dict]:
     """`NAME=BASE:key=value;key=value` -> (name, base, settings)."""
     name, _, rest = text.partition("=")
@@ -327,7 +90,9 @@ def summarize(runs: list[dict]) -> dict:
             continue
         designs.setdefault(run["design"], []).append(run)
     summary = {name: {"output_tok_per_s": _spread([r["output_tok_per_s"] for r in rs]),
-                      "ttft_s": _spread([r["ttft_s"] for r in rs if r.get("ttft_s") is not None])}
+                      "ttft_s": _spread([r["ttft_s"] for r in rs if r.get("ttft_s") is not None]),
+                      "ready_to_last_s": _spread([r["ready_to_last_s"] for r in rs if r.get("ready_to_last_s")]),
+                      "wall_s": _spread([r["wall_s"] for r in rs if r.get("wall_s")])}
                for name, rs in designs.items()}
     medians = {name: s["output_tok_per_s"]["median"] for name, s in summary.items()}
     ratios = {f"{name}/raw": round(m / medians["raw"], 3) for name, m in medians.items()
@@ -338,6 +103,9 @@ def summarize(runs: list[dict]) -> dict:
     variants = {run["design"] for run in runs if run.get("base") == "pipeline" and run["design"] != "pipeline"}
     ratios.update({f"{name}/pipeline": round(medians[name] / medians["pipeline"], 3)
                    for name in sorted(variants) if "pipeline" in medians})
+    generation = {name: s["ready_to_last_s"]["median"] for name, s in summary.items() if s["ready_to_last_s"]}
+    ratios.update({f"{name}/plain generation time": round(t / generation["plain"], 3) for name, t in generation.items()
+                   if "plain" in generation and name != "plain"})
     return {"designs": summary, "ratios_of_medians": ratios}
 
 
@@ -368,10 +136,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="NAME=BASE:key=value;key=value")
     parser.add_argument("--warmup-prompts", type=int, default=None,
                         help="rows of the untimed raw warm-up (default 256 on GPU, 0 with --tiny; 0: none)")
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="standard")
-    parser.add_argument("--num-prompts", type=int, default=None, help="default: the workload's")
+    workload_flags(parser)
     parser.add_argument("--seed-prompts", type=int, default=100, help="rows for the slow seed design")
-    parser.add_argument("--max-output", type=int, default=512)
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU instead of a 7B shape on GPU")
     parser.add_argument("--shape", default="mistral-7b", help="model shape (util/model_dirs/tiny_model.py SHAPES)")
     parser.add_argument("--model-dir", default=None, help="where to build it (default /tmp/bench-<shape>)")
@@ -390,8 +156,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     model = tiny_model_dir() if args.tiny else build_model_dir(args.model_dir or f"/tmp/bench-{args.shape}", args.shape)
-    num_prompts = args.num_prompts or WORKLOADS[args.workload]
-    rows = make_workload(num_prompts, max_tokens=args.max_output)
+    rows = make_rows(args)
+    workload = write_rows(rows, out / "workload.jsonl")  # what raw and plain read, in their own processes
     if args.tiny:  # the raw design's process inherits this; the Ray designs get it from util/engine.py
         os.environ.update(CPU_ENV_VARS)
     ray.init()
@@ -433,11 +199,14 @@ def main() -> None:
         waited = _wait_gpu_free(use_gpu)
         print(f"--- {design} (round {repeat + 1}) at {time.strftime('%H:%M:%S')}", flush=True)
         if design == "warmup":
-            new = run_raw("raw", model, warmup, args.max_output, engine, job_sampling(cfg), 1, out, "warmup")
+            warm = write_rows(rows[:warmup], out / "warmup.jsonl")
+            new = run_raw("raw", model, warm, engine, job_sampling(cfg), 1, out, "warmup")
             new = [{**r, "warmup": True} for r in new]
         elif base == "raw":
-            new = run_raw(design, model, len(rows), args.max_output, engine, job_sampling(design_cfg),
-                          int(own.get("generates", 1)), out, f"{index}")
+            new = run_raw(design, model, workload, engine, job_sampling(design_cfg), int(own.get("generates", 1)),
+                          out, f"{index}")
+        elif base == "plain":
+            new = [run_plain(design, model, workload, engine, out, f"{index}")]
         elif base == "pipeline":
             design_cfg, design_rows = with_adapters(design_cfg, rows, own, "tiny" if args.tiny else args.shape)
             new = [run_pipeline(design, model, design_rows, design_cfg,
@@ -459,7 +228,7 @@ def main() -> None:
     layout = f"{cfg.concurrency} replica(s) x TP {cfg.tensor_parallel_size}" if cfg.concurrency > 1 or \
         cfg.tensor_parallel_size > 1 else "1 GPU"
     plot(summary, out / "throughput.png",
-         f"{args.shape if not args.tiny else 'tiny'}, {len(rows)} prompts, 16-{args.max_output} output tokens, "
+         f"{args.shape if not args.tiny else 'tiny'}, {args.workload} workload, {len(rows)} prompts, "
          f"{layout}, {device}")
     print(f"{'design':14} {'runs':>4} {'tok/s median':>12} {'min-max':>15} {'TTFT median':>11} {'min-max':>13}")
     for name, s in summary["designs"].items():

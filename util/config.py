@@ -51,6 +51,9 @@ class CoreConfig:
     id_column: str | None = flag("Column holding a unique row id. Default: derived from position and content.",
                                  default=None)
     limit: int | None = flag("Only process the first N rows (for trials).", default=None)
+    row_order: str = flag("auto (the default: rows whose prompts share a long prefix are sorted next to each other, "
+                          "when the first 4,096 prompts show it pays), grouped (always), or input (the input's order, "
+                          "streamed as read). The output's rows and ids are the same either way.", default="auto")
     # --- prompt ---
     system_prompt: str | None = flag("System message for models with a chat template.", default=None)
     prompt_format: str = flag("auto (table, then chat template, then plain), chat_template, table or plain.",
@@ -108,6 +111,7 @@ class CoreConfig:
         choices = {"task": ("generate", *registry("TASKS")),
                    "input_format": ("auto", "text", "jsonl", "csv", "parquet", *registry("INPUT_FORMATS")),
                    "prompt_format": ("auto", "chat_template", "table", "plain"),
+                   "row_order": ("auto", "grouped", "input"),
                    "output_format": ("parquet", "jsonl", *registry("OUTPUT_FORMATS"))}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

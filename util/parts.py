@@ -62,6 +62,7 @@ class Part:
     glance: tuple | None = None  # the columns a run shows of a few rows, for a task of its own
     engine_inputs: tuple = ()  # columns the replica reads and drops (util/predictor.py)
     input_columns: tuple = ()  # input columns every file must have (read as strings from CSV)
+    group_within: str | None = None  # an input column whose values keep rows apart when rows are grouped (LoRA's)
     plan: dict = {}  # Plan fields it sets (make_plan applies them): the task, the predictor class, replica resources
 
     def stages(self, plan, stages: list) -> list:

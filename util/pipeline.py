@@ -1,6 +1,7 @@
-"""The pipeline's stages, chained in one place: read -> (drop rows already done) -> format -> cut blocks ->
-the model's stage (predict, or a task's own), with what the job's features add.
+"""The pipeline's stages, chained in one place: read -> (drop rows already done) -> format -> (group rows
+that share a prompt prefix) -> cut blocks -> the model's stage (predict, or a task's own), with what the job's features add.
 
+    order_rows(plan, done)                                 # grouped, or as read (util/grouping.py)
     ds = read_input(plan, done)                            # main.py's steps: read, then each stage
     for stage in pipeline_stages(plan, done): ds = stage.apply(ds)
     ds = build_pipeline(plan, source=rows)                 # the same in one call, on in-memory rows
@@ -9,14 +10,17 @@ Each stage declares the columns it needs, adds and drops, checked before anythin
 repartition cuts blocks to `batch_size` rows, so that every replica takes work a batch at a time.
 """
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import ray
 
 from util import columns as col
+from util.grouping import SAMPLE_ROWS, block_size, choose_row_order, group_rows
 from util.predictor import CORE_COLUMNS
-from util.prompt_format import format_prompts, tokenizer_args
+from util.errors import InputError, original
+from util.prompt_format import cached_formatter, format_prompts, tokenizer_args
 from util.reading import SAMPLE_PROMPTS, read_prompts
 from util.resources import TASK_CPUS
 
@@ -116,13 +120,48 @@ def pipeline_stages(plan: "Plan", done: "DoneIndex | None" = None, until: str | 
     """The stages after the read, the features' among them; `until`: the last one. `formatter`, `predictor`:
     other classes for those stages (stand-ins, a benchmark's)."""
     stages = [drop_done_stage(plan, done)] if plan.cfg.limit and done is not None else []
-    stages += [formatter_stage(plan, formatter), cut_blocks_stage(plan.cfg.batch_size), predictor_stage(plan, predictor)]
+    stages += [formatter_stage(plan, formatter)]
+    if plan.row_order == "grouped":  # rows that share a prompt prefix next to each other (util/grouping.py)
+        stages.append(Stage("group", needs=(col.PROMPT_TOKEN_IDS,), adds=(), custom=functools.partial(
+            group_rows, size=block_size(plan.engine_kwargs), namespace_column=plan.group_within)))
+    stages += [cut_blocks_stage(plan.cfg.batch_size), predictor_stage(plan, predictor)]
     for part in plan.parts:
         stages = part.stages(plan, stages)
     if until is not None:
         stages = stages[:[stage.name for stage in stages].index(until) + 1]
     check_contracts(stages, read_columns(plan))
     return stages
+
+
+def order_rows(plan: "Plan", done: "DoneIndex | None" = None, source: str | list | None = None) -> None:
+    """Sets plan.row_order, "grouped" or "input", and the share of the sample's prompt tokens that grouping
+    reuses. For --row-order auto the first SAMPLE_ROWS rows left to run are formatted here, in the driver, as
+    the job's format stage formats them but with the plan's tokenizer (loaded already, and without torch), and
+    grouped order is chosen where they share enough (util/grouping.py)."""
+    from util.plan import plan_tokenizer
+
+    cfg = plan.cfg
+    plan.row_order = "grouped" if cfg.row_order == "grouped" else "input"  # until the sample says otherwise
+    # Other tasks' engines keep no prefix cache; a row's images are not in its key, and the sample would fetch them.
+    if cfg.row_order == "input" or plan.task != "generate" or any(part.engine_inputs for part in plan.parts):
+        return
+    *before, format_stage = pipeline_stages(plan, done, until="format")
+    sample = read_input(plan, done, source)
+    for stage in before:  # with --limit, the rows already done are dropped after it
+        sample = stage.apply(sample)
+    try:
+        rows = next(iter(sample.limit(SAMPLE_ROWS).iter_batches(batch_size=SAMPLE_ROWS, batch_format="pyarrow")), None)
+    except Exception as error:
+        if isinstance(original(error), (InputError, OSError)):
+            return  # the input's pass refuses it, naming the file and line (util/scan.py)
+        raise
+    if rows is None:
+        return  # no row left to run
+    # The job's formatter (a feature's, where one swaps it in), not cached: this tokenizer is the driver's.
+    formatter = cached_formatter.__wrapped__(**{**format_stage.map_batches["fn_kwargs"],
+                                                "loaded_tokenizer": plan_tokenizer(tokenizer_args(cfg.model, plan.engine_kwargs))})
+    token_ids = formatter(rows)[col.PROMPT_TOKEN_IDS].to_pylist()
+    plan.row_order, plan.sample_shared_share = choose_row_order(cfg.row_order, token_ids, block_size(plan.engine_kwargs))
 
 
 def read_columns(plan: "Plan") -> tuple:

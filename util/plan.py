@@ -46,6 +46,8 @@ class Plan:
     sampling: dict = dataclasses.field(default_factory=dict)  # the job's SamplingParams; a row's own go on top
     replica_resources: dict = dataclasses.field(default_factory=dict)  # one replica's (a feature's: parallel.py)
     fingerprint: dict = dataclasses.field(default_factory=dict)  # what decides a row's output (util/resume.py)
+    row_order: str = "input"  # "grouped": rows sorted by shared prompt prefix (util/grouping.py); set by order_rows
+    sample_shared_share: float | None = None  # how much of the first prompts' tokens grouping would reuse
 
     @property
     def rows_in_flight(self) -> int:
@@ -66,6 +68,11 @@ class Plan:
     def glance(self) -> tuple | None:
         """The columns a run shows of a few rows: a task's own (embeddings'), else None (the core's)."""
         return next((part.glance for part in reversed(self.parts) if part.glance), None)
+
+    @property
+    def group_within(self) -> str | None:
+        """The input column that keeps grouped rows apart (a LoRA adapter's), if a feature names one."""
+        return next((part.group_within for part in self.parts if part.group_within), None)
 
     @property
     def input_columns(self) -> tuple:

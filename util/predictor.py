@@ -22,6 +22,7 @@ from util.columns import TIMINGS, set_columns
 from util.errors import INVALID_SAMPLING, InputError, RowError, RunStopped, row_error
 from util.prompt_format import load_tokenizer, tokenizer_args
 
+PROMPT_TOKENS, CACHED_TOKENS = "prompt_tokens", "cached_tokens"  # a result's counts for the run report
 STOPPED_REPLICA_EXIT_S = 2.0  # a stopped replica's actor ends this long after it failed its batch
 CORE_COLUMNS = {col.GENERATED_TEXT: pa.string(), col.FINISH_REASON: pa.string(),
                 col.NUM_GENERATED_TOKENS: pa.int64(), col.ERROR: pa.string(), col.MODEL: pa.string(),
@@ -173,7 +174,9 @@ class LLMPredictor:
                 result = await self.supervisor.run(row[col.ID], attempt)  # timed, and rerun at a death, as its own row
         except RowError as refused:
             result = {col.ERROR: str(refused), col.MODEL: request.model or self.model_name}
-        self.progress.rows_done(1, result.get(col.NUM_GENERATED_TOKENS, 0))  # the progress line moves row by row
+        # The progress line moves row by row; the report's prefix-cache hit rate counts the rows that ran.
+        self.progress.rows_done(1, result.get(col.NUM_GENERATED_TOKENS, 0), prompt_tokens=result.get(PROMPT_TOKENS, 0),
+                                cached_tokens=result.get(CACHED_TOKENS, 0))
         return result
 
     async def generate(self, engine, request: Request, parts: list) -> dict:
@@ -200,7 +203,9 @@ class LLMPredictor:
         samples = [{"text": self.tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens)
                     if decode_here else c.text, "finish_reason": c.finish_reason,
                     "num_generated_tokens": len(c.token_ids)} for c in final.outputs]
+        # vLLM's own count of the prompt's tokens that its prefix cache held (not columns: the run report's)
         result = {"samples": samples, col.MODEL: request.model or self.model_name,
+                  PROMPT_TOKENS: len(final.prompt_token_ids or ()), CACHED_TOKENS: final.num_cached_tokens or 0,
                   **timings(getattr(final, "metrics", None))}
         for part in parts:  # each feature's columns: from each sample, and from the whole request
             part.output(request, final, result)

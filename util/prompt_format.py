@@ -73,10 +73,12 @@ class PromptFormatter:
     `tokenizer`: tokenizer_args' items (the engine's); by default the model's at `revision`."""
 
     def __init__(self, model: str, text_column: str, system_prompt: str | None = None, prompt_format: str = "auto",
-                 revision: str | None = None, max_model_len: int | None = None, tokenizer: tuple = ()):
+                 revision: str | None = None, max_model_len: int | None = None, tokenizer: tuple = (),
+                 loaded_tokenizer=None):
         self.model, self.text_column, self.system_prompt = model, text_column, system_prompt
         self.warned_system_role = False
-        self.tokenizer = load_tokenizer(dict(tokenizer) or tokenizer_args(model, {"revision": revision}))
+        # `loaded_tokenizer`: the same tokenizer, loaded already (the driver's, which has no torch to import)
+        self.tokenizer = loaded_tokenizer or load_tokenizer(dict(tokenizer) or tokenizer_args(model, {"revision": revision}))
         self.templates = self.chat_templates(model, revision)
         self.prompt_format = choose_prompt_format(model, self.templates, prompt_format)
         self.max_model_len = model_max_length(model, revision, max_model_len)

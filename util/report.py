@@ -35,6 +35,8 @@ class ProgressLog:
         self.done: list[tuple[str, int, int, float]] = []  # (replica, rows, output tokens, when)
         self.rows = self.output_tokens = 0
         self.survived = dict.fromkeys(SURVIVED, 0)
+        self.prefix_cache: dict[str, list[int]] = {}  # replica -> [prompt tokens, of which the cache held]
+        self.grouped_tokens = [0, 0]  # grouped rows' prompt tokens, of which shared with the row before
 
     def replica_ready(self, replica: str, at: float) -> None:
         if replica in self.ready:  # Ray restarted its actor (a restart keeps the actor's id)
@@ -60,6 +62,13 @@ class ProgressLog:
         self.done.append((replica, rows, output_tokens, at))
         self.rows, self.output_tokens = self.rows + rows, self.output_tokens + output_tokens
 
+    def cached(self, replica: str, prompt_tokens: int, cached_tokens: int) -> None:
+        counts = self.prefix_cache.setdefault(replica, [0, 0])
+        counts[0], counts[1] = counts[0] + prompt_tokens, counts[1] + cached_tokens
+
+    def grouped(self, prompt_tokens: int, shared_tokens: int) -> None:
+        self.grouped_tokens = [self.grouped_tokens[0] + prompt_tokens, self.grouped_tokens[1] + shared_tokens]
+
     def totals(self) -> dict:
         return {"rows": self.rows, "output_tokens": self.output_tokens, "replicas": len(self.ready),
                 "first_ready": min(self.ready.values(), default=None), "restarts": self.survived["engine_restarts"]}
@@ -67,6 +76,7 @@ class ProgressLog:
     def snapshot(self) -> dict:  # `counted`: a feature's counts of rows (--repair's), shown beside ok and error,
         # by name: the replicas' reports come in any order
         return {"ready": self.ready, "done": self.done, "survived": {n: self.survived[n] for n in SURVIVED},
+                "prefix_cache": self.prefix_cache, "grouped_tokens": self.grouped_tokens,
                 "counted": {n: self.survived[n] for n in sorted(self.survived) if n not in SURVIVED}}
 
 
@@ -175,11 +185,13 @@ class ProgressReporter:
             last = totals["rows"]
             time.sleep(0.1 if self.total_rows is not None else 0.5)
 
-    def report(self, written: dict) -> dict:
-        """The run report (util/results.py); `written` is util.output.write_results' counts."""
+    def report(self, written: dict, row_order: str | None = None, sample_shared_share: float | None = None) -> dict:
+        """The run report (util/results.py); `written` is util.output.write_results' counts, `row_order` and
+        `sample_shared_share` the plan's (util/grouping.py)."""
         from util.results import build_report
 
-        return build_report(self.snapshot, written, self.started, self.finished, self.gpus)
+        return build_report(self.snapshot, written, self.started, self.finished, self.gpus, row_order,
+                            sample_shared_share)
 
 
 def alive_nodes() -> set[str]:

@@ -68,7 +68,23 @@ def sample_rows(output_path: str, output_format: str = "parquet", count: int = 3
     return [glance(row, columns or GLANCE_COLUMNS) for row in rows]
 
 
-def build_report(snapshot: dict, written: dict, started: float, finished: float, gpus: float) -> dict:
+def share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def prefix_cache_report(snapshot: dict, row_order: str | None, sample_shared_share: float | None) -> dict:
+    """How the prefix cache worked: the share of prompt tokens vLLM's cache held (its per-request counts), and
+    beside it how much the prompts share: measured over every grouped row, or over the first rows' sample."""
+    counts = snapshot.get("prefix_cache", {}).values()
+    prompt, cached = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    grouped_prompt, grouped_shared = snapshot.get("grouped_tokens", [0, 0])
+    return {"row_order": row_order, "prompt_tokens": prompt, "cached_tokens": cached,
+            "cached_share": share(cached, prompt), "shared_share": share(grouped_shared, grouped_prompt),
+            "sample_shared_share": None if sample_shared_share is None else round(sample_shared_share, 4)}
+
+
+def build_report(snapshot: dict, written: dict, started: float, finished: float, gpus: float,
+                 row_order: str | None = None, sample_shared_share: float | None = None) -> dict:
     from util.plots import throughput_series
 
     wall = max(finished - started, 1e-9)
@@ -79,7 +95,9 @@ def build_report(snapshot: dict, written: dict, started: float, finished: float,
         mine = [d for d in snapshot["done"] if d[0] == replica]
         tokens, last = sum(d[2] for d in mine), max((d[3] for d in mine), default=None)
         busy = None if last is None else last - ready
+        prompt, cached = snapshot.get("prefix_cache", {}).get(replica, (0, 0))
         replicas.append({"replica": replica, "rows": sum(d[1] for d in mine), "output_tokens": tokens,
+                         "prefix_cache_hit_rate": share(cached, prompt),
                          "output_tok_per_s": round(tokens / busy, 1) if busy and busy > 0 else None,
                          "ready_s": round(ready - started, 1),
                          "last_batch_s": None if last is None else round(last - started, 1)})
@@ -88,6 +106,7 @@ def build_report(snapshot: dict, written: dict, started: float, finished: float,
             "wall_s": round(wall, 1), "output_tok_per_s": round(written["output_tokens"] / wall, 1),
             "gpus": gpus, "gpu_hours": round(wall * gpus / 3600, 3), "replicas": replicas,
             "survived": dict(snapshot.get("survived", {})),
+            "prefix_cache": prefix_cache_report(snapshot, row_order, sample_shared_share),
             **{name: datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="seconds")
                for name, at in (("started", started), ("finished", finished))},
             "throughput": throughput_series(snapshot["done"], started, finished)}  # its plot's series
@@ -103,13 +122,23 @@ def format_report(report: dict) -> str:
              f"  GPU-hours      {report['gpu_hours']:,.3f} ({report['gpus']:g} GPUs x wall time)",
              "  survived       " + ", ".join(f"{n:,} {name.replace('_', ' ').replace('rerun', 'run again')}"
                                               for name, n in report["survived"].items())]
+    if cache := report.get("prefix_cache"):
+        lines.append(f"  prefix cache   {percent(cache['cached_share'])} of {cache['prompt_tokens']:,} prompt tokens "
+                     f"came from the cache; rows {cache['row_order'] or 'input'} order, prompts sharing "
+                     f"{percent(cache['shared_share'] if cache['shared_share'] is not None else cache['sample_shared_share'])}"
+                     f"{'' if cache['shared_share'] is not None else ' (first rows)'}")
     if report["replicas"]:  # "joined at": seconds from the run's start to the replica's engine being ready
-        lines.append(f"  {'replica':<10} {'rows':>10} {'output tokens':>14} {'output tok/s':>13} {'joined at':>9}")
+        lines.append(f"  {'replica':<10} {'rows':>10} {'output tokens':>14} {'output tok/s':>13} {'joined at':>9} "
+                     f"{'cache hits':>10}")
         for r in report["replicas"]:
             speed = "-" if r["output_tok_per_s"] is None else f"{r['output_tok_per_s']:,.1f}"
             lines.append(f"  {r['replica']:<10} {r['rows']:>10,} {r['output_tokens']:>14,} {speed:>13} "
-                         f"{r['ready_s']:>8.1f}s")
+                         f"{r['ready_s']:>8.1f}s {percent(r.get('prefix_cache_hit_rate')):>10}")
     return "\n".join(lines)
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def write_report(output_path: str, report: dict) -> list[str]:

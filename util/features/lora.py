@@ -270,6 +270,7 @@ class Lora(Part):
 
     def __init__(self, cfg, adapters: dict, engine: dict):
         self.registered, self.engine_kwargs = adapters, engine
+        self.group_within = LORA  # grouped rows share a prefix within one adapter: its cache is its own
         self.fingerprint = {"adapters": adapters} if adapters else {}
         self.enabled, self.max_lora_rank = bool(engine.get("enable_lora")), engine.get("max_lora_rank")
         self.base_names = {cfg.model}

@@ -216,6 +216,7 @@ class ProgressClient:
 
     def __init__(self, replica: str = ""):
         self.replica, self.reporting_to, self.rows, self.tokens, self.sent = replica, None, 0, 0, time.monotonic()
+        self.prompt_tokens = self.cached_tokens = 0
         self.released_by = None  # the run that let this replica answer rows
 
     @classmethod
@@ -247,17 +248,33 @@ class ProgressClient:
                 raise RunStopped(stopped)
             self.released_by = actor
 
-    def rows_done(self, rows: int, output_tokens: int, flush: bool = False) -> None:
-        """Count finished rows; send them when FLUSH_S has passed since the last send, or `flush`."""
+    def rows_done(self, rows: int, output_tokens: int, flush: bool = False, prompt_tokens: int = 0,
+                  cached_tokens: int = 0) -> None:
+        """Count finished rows (and their prompt tokens, and how many of those vLLM's prefix cache held); send
+        them when FLUSH_S has passed since the last send, or `flush`."""
         self.rows, self.tokens = self.rows + rows, self.tokens + output_tokens
+        self.prompt_tokens, self.cached_tokens = self.prompt_tokens + prompt_tokens, self.cached_tokens + cached_tokens
         if self.rows and (flush or time.monotonic() - self.sent >= FLUSH_S):
             actor = self._actor() if self.replica else None
             if actor is not None:
                 actor.rows_done.remote(self.replica, self.rows, self.tokens, time.time())
+                if self.prompt_tokens:
+                    actor.cached.remote(self.replica, self.prompt_tokens, self.cached_tokens)
             self.rows, self.tokens, self.sent = 0, 0, time.monotonic()
+            self.prompt_tokens = self.cached_tokens = 0
 
     def count(self, name: str, n: int) -> None:
         """What the replica survived (SURVIVED), sent at once: it is rare."""
         actor = self._actor() if self.replica else None
         if actor is not None:
             actor.count.remote(name, n)
+
+
+def report_grouped(prompt_tokens: int, shared_tokens: int) -> None:
+    """A grouped block's prompt tokens, and how many its rows share with the row before them
+    (util/grouping.py), to the run's progress actor, if one is listening."""
+    try:
+        actor = ray.get_actor(PROGRESS_ACTOR)
+    except ValueError:
+        return
+    actor.grouped.remote(prompt_tokens, shared_tokens)
