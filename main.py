@@ -50,9 +50,6 @@ def run(cfg: Config, replicas=None) -> int:
     if plan.run_instead:  # a feature that replaces the run: --preflight checks and estimates, no engine
         return plan.run_instead(plan)
     done = check_output(plan)
-    # Rows whose prompts share a long prefix go next to each other, where the first rows show that it pays
-    # (--row-order; util/grouping.py): vLLM's prefix cache then computes each shared prefix once.
-    order_rows(plan, done)
     manifest = Manifest(plan.output_path, plan.fingerprint, plan.provenance, cfg.overwrite)  # how rows were made
 
     def release(scan) -> bool:  # the input passed its check: rows may run now (False: none is left to run)
@@ -64,6 +61,9 @@ def run(cfg: Config, replicas=None) -> int:
 
     try:
         started, written = time.perf_counter(), dict(EMPTY_COUNTS)
+        # Rows whose prompts share a long prefix go next to each other, where the first rows show that it pays
+        # (--row-order; util/grouping.py): vLLM's prefix cache then computes each shared prefix once.
+        order_rows(plan, done)
         # The replicas start their engines now, while one distributed pass checks that the input reads cleanly,
         # with unique ids (util/scan.py). They answer no row until it passes; a refusal fails their first batch.
         with ProgressReporter(None, cfg.progress_interval_s, plan.gpus_held, held=True) as progress, \

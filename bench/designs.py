@@ -31,8 +31,9 @@ START_MARKS = ("t_process_start", "t_init_entered", "t_vllm_imported", "t_tokeni
 
 
 def _stamp(table: pa.Table, start: float, marks: dict) -> pa.Table:
-    n = table.num_rows
+    n, replica = table.num_rows, ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
     table = table.append_column("t_start", pa.array([start] * n)).append_column("t_end", pa.array([time.time()] * n))
+    table = table.append_column("replica", pa.array([replica] * n, pa.string()))  # which replica answered
     for name in START_MARKS:
         table = table.append_column(name, pa.array([marks.get(name)] * n, pa.float64()))
     return table
@@ -197,7 +198,7 @@ def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor
     order_rows(plan, source=rows)  # grouped, or as read: --row-order (util/grouping.py)
     ds = build_pipeline(plan, source=rows, stages=pipeline_stages(plan, predictor=predictor))
     executing = time.time()
-    columns = ["num_generated_tokens", "model", "error", "t_start", "t_end", *START_MARKS]
+    columns = ["id", "num_generated_tokens", "model", "error", "t_start", "t_end", "replica", *START_MARKS]
     refs = ds.select_columns(columns).to_arrow_refs()
     table = pa.concat_tables(ray.get(refs))
     ended = time.time()
@@ -214,10 +215,27 @@ def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor
     # Rows by the model that answered them (a LoRA adapter's name, or "base"), and rows that failed.
     answered = collections.Counter("base" if m == model else m for m in table["model"].to_pylist())
     ready = min(v for v in table["t_engine_ready"].to_pylist() if v is not None)
+    spread = replica_spread(table) if table["replica"].null_count < table.num_rows else {}
     return _result(name, sum(table["num_generated_tokens"].to_pylist()), table.num_rows, first, last, began,
                    ended - began, start_marks=marks, rows_by_model=dict(sorted(answered.items())),
                    errors=table.num_rows - table["error"].null_count, ready_to_last_s=round(last - ready, 2),
-                   row_order=plan.row_order, sample_shared_share=plan.sample_shared_share)
+                   row_order=plan.row_order, sample_shared_share=plan.sample_shared_share, **spread)
+
+
+def replica_spread(table: pa.Table) -> dict:
+    """With several replicas: the share of documents (the prefix workload's `doc-N-qM` ids) whose rows one
+    replica answered, and how long before the last replica's last answer each replica answered its own."""
+    rows = table.select(["id", "replica", "t_end"]).to_pylist()
+    replicas_of = collections.defaultdict(set)
+    for row in rows:
+        if row["id"].startswith("doc-"):
+            replicas_of[row["id"].rsplit("-", 1)[0]].add(row["replica"])
+    last = collections.defaultdict(float)
+    for row in rows:
+        last[row["replica"]] = max(last[row["replica"]], row["t_end"])
+    end = max(last.values())
+    return {"documents_on_one_replica": round(sum(len(r) == 1 for r in replicas_of.values()) / len(replicas_of), 4)
+            if replicas_of else None, "replica_ended_before_last_s": {k[:8]: round(end - t, 1) for k, t in last.items()}}
 
 
 def run_ray_llm(name: str, model: str, rows: list[dict], engine: dict, sampling: dict, use_gpu: bool,

@@ -3,6 +3,7 @@
     python -m bench.scale --out scale                                    # 10k, 1M, 10M rows; 1 and 10 files
     python -m bench.scale --rows 20000 --files 1 --out /tmp/s            # one small case (the tests run this)
     python -m bench.scale --rows 1000000 --files 1 --kill --out /tmp/k   # SIGKILL the run midway, then rerun
+    python -m bench.scale --grouped --files 1 --out scale-grouped         # rows grouped by prompt prefix (a sort)
 
 Real Ray Data and the project's own reader, input scan, resume filter, repartition and writer; only the
 two model stages are stand-ins with the same columns: a formatter that does not tokenize and a predictor
@@ -16,10 +17,12 @@ process, its own driver and Ray, on a generated JSONL input:
 
 Per phase it reports wall time, the driver's peak RSS and the largest Ray worker's peak (RSS less shared
 pages, so the object store's mapped memory is not counted). Per case: rows per replica, and a check that
-the output's ids are the input's, each once. Writes results.json under --out.
+the output's ids are the input's, each once. Writes results.json under --out. With --grouped the rows go
+through util/grouping.py's sort (the stand-in formatter then gives token ids: the text's first 64 bytes).
 """
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -39,11 +42,14 @@ ROWS, FILES, REPLICAS = [10_000, 1_000_000, 10_000_000], [1, 10], 4
 SECONDS_PER_ROW = 20e-6  # the stand-in predictor's pace: 50k rows/s per replica
 
 
-def stand_in_formatter(batch: pa.Table, text_column: str = "text", **_) -> pa.Table:
-    """The formatter's columns without a tokenizer: about four characters a token."""
+def stand_in_formatter(batch: pa.Table, text_column: str = "text", token_ids: bool = False, **_) -> pa.Table:
+    """The formatter's columns without a tokenizer: about four characters a token; `token_ids`: the text's
+    first 64 bytes as its token ids (for grouping's keys), else none."""
     text = batch[text_column]
+    ids = pa.array([list(t.encode()[:64]) for t in text.to_pylist()], pa.list_(pa.int32())) if token_ids else \
+        pa.nulls(batch.num_rows, pa.list_(pa.int32()))
     return batch.append_column("prompt", text).append_column(
-            "prompt_token_ids", pa.nulls(batch.num_rows, pa.list_(pa.int32()))).append_column(
+            "prompt_token_ids", ids).append_column(
             "num_input_tokens", pc.divide(pc.utf8_length(text), 4).cast(pa.int64())).append_column(
             "error", pa.nulls(batch.num_rows, pa.string()))
 
@@ -119,7 +125,7 @@ def make_input(folder: Path, rows: int, files: int) -> Path:
     return folder if files > 1 else folder / "part-000.jsonl"
 
 
-def run_case(input_path: str, output_path: str, replicas: int, batch_size: int, phase: str) -> dict:
+def run_case(input_path: str, output_path: str, replicas: int, batch_size: int, phase: str, row_order: str) -> dict:
     """One case in this process: the driver being measured."""
     import ray
 
@@ -140,6 +146,7 @@ def run_case(input_path: str, output_path: str, replicas: int, batch_size: int, 
     cfg = Config(model=tiny_model_dir(), input_path=input_path, input_format="jsonl", concurrency=replicas,
                  output_path=output_path, batch_size=batch_size)
     plan = make_plan(cfg, resolve_model_files=False)  # the stand-ins load no tokenizer
+    plan.row_order = row_order
     memory, result = PeakMemory(), {}
     memory.start()
     memory.phase()
@@ -148,7 +155,8 @@ def run_case(input_path: str, output_path: str, replicas: int, batch_size: int, 
     result[f"{phase}scan"] = {"seconds": round(time.perf_counter() - started, 1), "rows": checked.rows,
                               "already_done": checked.already_done, **memory.phase()}
     started = time.perf_counter()
-    stages = pipeline_stages(plan, checked.done, formatter=stand_in_formatter, predictor=StandInPredictor)
+    formatter = functools.partial(stand_in_formatter, token_ids=row_order == "grouped")
+    stages = pipeline_stages(plan, checked.done, formatter=formatter, predictor=StandInPredictor)
     ds = build_pipeline(plan, checked.done, stages=stages)
     written = write_results(ds, output_path)
     result[f"{phase}run"] = {"seconds": round(time.perf_counter() - started, 1), "written": written["ok"],
@@ -204,12 +212,13 @@ def main() -> None:
     parser.add_argument("--kill", action="store_true",
                         help="SIGKILL the run (its whole session) once half its files are written, rerun, check exactly-once")
     parser.add_argument("--work-dir", default="/tmp/bench-scale", help="inputs and outputs go here")
-    parser.add_argument("--case", nargs=5, metavar=("INPUT", "OUTPUT", "REPLICAS", "BATCH", "PHASE"),
+    parser.add_argument("--grouped", action="store_true", help="rows grouped by prompt prefix (util/grouping.py)")
+    parser.add_argument("--case", nargs=6, metavar=("INPUT", "OUTPUT", "REPLICAS", "BATCH", "PHASE", "ORDER"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # the measured driver
-        input_path, output_path, replicas, batch_size, phase = args.case
-        print(json.dumps(run_case(input_path, output_path, int(replicas), int(batch_size), phase)), flush=True)
+        input_path, output_path, replicas, batch_size, phase, order = args.case
+        print(json.dumps(run_case(input_path, output_path, int(replicas), int(batch_size), phase, order)), flush=True)
         return
 
     if not args.out:
@@ -221,9 +230,10 @@ def main() -> None:
             work = Path(args.work_dir) / f"{rows}x{files}"
             subprocess.run(["rm", "-rf", str(work)], check=True)
             input_path, output_path = make_input(work / "input", rows, files), str(work / "output")
-            case = {"rows": rows, "files": files, "replicas": args.replicas, "batch_size": args.batch_size}
+            order = "grouped" if args.grouped else "input"
+            case = {"rows": rows, "files": files, "replicas": args.replicas, "batch_size": args.batch_size, "row_order": order}
             if args.kill:  # kill the whole process group once files are committed, then resume
-                first = case_process([str(input_path), output_path, str(args.replicas), str(args.batch_size), ""],
+                first = case_process([str(input_path), output_path, str(args.replicas), str(args.batch_size), "", order],
                                      start_new_session=True)
                 half = rows // max(ROWS_PER_FILE, args.batch_size) // 2  # midway: half the files committed
                 while len(list(Path(output_path).glob("part-*.parquet"))) < half and first.poll() is None:
@@ -238,7 +248,8 @@ def main() -> None:
                 if phase == "rerun_":
                     case["replica_shares"] = replica_shares(output_path)  # of the fresh run alone
                     delete_every_other_file(output_path)
-                process = case_process([str(input_path), output_path, str(args.replicas), str(args.batch_size), phase])
+                process = case_process([str(input_path), output_path, str(args.replicas), str(args.batch_size), phase,
+                                        order])
                 stdout, _ = process.communicate()
                 if process.returncode:
                     raise SystemExit(f"case {rows}x{files} {phase or 'fresh'} failed: exit code {process.returncode}")

@@ -52,10 +52,14 @@ def test_progress_log_totals_and_snapshot():
     log.rows_done("b", 2, 25, 21.0)
     log.count("engine_restarts", 1)
     log.count("rows_rerun", 7)
+    log.cached("a", 100, 40)  # prompt tokens, of which vLLM's prefix cache held
+    log.cached("a", 50, 10)
+    log.grouped(300, 120)  # grouped rows' prompt tokens, of which shared with the row before
     assert log.totals() == {"rows": 5, "output_tokens": 55, "first_ready": 10.0, "replicas": 2, "restarts": 1}
     assert log.snapshot() == {"ready": {"a": 10.0, "b": 12.0}, "done": [("a", 3, 30, 20.0), ("b", 2, 25, 21.0)],
                               "survived": {"engine_restarts": 1, "rows_rerun": 7, "rows_isolated": 0,
-                                           "replica_restarts": 1, "nodes_lost": 0}, "counted": {}}
+                                           "replica_restarts": 1, "nodes_lost": 0}, "counted": {},
+                              "prefix_cache": {"a": [150, 50]}, "grouped_tokens": [300, 120]}
     log.count("still_cut", 1)  # a feature's counts (--repair's), in whatever order the replicas' reports come
     log.count("repaired", 2)
     assert list(log.snapshot()["counted"].items()) == [("repaired", 2), ("still_cut", 1)]  # the report's order
@@ -189,9 +193,10 @@ def test_report_fields_per_replica_and_gpu_hours():
     assert report["output_tok_per_s"] == 5.0
     assert (report["gpus"], report["gpu_hours"]) == (2, round(100 * 2 / 3600, 3))
     assert report["replicas"] == [
-        {"replica": "a", "rows": 6, "output_tokens": 300, "output_tok_per_s": 6.0, "ready_s": 10.0, "last_batch_s": 60.0},
-        {"replica": "b", "rows": 4, "output_tokens": 200, "output_tok_per_s": round(200 / 87.5, 1), "ready_s": 12.0,
-         "last_batch_s": 99.5}]
+        {"replica": "a", "rows": 6, "output_tokens": 300, "prefix_cache_hit_rate": None, "output_tok_per_s": 6.0,
+         "ready_s": 10.0, "last_batch_s": 60.0},
+        {"replica": "b", "rows": 4, "output_tokens": 200, "prefix_cache_hit_rate": None,
+         "output_tok_per_s": round(200 / 87.5, 1), "ready_s": 12.0, "last_batch_s": 99.5}]
     assert report["throughput"]["bin_s"] == 3.0  # 100 s in at most 40 bins of whole seconds
     assert sum(report["throughput"]["total"]) * 3.0 == pytest.approx(500)
     assert report["started"] == "1970-01-01T00:16:40+00:00" and report["finished"] == "1970-01-01T00:18:20+00:00"
@@ -208,9 +213,9 @@ def test_format_report_prints_the_summary_table():
         "  wall time      0:01:40",
         "  GPU-hours      0.056 (2 GPUs x wall time)",
         "  survived       0 engine restarts, 0 rows run again, 0 rows isolated, 0 replica restarts, 0 nodes lost",
-        "  replica          rows  output tokens  output tok/s joined at",
+        "  replica          rows  output tokens  output tok/s joined at cache hits",
     ]
-    assert text.splitlines()[9].split() == ["a", "6", "300", "6.0", "10.0s"]
+    assert text.splitlines()[9].split() == ["a", "6", "300", "6.0", "10.0s", "-"]
 
 
 def test_report_files_lie_beside_the_data_and_readers_skip_them(ray_local, tmp_path):

@@ -122,7 +122,7 @@ def format_report(report: dict) -> str:
              f"  GPU-hours      {report['gpu_hours']:,.3f} ({report['gpus']:g} GPUs x wall time)",
              "  survived       " + ", ".join(f"{n:,} {name.replace('_', ' ').replace('rerun', 'run again')}"
                                               for name, n in report["survived"].items())]
-    if cache := report.get("prefix_cache"):
+    if (cache := report.get("prefix_cache")) and cache["prompt_tokens"]:  # rows a generating engine ran
         lines.append(f"  prefix cache   {percent(cache['cached_share'])} of {cache['prompt_tokens']:,} prompt tokens "
                      f"came from the cache; rows {cache['row_order'] or 'input'} order, prompts sharing "
                      f"{percent(cache['shared_share'] if cache['shared_share'] is not None else cache['sample_shared_share'])}"
