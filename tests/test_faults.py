@@ -34,7 +34,9 @@ from conftest import PROMPTS, REPO, Run, line_ids
 from util.resume import MANIFEST_NAME, read_manifest
 from util.model_dirs.tiny_model import tiny_model_dir
 
-pytestmark = pytest.mark.engine  # every test here starts vLLM engines
+# Every test here starts vLLM engines in main.py runs of their own, each starting its Ray: alone (make test runs
+# `solo` tests after the others), since Ray's node start has a fixed 30 s that a loaded 2-core machine misses.
+pytestmark = [pytest.mark.engine, pytest.mark.solo]
 
 SENTINEL = f"hf_SENTINEL{uuid.uuid4().hex}"  # stands in for a real token; must appear nowhere
 ACTOR_TITLE = "ray::MapWorker(MapBatches(LLMPredictor))"  # Ray titles an actor's process after its class

@@ -21,7 +21,9 @@ from conftest import PROMPTS, write_jsonl
 from test_faults import (ACTOR_TITLE, FAULT_PLUGIN, KILL_SEED, STALL_SEED, input_folder, output_ids,  # noqa: F401
                          ray_dirs_removed, read_manifest, report_of, start, wait_for, wait_for_commit)
 
-pytestmark = pytest.mark.engine  # every test here starts vLLM engines
+# Every test here starts vLLM engines, and a cluster of two nodes: alone (make test runs `solo` tests after the
+# others), since Ray's node start has a fixed 30 s that a loaded 2-core machine misses.
+pytestmark = [pytest.mark.engine, pytest.mark.solo]
 
 
 @pytest.fixture(scope="module")

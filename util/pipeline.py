@@ -142,8 +142,10 @@ def order_rows(plan: "Plan", done: "DoneIndex | None" = None, source: str | list
 
     cfg = plan.cfg
     plan.row_order = "grouped" if cfg.row_order == "grouped" else "input"  # until the sample says otherwise
-    # Other tasks' engines keep no prefix cache; a row's images are not in its key, and the sample would fetch them.
-    if cfg.row_order == "input" or plan.task != "generate" or any(part.engine_inputs for part in plan.parts):
+    # Other tasks' engines keep no prefix cache; a row's images are not in its key, and the sample would fetch them;
+    # a plan made without the model's files (stand-in stages) has no tokenizer to format a sample with.
+    if cfg.row_order == "input" or plan.task != "generate" or any(part.engine_inputs for part in plan.parts) or \
+            not plan.model_files:
         return
     *before, format_stage = pipeline_stages(plan, done, until="format")
     sample = read_input(plan, done, source)

@@ -48,6 +48,7 @@ class Plan:
     fingerprint: dict = dataclasses.field(default_factory=dict)  # what decides a row's output (util/resume.py)
     row_order: str = "input"  # "grouped": rows sorted by shared prompt prefix (util/grouping.py); set by order_rows
     sample_shared_share: float | None = None  # how much of the first prompts' tokens grouping would reuse
+    model_files: bool = True  # its tokenizer and config were read (make_plan's resolve_model_files)
 
     @property
     def rows_in_flight(self) -> int:
@@ -155,6 +156,7 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
                     "vllm": installed("vllm"), "ray": ray.__version__, "torch": installed("torch"),
                     "transformers": installed("transformers"),
                     "accelerator": choice.accelerator_type or ("GPU" if choice.use_gpu else "CPU")})
+    plan.model_files = resolve_model_files
     if resolve_model_files:
         resolve_model(plan)
     for feature in features():  # each feature's part in this job, if it has one, and what it sets in the plan

@@ -128,12 +128,12 @@ def format_report(report: dict) -> str:
                      f"{percent(cache['shared_share'] if cache['shared_share'] is not None else cache['sample_shared_share'])}"
                      f"{'' if cache['shared_share'] is not None else ' (first rows)'}")
     if report["replicas"]:  # "joined at": seconds from the run's start to the replica's engine being ready
-        lines.append(f"  {'replica':<10} {'rows':>10} {'output tokens':>14} {'output tok/s':>13} {'joined at':>9} "
-                     f"{'cache hits':>10}")
+        lines.append(f"  {'replica':<10} {'rows':>10} {'output tokens':>14} {'output tok/s':>13} {'cache hits':>10} "
+                     f"{'joined at':>9}")
         for r in report["replicas"]:
             speed = "-" if r["output_tok_per_s"] is None else f"{r['output_tok_per_s']:,.1f}"
             lines.append(f"  {r['replica']:<10} {r['rows']:>10,} {r['output_tokens']:>14,} {speed:>13} "
-                         f"{r['ready_s']:>8.1f}s {percent(r.get('prefix_cache_hit_rate')):>10}")
+                         f"{percent(r.get('prefix_cache_hit_rate')):>10} {r['ready_s']:>8.1f}s")
     return "\n".join(lines)
 
 
