@@ -11,7 +11,6 @@ on every GPU of the Ray cluster, and write one output row per input row.
     python main.py --input-path corpus.jsonl --task embed                    # an `embedding` per row
     python main.py --input-path photos.parquet --image-column image --model llava-hf/llava-1.5-7b-hf  # images
     anyscale job submit -f job.yaml                      # the same as an Anyscale job
-    python main.py --help                                # every knob
 
 Exit codes: 0 done; 1 a crash, or more failed rows than --max-error-fraction allows (all rows are still
 written); 2 bad input, with `error: <message>` on stderr (util/errors.py). README.ipynb walks through these
@@ -61,9 +60,7 @@ def run(cfg: Config, replicas=None) -> int:
 
     try:
         started, written = time.perf_counter(), dict(EMPTY_COUNTS)
-        # Rows whose prompts share a long prefix go next to each other, where the first rows show that it pays
-        # (--row-order; util/grouping.py): vLLM's prefix cache then computes each shared prefix once.
-        order_rows(plan, done)
+        order_rows(plan, done)  # rows sharing a long prompt prefix sorted together, where it pays (util/grouping.py)
         # The replicas start their engines now, while one distributed pass checks that the input reads cleanly,
         # with unique ids (util/scan.py). They answer no row until it passes; a refusal fails their first batch.
         with ProgressReporter(None, cfg.progress_interval_s, plan.gpus_held, held=True) as progress, \
