@@ -119,7 +119,7 @@ def stand_in_predictor(engines: list) -> tuple[LLMPredictor, dict]:
     predictor, counts, factories = LLMPredictor.__new__(LLMPredictor), {}, iter(engines)
     predictor.model_name = "m"
     predictor.tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "".join(map(chr, ids)))
-    predictor.progress = SimpleNamespace(rows_done=lambda rows, tokens, flush=False: None,
+    predictor.progress = SimpleNamespace(rows_done=lambda rows, tokens, flush=False, **cache_counts: None,
                                          count=lambda name, n: counts.__setitem__(name, counts.get(name, 0) + n))
     predictor.supervisor = EngineSupervisor(lambda: next(factories), max_tokens=8, stop_engine=lambda engine: None,
                                             is_dead=lambda error: isinstance(error, Dead))

@@ -205,7 +205,8 @@ class LLMPredictor:
                     "num_generated_tokens": len(c.token_ids)} for c in final.outputs]
         # vLLM's own count of the prompt's tokens that its prefix cache held (not columns: the run report's)
         result = {"samples": samples, col.MODEL: request.model or self.model_name,
-                  PROMPT_TOKENS: len(final.prompt_token_ids or ()), CACHED_TOKENS: final.num_cached_tokens or 0,
+                  PROMPT_TOKENS: len(request.prompt.get("prompt_token_ids") or ()),
+                  CACHED_TOKENS: getattr(final, "num_cached_tokens", None) or 0,
                   **timings(getattr(final, "metrics", None))}
         for part in parts:  # each feature's columns: from each sample, and from the whole request
             part.output(request, final, result)
