@@ -66,7 +66,8 @@ def hash_text(text: str) -> int:
 
 
 def shared_blocks(a: bytes, b: bytes) -> int:
-    """How many leading blocks two keys share (no namespace word is counted as a block)."""
+    """How many leading 8-byte words two keys share: blocks, and a leading namespace word if the keys have one
+    (shared_tokens takes it off with `lead_words`)."""
     n = 0
     for i in range(0, min(len(a), len(b)), 8):
         if a[i:i + 8] != b[i:i + 8]:
