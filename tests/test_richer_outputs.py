@@ -195,7 +195,9 @@ def test_an_unknown_reasoning_parser_exits_2_before_anything_starts(capsys):
 
 
 def test_row_overrides_of_n_and_reasoning_parser_are_checked():
-    plan = make_plan(Config(concurrency=1, temperature=0.0, max_tokens=8), cluster={"CPU": 2.0}, resolve_model_files=False)
+    asking = [{"text": "x", "sampling_params": {"n": 2, "reasoning_parser": "r1"}}]  # rows that ask: the parts are on
+    plan = make_plan(Config(concurrency=1, temperature=0.0, max_tokens=8), cluster={"CPU": 2.0}, resolve_model_files=False,
+                     source=asking)
 
     def request(override: dict):
         return checked_request({"id": "r", "sampling_params": override}, plan.sampling, plan.parts)
@@ -211,7 +213,8 @@ def test_row_overrides_of_n_and_reasoning_parser_are_checked():
 
 
 def test_without_metrics_the_timings_are_null_columns_not_missing():
-    plan = make_plan(Config(concurrency=1), cluster={"CPU": 2.0}, resolve_model_files=False)
+    asking = [{"text": "x", "sampling_params": {"n": 2, "logprobs": 1, "reasoning_parser": "r1"}}]
+    plan = make_plan(Config(concurrency=1), cluster={"CPU": 2.0}, resolve_model_files=False, source=asking)
     assert timings(None) == dict.fromkeys(TIMINGS)
     batch = pa.table({"id": ["a"], "prompt_token_ids": [[1]], "error": [None]})
     table = finish_batch(batch, [{"generated_text": "x", **timings(None)}], {**CORE_COLUMNS, **plan.columns})

@@ -235,6 +235,10 @@ def refused_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
     (tmp_path / "file").write_text("x", encoding="utf-8")
+    asks = tmp_path / "asks"  # tools in the second file only: the plan, made from the first, has no tool calls
+    asks.mkdir()
+    write_jsonl(asks / "a.jsonl", [{"text": "Hi"}])
+    write_jsonl(asks / "b.jsonl", [{"text": "Weather?", "tools": [{"type": "function", "function": {"name": "f"}}]}])
     return {
         "engine_arg": (["--engine-arg", "max_num_seqz=4", "--engine-arg", "max_num_seqs=8"],
                        "unknown --engine-arg key(s): max_num_seqz; see vLLM's EngineArgs"),
@@ -244,10 +248,13 @@ def refused_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
                                 f"output path {tmp_path}/file/out is not writable: Not a directory"),
         "missing_column": (["--input-path", rows, "--text-column", "question"],
                            "rows.jsonl: no column 'question'; columns are: prompt, topic"),
+        "later_row_asks": (["--input-path", str(asks)], f"{asks}/b.jsonl:1: the row sets tools, which none of the rows "
+                           "the job was planned from sets (the first file's first 1024); put a row that sets it among those"),
     }
 
 
-REFUSED_BEFORE_THE_SCAN = ("engine_arg", "missing_path", "output_not_writable")  # no pipeline is built at all
+# No pipeline is built at all: refused by the plan (its flags, the input's first file) or the output's check.
+REFUSED_BEFORE_THE_SCAN = ("engine_arg", "missing_path", "empty_file", "output_not_writable", "missing_column")
 
 
 def replicas() -> dict[str, str]:
@@ -269,7 +276,8 @@ def replicas_alive(wait_s: float = 30, besides: tuple = ()) -> list[str]:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("case", ["engine_arg", "missing_path", "empty_file", "output_not_writable", "missing_column"])
+@pytest.mark.parametrize("case", ["engine_arg", "missing_path", "empty_file", "output_not_writable", "missing_column",
+                                  "later_row_asks"])
 def test_main_refuses_bad_input_with_exit_code_2(case, main_here, tmp_path, monkeypatch):
     """Refused where the run is planned and its output checked, before any pipeline; or by the input's
     pass, which runs beside the replicas' start: then they are ended, and nothing is written."""
