@@ -12,6 +12,7 @@ util/parts.py) see each row's Request before the engine does, and turn its outpu
 
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -111,9 +112,11 @@ class LLMPredictor:
     def __init__(self, model: str, engine_kwargs: dict | None = None, sampling: dict | None = None,
                  parts: list | None = None, model_name: str | None = None, max_engine_restarts: int = 3,
                  stall_timeout_s: float | None = None):
+        entered = time.time()  # the replica's start, step by step, for the run's timeline (util/results.py)
         from vllm import AsyncEngineArgs, AsyncLLMEngine
         from vllm.usage.usage_lib import UsageContext
 
+        imported = time.time()
         from util.replica.host import prepare_replica_host
         from util.replica.internals import engine_process_forked
         from util.replica.supervisor import EngineSupervisor, ProgressClient
@@ -132,7 +135,7 @@ class LLMPredictor:
         # The engine: a new one whenever it dies or hangs, stopped at the replica's exit (util/replica/supervisor.py).
         self.supervisor = EngineSupervisor(start_engine, max_engine_restarts, stall_timeout_s,
                                            self.sampling.get("max_tokens", 2048), lambda name, n: self.progress.count(name, n))
-        self.progress = ProgressClient.connect()  # the run's progress actor, if one is listening
+        self.progress = ProgressClient.connect({"actor_start": entered, "vllm_imported": imported})  # the run's, if any
 
     @property
     def engine(self):
