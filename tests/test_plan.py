@@ -13,7 +13,6 @@ from util.config import Config
 from util.engine import CPU_ENGINE_KWARGS, CPU_ENV_VARS, REPLICA_ENV_VARS, engine_kwargs
 from util.errors import InputError
 from util.output import output_schema
-from util.parts import RowAsks
 from util.plan import check_cluster_fits, make_plan
 
 CPU_CLUSTER = {"CPU": 8.0}
@@ -23,44 +22,15 @@ def plan_of(cluster: dict = CPU_CLUSTER, **config):
     return make_plan(Config(**config), cluster=cluster, resolve_model_files=False)
 
 
-# --- the job's features: only those its flags or its rows ask for ---
+# --- the job's features: only those its flags or its rows ask for (tests/test_richer_outputs.py) ---
 
 def test_a_plain_job_has_no_feature_and_writes_only_the_cores_columns(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"text": f"q{i}", "sampling_params": {"max_tokens": 4, "temperature": 0.5}}) + "\n"
                             for i in range(3)))
     plan = plan_of(input_path=str(rows))
-    assert plan.parts == [] and plan.columns == {}
-    assert output_schema(plan.columns) == output_schema({})
+    assert plan.parts == [] and plan.columns == {} and output_schema(plan.columns) == output_schema({})
     assert plan.row_asks.sampling == {"max_tokens", "temperature"}  # the core's own keys ask for no feature
-    # A later row may not ask for what the first rows did not: util/scan.py refuses it (test_reading.py).
-    assert {"tools", "lora"} <= plan.unplanned.columns and {"n", "response_format"} <= plan.unplanned.sampling
-
-
-@pytest.mark.parametrize("row, parts", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["ToolCalls"]),
-    ({"lora": "adapter"}, ["Lora"]),
-    ({"sampling_params": {"n": 2, "temperature": 1.0}}, ["Samples"]),
-    ({"sampling_params": '{"logprobs": 1}'}, ["Samples"]),  # a CSV's JSON text
-    ({"sampling_params": {"response_format": {"type": "json_object"}}}, ["StructuredOutput"]),
-    ({"sampling_params": {"reasoning_parser": "deepseek_r1"}}, ["Reasoning"]),
-    ({"sampling_params": {"n": None, "max_tokens": 3}}, []),  # a key other rows set, null in this one
-])
-def test_a_feature_is_in_the_job_when_a_row_asks_for_it(row, parts):
-    plan = make_plan(Config(), cluster=CPU_CLUSTER, resolve_model_files=False, source=[{"text": "q"}, {"text": "q", **row}])
-    assert [type(part).__name__ for part in plan.parts] == parts
-    columns = {"ToolCalls": "tool_calls", "Samples": "completions", "StructuredOutput": "structured_output_error",
-               "Reasoning": "reasoning_content"}
-    assert [name for name in columns.values() if name in plan.columns] == [columns[p] for p in parts if p in columns]
-
-
-def test_flags_turn_features_on_and_other_tasks_take_no_row_asks():
-    flagged = plan_of(n=2, temperature=1.0, reasoning_parser="deepseek_r1", tool_call_parser="hermes", regex="a+")
-    assert [type(p).__name__ for p in flagged.parts] == ["StructuredOutput", "Reasoning", "ToolCalls", "Samples"]
-    embed = make_plan(Config(task="embed"), cluster=CPU_CLUSTER, resolve_model_files=False,
-                      source=[{"text": "q", "tools": ["t"]}])
-    assert embed.unplanned is None and "ToolCalls" not in [type(p).__name__ for p in embed.parts]
-    assert RowAsks(every=True).ask(RowAsks(columns=frozenset({"tools"})))  # an OpenAI file's requests: anything
 
 
 # --- engine arguments and placement ---

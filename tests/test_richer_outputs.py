@@ -20,6 +20,7 @@ from util.columns import TIMINGS
 from util.config import Config, parse_args
 from util.features.openai_batch import output_record
 from util.output import OUTPUT_SCHEMA, output_schema
+from util.parts import RowAsks
 from util.plan import make_plan
 from util.predictor import CORE_COLUMNS, RowError, checked_request, finish_batch, timings
 
@@ -221,3 +222,43 @@ def test_without_metrics_the_timings_are_null_columns_not_missing():
     schema = output_schema(plan.columns)
     for name in (*TIMINGS, "completions", "logprobs", "prompt_logprobs", "reasoning_content"):
         assert table[name].type == schema.field(name).type and table[name].to_pylist() == [None], name
+
+
+# --- a feature joins a job by its flag, or by rows that ask for it (util/parts.py ASKED_BY) ---
+
+CPU_CLUSTER = {"CPU": 8.0}
+
+
+def test_what_a_plain_jobs_later_rows_may_not_ask_for(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "q", "sampling_params": {"max_tokens": 4}}) + "\n")
+    plan = make_plan(Config(input_path=str(rows)), cluster=CPU_CLUSTER, resolve_model_files=False)
+    # A later row may not ask for what the first rows did not: util/scan.py refuses it (test_reading.py).
+    assert {"tools", "lora"} <= plan.unplanned.columns and {"n", "response_format"} <= plan.unplanned.sampling
+
+
+@pytest.mark.parametrize("row, parts", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["ToolCalls"]),
+    ({"lora": "adapter"}, ["Lora"]),
+    ({"sampling_params": {"n": 2, "temperature": 1.0}}, ["Samples"]),
+    ({"sampling_params": '{"logprobs": 1}'}, ["Samples"]),  # a CSV's JSON text
+    ({"sampling_params": {"response_format": {"type": "json_object"}}}, ["StructuredOutput"]),
+    ({"sampling_params": {"reasoning_parser": "deepseek_r1"}}, ["Reasoning"]),
+    ({"sampling_params": {"n": None, "max_tokens": 3}}, []),  # a key other rows set, null in this one
+])
+def test_a_feature_is_in_the_job_when_a_row_asks_for_it(row, parts):
+    plan = make_plan(Config(), cluster=CPU_CLUSTER, resolve_model_files=False, source=[{"text": "q"}, {"text": "q", **row}])
+    assert [type(part).__name__ for part in plan.parts] == parts
+    columns = {"ToolCalls": "tool_calls", "Samples": "completions", "StructuredOutput": "structured_output_error",
+               "Reasoning": "reasoning_content"}
+    assert [name for name in columns.values() if name in plan.columns] == [columns[p] for p in parts if p in columns]
+
+
+def test_flags_turn_features_on_and_other_tasks_take_no_row_asks():
+    flags = Config(n=2, temperature=1.0, reasoning_parser="deepseek_r1", tool_call_parser="hermes", regex="a+")
+    flagged = make_plan(flags, cluster=CPU_CLUSTER, resolve_model_files=False)
+    assert [type(p).__name__ for p in flagged.parts] == ["StructuredOutput", "Reasoning", "ToolCalls", "Samples"]
+    embed = make_plan(Config(task="embed"), cluster=CPU_CLUSTER, resolve_model_files=False,
+                      source=[{"text": "q", "tools": ["t"]}])
+    assert embed.unplanned is None and "ToolCalls" not in [type(p).__name__ for p in embed.parts]
+    assert RowAsks(every=True).ask(RowAsks(columns=frozenset({"tools"})))  # an OpenAI file's requests: anything

@@ -118,7 +118,7 @@ class LLMPredictor:
 
         imported = time.time()
         from util.replica.host import prepare_replica_host
-        from util.replica.internals import engine_process_forked
+        from util.replica.internals import engine_process_forked, without_setup_hook_field
         from util.replica.supervisor import EngineSupervisor, ProgressClient
         engine_kwargs = engine_kwargs or {}
         prepare_replica_host(engine_kwargs)  # its engine's processes end with it; on CPU, its own cores
@@ -128,9 +128,13 @@ class LLMPredictor:
         # LLM_CLASS selects vLLM's offline defaults (on an H100: 1024 sequences, 16k batched tokens); the
         # engine's own default context is sized for online serving and halves throughput here.
         def start_engine():
+            args = self.engine_args(AsyncEngineArgs, model, engine_kwargs)
             with engine_process_forked(engine_kwargs):  # its engine process forked, not spawned: 20 s less
-                return AsyncLLMEngine.from_engine_args(self.engine_args(AsyncEngineArgs, model, engine_kwargs),
-                                                       usage_context=UsageContext.LLM_CLASS)
+                config = args.create_engine_config(UsageContext.LLM_CLASS)  # as from_engine_args makes it
+                without_setup_hook_field(config)  # an engine of Ray workers starts (util/replica/internals.py)
+                return AsyncLLMEngine.from_vllm_config(config, usage_context=UsageContext.LLM_CLASS,
+                                                       enable_log_requests=args.enable_log_requests,
+                                                       disable_log_stats=args.disable_log_stats)
 
         # The engine: a new one whenever it dies or hangs, stopped at the replica's exit (util/replica/supervisor.py).
         self.supervisor = EngineSupervisor(start_engine, max_engine_restarts, stall_timeout_s,
