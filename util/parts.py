@@ -21,6 +21,7 @@ from dataclasses import field
 from types import ModuleType
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from util import columns as col
 from util.errors import InputError
@@ -68,7 +69,11 @@ def row_asks(table: pa.Table) -> RowAsks:
     """The columns that hold a value in some row of `table`, and the keys its rows' sampling_params set
     (an object, or its JSON text; where that is not an object, the row fails on its own)."""
     columns, keys = frozenset(name for name in table.column_names if table[name].null_count < table.num_rows), set()
-    for value in table[col.SAMPLING_PARAMS].to_pylist() if col.SAMPLING_PARAMS in columns else ():
+    sampling = table[col.SAMPLING_PARAMS] if col.SAMPLING_PARAMS in columns else None
+    if sampling is not None and pa.types.is_struct(sampling.type):  # objects (JSONL, Parquet): by field, not row
+        return RowAsks(columns, frozenset(field.name for i, field in enumerate(sampling.type)
+                                          if pc.struct_field(sampling, [i]).null_count < len(sampling)))
+    for value in sampling.to_pylist() if sampling is not None else ():
         if isinstance(value, str) and value.lstrip().startswith("{"):
             try:
                 value = json.loads(value)
