@@ -15,7 +15,9 @@ import pytest
 from conftest import PROMPTS, REPO, line_ids
 from util.output import OUTPUT_SCHEMA
 
-pytestmark = pytest.mark.engine  # every test here starts vLLM engines
+# Every test here starts vLLM engines, in a kernel whose ray.init starts a cluster of its own: alone, as Ray's fixed
+# 30 s wait for the cluster's start failed it beside the other worker's engines.
+pytestmark = [pytest.mark.engine, pytest.mark.solo]
 
 SMOKE_ROWS = 20  # --smoke's limit
 

@@ -16,12 +16,14 @@ import pytest
 
 from openai.types.chat import ChatCompletion
 
+from conftest import write_jsonl
 from util.columns import TIMINGS
 from util.config import Config, parse_args
 from util.features.openai_batch import output_record
 from util.output import OUTPUT_SCHEMA, output_schema
 from util.parts import RowAsks
 from util.plan import make_plan
+from util.model_dirs.tiny_model import tiny_model_dir
 from util.predictor import CORE_COLUMNS, RowError, checked_request, finish_batch, timings
 
 MAX_TOKENS, TOP_K, PROMPT_K = 16, 3, 2
@@ -227,6 +229,20 @@ def test_without_metrics_the_timings_are_null_columns_not_missing():
 # --- a feature joins a job by its flag, or by rows that ask for it (util/parts.py ASKED_BY) ---
 
 CPU_CLUSTER = {"CPU": 8.0}
+
+
+def test_a_later_row_that_asks_for_a_feature_the_job_left_out_refuses_the_run(main_here, tmp_path):
+    asks = tmp_path / "asks"  # tools in the second file only: the plan, made from the first, has no tool calls
+    asks.mkdir()
+    write_jsonl(asks / "a.jsonl", [{"text": "Hi"}])
+    write_jsonl(asks / "b.jsonl", [{"text": "Weather?", "tools": [{"type": "function", "function": {"name": "f"}}]}])
+    job = main_here("--model", tiny_model_dir(), "--concurrency", "1", "--input-path", str(asks),
+                    "--output-path", str(tmp_path / "out"))
+    assert job.code == 2, job.err[-3000:]
+    assert job.err.splitlines()[-1] == (f"error: {asks}/b.jsonl:1: the row sets tools, which none of the rows the job "
+                                        "was planned from sets (the first file's first 1024); put a row that sets it "
+                                        "among those")
+    assert not (tmp_path / "out").exists()
 
 
 def test_what_a_plain_jobs_later_rows_may_not_ask_for(tmp_path):
