@@ -25,7 +25,7 @@ import pytest
 from conftest import REPO
 
 MOST_MODULES_DEEP = 6
-CORE_LINES = 2870  # main.py's module-level closure; not yet the honest count (every module a plain job runs)
+CORE_LINES = 2875  # main.py's module-level closure; not yet the honest count (every module a plain job runs)
 NO_FEATURES = REPO / "tests" / "no_features"
 # The core's own tests: none of them needs a feature (each feature's tests are in its own file).
 CORE_TESTS = ["test_config.py", "test_plan.py", "test_pipeline.py", "test_predictor.py", "test_prompt_format.py",
