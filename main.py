@@ -20,7 +20,8 @@ steps; the optional features are parts the plan adds when their flags ask (util/
 import sys
 import time
 
-import ray
+LAUNCHED = time.time()  # the run's timeline counts from here, imports included (_report.json)
+import ray  # noqa: E402
 
 from util.config import Config, parse_args, smoke_config
 from util.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, failure_reason, refusal_reason
@@ -35,17 +36,19 @@ from util.scan import ScanBeside, check_output
 def run(cfg: Config, replicas=None) -> int:
     """One job. `replicas`: engines already running (util/features/replica_pool.py) to answer it, else its own."""
     cfg = smoke_config(cfg) if cfg.smoke else cfg
+    marks = {"launched": LAUNCHED if __name__ == "__main__" else time.time()}  # called in a process of its own?
 
     # What the workers get (util/replica/workers.py): a gated model's token, by a setup hook (never a file), log levels.
     from util.replica.workers import prompt_for_hugging_face_token, ray_init_kwargs, worker_runtime_env
 
     token = prompt_for_hugging_face_token(cfg.model, interactive=False)
     ray.init(**ray_init_kwargs(worker_runtime_env(token), cfg.verbose))  # vLLM and Ray: warnings up
+    marks["ray_init"] = time.time()
 
     # Plan: output path, accelerator, engine arguments, sampling, prompt format, the job's features and the
     # fingerprint, resolved once (util/plan.py). The output path can be written, and an earlier output there
     # has the same fingerprint: a re-run resumes it (`done`: the rows it holds).
-    plan = make_plan(cfg)
+    plan, marks["plan"] = make_plan(cfg), time.time()
     if plan.run_instead:  # a feature that replaces the run: --preflight checks and estimates, no engine
         return plan.run_instead(plan)
     done = check_output(plan)
@@ -61,6 +64,7 @@ def run(cfg: Config, replicas=None) -> int:
     try:
         started, written = time.perf_counter(), dict(EMPTY_COUNTS)
         order_rows(plan, done)  # rows sharing a long prompt prefix sorted together, where it pays (util/grouping.py)
+        marks["row_order"] = time.time()
         # The replicas start their engines now, while one distributed pass checks that the input reads cleanly,
         # with unique ids (util/scan.py). They answer no row until it passes; a refusal fails their first batch.
         with ProgressReporter(None, cfg.progress_interval_s, plan.gpus_held, held=True) as progress, \
@@ -75,7 +79,8 @@ def run(cfg: Config, replicas=None) -> int:
             written = write_results(ds, plan.output_path, cfg.output_format, rows_per_file=plan.rows_in_flight,
                                     columns=plan.columns)
         scan, elapsed = checking.scan, time.perf_counter() - started
-        report = progress.report(written, plan.row_order, plan.sample_shared_share) if scan.rows > scan.already_done else None
+        ran = scan.rows > scan.already_done
+        report = progress.report(written, plan.row_order, plan.sample_shared_share, marks) if ran else None
         # Account for every input row (written now, ok or failed, or already there), then the error budget.
         check_accounting(scan.rows, written, scan.already_done)
         output = output_counts(plan.output_path, cfg.output_format)

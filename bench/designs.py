@@ -194,7 +194,7 @@ def raw_child(spec_path: str) -> None:
 
 def run_pipeline(name: str, model: str, rows: list[dict], cfg: Config, predictor) -> dict:
     began = time.time()
-    plan = make_plan(dataclasses.replace(cfg, id_column="id"))  # as main.py plans a run: part of its start
+    plan = make_plan(dataclasses.replace(cfg, id_column="id"), source=rows)  # as main.py plans a run: part of its start
     order_rows(plan, source=rows)  # grouped, or as read: --row-order (util/grouping.py)
     ds = build_pipeline(plan, source=rows, stages=pipeline_stages(plan, predictor=predictor))
     executing = time.time()

@@ -26,6 +26,27 @@ def test_a_moved_internal_fails_loudly_by_name():
         internals._find("ray.no_such_module:")
 
 
+def test_an_engine_of_ray_workers_passes_on_the_setup_hook_as_its_env_var_alone():
+    from types import SimpleNamespace
+
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR as HOOK
+    from ray._private.runtime_env.setup_hook import upload_worker_process_setup_hook_if_needed
+    from ray.runtime_env import RuntimeEnv
+
+    # What a replica's runtime env holds once Ray has exported the job's setup hook: the env var, and the name.
+    exported = {"worker_process_setup_hook": "set_up_worker", "env_vars": {HOOK: "ray_runtime_env_func::a2V5", "A": "1"}}
+    with pytest.raises(RuntimeError, match="^Conflicting worker_process_setup_hook"):  # what vLLM's ray.init met
+        upload_worker_process_setup_hook_if_needed(RuntimeEnv(**exported), worker=None)
+    config = SimpleNamespace(parallel_config=SimpleNamespace(ray_runtime_env=RuntimeEnv(**exported)))
+    internals.without_setup_hook_field(config)
+    passed_on = config.parallel_config.ray_runtime_env
+    assert isinstance(passed_on, RuntimeEnv) and dict(passed_on) == {"env_vars": exported["env_vars"]}
+    assert upload_worker_process_setup_hook_if_needed(passed_on, worker=None) == passed_on  # accepted as it is
+    plain = SimpleNamespace(parallel_config=SimpleNamespace(ray_runtime_env=None))  # no Ray workers, no job hook
+    internals.without_setup_hook_field(plain)
+    assert plain.parallel_config.ray_runtime_env is None
+
+
 def test_the_repartition_cpus_land_on_the_operator_ray_data_runs(ray_local):
     ds = internals.set_last_operator_cpus(ray.data.range(8).repartition(target_num_rows_per_block=4), 0.25)
     assert ds._logical_plan.dag.ray_remote_args["num_cpus"] == 0.25

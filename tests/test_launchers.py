@@ -22,7 +22,9 @@ import pytest
 from conftest import REPO, Run, write_jsonl
 from util.model_dirs.tiny_model import tiny_model_dir
 
-pytestmark = pytest.mark.harness  # each test runs main.py, with its own Ray and engine, in a subprocess
+# Each test runs main.py, with its own Ray and engine, in a subprocess: alone, as Ray's fixed 30 s wait for that
+# cluster's start failed it beside the other worker's engines.
+pytestmark = [pytest.mark.harness, pytest.mark.solo]
 
 REFUSAL = "error: duplicate id 'x' in column 'uid': a.jsonl:1 and b.jsonl:1"
 LEFT_WITHIN_S = 30
@@ -112,7 +114,6 @@ def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env={**os.environ, **NO_AUTH, **JOB_SERVER})
 
 
-@pytest.mark.solo  # a cluster with its dashboard and job server: on a loaded machine they start late
 def test_under_ray_job_submit_the_job_fails_with_the_message(duplicate_ids, tmp_path):
     """The way an Anyscale job runs it: a job's entrypoint on a running cluster, its status FAILED."""
     out, dashboard = tmp_path / "out", f"http://127.0.0.1:{free_port()}"

@@ -279,9 +279,9 @@ def test_an_openai_requests_model_names_its_adapter_when_lora_is_on(adapters):
     rows = request_table([request_row(line(i, model), f"in.jsonl:{n}") for n, (i, model) in enumerate(
         [("adapter", "rand"), ("base", "org/base"), ("none", None), ("other", "gpt-4o-mini")], 1)]).to_pylist()
 
-    def plan(**config):
+    def plan(**config):  # rows that name adapters: the part is on without --lora too
         return make_plan(Config(model="org/base", concurrency=1, **config), cluster={"CPU": 2.0},
-                         resolve_model_files=False)
+                         resolve_model_files=False, source=[{"text": CAPITAL, "lora": "rand"}])
 
     on = plan(lora={"rand": adapters["rand"]})
     [lora] = [part for part in on.parts if isinstance(part, Lora)]

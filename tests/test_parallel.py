@@ -51,6 +51,9 @@ def test_on_cpu_the_shards_are_engine_arguments_only():
     plan = plan_of({"CPU": 8.0}, concurrency=1, tensor_parallel_size=2)
     assert plan.replica_resources["num_cpus"] == 0.5 and plan.gpus_held == 0
     assert plan.engine_kwargs["tensor_parallel_size"] == 2
+    # vLLM's CPU build has no Ray executor ("current platform cpu does not support ray"): the workers are the
+    # replica's own processes, each on its own cores (tests/test_replica_host.py).
+    assert plan.engine_kwargs["distributed_executor_backend"] == "mp"
 
 
 def test_sizes_below_one_are_refused_before_anything_starts(capsys):

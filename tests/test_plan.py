@@ -12,6 +12,7 @@ import pytest
 from util.config import Config
 from util.engine import CPU_ENGINE_KWARGS, CPU_ENV_VARS, REPLICA_ENV_VARS, engine_kwargs
 from util.errors import InputError
+from util.output import output_schema
 from util.plan import check_cluster_fits, make_plan
 
 CPU_CLUSTER = {"CPU": 8.0}
@@ -19,6 +20,17 @@ CPU_CLUSTER = {"CPU": 8.0}
 
 def plan_of(cluster: dict = CPU_CLUSTER, **config):
     return make_plan(Config(**config), cluster=cluster, resolve_model_files=False)
+
+
+# --- the job's features: only those its flags or its rows ask for (tests/test_richer_outputs.py) ---
+
+def test_a_plain_job_has_no_feature_and_writes_only_the_cores_columns(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"q{i}", "sampling_params": {"max_tokens": 4, "temperature": 0.5}}) + "\n"
+                            for i in range(3)))
+    plan = plan_of(input_path=str(rows))
+    assert plan.parts == [] and plan.columns == {} and output_schema(plan.columns) == output_schema({})
+    assert plan.row_asks.sampling == {"max_tokens", "temperature"}  # the core's own keys ask for no feature
 
 
 # --- engine arguments and placement ---

@@ -13,7 +13,8 @@ import ray
 from conftest import REPO, h8, scan_error, write_jsonl
 from util.errors import InputError, original
 from util.parts import registry
-from util.reading import PromptFiles, list_files, read_prompts
+from util.parts import RowAsks
+from util.reading import BLOCK_ROWS, PromptFiles, first_rows, list_files, read_prompts
 from util.scan import InputScan, scan_input
 
 PROMPTS_100 = str(REPO / "assets" / "prompts_100.txt")
@@ -100,6 +101,27 @@ def test_malformed_line_in_a_later_range_names_its_line(tmp_path):
     files, root = list_files(str(path))
     ds = ray.data.read_datasource(PromptFiles(str(path), files, root, "auto", chunk_bytes=100))
     assert str(input_error(ds)) == f"{path}:51: malformed JSON (Expecting value at column 10)"
+
+
+def test_the_first_rows_are_the_first_files_first_block_read_without_ray(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"a{i}"}) + "\n" for i in range(BLOCK_ROWS + 5)))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "b", "tools": []}) + "\n")
+    first = first_rows(str(tmp_path))
+    assert first.num_rows == BLOCK_ROWS and first["text"][0].as_py() == "a0" and "tools" not in first.column_names
+    assert first_rows(["x", {"text": "y", "lora": "z"}]).column_names == ["text", "lora"]
+    with pytest.raises(InputError, match="^a.jsonl: no column 'question'; columns are: text$"):
+        first_rows(str(tmp_path), text_column="question")
+
+
+def test_a_later_row_that_asks_for_what_the_plan_left_out_is_refused_naming_its_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "b", "sampling_params": {"max_tokens": 2}})
+                    + "\n" + json.dumps({"text": "c", "sampling_params": {"n": 2, "logprobs": None}}) + "\n")
+    unplanned = RowAsks(frozenset({"tools"}), frozenset({"n", "logprobs"}))
+    error = input_error(read_prompts(str(path), unplanned=unplanned))
+    assert str(error) == (f"{path}:3: the row sets sampling_params.n, which none of the rows the job was planned from "
+                          f"sets (the first file's first {BLOCK_ROWS}); put a row that sets it among those")
+    assert len(rows(read_prompts(str(path), unplanned=RowAsks(frozenset({"tools"}))))) == 3  # nothing it left out
 
 
 def test_one_file_reaches_the_model_stage_in_batches(tmp_path):

@@ -29,8 +29,12 @@ from util.resume import fingerprint_changes
 from util.features.structured_output import StructuredOutput
 
 
-def plan_of(*args: str):
-    return make_plan(parse_args(["--concurrency", "1", *args]), cluster={"CPU": 2.0}, resolve_model_files=False)
+ASKING = [{"text": "x", "sampling_params": {"structured_outputs": {"regex": "a+"}, "n": 2}}]  # rows with their own spec
+
+
+def plan_of(*args: str, source: list | None = None):
+    return make_plan(parse_args(["--concurrency", "1", *args]), cluster={"CPU": 2.0}, resolve_model_files=False,
+                     source=source)
 
 
 # --- the flag, the part, the fingerprint ---
@@ -76,7 +80,8 @@ def retry_of(plan, sampling_params=None, tokens: int = 20):
 
 
 def test_structured_repairs_rows_with_a_spec_and_all_repairs_every_row():
-    structured = plan_of("--repair", "structured", "--max-tokens", "48", "--engine-arg", "max_model_len=100")
+    structured = plan_of("--repair", "structured", "--max-tokens", "48", "--engine-arg", "max_model_len=100",
+                         source=ASKING)
     assert retry_of(structured) == "not repaired"  # no spec
     assert retry_of(structured, {"response_format": {"type": "json_object"}}) == 80  # 100 - 20 prompt tokens
     assert retry_of(structured, {"structured_outputs": {"regex": "a+"}, "max_tokens": 8}) == 16
@@ -186,7 +191,7 @@ def test_the_run_report_counts_repaired_and_still_cut_rows_on_its_rows_line():
 
 
 def test_preflight_counts_the_retry_in_its_output_token_bound():
-    plan = plan_of("--repair", "structured", "--max-tokens", "48", "--engine-arg", "max_model_len=100")
+    plan = plan_of("--repair", "structured", "--max-tokens", "48", "--engine-arg", "max_model_len=100", source=ASKING)
     rows = [{"id": "spec", "sampling_params": json.dumps({"response_format": {"type": "json_object"}})},
             {"id": "spec-n2", "sampling_params": json.dumps({"response_format": {"type": "json_object"}, "n": 2,
                                                              "temperature": 1.0})},

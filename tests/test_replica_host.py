@@ -78,11 +78,24 @@ def test_a_replica_of_two_binds_its_engine_to_its_slot(fresh_binding, monkeypatc
     assert bind_cpu_replica({}) == "2"  # a new engine of the same replica: the same cores
 
 
+@pytest.mark.parametrize("replicas, engine, binding", [
+    ("1", {"pipeline_parallel_size": 2}, "0|2"),  # one replica: a share of its node's cores per worker, less one
+    ("2", {"tensor_parallel_size": 2}, "0|1"),  # slot 0 of 2 (cores 0-1), a core per worker
+    ("1", {"tensor_parallel_size": 2, "pipeline_parallel_size": 4}, "0|1|2|3|0|1|2|3"),  # more workers than cores
+])
+def test_an_engine_of_several_workers_gets_cores_of_their_own_for_each(fresh_binding, monkeypatch, replicas, engine,
+                                                                       binding):
+    # vLLM's own binding wants a NUMA node per worker: "Not enough allowed NUMA nodes to bind threads of 2 local
+    # CPUWorkers" on a machine of one.
+    monkeypatch.setenv("BATCH_LLM_REPLICAS", replicas)
+    assert bind_cpu_replica(engine) == binding == os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+
+
 @pytest.mark.parametrize("replicas, user_binding, engine", [
     ("1", None, {}),  # one replica: vLLM's own binding
     (None, None, {}),  # a GPU replica: no count in its environment
     ("2", "0-1", {}),  # the user's own binding wins
-    ("2", None, {"tensor_parallel_size": 2}),  # an engine of several workers: vLLM's
+    ("1", "0|1", {"tensor_parallel_size": 2}),  # the user's own, for several workers too
 ])
 def test_vllm_keeps_its_own_binding(fresh_binding, monkeypatch, replicas, user_binding, engine):
     for name, value in (("BATCH_LLM_REPLICAS", replicas), ("VLLM_CPU_OMP_THREADS_BIND", user_binding)):

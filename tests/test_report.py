@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ids_in
 from util.output import delete_output
-from util.results import PLOT_NAME, REPORT_NAME, build_report, format_report, read_results, write_report
+from util.results import PLOT_NAME, REPORT_NAME, build_report, format_report, read_results, timeline, write_report
 from util.report import SURVIVED, ProgressLog, ProgressReporter, eta_seconds, progress_line
 from util.plots import throughput_series
 
@@ -46,8 +46,8 @@ def test_eta_goes_by_the_pace_since_the_first_engine_was_ready():
 def test_progress_log_totals_and_snapshot():
     log = ProgressLog()
     log.replica_ready("b", 12.0)
-    log.replica_ready("a", 10.0)
-    log.replica_ready("a", 99.0)  # a second call (Ray restarted the replica) does not move its start
+    log.replica_ready("a", 10.0, {"actor_start": 2.0, "vllm_imported": 5.0})  # its start's steps
+    log.replica_ready("a", 99.0, {"actor_start": 90.0})  # a second call (Ray restarted the replica) does not move its start
     log.rows_done("a", 3, 30, 20.0)
     log.rows_done("b", 2, 25, 21.0)
     log.count("engine_restarts", 1)
@@ -57,6 +57,8 @@ def test_progress_log_totals_and_snapshot():
     log.grouped(300, 120)  # grouped rows' prompt tokens, of which shared with the row before
     assert log.totals() == {"rows": 5, "output_tokens": 55, "first_ready": 10.0, "replicas": 2, "restarts": 1}
     assert log.snapshot() == {"ready": {"a": 10.0, "b": 12.0}, "done": [("a", 3, 30, 20.0), ("b", 2, 25, 21.0)],
+                              "starts": {"a": {"actor_start": 2.0, "vllm_imported": 5.0, "engine_ready": 10.0},
+                                         "b": {"engine_ready": 12.0}},
                               "survived": {"engine_restarts": 1, "rows_rerun": 7, "rows_isolated": 0,
                                            "replica_restarts": 1, "nodes_lost": 0}, "counted": {},
                               "prefix_cache": {"a": [150, 50]}, "grouped_tokens": [300, 120]}
@@ -200,6 +202,23 @@ def test_report_fields_per_replica_and_gpu_hours():
     assert report["throughput"]["bin_s"] == 3.0  # 100 s in at most 40 bins of whole seconds
     assert sum(report["throughput"]["total"]) * 3.0 == pytest.approx(500)
     assert report["started"] == "1970-01-01T00:16:40+00:00" and report["finished"] == "1970-01-01T00:18:20+00:00"
+
+
+def test_the_timeline_counts_each_step_from_launch():
+    launched = 1_000.0
+    snapshot = {"starts": {"b": {"actor_start": 1_006.0, "vllm_imported": 1_012.0, "engine_ready": 1_031.0},
+                           "a": {"actor_start": 1_005.0, "vllm_imported": 1_011.5, "engine_ready": 1_030.0}},
+                "done": [("a", 0, 0, 1_031.0), ("a", 4, 40, 1_032.5), ("b", 2, 20, 1_050.0)]}  # a flush of no rows first
+    marks = {"launched": launched, "ray_init": 1_002.0, "plan": 1_003.0, "row_order": 1_003.5}
+    line = timeline(snapshot, marks, written=1_051.0, now=1_052.25)
+    assert line["steps"] == {"ray_init": 2.0, "plan": 3.0, "row_order": 3.5, "actor_start": 5.0, "vllm_imported": 11.5,
+                             "engine_ready": 30.0, "first_row": 32.5, "last_row": 50.0, "written": 51.0, "report": 52.2}
+    assert line["replicas"]["b"] == {"actor_start": 6.0, "vllm_imported": 12.0, "engine_ready": 31.0}
+    assert list(line["replicas"]) == ["a", "b"]  # the first replica ready first
+    assert timeline(snapshot, {}, 1.0, 2.0) == {}  # a driver that marked no launch (a stand-in progress)
+    report = {**synthetic_report(), "timeline": line}
+    assert "  timeline       ray init 2.0s, plan 3.0s, row order 3.5s, actor start 5.0s, vllm imported 11.5s, engine " \
+           "ready 30.0s, first row 32.5s, last row 50.0s, written 51.0s, report 52.2s (from launch)" in format_report(report)
 
 
 def test_format_report_prints_the_summary_table():

@@ -16,11 +16,14 @@ import pytest
 
 from openai.types.chat import ChatCompletion
 
+from conftest import write_jsonl
 from util.columns import TIMINGS
 from util.config import Config, parse_args
 from util.features.openai_batch import output_record
 from util.output import OUTPUT_SCHEMA, output_schema
+from util.parts import RowAsks
 from util.plan import make_plan
+from util.model_dirs.tiny_model import tiny_model_dir
 from util.predictor import CORE_COLUMNS, RowError, checked_request, finish_batch, timings
 
 MAX_TOKENS, TOP_K, PROMPT_K = 16, 3, 2
@@ -195,7 +198,9 @@ def test_an_unknown_reasoning_parser_exits_2_before_anything_starts(capsys):
 
 
 def test_row_overrides_of_n_and_reasoning_parser_are_checked():
-    plan = make_plan(Config(concurrency=1, temperature=0.0, max_tokens=8), cluster={"CPU": 2.0}, resolve_model_files=False)
+    asking = [{"text": "x", "sampling_params": {"n": 2, "reasoning_parser": "r1"}}]  # rows that ask: the parts are on
+    plan = make_plan(Config(concurrency=1, temperature=0.0, max_tokens=8), cluster={"CPU": 2.0}, resolve_model_files=False,
+                     source=asking)
 
     def request(override: dict):
         return checked_request({"id": "r", "sampling_params": override}, plan.sampling, plan.parts)
@@ -211,10 +216,65 @@ def test_row_overrides_of_n_and_reasoning_parser_are_checked():
 
 
 def test_without_metrics_the_timings_are_null_columns_not_missing():
-    plan = make_plan(Config(concurrency=1), cluster={"CPU": 2.0}, resolve_model_files=False)
+    asking = [{"text": "x", "sampling_params": {"n": 2, "logprobs": 1, "reasoning_parser": "r1"}}]
+    plan = make_plan(Config(concurrency=1), cluster={"CPU": 2.0}, resolve_model_files=False, source=asking)
     assert timings(None) == dict.fromkeys(TIMINGS)
     batch = pa.table({"id": ["a"], "prompt_token_ids": [[1]], "error": [None]})
     table = finish_batch(batch, [{"generated_text": "x", **timings(None)}], {**CORE_COLUMNS, **plan.columns})
     schema = output_schema(plan.columns)
     for name in (*TIMINGS, "completions", "logprobs", "prompt_logprobs", "reasoning_content"):
         assert table[name].type == schema.field(name).type and table[name].to_pylist() == [None], name
+
+
+# --- a feature joins a job by its flag, or by rows that ask for it (util/parts.py ASKED_BY) ---
+
+CPU_CLUSTER = {"CPU": 8.0}
+
+
+def test_a_later_row_that_asks_for_a_feature_the_job_left_out_refuses_the_run(main_here, tmp_path):
+    asks = tmp_path / "asks"  # tools in the second file only: the plan, made from the first, has no tool calls
+    asks.mkdir()
+    write_jsonl(asks / "a.jsonl", [{"text": "Hi"}])
+    write_jsonl(asks / "b.jsonl", [{"text": "Weather?", "tools": [{"type": "function", "function": {"name": "f"}}]}])
+    job = main_here("--model", tiny_model_dir(), "--concurrency", "1", "--input-path", str(asks),
+                    "--output-path", str(tmp_path / "out"))
+    assert job.code == 2, job.err[-3000:]
+    assert job.err.splitlines()[-1] == (f"error: {asks}/b.jsonl:1: the row sets tools, which none of the rows the job "
+                                        "was planned from sets (the first file's first 1024); put a row that sets it "
+                                        "among those")
+    assert not (tmp_path / "out").exists()
+
+
+def test_what_a_plain_jobs_later_rows_may_not_ask_for(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "q", "sampling_params": {"max_tokens": 4}}) + "\n")
+    plan = make_plan(Config(input_path=str(rows)), cluster=CPU_CLUSTER, resolve_model_files=False)
+    # A later row may not ask for what the first rows did not: util/scan.py refuses it (test_reading.py).
+    assert {"tools", "lora"} <= plan.unplanned.columns and {"n", "response_format"} <= plan.unplanned.sampling
+
+
+@pytest.mark.parametrize("row, parts", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["ToolCalls"]),
+    ({"lora": "adapter"}, ["Lora"]),
+    ({"sampling_params": {"n": 2, "temperature": 1.0}}, ["Samples"]),
+    ({"sampling_params": '{"logprobs": 1}'}, ["Samples"]),  # a CSV's JSON text
+    ({"sampling_params": {"response_format": {"type": "json_object"}}}, ["StructuredOutput"]),
+    ({"sampling_params": {"reasoning_parser": "deepseek_r1"}}, ["Reasoning"]),
+    ({"sampling_params": {"n": None, "max_tokens": 3}}, []),  # a key other rows set, null in this one
+])
+def test_a_feature_is_in_the_job_when_a_row_asks_for_it(row, parts):
+    plan = make_plan(Config(), cluster=CPU_CLUSTER, resolve_model_files=False, source=[{"text": "q"}, {"text": "q", **row}])
+    assert [type(part).__name__ for part in plan.parts] == parts
+    columns = {"ToolCalls": "tool_calls", "Samples": "completions", "StructuredOutput": "structured_output_error",
+               "Reasoning": "reasoning_content"}
+    assert [name for name in columns.values() if name in plan.columns] == [columns[p] for p in parts if p in columns]
+
+
+def test_flags_turn_features_on_and_other_tasks_take_no_row_asks():
+    flags = Config(n=2, temperature=1.0, reasoning_parser="deepseek_r1", tool_call_parser="hermes", regex="a+")
+    flagged = make_plan(flags, cluster=CPU_CLUSTER, resolve_model_files=False)
+    assert [type(p).__name__ for p in flagged.parts] == ["StructuredOutput", "Reasoning", "ToolCalls", "Samples"]
+    embed = make_plan(Config(task="embed"), cluster=CPU_CLUSTER, resolve_model_files=False,
+                      source=[{"text": "q", "tools": ["t"]}])
+    assert embed.unplanned is None and "ToolCalls" not in [type(p).__name__ for p in embed.parts]
+    assert RowAsks(every=True).ask(RowAsks(columns=frozenset({"tools"})))  # an OpenAI file's requests: anything

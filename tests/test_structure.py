@@ -13,6 +13,7 @@ never imports (util/parts.py).
 
 import ast
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import pytest
 from conftest import REPO
 
 MOST_MODULES_DEEP = 6
-CORE_LINES = 2760  # main.py's module-level closure; not yet the honest count (every module a plain job runs)
+CORE_LINES = 2875  # main.py's module-level closure; not yet the honest count (every module a plain job runs)
 NO_FEATURES = REPO / "tests" / "no_features"
 # The core's own tests: none of them needs a feature (each feature's tests are in its own file).
 CORE_TESTS = ["test_config.py", "test_plan.py", "test_pipeline.py", "test_predictor.py", "test_prompt_format.py",
@@ -152,6 +153,12 @@ def test_the_smoke_job_runs_with_every_feature_deleted(tmp_path):
     table = pq.read_table(tmp_path / "out")
     assert table.num_rows == 3 and all(table["generated_text"].to_pylist())
     assert not {"completions", "logprobs", "structured_output_error"} & set(table.column_names)  # no feature's columns
+    # The run's timeline, from launch: the driver's steps, then its replica's, then its rows, in that order.
+    steps = json.loads((tmp_path / "out" / "_report.json").read_text())["timeline"]["steps"]
+    assert list(steps) == ["ray_init", "plan", "row_order", "actor_start", "vllm_imported", "engine_ready", "first_row",
+                           "last_row", "written", "report"], steps
+    assert 0 < steps["ray_init"] and steps["report"] < 600
+    assert " timeline       ray init " in run.stdout
 
 
 if __name__ == "__main__":

@@ -247,7 +247,8 @@ def refused_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-REFUSED_BEFORE_THE_SCAN = ("engine_arg", "missing_path", "output_not_writable")  # no pipeline is built at all
+# No pipeline is built at all: refused by the plan (its flags, the input's first file) or the output's check.
+REFUSED_BEFORE_THE_SCAN = ("engine_arg", "missing_path", "empty_file", "output_not_writable", "missing_column")
 
 
 def replicas() -> dict[str, str]:

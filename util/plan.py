@@ -20,8 +20,9 @@ from util.config import Config
 from util.engine import (CPU_ENV_VARS, REPLICA_ENV_VARS, AcceleratorChoice, advertised_accelerator_types,
                          batches_in_flight, choose_accelerator, engine_kwargs, with_gpu_defaults)
 from util.errors import InputError
-from util.parts import Part, features
+from util.parts import Part, RowAsks, features, row_asks
 from util.predictor import LLMPredictor
+from util.reading import SAMPLE_PROMPTS, first_rows
 from util.prompt_format import choose_prompt_format, load_tokenizer, model_max_length, tokenizer_args
 from util.resources import CPU_REPLICA_CPUS, TASK_CPUS
 from util.resume import fingerprint
@@ -49,6 +50,8 @@ class Plan:
     row_order: str = "input"  # "grouped": rows sorted by shared prompt prefix (util/grouping.py); set by order_rows
     sample_shared_share: float | None = None  # how much of the first prompts' tokens grouping would reuse
     model_files: bool = True  # its tokenizer and config were read (make_plan's resolve_model_files)
+    row_asks: RowAsks = RowAsks()  # what the input's first rows ask of the features, one row at a time
+    unplanned: RowAsks | None = None  # what those rows left out, which a later row may not ask (util/scan.py)
 
     @property
     def rows_in_flight(self) -> int:
@@ -143,9 +146,12 @@ def installed(module: str) -> str | None:
     return None
 
 
-def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: bool = True) -> Plan:
+def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: bool = True,
+              source: str | list | None = None) -> Plan:
     """The plan for `cfg` on this Ray cluster (`cluster`: its resources, else ray.cluster_resources()).
-    resolve_model_files=False skips the tokenizer and the hub, for stand-in stages that need no model."""
+    resolve_model_files=False skips the tokenizer and the hub, for stand-in stages that need no model.
+    `source`: the input, where it is not cfg.input_path (a list of prompts); its first rows say which
+    features the rows ask for one at a time (a row's tools, its sampling_params' n)."""
     cluster = ray.cluster_resources() if cluster is None else cluster
     choice = choose_accelerator(cfg.accelerator_type, cluster)
     check_cluster_fits(cfg.concurrency, choice.use_gpu, cluster)
@@ -159,8 +165,13 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
     plan.model_files = resolve_model_files
     if resolve_model_files:
         resolve_model(plan)
+    plan.row_asks = row_asks(first_rows(source if source is not None else cfg.input_path or SAMPLE_PROMPTS,
+                                        cfg.input_format, cfg.text_column, cfg.id_column))
+    unplanned = RowAsks()
     for feature in features():  # each feature's part in this job, if it has one, and what it sets in the plan
         part = feature.part(plan) if hasattr(feature, "part") else None
+        if part is None:  # a later row may not ask for it
+            unplanned |= getattr(feature, "ASKED_BY", RowAsks())
         if part is not None:
             plan.parts.append(part)
             for name, value in part.plan.items():
@@ -170,6 +181,7 @@ def make_plan(cfg: Config, cluster: dict | None = None, resolve_model_files: boo
                     setattr(plan, name, value)
             if "prompt_format" in part.plan:
                 plan.provenance["prompt_format"] = plan.prompt_format
+    plan.unplanned = unplanned if plan.task == "generate" and not plan.row_asks.every else None
     engine = engine_kwargs(cfg, choice.use_gpu, {k: v for part in plan.parts for k, v in part.engine_kwargs.items()})
     # The GPU type's scheduling defaults go under every other engine argument, and stay out of the
     # fingerprint: they change how fast rows come back, not what they say.

@@ -12,6 +12,7 @@ util/parts.py) see each row's Request before the engine does, and turn its outpu
 
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -111,11 +112,13 @@ class LLMPredictor:
     def __init__(self, model: str, engine_kwargs: dict | None = None, sampling: dict | None = None,
                  parts: list | None = None, model_name: str | None = None, max_engine_restarts: int = 3,
                  stall_timeout_s: float | None = None):
+        entered = time.time()  # the replica's start, step by step, for the run's timeline (util/results.py)
         from vllm import AsyncEngineArgs, AsyncLLMEngine
         from vllm.usage.usage_lib import UsageContext
 
+        imported = time.time()
         from util.replica.host import prepare_replica_host
-        from util.replica.internals import engine_process_forked
+        from util.replica.internals import engine_process_forked, without_setup_hook_field
         from util.replica.supervisor import EngineSupervisor, ProgressClient
         engine_kwargs = engine_kwargs or {}
         prepare_replica_host(engine_kwargs)  # its engine's processes end with it; on CPU, its own cores
@@ -125,14 +128,18 @@ class LLMPredictor:
         # LLM_CLASS selects vLLM's offline defaults (on an H100: 1024 sequences, 16k batched tokens); the
         # engine's own default context is sized for online serving and halves throughput here.
         def start_engine():
+            args = self.engine_args(AsyncEngineArgs, model, engine_kwargs)
             with engine_process_forked(engine_kwargs):  # its engine process forked, not spawned: 20 s less
-                return AsyncLLMEngine.from_engine_args(self.engine_args(AsyncEngineArgs, model, engine_kwargs),
-                                                       usage_context=UsageContext.LLM_CLASS)
+                config = args.create_engine_config(UsageContext.LLM_CLASS)  # as from_engine_args makes it
+                without_setup_hook_field(config)  # an engine of Ray workers starts (util/replica/internals.py)
+                return AsyncLLMEngine.from_vllm_config(config, usage_context=UsageContext.LLM_CLASS,
+                                                       enable_log_requests=args.enable_log_requests,
+                                                       disable_log_stats=args.disable_log_stats)
 
         # The engine: a new one whenever it dies or hangs, stopped at the replica's exit (util/replica/supervisor.py).
         self.supervisor = EngineSupervisor(start_engine, max_engine_restarts, stall_timeout_s,
                                            self.sampling.get("max_tokens", 2048), lambda name, n: self.progress.count(name, n))
-        self.progress = ProgressClient.connect()  # the run's progress actor, if one is listening
+        self.progress = ProgressClient.connect({"actor_start": entered, "vllm_imported": imported})  # the run's, if any
 
     @property
     def engine(self):

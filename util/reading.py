@@ -29,7 +29,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from util import columns as col
 from util.errors import InputError
-from util.parts import registry
+from util.parts import RowAsks, registry, row_asks
 from util.resources import TASK_CPUS
 from util.storage import resolve
 
@@ -94,6 +94,18 @@ def _table_from_rows(rows: list[dict], name: str) -> pa.Table:
     return pa.Table.from_arrays(columns, names=keys)
 
 
+def unplanned_ask(table: pa.Table, unplanned: RowAsks, locate) -> None:
+    """InputError naming the first row of `table` (`locate(i)`: where row i is) that asks a feature for what
+    the job's plan left out (`unplanned`: what no row of the first block asked for, util/plan.py)."""
+    if not row_asks(table).ask(unplanned):
+        return
+    first = next(i for i in range(table.num_rows) if row_asks(table.slice(i, 1)).ask(unplanned))
+    asked = row_asks(table.slice(first, 1)) & unplanned
+    names = [*sorted(asked.columns), *(f"{col.SAMPLING_PARAMS}.{key}" for key in sorted(asked.sampling))]
+    raise InputError(f"{locate(first)}: the row sets {', '.join(names)}, which none of the rows the job was planned "
+                     f"from sets (the first file's first {BLOCK_ROWS}); put a row that sets it among those")
+
+
 @dataclass(frozen=True)
 class Columns:
     """The columns a read checks, and how it adds `id`: from the id column, or from file, position and text."""
@@ -101,13 +113,17 @@ class Columns:
     id: str | None = None
     required: tuple = ()  # columns a feature reads (an image column), besides the text column
     with_where: bool = False  # add WHERE_COLUMN (util/scan.py names a duplicate id's rows by it)
+    unplanned: RowAsks | None = None  # what rows may not ask for (util/scan.py's pass refuses such a row)
 
-    def with_ids(self, table: pa.Table, positions: list[int], source: str) -> pa.Table:
-        """`table` with `id` first (the input's own `id`, when it is not the id column, kept as input_id)."""
+    def with_ids(self, table: pa.Table, positions: list[int], source: str, locate=None) -> pa.Table:
+        """`table` with `id` first (the input's own `id`, when it is not the id column, kept as input_id).
+        `locate(position)`: where a row is, for an error (else `source:position`)."""
         for needed in (self.text, *self.required, *([self.id] if self.id else [])):
             if needed not in table.column_names:
                 raise InputError(f"{source}: no {'id column' if needed == self.id else 'column'} '{needed}'; "
                                  f"columns are: {', '.join(c for c in table.column_names if c != WHERE_COLUMN)}")
+        if self.unplanned is not None:
+            unplanned_ask(table, self.unplanned, lambda i: locate(positions[i]) if locate else f"{source}:{positions[i]}")
         ids = ([None if v is None else str(v) for v in table[self.id].to_pylist()] if self.id
                else [row_id(source, p, t) for p, t in zip(positions, table[self.text].to_pylist())])
         if col.ID in table.column_names:
@@ -168,9 +184,13 @@ def _rows_in_range(filesystem, path: str, start: int, end: int, input_format: st
 
 
 def _read_range(filesystem, path: str, source: str, start: int, end: int, input_format: str, columns: Columns):
+    from util.where import line_number
+
     rows = _rows_in_range(filesystem, path, start, end, input_format, columns.text)
+    locate = lambda offset: f"{path}:{line_number(filesystem, path, offset)}"  # noqa: E731
     while block := list(itertools.islice(rows, BLOCK_ROWS)):
-        yield columns.with_ids(_table_from_rows([row for _, row in block], path), [at for at, _ in block], source)
+        yield columns.with_ids(_table_from_rows([row for _, row in block], path), [at for at, _ in block], source,
+                               locate)
 
 
 def _read_file(filesystem, path: str, source: str, input_format: str, columns: Columns):
@@ -179,7 +199,7 @@ def _read_file(filesystem, path: str, source: str, input_format: str, columns: C
     try:
         if input_format not in EXTENSIONS:  # a feature's format: its reader gives rows and their positions
             for table, positions in registry("INPUT_FORMATS")[input_format].read(filesystem, path, BLOCK_ROWS):
-                yield columns.with_ids(table, positions, source)
+                yield columns.with_ids(table, positions, source, lambda row: f"{path}:{row}")
             return
         if input_format == "parquet":
             batches = pq.ParquetFile(filesystem.open_input_file(path)).iter_batches(batch_size=BLOCK_ROWS)
@@ -191,7 +211,8 @@ def _read_file(filesystem, path: str, source: str, input_format: str, columns: C
         for batch in batches:
             for at in range(0, batch.num_rows, BLOCK_ROWS):
                 part = pa.Table.from_batches([batch.slice(at, BLOCK_ROWS)])
-                yield columns.with_ids(part, list(range(position + 1, position + part.num_rows + 1)), source)
+                yield columns.with_ids(part, list(range(position + 1, position + part.num_rows + 1)), source,
+                                       lambda row: f"{path}:{row}")
                 position += part.num_rows
     except UnicodeDecodeError:
         raise utf8_error(filesystem, path) from None
@@ -276,16 +297,36 @@ def list_files(source: str, input_format: str = "auto") -> tuple[list[tuple[str,
     return sorted((f.path, f.size) for f in files), path
 
 
+def first_rows(source: str | list, input_format: str = "auto", text_column: str = "text",
+               id_column: str | None = None) -> pa.Table:
+    """The input's first block (at most BLOCK_ROWS rows of its first file), read here, without Ray: what a plan
+    learns its rows ask for from (util/plan.py). InputError as the whole read would raise it."""
+    reader = registry("INPUT_FORMATS").get(input_format)
+    if reader is not None:
+        text_column, id_column = reader.text_column, reader.id_column
+    columns = Columns(text_column, id_column)
+    if isinstance(source, (list, tuple)):
+        rows = [item if isinstance(item, dict) else {text_column: item} for item in source[:BLOCK_ROWS]]
+        return _table_from_rows(rows, "items") if rows else pa.table({})
+    files, root = list_files(source, input_format)
+    (path, size), (filesystem, _) = files[0], resolve(source)
+    name, input_format = os.path.relpath(path, root) if path != root else os.path.basename(path), detect_format(path, input_format)
+    end = min(size, CHUNK_BYTES) if input_format in ("text", "jsonl") else None  # as the first read task reads it
+    blocks = _read_task(filesystem, path, name, 0 if end else None, end, False, None, input_format, columns)
+    return next(blocks, pa.table({}))
+
+
 def read_prompts(source: str | list, input_format: str = "auto", text_column: str = "text",
                  id_column: str | None = None, limit: int | None = None, with_where: bool = False,
-                 row_filter=None, required: tuple = ()) -> ray.data.Dataset:
+                 row_filter=None, required: tuple = (), unplanned: RowAsks | None = None) -> ray.data.Dataset:
     """The prompts as a lazy Dataset: `id` first, then the input's columns. `with_where` adds a hidden
     WHERE_COLUMN (file and position); `row_filter` (a table -> table function, such as DoneIndex.drop_done)
-    runs in each read task; `required`: columns every file must have besides the text column."""
+    runs in each read task; `required`: columns every file must have besides the text column; `unplanned`:
+    what no row may ask for (InputError naming the first row that does)."""
     reader = registry("INPUT_FORMATS").get(input_format)
     if reader is not None:  # a feature's format names its own prompt and id columns (openai: messages, custom_id)
         text_column, id_column = reader.text_column, reader.id_column
-    columns = Columns(text_column, id_column, tuple(required), with_where)
+    columns = Columns(text_column, id_column, tuple(required), with_where, unplanned)
     context = DataContext.get_current().copy()  # this dataset's own: a global change would outlive the call
     context.raise_original_map_exception = True  # a task's InputError reaches the driver as itself
     if limit is not None:

@@ -32,16 +32,18 @@ class ProgressLog:
         if not held:
             self.released.set()
         self.ready: dict[str, float] = {}  # replica -> when its engine was ready
+        self.starts: dict[str, dict] = {}  # replica -> when its start's steps happened (actor_start, vllm_imported)
         self.done: list[tuple[str, int, int, float]] = []  # (replica, rows, output tokens, when)
         self.rows = self.output_tokens = 0
         self.survived = dict.fromkeys(SURVIVED, 0)
         self.prefix_cache: dict[str, list[int]] = {}  # replica -> [prompt tokens, of which the cache held]
         self.grouped_tokens = [0, 0]  # grouped rows' prompt tokens, of which shared with the row before
 
-    def replica_ready(self, replica: str, at: float) -> None:
+    def replica_ready(self, replica: str, at: float, marks: dict | None = None) -> None:
         if replica in self.ready:  # Ray restarted its actor (a restart keeps the actor's id)
             self.survived["replica_restarts"] += 1
         self.ready.setdefault(replica, at)
+        self.starts.setdefault(replica, {**(marks or {}), "engine_ready": at})
 
     def count(self, name: str, n: int) -> None:  # a name not in SURVIVED: a feature's count of rows (--repair)
         self.survived[name] = self.survived.get(name, 0) + n
@@ -75,7 +77,7 @@ class ProgressLog:
 
     def snapshot(self) -> dict:  # `counted`: a feature's counts of rows (--repair's), shown beside ok and error,
         # by name: the replicas' reports come in any order
-        return {"ready": self.ready, "done": self.done, "survived": {n: self.survived[n] for n in SURVIVED},
+        return {"ready": self.ready, "starts": self.starts, "done": self.done, "survived": {n: self.survived[n] for n in SURVIVED},
                 "prefix_cache": self.prefix_cache, "grouped_tokens": self.grouped_tokens,
                 "counted": {n: self.survived[n] for n in sorted(self.survived) if n not in SURVIVED}}
 
@@ -185,13 +187,14 @@ class ProgressReporter:
             last = totals["rows"]
             time.sleep(0.1 if self.total_rows is not None else 0.5)
 
-    def report(self, written: dict, row_order: str | None = None, sample_shared_share: float | None = None) -> dict:
+    def report(self, written: dict, row_order: str | None = None, sample_shared_share: float | None = None,
+               marks: dict | None = None) -> dict:
         """The run report (util/results.py); `written` is util.output.write_results' counts, `row_order` and
-        `sample_shared_share` the plan's (util/grouping.py)."""
+        `sample_shared_share` the plan's (util/grouping.py), `marks` the driver's steps (main.py's timeline)."""
         from util.results import build_report
 
         return build_report(self.snapshot, written, self.started, self.finished, self.gpus, row_order,
-                            sample_shared_share)
+                            sample_shared_share, marks)
 
 
 def alive_nodes() -> set[str]:

@@ -9,6 +9,7 @@ counts, and a few rows at a glance; and the run report. main.py prints both at t
 
 import datetime
 import json
+import time
 
 import pyarrow.dataset as pads
 import pyarrow.json as pajson
@@ -83,8 +84,24 @@ def prefix_cache_report(snapshot: dict, row_order: str | None, sample_shared_sha
             "sample_shared_share": None if sample_shared_share is None else round(sample_shared_share, 4)}
 
 
+def timeline(snapshot: dict, marks: dict, written: float, now: float) -> dict:
+    """Seconds from launch (marks["launched"]) to each step of the run: the driver's `marks` (ray.init, the
+    plan), the first replica's start (its actor, vLLM imported, its engine ready), the first and last row, the
+    output committed (`written`) and the report (`now`, about the exit); and each replica's start."""
+    if "launched" not in marks:
+        return {}
+    since = lambda at: round(at - marks["launched"], 1)  # noqa: E731
+    starts = sorted(snapshot.get("starts", {}).items(), key=lambda item: (item[1]["engine_ready"], item[0]))
+    rows = [at for _, count, _, at in snapshot["done"] if count]
+    steps = {**{name: at for name, at in marks.items() if name != "launched"}, **(starts[0][1] if starts else {}),
+             **({"first_row": min(rows), "last_row": max(rows)} if rows else {}), "written": written, "report": now}
+    return {"steps": {name: since(at) for name, at in sorted(steps.items(), key=lambda item: item[1])},
+            "replicas": {replica: {name: since(at) for name, at in start.items()} for replica, start in starts}}
+
+
 def build_report(snapshot: dict, written: dict, started: float, finished: float, gpus: float,
-                 row_order: str | None = None, sample_shared_share: float | None = None) -> dict:
+                 row_order: str | None = None, sample_shared_share: float | None = None,
+                 marks: dict | None = None) -> dict:
     from util.plots import throughput_series
 
     wall = max(finished - started, 1e-9)
@@ -107,6 +124,7 @@ def build_report(snapshot: dict, written: dict, started: float, finished: float,
             "gpus": gpus, "gpu_hours": round(wall * gpus / 3600, 3), "replicas": replicas,
             "survived": dict(snapshot.get("survived", {})),
             "prefix_cache": prefix_cache_report(snapshot, row_order, sample_shared_share),
+            "timeline": timeline(snapshot, marks or {}, finished, time.time()),
             **{name: datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="seconds")
                for name, at in (("started", started), ("finished", finished))},
             "throughput": throughput_series(snapshot["done"], started, finished)}  # its plot's series
@@ -127,6 +145,9 @@ def format_report(report: dict) -> str:
                      f"came from the cache; rows {cache['row_order'] or 'input'} order, prompts sharing "
                      f"{percent(cache['shared_share'] if cache['shared_share'] is not None else cache['sample_shared_share'])}"
                      f"{'' if cache['shared_share'] is not None else ' (first rows)'}")
+    if steps := report.get("timeline", {}).get("steps"):  # from launch, the first replica's start among them
+        lines.append("  timeline       " + ", ".join(f"{name.replace('_', ' ')} {at:.1f}s" for name, at in steps.items())
+                     + " (from launch)")
     if report["replicas"]:  # "joined at": seconds from the run's start to the replica's engine being ready
         lines.append(f"  {'replica':<10} {'rows':>10} {'output tokens':>14} {'output tok/s':>13} {'cache hits':>10} "
                      f"{'joined at':>9}")

@@ -49,7 +49,7 @@ def check_before_run(plan: "Plan") -> InputScan:
 def scanned_input(plan: "Plan") -> ray.data.Dataset:
     cfg = plan.cfg
     return read_prompts(cfg.input_path or SAMPLE_PROMPTS, cfg.input_format, cfg.text_column, cfg.id_column,
-                        cfg.limit, with_where=bool(cfg.id_column), required=plan.input_columns)
+                        cfg.limit, with_where=bool(cfg.id_column), required=plan.input_columns, unplanned=plan.unplanned)
 
 
 def check_output(plan: "Plan") -> DoneIndex | None:

@@ -41,7 +41,7 @@ import pyarrow.fs as pafs
 
 from util import columns as col
 from util.errors import ROW_ERRORS, InputError, RowError, row_error
-from util.parts import Part, flag
+from util.parts import Part, RowAsks, flag
 from util.replica.internals import engine_dead_error, lora_ranks
 from util.storage import is_remote, resolve
 
@@ -54,6 +54,7 @@ MAX_LORAS_DEFAULT = 8  # adapters in one engine step, unless --max-loras says: e
 # use. GPUs are exact.
 CPU_SPARE_SLOT = 1
 LORA = "lora"  # an input column: the row's adapter, a --lora name or a path
+ASKED_BY = RowAsks(columns=frozenset({LORA}))
 UNKNOWN_ADAPTER, ADAPTER_FAILED = "unknown adapter", "adapter failed"
 ROW_ERRORS.update({UNKNOWN_ADAPTER: "unknown adapter '{name}': {reason}",
                    ADAPTER_FAILED: "adapter '{name}' failed to load: {reason}"})
@@ -265,8 +266,8 @@ class ReplicaAdapters:
 # --- the plan's part -----------------------------------------------------------------------------------
 
 class Lora(Part):
-    """A row may name an adapter in any generation job (an error row when LoRA is off), so the part is in
-    every one; the model column names the row's adapter."""
+    """--lora, or rows that name an adapter (an error row when LoRA is off); the model column names the
+    row's adapter."""
 
     def __init__(self, cfg, adapters: dict, engine: dict):
         self.registered, self.engine_kwargs = adapters, engine
@@ -313,4 +314,4 @@ def part(plan) -> Lora | None:
             raise InputError(f"--lora, --max-loras and --max-lora-rank are for generation, not the {plan.task} task")
         return None
     adapters, engine = plan_lora(cfg.lora, cfg.max_loras, cfg.max_lora_rank, plan.task, plan.choice.use_gpu)
-    return Lora(cfg, adapters, engine)
+    return Lora(cfg, adapters, engine) if engine or plan.row_asks.ask(ASKED_BY) else None

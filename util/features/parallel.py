@@ -39,10 +39,12 @@ def placement_group(bundles: list[dict], strategy: str) -> dict:
 
 
 class Parallel(Part):
-    def __init__(self, tensor: int, pipeline: int):
-        # vLLM runs one Ray worker per GPU, inside the replica's placement group (unless told otherwise)
+    def __init__(self, tensor: int, pipeline: int, use_gpu: bool = True):
+        # vLLM runs one Ray worker per GPU, inside the replica's placement group (unless told otherwise). Its CPU
+        # build has no Ray executor (the CPU platform names no Ray device): there the workers are processes of
+        # the replica, each on its own cores (util/replica/host.py).
         self.engine_kwargs = {"tensor_parallel_size": tensor, "pipeline_parallel_size": pipeline,
-                              "distributed_executor_backend": "ray"}
+                              "distributed_executor_backend": "ray" if use_gpu else "mp"}
 
 
 def part(plan) -> Parallel | None:
@@ -50,7 +52,7 @@ def part(plan) -> Parallel | None:
     gpus = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
     if gpus == 1:
         return None
-    parallel = Parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    parallel = Parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, plan.choice.use_gpu)
     parallel.plan = {"gpus_per_replica": max(cfg.gpus_per_replica, gpus)}  # at least a whole GPU per shard
     if plan.choice.use_gpu and cfg.engine_arg.get("distributed_executor_backend", "ray") == "ray":
         accelerator = plan.choice.accelerator_type

@@ -29,7 +29,7 @@ import dataclasses
 import pyarrow as pa
 
 from util.errors import InputError, RowError
-from util.parts import Part, flag, only_for_generation
+from util.parts import Part, RowAsks, flag, only_for_generation
 from util.replica.internals import chat_completion_request, reasoning_parser_names
 
 REASONING_CONTENT = "reasoning_content"  # a reasoning parser's thinking; generated_text holds the rest
@@ -91,8 +91,11 @@ def check(cfg) -> None:
     only_for_generation(cfg, {"--reasoning-parser": cfg.reasoning_parser is not None})
 
 
+ASKED_BY = RowAsks(sampling=frozenset({"reasoning_parser"}))  # a row's own parser
+
+
 class Reasoning(Part):
-    """A row's sampling_params may name its own parser, so the part is in every generation job."""
+    """The job's reasoning parser, or a row's own (its sampling_params)."""
     columns = {REASONING_CONTENT: pa.string()}
 
     def __init__(self, parser: str | None):
@@ -120,4 +123,5 @@ class Reasoning(Part):
 
 
 def part(plan) -> Reasoning | None:
-    return Reasoning(plan.cfg.reasoning_parser) if plan.task == "generate" else None
+    asked = plan.cfg.reasoning_parser is not None or plan.row_asks.ask(ASKED_BY)
+    return Reasoning(plan.cfg.reasoning_parser) if plan.task == "generate" and asked else None

@@ -26,7 +26,7 @@ import math
 
 import pyarrow as pa
 
-from util.parts import Part, flag, only_for_generation
+from util.parts import Part, RowAsks, flag, only_for_generation
 from util.errors import InputError
 
 COMPLETIONS, LOGPROBS, PROMPT_LOGPROBS = "completions", "logprobs", "prompt_logprobs"
@@ -94,8 +94,11 @@ def token_logprobs(token_ids, positions, top_k: int, token_text) -> list[dict] |
     return tokens
 
 
+ASKED_BY = RowAsks(sampling=frozenset({"n", "logprobs", "prompt_logprobs"}))  # a row's sampling_params keys
+
+
 class Samples(Part):
-    """A row's sampling_params may ask for samples or log-probabilities, so the part is in every generation job."""
+    """Samples or log-probabilities: the flags', or a row's sampling_params'."""
     columns = {COMPLETIONS: COMPLETIONS_TYPE, LOGPROBS: TOKEN_LOGPROBS, PROMPT_LOGPROBS: TOKEN_LOGPROBS}
 
     def __init__(self, sampling: dict):
@@ -130,4 +133,5 @@ def part(plan) -> Samples | None:
         return None
     cfg = plan.cfg
     asked = {"n": cfg.n if cfg.n != 1 else None, "logprobs": cfg.logprobs, "prompt_logprobs": cfg.prompt_logprobs}
-    return Samples({k: v for k, v in asked.items() if v is not None})
+    asked = {k: v for k, v in asked.items() if v is not None}
+    return Samples(asked) if asked or plan.row_asks.ask(ASKED_BY) else None

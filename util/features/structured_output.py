@@ -37,7 +37,7 @@ import re
 
 import pyarrow as pa
 
-from util.parts import Part, flag, only_for_generation
+from util.parts import Part, RowAsks, flag, only_for_generation
 from util.errors import InputError
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -277,8 +277,11 @@ def read_json_schema(json_schema: str | None):
         raise InputError(f"--json-schema: {json_schema} is not valid JSON: {error}") from None
 
 
+ASKED_BY = RowAsks(sampling=frozenset({"structured_outputs", "response_format"}))  # a row's own spec
+
+
 class StructuredOutput(Part):
-    """Every row may ask for its own spec (sampling_params), so the part is in every generation job."""
+    """The job's spec (its flags), or a row's own (its sampling_params)."""
     columns = {STRUCTURED_OUTPUT_ERROR: pa.string()}
 
     def __init__(self, job: dict | None):
@@ -308,4 +311,5 @@ def part(plan) -> StructuredOutput | None:
     if plan.task != "generate":
         return None
     cfg = plan.cfg
-    return StructuredOutput(job_spec(read_json_schema(cfg.json_schema), cfg.regex, cfg.choice))
+    job = job_spec(read_json_schema(cfg.json_schema), cfg.regex, cfg.choice)
+    return StructuredOutput(job) if job or plan.row_asks.ask(ASKED_BY) else None

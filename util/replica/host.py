@@ -106,12 +106,16 @@ def core_share(cores: list[int], slots: int, slot: int) -> list[int]:
     """The cores slot `slot` of `slots` binds its engine's threads to: an even, contiguous share of `cores`,
     less the last core of a share of several (the engine's other threads run there). More slots than cores:
     each slot gets one core, shared round the slots."""
+    share = even_share(cores, slots, slot)
+    return share[:-1] if len(share) > 1 else share
+
+
+def even_share(cores: list[int], slots: int, slot: int) -> list[int]:
     if slots > len(cores):
         return [cores[slot % len(cores)]]
     size, extra = divmod(len(cores), slots)
     start = slot * size + min(slot, extra)
-    share = cores[start:start + size + (slot < extra)]
-    return share[:-1] if len(share) > 1 else share
+    return cores[start:start + size + (slot < extra)]
 
 
 def claim_slot(slots: int, directory: str | None = None) -> tuple[int, object] | None:
@@ -134,21 +138,23 @@ _held_slot = None  # this process's claimed slot: its lock lives as long as the 
 
 
 def bind_cpu_replica(engine_kwargs: dict) -> str | None:
-    """On a CPU replica of a job of several: claim a slot and set VLLM_CPU_OMP_THREADS_BIND to its cores, in
-    this process's environment, which the engine's processes inherit (a new engine too). The cores bound, or
-    None where vLLM's own binding stays (a GPU, one replica, the user's own binding, an engine of several
-    workers, no slot free)."""
+    """On a CPU replica of a job of several, or of an engine of several workers (tensor or pipeline parallel):
+    claim a slot and set VLLM_CPU_OMP_THREADS_BIND to its cores, split by `|` among the workers (vLLM's own
+    binding wants a NUMA node per worker), in this process's environment, which the engine's processes inherit
+    (a new engine too). The cores bound, or None where vLLM's own binding stays (a GPU, one replica of one
+    worker, the user's own binding, no slot free)."""
     global _held_slot
     if _held_slot is None:
         replicas = int(os.environ.get(REPLICAS_VAR) or 1)
-        if replicas <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ or \
-                engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1) > 1:
+        workers = engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1)
+        if (replicas <= 1 and workers == 1) or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
             return None
         _held_slot = claim_slot(replicas)
         if _held_slot is None:
             return None
-        cores = core_share(physical_cores(sorted(os.sched_getaffinity(0))), replicas, _held_slot[0])
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+        cores = even_share(physical_cores(sorted(os.sched_getaffinity(0))), replicas, _held_slot[0])
+        shares = [core_share(cores, workers, worker) for worker in range(workers)]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, share)) for share in shares)
     return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 

@@ -73,6 +73,21 @@ def _running(pid: int) -> bool:
     return True
 
 
+def without_setup_hook_field(vllm_config) -> None:
+    """The runtime env an engine of Ray workers (tensor or pipeline parallel) passes on, without its
+    `worker_process_setup_hook` field. vLLM hands the replica's runtime env (ray.get_runtime_context()) to
+    its engine process, which calls ray.init with it; by then Ray has turned the job's setup hook into an env
+    var, and left in the field only the function's name, for show. Ray's ray.init takes that name for a module
+    path, and refuses it: "Conflicting worker_process_setup_hook" (ray/_private/runtime_env/setup_hook.py).
+    The env var alone still runs the hook in each of the engine's workers."""
+    runtime_env = vllm_config.parallel_config.ray_runtime_env
+    hook_env_var = _find("ray._private.ray_constants:WORKER_PROCESS_SETUP_HOOK_ENV_VAR")
+    if runtime_env and "worker_process_setup_hook" in runtime_env:
+        assert hook_env_var in runtime_env.get("env_vars", {}), "the setup hook's env var is not where it was"
+        vllm_config.parallel_config.ray_runtime_env = type(runtime_env)(
+            **{key: value for key, value in runtime_env.items() if key != "worker_process_setup_hook"})
+
+
 def ray_data_file_handler() -> type:
     """Ray Data's handler of its log file, which keeps every level when the console shows warnings only."""
     return _find("ray.data._internal.logging:SessionFileHandler")
@@ -203,6 +218,9 @@ CHECKS = {
     "ray.data: Dataset._logical_plan.dag.ray_remote_args": lambda: repartition_remote_args_declared(),
     "ray._private.state.actors": lambda: _find("ray._private.state:actors"),
     "ray.data._internal.logging.SessionFileHandler": ray_data_file_handler,
+    "ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR":
+        lambda: _find("ray._private.ray_constants:WORKER_PROCESS_SETUP_HOOK_ENV_VAR"),
+    "vllm ParallelConfig.ray_runtime_env": lambda: _declared("vllm.config:ParallelConfig", "ray_runtime_env"),
     "vllm.utils.system_utils.is_in_ray_actor (patched)": lambda: _find("vllm.utils.system_utils:is_in_ray_actor"),
     "vllm.utils.system_utils._maybe_force_spawn (reads it)": lambda: _find("vllm.utils.system_utils:_maybe_force_spawn"),
     "vllm.v1.engine.exceptions.EngineDeadError": engine_dead_error,

@@ -214,17 +214,19 @@ class ProgressClient:
     """A replica's side. The actor is looked up by name at each send, so that a replica kept warm across
     runs reports to each run's own actor, and tells it first that it is ready."""
 
-    def __init__(self, replica: str = ""):
+    def __init__(self, replica: str = "", marks: dict | None = None):
         self.replica, self.reporting_to, self.rows, self.tokens, self.sent = replica, None, 0, 0, time.monotonic()
+        self.marks = dict(marks or {})  # the replica's start (the run's timeline): its first run's only
         self.prompt_tokens = self.cached_tokens = 0
         self.released_by = None  # the run that let this replica answer rows
 
     @classmethod
-    def connect(cls) -> "ProgressClient":
-        """Call when the engine is ready: that time starts the replica's own tok/s."""
+    def connect(cls, marks: dict | None = None) -> "ProgressClient":
+        """Call when the engine is ready: that time starts the replica's own tok/s. `marks`: when its start's
+        steps happened (name -> time.time())."""
         if not ray.is_initialized():
             return cls()
-        client = cls((ray.get_runtime_context().get_actor_id() or "driver")[:8])
+        client = cls((ray.get_runtime_context().get_actor_id() or "driver")[:8], marks)
         client._actor()
         return client
 
@@ -235,7 +237,8 @@ class ProgressClient:
             return None
         if actor != self.reporting_to:  # a new run: this replica is ready for it from now on
             self.reporting_to = actor
-            actor.replica_ready.remote(self.replica, time.time())
+            actor.replica_ready.remote(self.replica, time.time(), self.marks)
+            self.marks = {}  # a replica kept warm started before the next run did
         return actor
 
     async def released(self) -> None:

@@ -67,7 +67,7 @@ import json
 from typing import NamedTuple
 
 from util.errors import EMPTY_PROMPT, InputError, RowError, error_text, row_error
-from util.parts import Part, registry
+from util.parts import Part, RowAsks, registry
 from util.output import OutputFormat
 from util.prompt_format import PromptFormatter
 # The request lines (request_rows) and the output records (records); request_row, request_table and
@@ -204,5 +204,5 @@ def part(plan) -> OpenAIBatch | None:
     if cfg.task != "generate" and kind.task != cfg.task:
         raise InputError(f"--task {cfg.task}, but {cfg.input_path} holds requests for the {kind.task} task")
     batch = OpenAIBatch(kind)
-    batch.plan = {"task": kind.task}
+    batch.plan = {"task": kind.task, "row_asks": RowAsks(every=True)}  # any request may ask for any feature
     return batch

@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from util import columns as col
 from util.errors import ROW_ERRORS, InputError, RowError, error_text, row_error
-from util.parts import Part, flag, only_for_generation
+from util.parts import Part, RowAsks, flag, only_for_generation
 from util.replica.internals import chat_completion_request, tool_call_schema, tool_parser, tool_parser_names
 from util.prompt_format import PromptFormatter
 # A row's tools, read and checked; tool_request is imported from here by the tests.
@@ -217,8 +217,11 @@ def check(cfg) -> None:
     only_for_generation(cfg, {"--tool-call-parser": cfg.tool_call_parser is not None})
 
 
+ASKED_BY = RowAsks(columns=frozenset({TOOLS, TOOL_CHOICE, PARALLEL_TOOL_CALLS}))  # a row's own tools
+
+
 class ToolCalls(Part):
-    """Any row may carry tools, so the part is in every generation job."""
+    """Rows that carry tools, or a tool call parser."""
     columns = {TOOL_CALLS: TOOL_CALLS_TYPE}
 
     def __init__(self, parser: str | None):
@@ -299,4 +302,5 @@ class ToolCalls(Part):
 
 
 def part(plan) -> ToolCalls | None:
-    return ToolCalls(plan.cfg.tool_call_parser) if plan.task == "generate" else None
+    asked = plan.cfg.tool_call_parser is not None or plan.row_asks.ask(ASKED_BY)
+    return ToolCalls(plan.cfg.tool_call_parser) if plan.task == "generate" and asked else None
