@@ -4,7 +4,6 @@ on every GPU of the Ray cluster, and write one output row per input row.
     python main.py --smoke              # offline on CPU with a small local model (--verbose: every log line)
     python main.py --input-path assets/prompts_100.txt   # 100 prompts, Mistral-7B-Instruct, 4 GPUs
     python main.py --input-path s3://my-bucket/prompts.jsonl --text-column question --max-tokens 256
-    python main.py --smoke --overwrite                   # start over instead of resuming the earlier output
     python main.py --preflight --input-path prompts.jsonl --deadline-hours 4   # check and estimate, no GPU
     python main.py --input-path batch_input.jsonl --input-format openai       # an OpenAI Batch API file
     python main.py --input-path prompts.jsonl --json-schema schema.json       # structured (JSON) output
@@ -12,9 +11,8 @@ on every GPU of the Ray cluster, and write one output row per input row.
     python main.py --input-path photos.parquet --image-column image --model llava-hf/llava-1.5-7b-hf  # images
     anyscale job submit -f job.yaml                      # the same as an Anyscale job
 
-Exit codes: 0 done; 1 a crash, or more failed rows than --max-error-fraction allows (all rows are still
-written); 2 bad input, with `error: <message>` on stderr (util/errors.py). README.ipynb walks through these
-steps; the optional features are parts the plan adds when their flags ask (util/parts.py).
+Exit codes: 0 done; 1 a crash, or more failed rows than --max-error-fraction allows (all rows still written);
+2 bad input, `error: <message>` on stderr (util/errors.py). Features: parts the plan adds when asked (util/parts.py).
 """
 
 import sys
@@ -45,9 +43,8 @@ def run(cfg: Config, replicas=None) -> int:
     ray.init(**ray_init_kwargs(worker_runtime_env(token), cfg.verbose))  # vLLM and Ray: warnings up
     marks["ray_init"] = time.time()
 
-    # Plan: output path, accelerator, engine arguments, sampling, prompt format, the job's features and the
-    # fingerprint, resolved once (util/plan.py). The output path can be written, and an earlier output there
-    # has the same fingerprint: a re-run resumes it (`done`: the rows it holds).
+    # Plan: output path, accelerator, engine arguments, sampling, prompt format, the job's features, fingerprint,
+    # resolved once (util/plan.py). The output can be written; an earlier one with the same fingerprint resumes.
     plan, marks["plan"] = make_plan(cfg), time.time()
     if plan.run_instead:  # a feature that replaces the run: --preflight checks and estimates, no engine
         return plan.run_instead(plan)
@@ -79,8 +76,7 @@ def run(cfg: Config, replicas=None) -> int:
             written = write_results(ds, plan.output_path, cfg.output_format, rows_per_file=plan.rows_in_flight,
                                     columns=plan.columns)
         scan, elapsed = checking.scan, time.perf_counter() - started
-        ran = scan.rows > scan.already_done
-        report = progress.report(written, plan.row_order, plan.sample_shared_share, marks) if ran else None
+        report = progress.report(written, plan, marks) if scan.rows > scan.already_done else None
         # Account for every input row (written now, ok or failed, or already there), then the error budget.
         check_accounting(scan.rows, written, scan.already_done)
         output = output_counts(plan.output_path, cfg.output_format)
@@ -97,10 +93,9 @@ def run(cfg: Config, replicas=None) -> int:
     if written["ok"] + written["error"]:  # a few rows at a glance
         for row in sample_rows(plan.output_path, cfg.output_format, columns=plan.glance):
             print(row)
-    print(f"summary: {scan.rows} rows: {written['ok']} ok, {written['error']} errors, {scan.already_done} "
-          f"already done; {written['input_tokens']} input tokens, {written['output_tokens']} output tokens in "
-          f"{elapsed:.1f} s ({written['output_tokens'] / elapsed:.0f} output tok/s, engine start included) "
-          f"-> {plan.output_path}")
+    print(f"summary: {scan.rows} rows: {written['ok']} ok, {written['error']} errors, {scan.already_done} already done; "
+          f"{written['input_tokens']} input tokens, {written['output_tokens']} output tokens in {elapsed:.1f} s "
+          f"({written['output_tokens'] / elapsed:.0f} output tok/s, engine start included) -> {plan.output_path}")
     if report:  # per replica, and GPU-hours; also _report.json and _throughput.png beside the output
         print(format_report(report))
         write_report(plan.output_path, report)

@@ -187,14 +187,13 @@ class ProgressReporter:
             last = totals["rows"]
             time.sleep(0.1 if self.total_rows is not None else 0.5)
 
-    def report(self, written: dict, row_order: str | None = None, sample_shared_share: float | None = None,
-               marks: dict | None = None) -> dict:
-        """The run report (util/results.py); `written` is util.output.write_results' counts, `row_order` and
-        `sample_shared_share` the plan's (util/grouping.py), `marks` the driver's steps (main.py's timeline)."""
+    def report(self, written: dict, plan=None, marks: dict | None = None) -> dict:
+        """The run report (util/results.py); `written` is util.output.write_results' counts, `plan` the run's
+        (its rows' order: util/grouping.py), `marks` the driver's steps (main.py's timeline)."""
         from util.results import build_report
 
-        return build_report(self.snapshot, written, self.started, self.finished, self.gpus, row_order,
-                            sample_shared_share, marks)
+        return build_report(self.snapshot, written, self.started, self.finished, self.gpus,
+                            getattr(plan, "row_order", None), getattr(plan, "sample_shared_share", None), marks)
 
 
 def alive_nodes() -> set[str]:
