@@ -196,10 +196,11 @@ def _read_range(filesystem, path: str, source: str, start: int, end: int, input_
 def _read_file(filesystem, path: str, source: str, input_format: str, columns: Columns):
     from util.where import utf8_error
 
+    locate = lambda row: f"{path}:{row}"  # noqa: E731  a row by its number, for an error
     try:
         if input_format not in EXTENSIONS:  # a feature's format: its reader gives rows and their positions
             for table, positions in registry("INPUT_FORMATS")[input_format].read(filesystem, path, BLOCK_ROWS):
-                yield columns.with_ids(table, positions, source, lambda row: f"{path}:{row}")
+                yield columns.with_ids(table, positions, source, locate)
             return
         if input_format == "parquet":
             batches = pq.ParquetFile(filesystem.open_input_file(path)).iter_batches(batch_size=BLOCK_ROWS)
@@ -211,8 +212,7 @@ def _read_file(filesystem, path: str, source: str, input_format: str, columns: C
         for batch in batches:
             for at in range(0, batch.num_rows, BLOCK_ROWS):
                 part = pa.Table.from_batches([batch.slice(at, BLOCK_ROWS)])
-                yield columns.with_ids(part, list(range(position + 1, position + part.num_rows + 1)), source,
-                                       lambda row: f"{path}:{row}")
+                yield columns.with_ids(part, list(range(position + 1, position + part.num_rows + 1)), source, locate)
                 position += part.num_rows
     except UnicodeDecodeError:
         raise utf8_error(filesystem, path) from None
